@@ -1,0 +1,58 @@
+"""Connections by URL (redis://, rediss://, unix://), with retries and backoff built in."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Union
+
+import redis
+import redis.asyncio as aioredis
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError
+
+from broker.settings import BrokerSettings
+
+AsyncRedis = Union["aioredis.Redis", "aioredis.RedisCluster"]
+SyncRedis = Union["redis.Redis", "redis.RedisCluster"]
+
+# Reconnect with jittered exponential backoff (10 ms .. 2 s) for up to ~30 s: long enough
+# to ride out a Redis restart, short enough that a real outage surfaces as an error.
+_RETRIES = 20
+
+
+def _kwargs(settings: BrokerSettings, asyncio: bool) -> Dict[str, Any]:
+    from redis.asyncio.retry import Retry as AsyncRetry
+    from redis.retry import Retry
+
+    retry_cls = AsyncRetry if asyncio else Retry
+    kw: Dict[str, Any] = {
+        "retry": retry_cls(ExponentialWithJitterBackoff(base=0.01, cap=2.0), _RETRIES),
+        "retry_on_error": [ConnectionError, TimeoutError, BusyLoadingError, ConnectionResetError],
+        "health_check_interval": 30,
+        "socket_keepalive": True,
+        "protocol": 2,
+    }
+    if settings.url.startswith("rediss://"):
+        if settings.tls_ca:
+            kw["ssl_ca_certs"] = settings.tls_ca
+        if settings.tls_cert:
+            kw["ssl_certfile"] = settings.tls_cert
+        if settings.tls_key:
+            kw["ssl_keyfile"] = settings.tls_key
+    if settings.cluster:
+        kw.pop("health_check_interval")
+    kw.update(settings.extra)
+    return kw
+
+
+def connect_async(settings: BrokerSettings) -> AsyncRedis:
+    kw = _kwargs(settings, asyncio=True)
+    if settings.cluster:
+        return aioredis.RedisCluster.from_url(settings.url, **kw)
+    return aioredis.Redis.from_url(settings.url, **kw)
+
+
+def connect_sync(settings: BrokerSettings) -> SyncRedis:
+    kw = _kwargs(settings, asyncio=False)
+    if settings.cluster:
+        return redis.RedisCluster.from_url(settings.url, **kw)
+    return redis.Redis.from_url(settings.url, **kw)

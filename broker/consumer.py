@@ -1,0 +1,149 @@
+"""The worker side of the request streams: group reads, reclaim, keep-alive, ack.
+
+A message's life: XREADGROUP hands it to one consumer (delivery 1). If that consumer dies,
+XAUTOCLAIM hands it to another after `claim_min_idle_ms` (delivery 2, 3, ...). A live
+consumer working on a long batch re-claims its own messages (XCLAIM JUSTID, which does not
+count as a delivery) so that nobody takes them. After the reply is written, the entry is
+acked and deleted in the same MULTI, so the stream only ever holds unfinished work.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional
+
+from redis.exceptions import ResponseError
+
+from broker.keys import Keys
+from broker.settings import BrokerSettings
+
+
+def _s(x) -> str:
+    return x.decode() if isinstance(x, bytes) else x
+
+
+@dataclass
+class Delivery:
+    """One request stream entry handed to this consumer."""
+
+    stream: str
+    entry_id: str
+    kind: str
+    model: Optional[str]
+    partition: int
+    fields: Dict[bytes, bytes]
+    deliveries: int = 1
+    received_at: float = field(default_factory=time.time)
+
+    def field(self, name: str) -> Optional[str]:
+        raw = self.fields.get(name.encode())
+        if raw is None:
+            return None
+        try:
+            return raw.decode()
+        except UnicodeDecodeError:
+            return None
+
+    @property
+    def body(self) -> Optional[bytes]:
+        return self.fields.get(b"body")
+
+
+class GroupReader:
+    def __init__(self, redis, settings: BrokerSettings, streams: Iterable[str], consumer: str) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.keys = Keys(settings.prefix, settings.partitions)
+        self.streams = list(streams)
+        self.consumer = consumer
+        self._meta = {s: self.keys.parse_request_stream(s) for s in self.streams}
+
+    async def ensure_groups(self) -> None:
+        for stream in self.streams:
+            try:
+                # From id 0: requests published before the first worker started are served too.
+                await self.redis.xgroup_create(stream, self.settings.group, id="0", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    def _delivery(self, stream: str, entry_id, fields, deliveries: int = 1) -> Delivery:
+        kind, model, partition = self._meta[stream]
+        return Delivery(stream, _s(entry_id), kind, model, partition, fields or {}, deliveries)
+
+    async def read(self, count: int, block_ms: int) -> List[Delivery]:
+        try:
+            resp = await self.redis.xreadgroup(
+                self.settings.group, self.consumer, {s: ">" for s in self.streams}, count=count, block=block_ms
+            )
+        except ResponseError as exc:
+            if "NOGROUP" in str(exc):  # Redis lost its data (restart without AOF): start again
+                await self.ensure_groups()
+                return []
+            raise
+        out: List[Delivery] = []
+        items = resp.items() if isinstance(resp, dict) else (resp or [])
+        for stream, entries in items:
+            stream = _s(stream)
+            if entries and isinstance(entries[0], list) and len(entries) == 1 and isinstance(entries[0][0], list):
+                entries = entries[0]  # RESP3 nests one level deeper
+            for entry_id, fields in entries:
+                out.append(self._delivery(stream, entry_id, fields))
+        return out
+
+    async def reclaim(self, count: int) -> List[Delivery]:
+        """Take over messages idle longer than claim_min_idle_ms in other (dead) consumers."""
+        out: List[Delivery] = []
+        for stream in self.streams:
+            cursor = "0-0"
+            claimed: List[Delivery] = []
+            for _ in range(16):  # bounded scan of the pending list per call
+                try:
+                    resp = await self.redis.xautoclaim(
+                        stream,
+                        self.settings.group,
+                        self.consumer,
+                        self.settings.claim_min_idle_ms,
+                        start_id=cursor,
+                        count=count - len(out) - len(claimed),
+                    )
+                except ResponseError as exc:
+                    if "NOGROUP" in str(exc):
+                        await self.ensure_groups()
+                        break
+                    raise
+                cursor = _s(resp[0])
+                for entry_id, fields in resp[1]:
+                    if fields is not None:
+                        claimed.append(self._delivery(stream, entry_id, fields))
+                if cursor == "0-0" or len(out) + len(claimed) >= count:
+                    break
+            if claimed:
+                pending = await self.redis.xpending_range(
+                    stream,
+                    self.settings.group,
+                    min=claimed[0].entry_id,
+                    max=claimed[-1].entry_id,
+                    count=len(claimed) + 1000,
+                    consumername=self.consumer,
+                )
+                times = {_s(p["message_id"]): int(p["times_delivered"]) for p in pending}
+                for d in claimed:
+                    d.deliveries = times.get(d.entry_id, 2)
+                out += claimed
+            if len(out) >= count:
+                break
+        return out
+
+    async def keep_alive(self, deliveries: Iterable[Delivery]) -> None:
+        """Reset the idle time of messages this consumer is still working on."""
+        by_stream: Dict[str, List[str]] = {}
+        for d in deliveries:
+            by_stream.setdefault(d.stream, []).append(d.entry_id)
+        if not by_stream:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for stream, ids in by_stream.items():
+            pipe.xclaim(stream, self.settings.group, self.consumer, 0, ids, justid=True)
+        await pipe.execute()

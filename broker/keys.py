@@ -1,0 +1,58 @@
+"""Every Redis key name vlmq uses, and nothing else (docs/PROTOCOL.md, "Keys").
+
+Request, reply and dead-letter keys of one partition share the hash tag ``{p<n>}``, so on
+Redis Cluster a session's requests, its replies and the dead letters they may become live
+in one slot: the worker writes a reply and acks the request in one MULTI.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+_REQ = re.compile(r"^(?P<prefix>.+):req:(?P<kind>[a-z_]+)(?::(?P<model>[^:{}]+))?:\{p(?P<p>\d+)\}$")
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str = "vlmq"
+    partitions: int = 1
+
+    def partition_of(self, session_id: str) -> int:
+        return zlib.crc32(session_id.encode()) % self.partitions
+
+    @staticmethod
+    def tag(partition: int) -> str:
+        return "{p%d}" % partition
+
+    def request_stream(self, kind: str, partition: int, model: Optional[str] = None) -> str:
+        middle = f"{kind}:{model}" if model else kind
+        return f"{self.prefix}:req:{middle}:{self.tag(partition)}"
+
+    def request_streams(self, kind: str, model: Optional[str] = None) -> List[str]:
+        return [self.request_stream(kind, p, model) for p in range(self.partitions)]
+
+    def stream_for(self, kind: str, session_id: str, model: Optional[str] = None) -> str:
+        return self.request_stream(kind, self.partition_of(session_id), model)
+
+    def reply_stream(self, session_id: str, partition: Optional[int] = None) -> str:
+        p = self.partition_of(session_id) if partition is None else partition
+        return f"{self.prefix}:reply:{self.tag(p)}:{session_id}"
+
+    def dead_letters(self, kind: str, partition: int) -> str:
+        return f"{self.prefix}:dlq:{kind}:{self.tag(partition)}"
+
+    def worker(self, name: str) -> str:
+        return f"{self.prefix}:worker:{name}"
+
+    def workers_pattern(self) -> str:
+        return f"{self.prefix}:worker:*"
+
+    def parse_request_stream(self, key: str) -> Tuple[str, Optional[str], int]:
+        """(kind, model, partition) of a request stream key."""
+        m = _REQ.match(key)
+        if not m or m.group("prefix") != self.prefix:
+            raise ValueError(f"{key!r} is not a request stream of prefix {self.prefix!r}")
+        return m.group("kind"), m.group("model"), int(m.group("p"))

@@ -1,0 +1,89 @@
+"""Broker settings: one object, every field settable by flag or VLMQ_* environment variable."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Dict, Optional
+
+
+def env(name: str, default: Any) -> Any:
+    """Read VLMQ_<NAME> from the environment, typed like `default`."""
+    raw = os.environ.get(f"VLMQ_{name.upper()}")
+    if raw is None:
+        return default
+    if isinstance(default, bool):
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    if isinstance(default, int):
+        return int(raw)
+    if isinstance(default, float):
+        return float(raw)
+    return raw
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    url: str = "redis://127.0.0.1:6379/0"  # redis://, rediss:// (TLS) or unix://; user:password@ allowed
+    cluster: bool = False  # use the Redis Cluster client (keys carry hash tags either way)
+    prefix: str = "vlmq"
+    group: str = "vlmq-workers"
+    partitions: int = 1  # request streams per kind; sessions map to one by crc32
+    max_backlog: int = 10_000  # entries per request stream (waiting + in flight)
+    backlog_policy: str = "error"  # or "wait": publishers sleep until there is room
+    reply_maxlen: int = 256  # entries kept per session reply stream
+    reply_ttl_s: int = 3600  # idle reply streams expire after this
+    dlq_maxlen: int = 100_000
+    claim_min_idle_ms: int = 15_000  # a message idle this long in a dead consumer is reclaimed
+    max_deliveries: int = 3  # after this many deliveries a message goes to dead letters
+    # TLS material for rediss:// (file paths); redis-py verifies the server against tls_ca.
+    tls_ca: Optional[str] = None
+    tls_cert: Optional[str] = None
+    tls_key: Optional[str] = None
+    extra: Dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> BrokerSettings:
+        values = {}
+        for f in fields(cls):
+            if f.name == "extra":
+                continue
+            default = f.default if f.default is not None else ""
+            if f.name == "url":
+                raw = os.environ.get("VLMQ_REDIS_URL")
+                if raw:
+                    values["url"] = raw
+                continue
+            got = env(f.name, default)
+            values[f.name] = None if got == "" and f.default is None else got
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def with_(self, **changes: Any) -> BrokerSettings:
+        return replace(self, **changes)
+
+
+def add_broker_args(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by every command that talks to Redis; defaults come from VLMQ_* env vars."""
+    d = BrokerSettings.from_env()
+    g = parser.add_argument_group("redis")
+    g.add_argument("--redis-url", default=d.url, help="redis://, rediss:// or unix:// URL [VLMQ_REDIS_URL] (%(default)s)")
+    g.add_argument("--cluster", action="store_true", default=d.cluster, help="connect with the Redis Cluster client [VLMQ_CLUSTER]")
+    g.add_argument("--prefix", default=d.prefix, help="key prefix [VLMQ_PREFIX] (%(default)s)")
+    g.add_argument("--partitions", type=int, default=d.partitions, help="request stream partitions per kind [VLMQ_PARTITIONS] (%(default)s)")
+    g.add_argument("--tls-ca", default=d.tls_ca, help="CA bundle for rediss:// [VLMQ_TLS_CA]")
+    g.add_argument("--tls-cert", default=d.tls_cert, help="client certificate for rediss:// [VLMQ_TLS_CERT]")
+    g.add_argument("--tls-key", default=d.tls_key, help="client key for rediss:// [VLMQ_TLS_KEY]")
+
+
+def broker_settings_from_args(args: argparse.Namespace, **overrides: Any) -> BrokerSettings:
+    return BrokerSettings.from_env(
+        url=args.redis_url,
+        cluster=args.cluster,
+        prefix=args.prefix,
+        partitions=args.partitions,
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        **overrides,
+    )

@@ -1,0 +1,40 @@
+"""Hooks the worker calls as work moves; metrics and logs subscribe without touching the loop."""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence
+
+from inference_worker.scheduler import Batch, Item
+
+
+class WorkerObserver:
+    def on_admitted(self, kind: str, item: Item) -> None:
+        """A valid request entered the scheduler."""
+
+    def on_batch(self, batch: Batch, timings: Dict[str, float], started: float, finished: float) -> None:
+        """The model ran a batch; timings are ms per stage, started/finished wall clock."""
+
+    def on_reply(self, kind: str, error: Optional[str]) -> None:
+        """A reply was committed: error is its error code, None for a result."""
+
+    def on_dead_letter(self, kind: str, code: str) -> None:
+        """A message went to the dead-letter stream."""
+
+    def on_tick(self, queued: int, in_flight: int, kinds: Sequence[str]) -> None:
+        """Called with each heartbeat."""
+
+
+class Observers(WorkerObserver):
+    def __init__(self, observers: Sequence[WorkerObserver] = ()) -> None:
+        self.observers = list(observers)
+
+    def __getattribute__(self, name: str):
+        if name.startswith("on_"):
+            subs = object.__getattribute__(self, "observers")
+
+            def fan_out(*args, **kwargs) -> None:
+                for o in subs:
+                    getattr(o, name)(*args, **kwargs)
+
+            return fan_out
+        return object.__getattribute__(self, name)

@@ -1,0 +1,20 @@
+"""Handler registry: which handler serves each kind for a given backend."""
+
+from __future__ import annotations
+
+from typing import Dict
+
+from inference_worker.handlers.base import Handler, HandlerOutput, Stopwatch
+from inference_worker.settings import WorkerSettings
+
+__all__ = ["Handler", "HandlerOutput", "Stopwatch", "build_handlers"]
+
+
+def build_handlers(settings: WorkerSettings) -> Dict[str, Handler]:
+    if settings.backend == "synthetic":
+        from inference_worker.handlers.synthetic import SyntheticHandler
+
+        return {
+            k: SyntheticHandler(k, settings.synthetic_latency_ms, settings.synthetic_chunk) for k in settings.kinds
+        }
+    raise ValueError(f"backend {settings.backend!r} is not available yet; use --backend synthetic")

@@ -1,0 +1,54 @@
+"""The handler interface: one per task kind, all fed by the same batching path.
+
+A handler turns a batch of validated requests of its kind into one result (or one
+ProtocolError) per request, in order. It runs in the worker's model thread, never on the
+event loop, and knows nothing about Redis.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Sequence, Union
+
+from pydantic import BaseModel
+
+from schemas.errors import ProtocolError
+from schemas.messages import Request
+
+Outcome = Union[BaseModel, ProtocolError]
+
+
+@dataclass
+class HandlerOutput:
+    results: List[Outcome]
+    timings: Dict[str, float] = field(default_factory=dict)  # ms per stage, for the whole batch
+
+
+class Stopwatch:
+    """Collects per-stage milliseconds: `with sw("model"): ...`."""
+
+    def __init__(self) -> None:
+        self.timings: Dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[stage] = self.timings.get(stage, 0.0) + (time.perf_counter() - t0) * 1000.0
+
+
+class Handler:
+    kind: str = ""
+
+    def warmup(self) -> None:
+        """Run once before serving (compile, allocate, fill caches)."""
+
+    def run(self, requests: Sequence[Request]) -> HandlerOutput:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release models and memory."""

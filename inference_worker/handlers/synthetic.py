@@ -1,0 +1,56 @@
+"""A model-free handler for every kind, with a fixed, configurable latency.
+
+It is the smallest honest handler: it answers each kind with a well-formed result that
+depends on the request (first admissible command, default MineRL action, a zero chunk),
+so transport benchmarks, broker tests and the async-control tests measure vlmq and a
+known model latency, not a model.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Sequence, Tuple
+
+import numpy as np
+
+from inference_worker.handlers.base import Handler, HandlerOutput, Stopwatch
+from schemas.messages import (
+    ActionChunkResult,
+    PreferenceResult,
+    Request,
+    StructuredActionResult,
+    TextActionResult,
+)
+
+DEFAULT_MINERL_ACTION = {
+    **{k: 0 for k in ("forward", "back", "left", "right", "jump", "sneak", "sprint", "attack", "use", "drop", "inventory", "ESC")},
+    **{f"hotbar.{i}": 0 for i in range(1, 10)},
+    "camera": [0.0, 0.0],
+}
+
+
+class SyntheticHandler(Handler):
+    def __init__(self, kind: str, latency_ms: float = 0.0, chunk: Tuple[int, int] = (50, 7)) -> None:
+        self.kind = kind
+        self.latency_s = latency_ms / 1000.0
+        self.chunk = chunk
+
+    def _result(self, req: Request):
+        if self.kind == "action_chunk":
+            return ActionChunkResult(chunk=np.zeros(self.chunk, np.float32), frames_encoded=1)
+        if self.kind == "text_action":
+            choices = getattr(req, "admissible_commands", None)
+            if choices:
+                return TextActionResult(text=choices[0], choice=choices[0], choice_index=0, scores=[0.0] * len(choices))
+            return TextActionResult(text=req.messages[-1].text())
+        if self.kind == "structured_action":
+            return StructuredActionResult(action=dict(DEFAULT_MINERL_ACTION), reasoning="synthetic", parse_ok=True)
+        return PreferenceResult(label=-1, texts=["synthetic"], mode=req.mode)
+
+    def run(self, requests: Sequence[Request]) -> HandlerOutput:
+        sw = Stopwatch()
+        with sw("model"):
+            if self.latency_s:
+                time.sleep(self.latency_s)
+            results = [self._result(r) for r in requests]
+        return HandlerOutput(results, sw.timings)

@@ -1,0 +1,135 @@
+"""What runs next: dynamic batches per kind, bounded by size and by wait, earliest deadline first.
+
+A kind is ready when it holds `max_batch` requests or its oldest request has waited
+`max_wait_ms`. Among ready kinds the one whose oldest request came first goes next (no
+kind starves); within it the requests with the earliest deadlines are taken (requests
+without a deadline come after, in arrival order). Expired requests are handed back to be
+answered `expired` without reaching the model. Batches are plain data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+from broker.consumer import Delivery
+from schemas.messages import Request
+
+
+@dataclass
+class Item:
+    delivery: Delivery
+    request: Request
+    arrived: float = field(default_factory=time.monotonic)
+    seq: int = 0
+
+    @property
+    def order(self) -> Tuple[float, int]:
+        return (self.request.deadline if self.request.deadline is not None else math.inf, self.seq)
+
+
+@dataclass
+class Batch:
+    kind: str
+    items: List[Item]
+    expired: List[Item] = field(default_factory=list)
+
+    @property
+    def requests(self) -> List[Request]:
+        return [i.request for i in self.items]
+
+
+class Scheduler:
+    def __init__(self, batch_limit: Callable[[str], int], max_wait_ms: float) -> None:
+        self.batch_limit = batch_limit
+        self.max_wait = max_wait_ms / 1000.0
+        self.queues: Dict[str, List[Item]] = {}
+        self._seq = itertools.count()
+        self._changed = asyncio.Event()
+        self._latest: Dict[Tuple[str, str], Item] = {}  # (session, kind) -> newest latest_only item
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self.queues.values())
+
+    def items(self) -> List[Item]:
+        return [i for q in self.queues.values() for i in q]
+
+    def add(self, item: Item) -> Optional[Item]:
+        """Queue an item; returns an older item it supersedes (latest_only), if any."""
+        item.seq = next(self._seq)
+        req = item.request
+        superseded = None
+        if req.latest_only:
+            key = (req.session_id, req.kind)
+            old = self._latest.get(key)
+            if old is not None and old in self.queues.get(req.kind, ()):
+                if old.request.step <= req.step:
+                    self.queues[req.kind].remove(old)
+                    superseded = old
+                else:  # an out-of-order older observation: it loses
+                    self._changed.set()
+                    return item
+            self._latest[key] = item
+        self.queues.setdefault(req.kind, []).append(item)
+        self._changed.set()
+        return superseded
+
+    def _ready_at(self, kind: str, now: float) -> float:
+        q = self.queues[kind]
+        if len(q) >= self.batch_limit(kind):
+            return now
+        return min(i.arrived for i in q) + self.max_wait
+
+    def take(self, now: Optional[float] = None, wall: Optional[float] = None) -> Tuple[Optional[Batch], float]:
+        """A batch if one is ready, else None and the time (monotonic) one will be."""
+        now = time.monotonic() if now is None else now
+        wall = time.time() if wall is None else wall
+        expired: List[Item] = []
+        for kind, q in self.queues.items():
+            keep = [i for i in q if not i.request.expired(wall)]
+            if len(keep) != len(q):
+                expired += [i for i in q if i.request.expired(wall)]
+                self.queues[kind] = keep
+        candidates = [k for k, q in self.queues.items() if q]
+        if not candidates:
+            return (Batch("", [], expired) if expired else None), math.inf
+        ready = [k for k in candidates if self._ready_at(k, now) <= now]
+        if not ready:
+            if expired:
+                return Batch("", [], expired), now
+            return None, min(self._ready_at(k, now) for k in candidates)
+        kind = min(ready, key=lambda k: min(i.seq for i in self.queues[k]))
+        q = sorted(self.queues[kind], key=lambda i: i.order)
+        chosen, rest = q[: self.batch_limit(kind)], q[self.batch_limit(kind) :]
+        self.queues[kind] = sorted(rest, key=lambda i: i.seq)
+        for i in chosen:
+            if i.request.latest_only:
+                self._latest.pop((i.request.session_id, kind), None)
+        return Batch(kind, chosen, expired), now
+
+    async def next_batch(self, flush: Callable[[], bool] = lambda: False) -> Optional[Batch]:
+        """Wait for a batch. When flush() is true (shutting down), don't wait for stragglers;
+        return None once nothing is left."""
+        while True:
+            self._changed.clear()
+            batch, ready_at = self.take()
+            if batch is not None:
+                return batch
+            if flush():
+                if not len(self):
+                    return None
+                batch, _ = self.take(now=math.inf)
+                if batch is not None:
+                    return batch
+            timeout = None if math.isinf(ready_at) else max(0.0, ready_at - time.monotonic())
+            try:
+                await asyncio.wait_for(self._changed.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+
+    def wake(self) -> None:
+        self._changed.set()

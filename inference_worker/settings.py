@@ -1,0 +1,48 @@
+"""Worker settings: one object; `vlmq worker --help` lists the flag and env var of each."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
+
+from broker.settings import BrokerSettings
+from schemas.limits import Limits
+from schemas.messages import KINDS
+
+
+def default_worker_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    broker: BrokerSettings = field(default_factory=BrokerSettings)
+    limits: Limits = field(default_factory=Limits)
+    name: str = field(default_factory=default_worker_name)
+    kinds: Tuple[str, ...] = KINDS
+    model_name: Optional[str] = None  # also serve the model-specific streams of this name
+    max_batch: int = 32
+    max_batch_by_kind: Dict[str, int] = field(default_factory=dict)
+    max_wait_ms: float = 2.0  # after the first request of a batch arrives
+    prefetch: int = 0  # requests read ahead of the model; 0 = 2 x max_batch
+    block_ms: int = 500  # XREADGROUP block; bounds how long shutdown waits for the reader
+    heartbeat_s: float = 2.0
+    reclaim_interval_s: float = 2.0
+    # backend and model
+    backend: str = "hf"  # hf | vllm | synthetic
+    model_path: Optional[str] = None
+    device: str = "cpu"
+    dtype: str = "auto"
+    quantize: Optional[str] = None  # nf4
+    synthetic_latency_ms: float = 0.0
+    synthetic_chunk: Tuple[int, int] = (50, 7)
+    options: Dict[str, str] = field(default_factory=dict)  # backend-specific key=value pairs
+
+    def batch_limit(self, kind: str) -> int:
+        return self.max_batch_by_kind.get(kind, self.max_batch)
+
+    @property
+    def read_ahead(self) -> int:
+        return self.prefetch or 2 * max([self.max_batch, *self.max_batch_by_kind.values()])

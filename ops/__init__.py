@@ -1,0 +1,1 @@
+"""What operators touch: the CLI, metrics, compose files, dashboards, record/replay, inspect."""

@@ -1,0 +1,47 @@
+"""`vlmq`: the one console script. Each subcommand lives next to what it drives and
+registers its own flags; heavy imports (torch) happen only when a command runs."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import List, Optional
+
+COMMANDS = [
+    "inference_worker.cli",  # worker
+    "ops.demo",  # demo
+    "ops.inspect",  # inspect
+    "ops.bench",  # bench
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vlmq",
+        description="vlmq: many environment processes sharing one GPU vision-language model over Redis streams.",
+        epilog="Every flag has an environment variable (shown in [brackets]); `vlmq COMMAND --help` for details.",
+    )
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (%(default)s)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module in COMMANDS:
+        importlib.import_module(module).register(sub)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""msgpack with one extension: numpy arrays (docs/PROTOCOL.md, "The ndarray extension").
+
+Ext type 1 carries an array as ``msgpack([dtype, shape])`` followed directly by the raw
+C-order bytes. The decoder reads the small header, then views the rest of the ext payload
+with ``numpy.frombuffer``: no copy of the array data. Arrays decoded this way are
+read-only; copy them before writing in place.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import msgpack
+import numpy as np
+
+from schemas.errors import ErrorCode, ProtocolError
+from schemas.limits import DEFAULT_LIMITS, Limits
+
+EXT_NDARRAY = 1
+
+# Little-endian or byte-order-free dtypes only: a client on any platform can produce them
+# and the decoder never has to swap bytes.
+ALLOWED_DTYPES = frozenset(
+    np.dtype(t).str
+    for t in ("bool", "u1", "i1", "<u2", "<i2", "<u4", "<i4", "<u8", "<i8", "<f2", "<f4", "<f8")
+)
+
+
+class CodecError(ProtocolError):
+    """Bytes that are not a valid vlmq message body."""
+
+    def __init__(self, message: str, code: ErrorCode = ErrorCode.MALFORMED) -> None:
+        super().__init__(code, message)
+
+
+def _default(obj: Any) -> Any:
+    if isinstance(obj, np.ndarray):
+        arr = np.ascontiguousarray(obj)
+        if arr.dtype.byteorder == ">":
+            arr = arr.astype(arr.dtype.newbyteorder("<"))
+        if arr.dtype.str not in ALLOWED_DTYPES:
+            raise TypeError(f"ndarray dtype {arr.dtype} cannot go on the wire")
+        header = msgpack.packb([arr.dtype.str, list(arr.shape)])
+        return msgpack.ExtType(EXT_NDARRAY, header + arr.tobytes())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if hasattr(obj, "model_dump"):  # pydantic models nested in plain dicts
+        return obj.model_dump(exclude_none=True)
+    raise TypeError(f"cannot encode {type(obj).__name__}")
+
+
+def _make_ext_hook(limits: Limits):
+    def ext_hook(code: int, data: bytes) -> Any:
+        if code != EXT_NDARRAY:
+            raise CodecError(f"unknown msgpack extension type {code}")
+        unpacker = msgpack.Unpacker(max_buffer_size=len(data) or 1, raw=False)
+        unpacker.feed(data)
+        try:
+            dtype_str, shape = unpacker.unpack()
+        except Exception as exc:
+            raise CodecError(f"ndarray extension header is not [dtype, shape]: {exc}") from None
+        if not isinstance(dtype_str, str) or dtype_str not in ALLOWED_DTYPES:
+            raise CodecError(f"ndarray dtype {dtype_str!r} is not allowed; use one of {sorted(ALLOWED_DTYPES)}")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise CodecError(f"ndarray shape must be a list of non-negative ints, got {shape!r}")
+        if len(shape) > 8:
+            raise CodecError(f"ndarray has {len(shape)} dimensions; at most 8 are allowed")
+        dtype = np.dtype(dtype_str)
+        offset = unpacker.tell()
+        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        if count * dtype.itemsize > limits.max_frame_bytes:
+            raise CodecError(
+                f"ndarray of shape {shape} is {count * dtype.itemsize} bytes; the limit is "
+                f"{limits.max_frame_bytes} (VLMQ_MAX_FRAME_BYTES)",
+                ErrorCode.TOO_LARGE,
+            )
+        if count * dtype.itemsize != len(data) - offset:
+            raise CodecError(
+                f"ndarray of shape {shape} and dtype {dtype_str} needs {count * dtype.itemsize} bytes, "
+                f"got {len(data) - offset}"
+            )
+        return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
+
+    return ext_hook
+
+
+_EXT_HOOKS: dict = {}
+
+
+def packb(obj: Any) -> bytes:
+    """Encode a message body (a dict of plain values and ndarrays)."""
+    return msgpack.packb(obj, default=_default, use_bin_type=True)
+
+
+def unpackb(data: bytes, limits: Optional[Limits] = None) -> Any:
+    """Decode a message body; any bad input raises CodecError, never anything else."""
+    limits = limits or DEFAULT_LIMITS
+    if len(data) > limits.max_message_bytes:
+        raise CodecError(
+            f"message is {len(data)} bytes; the limit is {limits.max_message_bytes} (VLMQ_MAX_MESSAGE_BYTES)",
+            ErrorCode.TOO_LARGE,
+        )
+    hook = _EXT_HOOKS.get(limits)
+    if hook is None:
+        hook = _EXT_HOOKS[limits] = _make_ext_hook(limits)
+    try:
+        return msgpack.unpackb(
+            data,
+            raw=False,
+            ext_hook=hook,
+            strict_map_key=True,
+        )
+    except CodecError:
+        raise
+    except UnicodeDecodeError as exc:
+        raise CodecError(f"a string is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    except msgpack.ExtraData:
+        raise CodecError("extra bytes after the msgpack value") from None
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise CodecError(f"not valid msgpack: {exc}") from None
+    except RecursionError:
+        raise CodecError("msgpack value nested too deeply") from None

@@ -1,0 +1,34 @@
+"""Size limits, one object for both sides.
+
+Defaults fit a 2-frame 1024x1024 request comfortably and stop a runaway sender from
+filling Redis. Every field can be set from the environment (VLMQ_MAX_MESSAGE_BYTES, ...).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_message_bytes: int = 16 * 1024 * 1024  # whole msgpack body
+    max_frame_bytes: int = 8 * 1024 * 1024  # one image or array, raw or encoded
+    max_image_side: int = 4096  # pixels, either side, raw or decoded
+    max_text_chars: int = 256 * 1024  # any one string
+    max_messages: int = 256  # chat messages in one request
+    max_choices: int = 1024  # admissible_commands
+    max_new_tokens: int = 4096
+
+    @classmethod
+    def from_env(cls, environ: os._Environ[str] | dict[str, str] | None = None) -> Limits:
+        env = os.environ if environ is None else environ
+        values = {}
+        for f in fields(cls):
+            raw = env.get(f"VLMQ_{f.name.upper()}")
+            if raw is not None:
+                values[f.name] = int(raw)
+        return cls(**values)
+
+
+DEFAULT_LIMITS = Limits()

@@ -1,0 +1,391 @@
+"""Typed messages for every task kind (docs/PROTOCOL.md is the normative description).
+
+Why pydantic v2 rather than dataclasses: the worker must turn arbitrary bytes from the
+wire into either a valid request or an error a person can act on ("messages.0.content:
+field required"), and pydantic does exactly that in ~10 us per message, with the
+constraints (ranges, patterns, literals) declared next to the fields. Dataclasses would
+need the same checks written by hand. Arrays and image bytes pass through untouched
+(``arbitrary_types_allowed``) and are checked by the small validators below.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+import uuid
+from typing import Annotated, Any, Dict, List, Literal, Optional, Type, Union
+
+import numpy as np
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from schemas.codec import unpackb
+from schemas.errors import ErrorCode, ProtocolError
+from schemas.images import check_image
+from schemas.limits import DEFAULT_LIMITS, Limits
+
+PROTOCOL_VERSION = 1
+SUPPORTED_VERSIONS = frozenset({1})
+KINDS = ("action_chunk", "preference", "text_action", "structured_action")
+
+# Session ids become part of Redis key names, so they are kept to a safe alphabet.
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+MODEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+def _limits(info: ValidationInfo) -> Limits:
+    ctx = info.context or {}
+    return ctx.get("limits", DEFAULT_LIMITS)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+
+# ----------------------------------------------------------------------------- chat content
+
+
+class TextPart(_Model):
+    type: Literal["text"] = "text"
+    text: str
+
+
+class ImagePart(_Model):
+    type: Literal["image"] = "image"
+    image: Any = Field(description="uint8 ndarray (H, W, 3), or JPEG/PNG bytes")
+
+    @field_validator("image", mode="before")
+    @classmethod
+    def _check(cls, v: Any, info: ValidationInfo) -> Any:
+        return check_image(_from_data_url(v) if isinstance(v, str) else v, "image", _limits(info))
+
+
+ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
+
+
+def _from_data_url(url: str) -> bytes:
+    if not url.startswith("data:"):
+        raise ValueError("only data: URLs are accepted for images (the worker fetches nothing)")
+    header, _, payload = url.partition(",")
+    if ";base64" not in header:
+        raise ValueError("image data URLs must be base64 encoded")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("image data URL is not valid base64") from None
+
+
+class ChatMessage(_Model):
+    """An OpenAI-style chat message; image_url parts with data URLs become image parts."""
+
+    role: Literal["system", "user", "assistant"]
+    content: Union[str, List[ContentPart]]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _normalise_parts(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("content"), list):
+            parts = []
+            for part in data["content"]:
+                if isinstance(part, dict) and part.get("type") == "image_url":
+                    url = part.get("image_url")
+                    url = url.get("url") if isinstance(url, dict) else url
+                    if not isinstance(url, str):
+                        raise ValueError("image_url part needs image_url.url")
+                    part = {"type": "image", "image": _from_data_url(url)}
+                parts.append(part)
+            data = {**data, "content": parts}
+        return data
+
+    def images(self) -> List[Any]:
+        if isinstance(self.content, str):
+            return []
+        return [p.image for p in self.content if isinstance(p, ImagePart)]
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content if isinstance(p, TextPart))
+
+
+# ----------------------------------------------------------------------------- requests
+
+
+class Request(_Model):
+    """The header every request carries; one subclass per kind adds the payload."""
+
+    v: int = PROTOCOL_VERSION
+    request_id: str = Field(default_factory=lambda: uuid.uuid4().hex, pattern=ID_PATTERN)
+    session_id: str = Field("", pattern=ID_PATTERN)  # the client fills it in
+    step: int = Field(0, ge=0)
+    kind: str
+    created_at: float = Field(default_factory=time.time)
+    deadline: Optional[float] = None  # unix seconds; past it the request is answered `expired`
+    model: Optional[str] = Field(None, pattern=MODEL_PATTERN)
+    # When set, a newer request of this session and kind supersedes this one if both wait.
+    latest_only: bool = False
+
+    def expired(self, now: Optional[float] = None) -> bool:
+        return self.deadline is not None and (now if now is not None else time.time()) > self.deadline
+
+    def to_wire(self) -> Dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
+class SamplingMixin(_Model):
+    max_tokens: int = Field(64, ge=1)
+    temperature: float = Field(0.0, ge=0.0, le=5.0)  # 0 = greedy
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: List[str] = Field(default_factory=list, max_length=16)
+    seed: Optional[int] = None
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _cap_tokens(cls, v: int, info: ValidationInfo) -> int:
+        cap = _limits(info).max_new_tokens
+        if v > cap:
+            raise ValueError(f"max_tokens {v} is over the limit {cap} (VLMQ_MAX_NEW_TOKENS)")
+        return v
+
+
+def _image_field(v: Any, info: ValidationInfo) -> Any:
+    if v is None:
+        return v
+    return check_image(_from_data_url(v) if isinstance(v, str) else v, info.field_name or "image", _limits(info))
+
+
+class ActionChunkRequest(Request):
+    """VLA: the newest frame; the worker keeps the features of earlier frames per session."""
+
+    kind: Literal["action_chunk"] = "action_chunk"
+    image: Any
+    instruction: str = ""
+    state: Optional[Any] = None  # float32 (state_dim,)
+    reset: bool = False  # episode start: drop this session's cached features
+    noise_seed: Optional[int] = None  # fixes the flow-matching noise (reproducible chunks)
+    # Real-time chunking (arXiv 2506.07339): the previous chunk, aligned so that row 0 is the
+    # action that will execute when this request was sent, and how many of its actions will
+    # run before the new chunk arrives (frozen), and how many more to guide toward.
+    prev_chunk: Optional[Any] = None
+    inference_delay: int = Field(0, ge=0)
+    execution_horizon: Optional[int] = Field(None, ge=1)
+
+    _image = field_validator("image", mode="before")(_image_field)
+
+    @field_validator("state", "prev_chunk", mode="before")
+    @classmethod
+    def _float_array(cls, v: Any, info: ValidationInfo) -> Any:
+        if v is None:
+            return v
+        if not isinstance(v, np.ndarray) or v.dtype.kind != "f":
+            raise ValueError("must be a float ndarray")
+        want = 1 if info.field_name == "state" else 2
+        if v.ndim != want:
+            raise ValueError(f"must have {want} dimension(s), got shape {tuple(v.shape)}")
+        return v.astype(np.float32, copy=False)
+
+
+class PreferenceRequest(Request, SamplingMixin):
+    """RL-VLM-F: which of two images makes more progress on the task (0, 1, or -1)."""
+
+    kind: Literal["preference"] = "preference"
+    image_a: Any
+    image_b: Any
+    task: str = Field(min_length=1)
+    mode: Literal["two_step", "one_pass"] = "two_step"
+    prompt: Optional[str] = None  # overrides the analysis prompt template
+    summary_prompt: Optional[str] = None  # overrides the label prompt template
+    max_tokens: int = Field(256, ge=1)
+
+    _images = field_validator("image_a", "image_b", mode="before")(_image_field)
+
+
+class TextActionRequest(Request, SamplingMixin):
+    """Chat messages (images allowed); with admissible_commands, the best-scoring one is chosen."""
+
+    kind: Literal["text_action"] = "text_action"
+    messages: List[ChatMessage] = Field(min_length=1)
+    admissible_commands: Optional[List[str]] = None
+
+    @field_validator("messages")
+    @classmethod
+    def _count(cls, v: List[ChatMessage], info: ValidationInfo) -> List[ChatMessage]:
+        if len(v) > _limits(info).max_messages:
+            raise ValueError(f"{len(v)} messages; the limit is {_limits(info).max_messages}")
+        return v
+
+    @field_validator("admissible_commands")
+    @classmethod
+    def _choices(cls, v: Optional[List[str]], info: ValidationInfo) -> Optional[List[str]]:
+        if v is not None:
+            if not v:
+                raise ValueError("admissible_commands, when given, must not be empty")
+            if len(v) > _limits(info).max_choices:
+                raise ValueError(f"{len(v)} admissible commands; the limit is {_limits(info).max_choices}")
+        return v
+
+
+class StructuredActionRequest(Request, SamplingMixin):
+    """MineRL-style: one frame (and optional chat messages) -> the full MineRL action dict."""
+
+    kind: Literal["structured_action"] = "structured_action"
+    image: Optional[Any] = None
+    task_name: str = ""
+    messages: Optional[List[ChatMessage]] = None  # replaces the default MineRL prompt
+    max_tokens: int = Field(256, ge=1)
+
+    _image = field_validator("image", mode="before")(_image_field)
+
+    @model_validator(mode="after")
+    def _needs_input(self) -> StructuredActionRequest:
+        if self.image is None and not self.messages:
+            raise ValueError("structured_action needs an image or messages")
+        return self
+
+
+REQUEST_MODELS: Dict[str, Type[Request]] = {
+    "action_chunk": ActionChunkRequest,
+    "preference": PreferenceRequest,
+    "text_action": TextActionRequest,
+    "structured_action": StructuredActionRequest,
+}
+
+
+# ----------------------------------------------------------------------------- results
+
+
+class TextActionResult(_Model):
+    text: str
+    choice: Optional[str] = None
+    choice_index: Optional[int] = None
+    scores: Optional[List[float]] = None  # summed log-probs, one per admissible command
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str = "stop"
+
+
+class StructuredActionResult(_Model):
+    action: Dict[str, Any]
+    reasoning: str = ""
+    text: str = ""
+    parse_ok: bool = True  # False: the model's answer was unusable and `action` is the default
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class PreferenceResult(_Model):
+    label: Literal[-1, 0, 1]
+    texts: List[str] = Field(default_factory=list)  # raw model outputs, in order
+    scores: Optional[Dict[str, float]] = None  # one_pass: log-prob of "0", "1", "-1"
+    mode: str = "two_step"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class ActionChunkResult(_Model):
+    chunk: Any  # float32 (chunk_size, action_dim)
+    cache_hit: bool = False
+    frames_encoded: int = 0
+
+
+RESULT_MODELS: Dict[str, Type[_Model]] = {
+    "action_chunk": ActionChunkResult,
+    "preference": PreferenceResult,
+    "text_action": TextActionResult,
+    "structured_action": StructuredActionResult,
+}
+
+
+# ----------------------------------------------------------------------------- replies
+
+
+class ErrorInfo(_Model):
+    code: ErrorCode
+    message: str
+    detail: Optional[Any] = None
+
+
+class Reply(_Model):
+    v: int = PROTOCOL_VERSION
+    request_id: str
+    session_id: str
+    step: int = 0
+    kind: str
+    ok: bool
+    worker: str = ""
+    created_at: float = 0.0  # echoed from the request
+    received_at: float = 0.0  # when the worker read it
+    replied_at: float = 0.0
+    batch_size: int = 0
+    delivery: int = 1  # how many times the request had been delivered
+    timings: Dict[str, float] = Field(default_factory=dict)  # milliseconds, by stage
+    result: Optional[Any] = None
+    error: Optional[ErrorInfo] = None
+
+    def to_wire(self) -> Dict[str, Any]:
+        body = self.model_dump(exclude_none=True)
+        if isinstance(self.result, BaseModel):
+            body["result"] = self.result.model_dump(exclude_none=True)
+        return body
+
+
+def request_model(kind: str) -> Type[Request]:
+    try:
+        return REQUEST_MODELS[kind]
+    except KeyError:
+        raise ProtocolError(ErrorCode.UNKNOWN_KIND, f"unknown kind {kind!r}; known kinds: {', '.join(KINDS)}") from None
+
+
+def result_model(kind: str) -> Type[_Model]:
+    return RESULT_MODELS[kind]
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors(include_url=False):
+        loc = ".".join(str(x) for x in err["loc"]) or "body"
+        parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def _validate(model: Type[BaseModel], data: Any, limits: Limits) -> Any:
+    try:
+        return model.model_validate(data, context={"limits": limits})
+    except ValidationError as exc:
+        detail = [
+            {"loc": [str(x) for x in e["loc"]], "msg": e["msg"], "type": e["type"]}
+            for e in exc.errors(include_url=False, include_input=False, include_context=False)
+        ]
+        raise ProtocolError(ErrorCode.INVALID, describe_validation_error(exc), detail) from None
+
+
+def decode_request(body: bytes, limits: Limits = DEFAULT_LIMITS) -> Request:
+    """bytes from the wire -> a validated request, or ProtocolError with its code."""
+    data = unpackb(body, limits)
+    if not isinstance(data, dict):
+        raise ProtocolError(ErrorCode.INVALID, f"body must be a msgpack map, got {type(data).__name__}")
+    version = data.get("v")
+    if version not in SUPPORTED_VERSIONS:
+        raise ProtocolError(
+            ErrorCode.UNSUPPORTED_VERSION,
+            f"protocol version {version!r} is not supported; this worker speaks {sorted(SUPPORTED_VERSIONS)}",
+        )
+    return _validate(request_model(str(data.get("kind"))), data, limits)
+
+
+def decode_reply(body: bytes, limits: Limits = DEFAULT_LIMITS) -> Reply:
+    data = unpackb(body, limits)
+    if not isinstance(data, dict):
+        raise ProtocolError(ErrorCode.MALFORMED, "reply body must be a msgpack map")
+    reply = _validate(Reply, data, limits)
+    if reply.ok and isinstance(reply.result, dict) and reply.kind in RESULT_MODELS:
+        reply.result = _validate(RESULT_MODELS[reply.kind], reply.result, limits)
+    return reply

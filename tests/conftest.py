@@ -1,0 +1,43 @@
+"""Fixtures: real redis-server processes on free ports (never the machine's shared 6379)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import uuid
+
+import pytest
+
+from broker.embedded import EmbeddedRedis
+from broker.settings import BrokerSettings
+
+
+def _ensure_redis_server() -> None:
+    if shutil.which("redis-server"):
+        return
+    # Fresh CI machines: install Debian's redis-server (the tests start their own instances).
+    subprocess.run(["apt-get", "install", "-y", "-qq", "redis-server"], check=False, capture_output=True)
+    if not shutil.which("redis-server"):
+        pytest.exit("redis-server is not installed and apt-get could not install it", returncode=3)
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """One private redis-server for the whole session; tests isolate by key prefix."""
+    _ensure_redis_server()
+    with EmbeddedRedis() as server:
+        yield server
+
+
+@pytest.fixture
+def fresh_redis():
+    """A redis-server of this test's own, for tests that restart, kill or reconfigure it."""
+    _ensure_redis_server()
+    with EmbeddedRedis() as server:
+        yield server
+
+
+@pytest.fixture
+def settings(redis_server) -> BrokerSettings:
+    """Broker settings on the session server with a prefix unique to this test."""
+    return BrokerSettings(url=redis_server.url, prefix=f"t{uuid.uuid4().hex[:10]}", claim_min_idle_ms=1000)

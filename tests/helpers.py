@@ -1,0 +1,104 @@
+"""Running real workers in tests: in a thread (fast) or as a process (to SIGKILL it)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Callable, Dict, List, Optional
+
+from broker.settings import BrokerSettings
+from inference_worker.handlers import build_handlers
+from inference_worker.handlers.base import Handler
+from inference_worker.settings import WorkerSettings
+from inference_worker.worker import Worker
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class WorkerThread:
+    """A real Worker on its own event loop in a background thread."""
+
+    def __init__(self, settings: WorkerSettings, handlers: Optional[Dict[str, Handler]] = None, observers=()) -> None:
+        self.settings = settings
+        self.worker = Worker(settings, handlers or build_handlers(settings), observers=observers)
+        self.loop = asyncio.new_event_loop()
+        self.error: Optional[BaseException] = None
+        self.thread = threading.Thread(target=self._main, daemon=True)
+
+    def _main(self) -> None:
+        try:
+            self.loop.run_until_complete(self.worker.run())
+        except BaseException as exc:  # surfaced by stop()
+            self.error = exc
+
+    def __enter__(self) -> WorkerThread:
+        self.thread.start()
+        return self
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.thread.is_alive():
+            self.loop.call_soon_threadsafe(self.worker.request_stop)
+            self.thread.join(timeout)
+        assert not self.thread.is_alive(), "worker did not stop"
+        if self.error:
+            raise self.error
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def synthetic_settings(broker: BrokerSettings, **kw) -> WorkerSettings:
+    kw.setdefault("backend", "synthetic")
+    kw.setdefault("max_wait_ms", 0.0)
+    kw.setdefault("reclaim_interval_s", 0.2)
+    kw.setdefault("heartbeat_s", 0.5)
+    return WorkerSettings(broker=broker, **kw)
+
+
+def worker_cmd(broker: BrokerSettings, *extra: str) -> List[str]:
+    return [
+        sys.executable,
+        "-m",
+        "ops.cli",
+        "worker",
+        "--redis-url",
+        broker.url,
+        "--prefix",
+        broker.prefix,
+        "--partitions",
+        str(broker.partitions),
+        "--claim-min-idle-ms",
+        str(broker.claim_min_idle_ms),
+        *extra,
+    ]
+
+
+def start_worker_process(broker: BrokerSettings, *extra: str, env: Optional[dict] = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        worker_cmd(broker, *extra),
+        cwd=REPO,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    return proc.wait(timeout)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.02) -> bool:
+    give_up = time.time() + timeout
+    while time.time() < give_up:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
