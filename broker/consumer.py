@@ -75,7 +75,11 @@ class GroupReader:
     async def read(self, count: int, block_ms: int) -> List[Delivery]:
         try:
             resp = await self.redis.xreadgroup(
-                self.settings.group, self.consumer, {s: ">" for s in self.streams}, count=count, block=block_ms
+                self.settings.group,
+                self.consumer,
+                {s: ">" for s in self.streams},
+                count=count,
+                block=block_ms,
             )
         except ResponseError as exc:
             if "NOGROUP" in str(exc):  # Redis lost its data (restart without AOF): start again
@@ -86,7 +90,12 @@ class GroupReader:
         items = resp.items() if isinstance(resp, dict) else (resp or [])
         for stream, entries in items:
             stream = _s(stream)
-            if entries and isinstance(entries[0], list) and len(entries) == 1 and isinstance(entries[0][0], list):
+            if (
+                entries
+                and isinstance(entries[0], list)
+                and len(entries) == 1
+                and isinstance(entries[0][0], list)
+            ):
                 entries = entries[0]  # RESP3 nests one level deeper
             for entry_id, fields in entries:
                 out.append(self._delivery(stream, entry_id, fields))

@@ -91,7 +91,9 @@ class EmbeddedRedis:
         give_up = time.time() + timeout
         while time.time() < give_up:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.proc.returncode}; see {self.dir}/redis.log")
+                raise RuntimeError(
+                    f"redis-server exited with {self.proc.returncode}; see {self.dir}/redis.log"
+                )
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
                     if self.tls or self._ping():

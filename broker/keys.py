@@ -25,7 +25,7 @@ class Keys:
 
     @staticmethod
     def tag(partition: int) -> str:
-        return "{p%d}" % partition
+        return "{p" + str(partition) + "}"
 
     def request_stream(self, kind: str, partition: int, model: Optional[str] = None) -> str:
         middle = f"{kind}:{model}" if model else kind

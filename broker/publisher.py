@@ -68,7 +68,11 @@ class Publisher:
                 raise BacklogFull(stream, backlog, self.settings.max_backlog)
             now = time.time()
             if give_up is None:
-                limit = wait_timeout if wait_timeout is not None else (req.deadline - now if req.deadline else None)
+                limit = (
+                    wait_timeout
+                    if wait_timeout is not None
+                    else (req.deadline - now if req.deadline else None)
+                )
                 give_up = now + limit if limit is not None else float("inf")
             if now + delay > give_up:
                 raise BacklogFull(stream, backlog, self.settings.max_backlog)

@@ -65,7 +65,10 @@ class ReplyWriter:
                         failed_at=f"{time.time():.6f}",
                     )
                     pipe.xadd(
-                        self.keys.dead_letters(d.kind, partition), dl, maxlen=self.settings.dlq_maxlen, approximate=True
+                        self.keys.dead_letters(d.kind, partition),
+                        dl,
+                        maxlen=self.settings.dlq_maxlen,
+                        approximate=True,
                     )
                 pipe.xack(d.stream, self.settings.group, d.entry_id)
                 pipe.xdel(d.stream, d.entry_id)

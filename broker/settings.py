@@ -67,10 +67,22 @@ def add_broker_args(parser: argparse.ArgumentParser) -> None:
     """Flags shared by every command that talks to Redis; defaults come from VLMQ_* env vars."""
     d = BrokerSettings.from_env()
     g = parser.add_argument_group("redis")
-    g.add_argument("--redis-url", default=d.url, help="redis://, rediss:// or unix:// URL [VLMQ_REDIS_URL] (%(default)s)")
-    g.add_argument("--cluster", action="store_true", default=d.cluster, help="connect with the Redis Cluster client [VLMQ_CLUSTER]")
+    g.add_argument(
+        "--redis-url", default=d.url, help="redis://, rediss:// or unix:// URL [VLMQ_REDIS_URL] (%(default)s)"
+    )
+    g.add_argument(
+        "--cluster",
+        action="store_true",
+        default=d.cluster,
+        help="connect with the Redis Cluster client [VLMQ_CLUSTER]",
+    )
     g.add_argument("--prefix", default=d.prefix, help="key prefix [VLMQ_PREFIX] (%(default)s)")
-    g.add_argument("--partitions", type=int, default=d.partitions, help="request stream partitions per kind [VLMQ_PARTITIONS] (%(default)s)")
+    g.add_argument(
+        "--partitions",
+        type=int,
+        default=d.partitions,
+        help="request stream partitions per kind [VLMQ_PARTITIONS] (%(default)s)",
+    )
     g.add_argument("--tls-ca", default=d.tls_ca, help="CA bundle for rediss:// [VLMQ_TLS_CA]")
     g.add_argument("--tls-cert", default=d.tls_cert, help="client certificate for rediss:// [VLMQ_TLS_CERT]")
     g.add_argument("--tls-key", default=d.tls_key, help="client key for rediss:// [VLMQ_TLS_KEY]")

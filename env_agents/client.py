@@ -197,7 +197,9 @@ class AgentClient:
         if url:
             settings = settings.with_(url=url)
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name=f"vlmq-client-{session_id}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name=f"vlmq-client-{session_id}", daemon=True
+        )
         self._thread.start()
         self._client = AsyncAgentClient(
             session_id, settings=settings, limits=limits, raise_on_error=raise_on_error

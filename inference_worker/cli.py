@@ -14,22 +14,90 @@ from schemas.messages import KINDS
 def add_worker_args(p: argparse.ArgumentParser) -> None:
     add_broker_args(p)
     g = p.add_argument_group("serving")
-    g.add_argument("--name", default=env("WORKER_NAME", ""), help="consumer name, unique per worker [VLMQ_WORKER_NAME] (host-pid)")
-    g.add_argument("--kinds", default=env("KINDS", ",".join(KINDS)), help="comma-separated task kinds to serve [VLMQ_KINDS] (%(default)s)")
-    g.add_argument("--max-batch", type=int, default=env("MAX_BATCH", 32), help="largest batch [VLMQ_MAX_BATCH] (%(default)s)")
-    g.add_argument("--max-wait-ms", type=float, default=env("MAX_WAIT_MS", 2.0), help="longest wait for a batch to fill after its first request [VLMQ_MAX_WAIT_MS] (%(default)s)")
-    g.add_argument("--prefetch", type=int, default=env("PREFETCH", 0), help="requests read ahead of the model; 0 = 2 x max-batch [VLMQ_PREFETCH]")
-    g.add_argument("--max-deliveries", type=int, default=env("MAX_DELIVERIES", 3), help="deliveries before a message is dead-lettered [VLMQ_MAX_DELIVERIES] (%(default)s)")
-    g.add_argument("--claim-min-idle-ms", type=int, default=env("CLAIM_MIN_IDLE_MS", 15000), help="idle time after which a dead consumer's message is reclaimed [VLMQ_CLAIM_MIN_IDLE_MS] (%(default)s)")
+    g.add_argument(
+        "--name",
+        default=env("WORKER_NAME", ""),
+        help="consumer name, unique per worker [VLMQ_WORKER_NAME] (host-pid)",
+    )
+    g.add_argument(
+        "--kinds",
+        default=env("KINDS", ",".join(KINDS)),
+        help="comma-separated task kinds to serve [VLMQ_KINDS] (%(default)s)",
+    )
+    g.add_argument(
+        "--max-batch",
+        type=int,
+        default=env("MAX_BATCH", 32),
+        help="largest batch [VLMQ_MAX_BATCH] (%(default)s)",
+    )
+    g.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=env("MAX_WAIT_MS", 2.0),
+        help="longest wait for a batch to fill after its first request [VLMQ_MAX_WAIT_MS] (%(default)s)",
+    )
+    g.add_argument(
+        "--prefetch",
+        type=int,
+        default=env("PREFETCH", 0),
+        help="requests read ahead of the model; 0 = 2 x max-batch [VLMQ_PREFETCH]",
+    )
+    g.add_argument(
+        "--max-deliveries",
+        type=int,
+        default=env("MAX_DELIVERIES", 3),
+        help="deliveries before a message is dead-lettered [VLMQ_MAX_DELIVERIES] (%(default)s)",
+    )
+    g.add_argument(
+        "--claim-min-idle-ms",
+        type=int,
+        default=env("CLAIM_MIN_IDLE_MS", 15000),
+        help="idle time after which a dead consumer's message is reclaimed [VLMQ_CLAIM_MIN_IDLE_MS] (%(default)s)",
+    )
     m = p.add_argument_group("model")
-    m.add_argument("--backend", default=env("BACKEND", "hf"), choices=["hf", "vllm", "synthetic"], help="hf (transformers), vllm, or synthetic (no model, fixed latency) [VLMQ_BACKEND] (%(default)s)")
-    m.add_argument("--model", default=env("MODEL", ""), help="local Hugging Face folder of a Qwen2-VL / Qwen3-VL checkpoint [VLMQ_MODEL]")
-    m.add_argument("--model-name", default=env("MODEL_NAME", ""), help="also serve the streams of requests that name this model [VLMQ_MODEL_NAME]")
-    m.add_argument("--device", default=env("DEVICE", "cpu"), help="cpu, cuda, cuda:N [VLMQ_DEVICE] (%(default)s)")
-    m.add_argument("--dtype", default=env("DTYPE", "auto"), help="auto, float32, bfloat16, float16 [VLMQ_DTYPE] (%(default)s)")
-    m.add_argument("--quantize", default=env("QUANTIZE", "") or None, choices=[None, "nf4"], help="nf4 through bitsandbytes, CUDA only [VLMQ_QUANTIZE]")
-    m.add_argument("--synthetic-latency-ms", type=float, default=env("SYNTHETIC_LATENCY_MS", 0.0), help="batch latency of the synthetic backend [VLMQ_SYNTHETIC_LATENCY_MS] (%(default)s)")
-    m.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="backend-specific option, repeatable")
+    m.add_argument(
+        "--backend",
+        default=env("BACKEND", "hf"),
+        choices=["hf", "vllm", "synthetic"],
+        help="hf (transformers), vllm, or synthetic (no model, fixed latency) [VLMQ_BACKEND] (%(default)s)",
+    )
+    m.add_argument(
+        "--model",
+        default=env("MODEL", ""),
+        help="local Hugging Face folder of a Qwen2-VL / Qwen3-VL checkpoint [VLMQ_MODEL]",
+    )
+    m.add_argument(
+        "--model-name",
+        default=env("MODEL_NAME", ""),
+        help="also serve the streams of requests that name this model [VLMQ_MODEL_NAME]",
+    )
+    m.add_argument(
+        "--device", default=env("DEVICE", "cpu"), help="cpu, cuda, cuda:N [VLMQ_DEVICE] (%(default)s)"
+    )
+    m.add_argument(
+        "--dtype",
+        default=env("DTYPE", "auto"),
+        help="auto, float32, bfloat16, float16 [VLMQ_DTYPE] (%(default)s)",
+    )
+    m.add_argument(
+        "--quantize",
+        default=env("QUANTIZE", "") or None,
+        choices=[None, "nf4"],
+        help="nf4 through bitsandbytes, CUDA only [VLMQ_QUANTIZE]",
+    )
+    m.add_argument(
+        "--synthetic-latency-ms",
+        type=float,
+        default=env("SYNTHETIC_LATENCY_MS", 0.0),
+        help="batch latency of the synthetic backend [VLMQ_SYNTHETIC_LATENCY_MS] (%(default)s)",
+    )
+    m.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="backend-specific option, repeatable",
+    )
 
 
 def settings_from_args(args: argparse.Namespace):

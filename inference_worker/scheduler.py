@@ -84,7 +84,9 @@ class Scheduler:
             return now
         return min(i.arrived for i in q) + self.max_wait
 
-    def take(self, now: Optional[float] = None, wall: Optional[float] = None) -> Tuple[Optional[Batch], float]:
+    def take(
+        self, now: Optional[float] = None, wall: Optional[float] = None
+    ) -> Tuple[Optional[Batch], float]:
         """A batch if one is ready, else None and the time (monotonic) one will be."""
         now = time.monotonic() if now is None else now
         wall = time.time() if wall is None else wall

@@ -92,7 +92,9 @@ class Worker:
             asyncio.create_task(self._keep_alive(), name="keep-alive"),
             asyncio.create_task(self._heartbeat(), name="heartbeat"),
         ]
-        log.info("worker %s serving %s on %d streams", self.name, ",".join(self.handlers), len(self.reader.streams))
+        log.info(
+            "worker %s serving %s on %d streams", self.name, ",".join(self.handlers), len(self.reader.streams)
+        )
         try:
             await self._serve()
             await side[0]  # the intake finishes its last read and admits it
@@ -172,7 +174,9 @@ class Worker:
             self.events.on_admitted(req.kind, item)
             old = self.scheduler.add(item)
             if old is not None:
-                exc = ProtocolError(ErrorCode.SUPERSEDED, f"superseded by a newer request of session {req.session_id}")
+                exc = ProtocolError(
+                    ErrorCode.SUPERSEDED, f"superseded by a newer request of session {req.session_id}"
+                )
                 rejected.append(self._error(old.delivery, old.request, exc, dead=False))
         if rejected:
             await self._commit(rejected)
@@ -183,7 +187,9 @@ class Worker:
             raise ProtocolError(ErrorCode.MALFORMED, "stream entry has no 'body' field")
         req = decode_request(body, self.settings.limits)
         if req.kind != d.kind:
-            raise ProtocolError(ErrorCode.UNKNOWN_KIND, f"a {req.kind!r} request was sent to the {d.kind!r} stream")
+            raise ProtocolError(
+                ErrorCode.UNKNOWN_KIND, f"a {req.kind!r} request was sent to the {d.kind!r} stream"
+            )
         if req.session_id != d.field("sid") or req.request_id != d.field("rid"):
             raise ProtocolError(ErrorCode.INVALID, "the entry's sid/rid fields do not match the body")
         return req
@@ -227,7 +233,9 @@ class Worker:
             timings = dict(output.timings)
             timings["queue_ms"] = (started - item.delivery.received_at) * 1000.0
             if isinstance(result, ProtocolError):
-                outcomes.append(self._error(item.delivery, item.request, result, dead=True, batch=batch, timings=timings))
+                outcomes.append(
+                    self._error(item.delivery, item.request, result, dead=True, batch=batch, timings=timings)
+                )
             else:
                 outcomes.append(self._ok(item, result, len(batch.items), timings))
         task = asyncio.create_task(self._commit(outcomes, batch.items))
@@ -253,7 +261,9 @@ class Worker:
         return packb(reply.to_wire())
 
     def _ok(self, item: Item, result, batch_size: int, timings: Dict[str, float]) -> Outcome:
-        body = self._reply(item.delivery, item.request, True, result=result, batch_size=batch_size, timings=timings)
+        body = self._reply(
+            item.delivery, item.request, True, result=result, batch_size=batch_size, timings=timings
+        )
         return Outcome(item.delivery, body)
 
     def _error(
@@ -274,7 +284,9 @@ class Worker:
 
     def _expired(self, item: Item) -> Outcome:
         late = time.time() - (item.request.deadline or 0.0)
-        exc = ProtocolError(ErrorCode.EXPIRED, f"deadline passed {late * 1000:.0f} ms before the model could run it")
+        exc = ProtocolError(
+            ErrorCode.EXPIRED, f"deadline passed {late * 1000:.0f} ms before the model could run it"
+        )
         return self._error(item.delivery, item.request, exc, dead=True)
 
     async def _commit(self, outcomes: List[Outcome], items: Sequence[Item] = ()) -> None:
@@ -305,7 +317,9 @@ class Worker:
         period = self.settings.broker.claim_min_idle_ms / 3000.0
         while not self.stopping:
             await asyncio.sleep(period)
-            held = [i.delivery for i in self._in_flight_items.values()] + [i.delivery for i in self.scheduler.items()]
+            held = [i.delivery for i in self._in_flight_items.values()] + [
+                i.delivery for i in self.scheduler.items()
+            ]
             try:
                 await self.reader.keep_alive(held)
             except Exception as exc:

@@ -34,7 +34,13 @@ def snapshot(r, settings: BrokerSettings, dead_letters: int = 0) -> Dict[str, An
             kind, model, partition = keys.parse_request_stream(key)
         except ValueError:
             continue
-        row: Dict[str, Any] = {"stream": key, "kind": kind, "model": model, "partition": partition, "length": r.xlen(key)}
+        row: Dict[str, Any] = {
+            "stream": key,
+            "kind": kind,
+            "model": model,
+            "partition": partition,
+            "length": r.xlen(key),
+        }
         row["pending"] = row["lag"] = 0
         row["consumers"] = []
         for g in r.xinfo_groups(key):
@@ -45,7 +51,9 @@ def snapshot(r, settings: BrokerSettings, dead_letters: int = 0) -> Dict[str, An
             row["lag"] = g.get("lag")
             for c in r.xinfo_consumers(key, settings.group):
                 c = {_s(k): _s(v) for k, v in c.items()}
-                row["consumers"].append({"name": c["name"], "pending": int(c["pending"]), "idle_ms": int(c["idle"])})
+                row["consumers"].append(
+                    {"name": c["name"], "pending": int(c["pending"]), "idle_ms": int(c["idle"])}
+                )
         streams.append(row)
     dlq = []
     for key in _scan(r, f"{settings.prefix}:dlq:*"):
@@ -71,9 +79,7 @@ def render(snap: Dict[str, Any]) -> str:
     if not snap["streams"]:
         lines.append("  (none)")
     for s in snap["streams"]:
-        lines.append(
-            f"  {s['stream']:<44} length={s['length']:<6} pending={s['pending']:<5} lag={s['lag']}"
-        )
+        lines.append(f"  {s['stream']:<44} length={s['length']:<6} pending={s['pending']:<5} lag={s['lag']}")
         for c in s["consumers"]:
             lines.append(f"      consumer {c['name']:<30} pending={c['pending']:<5} idle={c['idle_ms']} ms")
     lines.append("workers:")
@@ -91,7 +97,9 @@ def render(snap: Dict[str, Any]) -> str:
     for d in snap["dead_letters"]:
         lines.append(f"  {d['stream']:<44} length={d['length']}")
         for e in d["recent"]:
-            lines.append(f"      {e['id']} rid={e.get('rid')} sid={e.get('sid')} code={e.get('code')}: {e.get('reason')}")
+            lines.append(
+                f"      {e['id']} rid={e.get('rid')} sid={e.get('sid')} code={e.get('code')}: {e.get('reason')}"
+            )
     lines.append(f"reply streams: {snap['reply_streams']}")
     return "\n".join(lines)
 
@@ -111,6 +119,12 @@ def register(sub) -> None:
         description="A one-shot view of what is queued, what is in flight and with whom, and what failed.",
     )
     add_broker_args(p)
-    p.add_argument("--dead-letters", type=int, default=5, metavar="N", help="show the N newest dead letters per stream (%(default)s)")
+    p.add_argument(
+        "--dead-letters",
+        type=int,
+        default=5,
+        metavar="N",
+        help="show the N newest dead letters per stream (%(default)s)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=run)

@@ -60,7 +60,9 @@ def _make_ext_hook(limits: Limits):
         except Exception as exc:
             raise CodecError(f"ndarray extension header is not [dtype, shape]: {exc}") from None
         if not isinstance(dtype_str, str) or dtype_str not in ALLOWED_DTYPES:
-            raise CodecError(f"ndarray dtype {dtype_str!r} is not allowed; use one of {sorted(ALLOWED_DTYPES)}")
+            raise CodecError(
+                f"ndarray dtype {dtype_str!r} is not allowed; use one of {sorted(ALLOWED_DTYPES)}"
+            )
         if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
             raise CodecError(f"ndarray shape must be a list of non-negative ints, got {shape!r}")
         if len(shape) > 8:

@@ -26,7 +26,9 @@ def image_format(data: bytes) -> str:
         return "jpeg"
     if data.startswith(PNG_MAGIC):
         return "png"
-    raise ProtocolError(ErrorCode.INVALID, "image bytes are neither JPEG nor PNG (send raw uint8 HxWx3 or JPEG/PNG)")
+    raise ProtocolError(
+        ErrorCode.INVALID, "image bytes are neither JPEG nor PNG (send raw uint8 HxWx3 or JPEG/PNG)"
+    )
 
 
 def check_image(value: object, field: str, limits: Limits = DEFAULT_LIMITS) -> ImageData:
@@ -54,11 +56,13 @@ def check_image(value: object, field: str, limits: Limits = DEFAULT_LIMITS) -> I
             )
         if value.nbytes > limits.max_frame_bytes:
             raise ProtocolError(
-                ErrorCode.TOO_LARGE, f"{field}: frame is {value.nbytes} bytes; the limit is {limits.max_frame_bytes}"
+                ErrorCode.TOO_LARGE,
+                f"{field}: frame is {value.nbytes} bytes; the limit is {limits.max_frame_bytes}",
             )
         return value
     raise ProtocolError(
-        ErrorCode.INVALID, f"{field}: expected a uint8 ndarray (H, W, 3) or JPEG/PNG bytes, got {type(value).__name__}"
+        ErrorCode.INVALID,
+        f"{field}: expected a uint8 ndarray (H, W, 3) or JPEG/PNG bytes, got {type(value).__name__}",
     )
 
 

@@ -159,7 +159,9 @@ class SamplingMixin(_Model):
 def _image_field(v: Any, info: ValidationInfo) -> Any:
     if v is None:
         return v
-    return check_image(_from_data_url(v) if isinstance(v, str) else v, info.field_name or "image", _limits(info))
+    return check_image(
+        _from_data_url(v) if isinstance(v, str) else v, info.field_name or "image", _limits(info)
+    )
 
 
 class ActionChunkRequest(Request):
@@ -341,7 +343,9 @@ def request_model(kind: str) -> Type[Request]:
     try:
         return REQUEST_MODELS[kind]
     except KeyError:
-        raise ProtocolError(ErrorCode.UNKNOWN_KIND, f"unknown kind {kind!r}; known kinds: {', '.join(KINDS)}") from None
+        raise ProtocolError(
+            ErrorCode.UNKNOWN_KIND, f"unknown kind {kind!r}; known kinds: {', '.join(KINDS)}"
+        ) from None
 
 
 def result_model(kind: str) -> Type[_Model]:

@@ -23,7 +23,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 class WorkerThread:
     """A real Worker on its own event loop in a background thread."""
 
-    def __init__(self, settings: WorkerSettings, handlers: Optional[Dict[str, Handler]] = None, observers=()) -> None:
+    def __init__(
+        self, settings: WorkerSettings, handlers: Optional[Dict[str, Handler]] = None, observers=()
+    ) -> None:
         self.settings = settings
         self.worker = Worker(settings, handlers or build_handlers(settings), observers=observers)
         self.loop = asyncio.new_event_loop()

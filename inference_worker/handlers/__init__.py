@@ -15,6 +15,7 @@ def build_handlers(settings: WorkerSettings) -> Dict[str, Handler]:
         from inference_worker.handlers.synthetic import SyntheticHandler
 
         return {
-            k: SyntheticHandler(k, settings.synthetic_latency_ms, settings.synthetic_chunk) for k in settings.kinds
+            k: SyntheticHandler(k, settings.synthetic_latency_ms, settings.synthetic_chunk)
+            for k in settings.kinds
         }
     raise ValueError(f"backend {settings.backend!r} is not available yet; use --backend synthetic")

@@ -23,7 +23,23 @@ from schemas.messages import (
 )
 
 DEFAULT_MINERL_ACTION = {
-    **{k: 0 for k in ("forward", "back", "left", "right", "jump", "sneak", "sprint", "attack", "use", "drop", "inventory", "ESC")},
+    **{
+        k: 0
+        for k in (
+            "forward",
+            "back",
+            "left",
+            "right",
+            "jump",
+            "sneak",
+            "sprint",
+            "attack",
+            "use",
+            "drop",
+            "inventory",
+            "ESC",
+        )
+    },
     **{f"hotbar.{i}": 0 for i in range(1, 10)},
     "camera": [0.0, 0.0],
 }
@@ -41,10 +57,14 @@ class SyntheticHandler(Handler):
         if self.kind == "text_action":
             choices = getattr(req, "admissible_commands", None)
             if choices:
-                return TextActionResult(text=choices[0], choice=choices[0], choice_index=0, scores=[0.0] * len(choices))
+                return TextActionResult(
+                    text=choices[0], choice=choices[0], choice_index=0, scores=[0.0] * len(choices)
+                )
             return TextActionResult(text=req.messages[-1].text())
         if self.kind == "structured_action":
-            return StructuredActionResult(action=dict(DEFAULT_MINERL_ACTION), reasoning="synthetic", parse_ok=True)
+            return StructuredActionResult(
+                action=dict(DEFAULT_MINERL_ACTION), reasoning="synthetic", parse_ok=True
+            )
         return PreferenceResult(label=-1, texts=["synthetic"], mode=req.mode)
 
     def run(self, requests: Sequence[Request]) -> HandlerOutput:

@@ -42,7 +42,9 @@ class Record:
     command: str = ""
 
 
-def record(metric: str, value: float, unit: str, baseline: Optional[float] = None, machine: str = "") -> Record:
+def record(
+    metric: str, value: float, unit: str, baseline: Optional[float] = None, machine: str = ""
+) -> Record:
     ratio = None
     if baseline not in (None, 0):
         ratio = round(value / baseline, 4)
