@@ -28,9 +28,10 @@ def _kwargs(settings: BrokerSettings, asyncio: bool) -> Dict[str, Any]:
         "retry": retry_cls(ExponentialWithJitterBackoff(base=0.01, cap=2.0), _RETRIES),
         "retry_on_error": [ConnectionError, TimeoutError, BusyLoadingError, ConnectionResetError],
         "health_check_interval": 30,
-        "socket_keepalive": True,
         "protocol": 2,
     }
+    if not settings.url.startswith("unix://"):
+        kw["socket_keepalive"] = True
     if settings.url.startswith("rediss://"):
         if settings.tls_ca:
             kw["ssl_ca_certs"] = settings.tls_ca

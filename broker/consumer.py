@@ -13,9 +13,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional
 
-from redis.exceptions import ResponseError
+from redis.exceptions import ConnectionError, ResponseError, TimeoutError
 
 from broker.keys import Keys
+from broker.partitioned_reads import PartitionedReads
 from broker.settings import BrokerSettings
 
 
@@ -58,6 +59,12 @@ class GroupReader:
         self.streams = list(streams)
         self.consumer = consumer
         self._meta = {s: self.keys.parse_request_stream(s) for s in self.streams}
+        self._partitioned: Optional[PartitionedReads] = None
+        if settings.cluster:  # one command may not span slots: read each partition on its own
+            by_partition: Dict[int, List[str]] = {}
+            for s in self.streams:
+                by_partition.setdefault(self._meta[s][2], []).append(s)
+            self._partitioned = PartitionedReads(self._read, by_partition)
 
     async def ensure_groups(self) -> None:
         for stream in self.streams:
@@ -73,11 +80,21 @@ class GroupReader:
         return Delivery(stream, _s(entry_id), kind, model, partition, fields or {}, deliveries)
 
     async def read(self, count: int, block_ms: int) -> List[Delivery]:
+        """New messages for this consumer, waiting up to block_ms for the first."""
+        if self._partitioned is not None:
+            return await self._partitioned.read(count, block_ms)
+        return await self._read(self.streams, count, block_ms)
+
+    async def settle(self) -> List[Delivery]:
+        """Messages of reads still in flight (Redis Cluster only); call once after the last read."""
+        return await self._partitioned.settle() if self._partitioned is not None else []
+
+    async def _read(self, streams: List[str], count: int, block_ms: int) -> List[Delivery]:
         try:
             resp = await self.redis.xreadgroup(
                 self.settings.group,
                 self.consumer,
-                {s: ">" for s in self.streams},
+                {s: ">" for s in streams},
                 count=count,
                 block=block_ms,
             )
@@ -122,6 +139,10 @@ class GroupReader:
                         await self.ensure_groups()
                         break
                     raise
+                except (ConnectionError, TimeoutError):
+                    if not self.settings.cluster:
+                        raise
+                    break  # this partition's node is down: reclaim the others' meanwhile
                 cursor = _s(resp[0])
                 for entry_id, fields in resp[1]:
                     if fields is not None:

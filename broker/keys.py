@@ -44,6 +44,10 @@ class Keys:
     def dead_letters(self, kind: str, partition: int) -> str:
         return f"{self.prefix}:dlq:{kind}:{self.tag(partition)}"
 
+    def meta(self) -> str:
+        """Facts every client and worker of this prefix must agree on (the partition count)."""
+        return f"{self.prefix}:meta"
+
     def worker(self, name: str) -> str:
         return f"{self.prefix}:worker:{name}"
 

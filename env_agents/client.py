@@ -22,6 +22,7 @@ from redis.exceptions import ConnectionError, TimeoutError
 
 from broker.connection import connect_async
 from broker.keys import Keys
+from broker.meta import agree_partitions
 from broker.publisher import Publisher
 from broker.settings import BrokerSettings
 from schemas.errors import ErrorCode, ProtocolError
@@ -73,6 +74,8 @@ class AsyncAgentClient:
 
     async def start(self) -> AsyncAgentClient:
         if self._reader is None:
+            self._slots = asyncio.Semaphore(self.settings.reply_maxlen)
+            await agree_partitions(self.redis, self.settings, "client")
             # Start after the newest reply already there: what came before belongs to an
             # earlier life of this session and must not be mistaken for ours.
             last = await self.redis.xrevrange(self.reply_stream, count=1)
@@ -89,12 +92,17 @@ class AsyncAgentClient:
             req.session_id = self.session_id
         elif req.session_id != self.session_id:
             raise ValueError(f"request is for session {req.session_id!r}, this client is {self.session_id!r}")
+        # More requests in flight than the reply stream keeps (VLMQ_REPLY_MAXLEN) could see
+        # replies trimmed before they are read: wait for a slot instead.
+        await self._slots.acquire()
         fut = asyncio.get_running_loop().create_future()
+        fut.add_done_callback(lambda _: self._slots.release())
         self._pending[req.request_id] = fut  # before XADD: the reply may beat us back
         try:
             await self.publisher.publish(req, wait_timeout)
         except BaseException:
             self._pending.pop(req.request_id, None)
+            fut.cancel()
             raise
         return fut
 
@@ -103,7 +111,7 @@ class AsyncAgentClient:
         raise_on_error=False) and asyncio.TimeoutError after `timeout` seconds."""
         fut = await self.submit(req)
         try:
-            reply = await asyncio.wait_for(fut, timeout)
+            reply = await asyncio.wait_for(fut, timeout)  # cancels fut on timeout
         except asyncio.TimeoutError:
             self._pending.pop(req.request_id, None)
             raise

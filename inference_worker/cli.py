@@ -54,6 +54,18 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
         default=env("CLAIM_MIN_IDLE_MS", 15000),
         help="idle time after which a dead consumer's message is reclaimed [VLMQ_CLAIM_MIN_IDLE_MS] (%(default)s)",
     )
+    o = p.add_argument_group("metrics")
+    o.add_argument(
+        "--metrics-port",
+        type=int,
+        default=env("METRICS_PORT", 0),
+        help="serve Prometheus /metrics on this port, 0 = off; needs the ops extra [VLMQ_METRICS_PORT] (%(default)s)",
+    )
+    o.add_argument(
+        "--metrics-addr",
+        default=env("METRICS_ADDR", "0.0.0.0"),
+        help="address the /metrics server binds [VLMQ_METRICS_ADDR] (%(default)s)",
+    )
     m = p.add_argument_group("model")
     m.add_argument(
         "--backend",
@@ -92,6 +104,12 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
         help="batch latency of the synthetic backend [VLMQ_SYNTHETIC_LATENCY_MS] (%(default)s)",
     )
     m.add_argument(
+        "--synthetic-chunk",
+        default=env("SYNTHETIC_CHUNK", "50x7"),
+        metavar="ROWSxDIM",
+        help="action_chunk shape of the synthetic backend [VLMQ_SYNTHETIC_CHUNK] (%(default)s)",
+    )
+    m.add_argument(
         "--option",
         action="append",
         default=[],
@@ -126,7 +144,10 @@ def settings_from_args(args: argparse.Namespace):
         dtype=args.dtype,
         quantize=args.quantize,
         synthetic_latency_ms=args.synthetic_latency_ms,
+        synthetic_chunk=tuple(int(x) for x in args.synthetic_chunk.lower().split("x")),
         options=options,
+        metrics_port=args.metrics_port,
+        metrics_addr=args.metrics_addr,
     )
 
 
@@ -145,6 +166,11 @@ async def serve(settings, observers=()) -> None:
     from inference_worker.worker import Worker
 
     handlers = build_handlers(settings)
+    observers = list(observers)
+    if settings.metrics_port:
+        from ops.metrics import WorkerMetrics  # optional: the ops extra (prometheus-client)
+
+        observers.append(WorkerMetrics(settings).serve(settings.metrics_port, settings.metrics_addr))
     worker = Worker(settings, handlers, observers=observers)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -153,7 +179,12 @@ async def serve(settings, observers=()) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    run_async(serve(settings_from_args(args)))
+    from broker.meta import PartitionMismatch
+
+    try:
+        run_async(serve(settings_from_args(args)))
+    except PartitionMismatch as exc:
+        raise SystemExit(f"vlmq worker: {exc}") from None
     return 0
 
 

@@ -127,9 +127,11 @@ class Scheduler:
                 batch, _ = self.take(now=math.inf)
                 if batch is not None:
                     return batch
-            timeout = None if math.isinf(ready_at) else max(0.0, ready_at - time.monotonic())
+            if math.isinf(ready_at):
+                await self._changed.wait()
+                continue
             try:
-                await asyncio.wait_for(self._changed.wait(), timeout)
+                await asyncio.wait_for(self._changed.wait(), max(0.0, ready_at - time.monotonic()))
             except asyncio.TimeoutError:
                 pass
 

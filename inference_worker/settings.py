@@ -29,6 +29,8 @@ class WorkerSettings:
     prefetch: int = 0  # requests read ahead of the model; 0 = 2 x max_batch
     block_ms: int = 500  # XREADGROUP block; bounds how long shutdown waits for the reader
     heartbeat_s: float = 2.0
+    metrics_port: int = 0  # Prometheus /metrics on this port; 0 = off (ops/metrics)
+    metrics_addr: str = "0.0.0.0"
     reclaim_interval_s: float = 2.0
     # backend and model
     backend: str = "hf"  # hf | vllm | synthetic

@@ -20,6 +20,7 @@ from typing import Dict, List, Optional, Sequence, Set
 from broker.connection import connect_async
 from broker.consumer import Delivery, GroupReader
 from broker.keys import Keys
+from broker.meta import agree_partitions
 from broker.replies import Outcome, ReplyWriter
 from inference_worker.events import Observers, WorkerObserver
 from inference_worker.handlers.base import Handler, HandlerOutput
@@ -53,7 +54,14 @@ class Worker:
         self._room = asyncio.Event()
         self._commits: Set[asyncio.Task] = set()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlmq-model")
-        self.stats = {"batches": 0, "requests": 0, "errors": 0, "dead_letters": 0, "reclaimed": 0}
+        self.stats = {
+            "batches": 0,
+            "requests": 0,
+            "errors": 0,
+            "dead_letters": 0,
+            "reclaimed": 0,
+            "fenced": 0,  # results dropped: another consumer had taken their messages over
+        }
         self.started_at = time.time()
 
     # ------------------------------------------------------------------ lifecycle
@@ -80,6 +88,7 @@ class Worker:
         own_redis = self.redis is None
         if own_redis:
             self.redis = connect_async(self.settings.broker)
+        await agree_partitions(self.redis, self.settings.broker, "worker", self.name)
         self.reader = GroupReader(self.redis, self.settings.broker, self.streams(), self.name)
         self.writer = ReplyWriter(self.redis, self.settings.broker, self.name)
         await self.reader.ensure_groups()
@@ -137,6 +146,9 @@ class Worker:
                 continue
             if deliveries:
                 await self._admit(deliveries)
+        leftover = await self.reader.settle()  # reads still in flight on a Redis Cluster
+        if leftover:
+            await self._admit(leftover)
 
     async def _reclaimer(self) -> None:
         while not self.stopping:
@@ -157,18 +169,25 @@ class Worker:
     async def _admit(self, deliveries: List[Delivery]) -> None:
         rejected: List[Outcome] = []
         for d in deliveries:
-            try:
-                req = self._decode(d)
-            except ProtocolError as exc:
-                rejected.append(self._error(d, None, exc, dead=True))
-                continue
+            # Before decoding: a message that kills the worker while it is decoded must
+            # still stop being retried.
             if d.deliveries > self.settings.broker.max_deliveries:
                 exc = ProtocolError(
                     ErrorCode.DEAD_LETTER,
                     f"delivered {d.deliveries} times without completing (max_deliveries="
                     f"{self.settings.broker.max_deliveries}); moved to dead letters",
                 )
-                rejected.append(self._error(d, req, exc, dead=True))
+                rejected.append(self._error(d, None, exc, dead=True))
+                continue
+            try:
+                req = self._decode(d)
+            except ProtocolError as exc:
+                rejected.append(self._error(d, None, exc, dead=True))
+                continue
+            except Exception as exc:  # a validation bug must not kill the intake
+                log.exception("decoding %s %s failed", d.stream, d.entry_id)
+                exc = ProtocolError(ErrorCode.MALFORMED, f"could not decode: {type(exc).__name__}: {exc}")
+                rejected.append(self._error(d, None, exc, dead=True))
                 continue
             item = Item(d, req)
             self.events.on_admitted(req.kind, item)
@@ -291,14 +310,20 @@ class Worker:
 
     async def _commit(self, outcomes: List[Outcome], items: Sequence[Item] = ()) -> None:
         delay = 0.05
+        t0 = time.perf_counter()
         while True:
             try:
-                await self.writer.commit(outcomes)
+                fenced = await self.writer.commit(outcomes)
                 break
-            except Exception as exc:  # keep the results: retrying is safe (at-least-once)
+            except Exception as exc:  # keep the results: a retry writes each outcome once
                 log.warning("writing %d replies failed (%s); retrying", len(outcomes), exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+        if fenced:
+            self.stats["fenced"] += fenced
+            log.warning("%d result(s) dropped: their messages were taken over by another worker", fenced)
+            outcomes = [o for o in outcomes if not o.fenced]
+        self.events.on_committed(outcomes, time.perf_counter() - t0)
         for o in outcomes:
             self.events.on_reply(o.delivery.kind, o.code)
             if o.code is not None:
@@ -335,6 +360,8 @@ class Worker:
                 "pid": os.getpid(),
                 "kinds": ",".join(self.handlers),
                 "backend": self.settings.backend,
+                "device": self.settings.device,
+                "metrics_port": self.settings.metrics_port,  # `vlmq top` scrapes host:metrics_port
                 "started_at": f"{self.started_at:.3f}",
                 "seen_at": f"{time.time():.3f}",
                 "queued": len(self.scheduler),

@@ -11,9 +11,17 @@ from typing import List, Optional
 
 COMMANDS = [
     "inference_worker.cli",  # worker
+    "inference_worker.models.cli",  # make-model
     "ops.demo",  # demo
     "ops.inspect",  # inspect
+    "ops.top",  # top
+    "ops.tail",  # tail
+    "ops.record",  # record
+    "ops.replay",  # replay
     "ops.bench",  # bench
+    "inference_worker.vla.cli",  # vla
+    "env_agents.cli",  # agents
+    "env_agents.traces.cli",  # traces
 ]
 
 

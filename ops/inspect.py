@@ -9,6 +9,7 @@ from typing import Any, Dict, List
 
 from broker.connection import connect_sync
 from broker.keys import Keys
+from broker.meta import read_meta
 from broker.settings import BrokerSettings, add_broker_args, broker_settings_from_args
 
 
@@ -41,6 +42,8 @@ def snapshot(r, settings: BrokerSettings, dead_letters: int = 0) -> Dict[str, An
             "partition": partition,
             "length": r.xlen(key),
         }
+        if hasattr(r, "get_node_from_key"):  # cluster: where this partition lives
+            row["node"] = r.get_node_from_key(key).name
         row["pending"] = row["lag"] = 0
         row["consumers"] = []
         for g in r.xinfo_groups(key):
@@ -71,15 +74,25 @@ def snapshot(r, settings: BrokerSettings, dead_letters: int = 0) -> Dict[str, An
             info["age_s"] = round(now - float(info.get("seen_at", now)), 1)
             workers.append(info)
     replies = len(_scan(r, f"{settings.prefix}:reply:*"))
-    return {"streams": streams, "dead_letters": dlq, "workers": workers, "reply_streams": replies}
+    return {
+        "meta": read_meta(r, settings),
+        "streams": streams,
+        "dead_letters": dlq,
+        "workers": workers,
+        "reply_streams": replies,
+    }
 
 
 def render(snap: Dict[str, Any]) -> str:
-    lines = ["request streams:"]
+    meta = snap.get("meta") or {}
+    lines = [f"partitions: {meta.get('partitions', '(not recorded yet)')}", "request streams:"]
     if not snap["streams"]:
         lines.append("  (none)")
     for s in snap["streams"]:
-        lines.append(f"  {s['stream']:<44} length={s['length']:<6} pending={s['pending']:<5} lag={s['lag']}")
+        node = f" node={s['node']}" if "node" in s else ""
+        lines.append(
+            f"  {s['stream']:<44} length={s['length']:<6} pending={s['pending']:<5} lag={s['lag']}{node}"
+        )
         for c in s["consumers"]:
             lines.append(f"      consumer {c['name']:<30} pending={c['pending']:<5} idle={c['idle_ms']} ms")
     lines.append("workers:")

@@ -8,6 +8,7 @@ read-only; copy them before writing in place.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 import msgpack
@@ -35,7 +36,7 @@ class CodecError(ProtocolError):
 
 def _default(obj: Any) -> Any:
     if isinstance(obj, np.ndarray):
-        arr = np.ascontiguousarray(obj)
+        arr = np.asarray(obj, order="C")  # (ascontiguousarray would turn 0-d into 1-d)
         if arr.dtype.byteorder == ">":
             arr = arr.astype(arr.dtype.newbyteorder("<"))
         if arr.dtype.str not in ALLOWED_DTYPES:
@@ -63,13 +64,14 @@ def _make_ext_hook(limits: Limits):
             raise CodecError(
                 f"ndarray dtype {dtype_str!r} is not allowed; use one of {sorted(ALLOWED_DTYPES)}"
             )
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        # type() is int: a bool is not a dimension
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
             raise CodecError(f"ndarray shape must be a list of non-negative ints, got {shape!r}")
         if len(shape) > 8:
             raise CodecError(f"ndarray has {len(shape)} dimensions; at most 8 are allowed")
         dtype = np.dtype(dtype_str)
         offset = unpacker.tell()
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        count = math.prod(shape)  # Python ints: a hostile shape cannot wrap around int64
         if count * dtype.itemsize > limits.max_frame_bytes:
             raise CodecError(
                 f"ndarray of shape {shape} is {count * dtype.itemsize} bytes; the limit is "
@@ -81,7 +83,7 @@ def _make_ext_hook(limits: Limits):
                 f"ndarray of shape {shape} and dtype {dtype_str} needs {count * dtype.itemsize} bytes, "
                 f"got {len(data) - offset}"
             )
-        return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
+        return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(tuple(shape))
 
     return ext_hook
 
@@ -111,6 +113,7 @@ def unpackb(data: bytes, limits: Optional[Limits] = None) -> Any:
             raw=False,
             ext_hook=hook,
             strict_map_key=True,
+            max_str_len=limits.max_text_bytes,
         )
     except CodecError:
         raise
@@ -119,6 +122,11 @@ def unpackb(data: bytes, limits: Optional[Limits] = None) -> Any:
     except msgpack.ExtraData:
         raise CodecError("extra bytes after the msgpack value") from None
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        if "exceeds max_str_len" in str(exc):
+            raise CodecError(
+                f"a string is longer than {limits.max_text_bytes} bytes (VLMQ_MAX_TEXT_BYTES)",
+                ErrorCode.TOO_LARGE,
+            ) from None
         raise CodecError(f"not valid msgpack: {exc}") from None
     except RecursionError:
         raise CodecError("msgpack value nested too deeply") from None

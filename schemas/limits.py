@@ -15,7 +15,7 @@ class Limits:
     max_message_bytes: int = 16 * 1024 * 1024  # whole msgpack body
     max_frame_bytes: int = 8 * 1024 * 1024  # one image or array, raw or encoded
     max_image_side: int = 4096  # pixels, either side, raw or decoded
-    max_text_chars: int = 256 * 1024  # any one string
+    max_text_bytes: int = 256 * 1024  # any one string, UTF-8 encoded
     max_messages: int = 256  # chat messages in one request
     max_choices: int = 1024  # admissible_commands
     max_new_tokens: int = 4096

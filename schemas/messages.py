@@ -377,7 +377,7 @@ def decode_request(body: bytes, limits: Limits = DEFAULT_LIMITS) -> Request:
     if not isinstance(data, dict):
         raise ProtocolError(ErrorCode.INVALID, f"body must be a msgpack map, got {type(data).__name__}")
     version = data.get("v")
-    if version not in SUPPORTED_VERSIONS:
+    if type(version) is not int or version not in SUPPORTED_VERSIONS:  # a list is unhashable
         raise ProtocolError(
             ErrorCode.UNSUPPORTED_VERSION,
             f"protocol version {version!r} is not supported; this worker speaks {sorted(SUPPORTED_VERSIONS)}",

@@ -41,3 +41,21 @@ def fresh_redis():
 def settings(redis_server) -> BrokerSettings:
     """Broker settings on the session server with a prefix unique to this test."""
     return BrokerSettings(url=redis_server.url, prefix=f"t{uuid.uuid4().hex[:10]}", claim_min_idle_ms=1000)
+
+
+def _tiny_checkpoint(tmp_path_factory, arch: str) -> str:
+    from inference_worker.models import make_model
+
+    return make_model(arch, str(tmp_path_factory.mktemp(f"tiny-{arch}")), preset="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_vl(tmp_path_factory) -> str:
+    """Path of a tiny random-weight Qwen2-VL checkpoint (real architecture), built once."""
+    return _tiny_checkpoint(tmp_path_factory, "qwen2-vl")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_vl(tmp_path_factory) -> str:
+    """Path of a tiny random-weight Qwen3-VL checkpoint (real architecture), built once."""
+    return _tiny_checkpoint(tmp_path_factory, "qwen3-vl")

@@ -6,6 +6,7 @@ import importlib
 
 BENCHMARKS = {
     "transport": "ops.bench.transport",
+    "agents": "ops.bench.agents",
 }
 
 

@@ -1,0 +1,99 @@
+"""Per-episode metrics of one agent session, and their summary over many."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Sequence
+
+import numpy as np
+
+
+@dataclass
+class EpisodeStats:
+    session: str
+    episode: int
+    seed: int
+    env_id: str = ""
+    kind: str = ""
+    mode: str = "async"
+    steps: int = 0  # env steps taken
+    ticks: int = 0  # control ticks (fixed rate), steps or not
+    startup_ticks: int = 0  # ticks before the episode's first action arrived
+    starved: int = 0  # ticks after that with an action due and the queue empty
+    overruns: int = 0  # ticks that started more than one period late (the process was too slow)
+    requests: int = 0
+    replies: int = 0
+    errors: int = 0  # error replies and timeouts
+    skipped: int = 0  # observations the similarity filter held back
+    dropped_rows: int = 0  # chunk rows that arrived after their timestep
+    merged_rows: int = 0
+    reward: float = 0.0
+    success: bool = False
+    terminated: bool = False
+    truncated: bool = False
+    wall_s: float = 0.0
+    latencies_ms: List[float] = field(default_factory=list)
+    error: str = ""
+
+    @property
+    def starvation_fraction(self) -> float:
+        due = self.ticks - self.startup_ticks
+        return self.starved / due if due > 0 else 0.0
+
+    def to_dict(self, include_latencies: bool = False) -> Dict[str, Any]:
+        d = asdict(self)
+        d["starvation_fraction"] = round(self.starvation_fraction, 5)
+        d.update(latency_percentiles(self.latencies_ms))
+        if not include_latencies:
+            del d["latencies_ms"]
+        return d
+
+
+def latency_percentiles(latencies_ms: Sequence[float]) -> Dict[str, float]:
+    if not latencies_ms:
+        return {"latency_p50_ms": 0.0, "latency_p90_ms": 0.0, "latency_p99_ms": 0.0}
+    p50, p90, p99 = np.percentile(np.asarray(latencies_ms, np.float64), [50, 90, 99])
+    return {
+        "latency_p50_ms": round(float(p50), 3),
+        "latency_p90_ms": round(float(p90), 3),
+        "latency_p99_ms": round(float(p99), 3),
+    }
+
+
+def summarize(episodes: Sequence[Dict[str, Any]], wall_s: float) -> Dict[str, Any]:
+    """Totals and means over episodes (EpisodeStats.to_dict(include_latencies=True));
+    rates use the run's wall time."""
+    n = len(episodes)
+
+    def total(key: str) -> int:
+        return sum(int(e[key]) for e in episodes)
+
+    steps, starved = total("steps"), total("starved")
+    due = total("ticks") - total("startup_ticks")
+    lat: List[float] = [x for e in episodes for x in e.get("latencies_ms", ())]
+    out: Dict[str, Any] = {
+        "episodes": n,
+        "sessions": len({e["session"] for e in episodes}),
+        "steps": steps,
+        "ticks": total("ticks"),
+        "requests": total("requests"),
+        "errors": total("errors"),
+        "skipped": total("skipped"),
+        "starved": starved,
+        "overruns": total("overruns"),
+        "starvation_fraction": round(starved / due, 5) if due > 0 else 0.0,
+        "success_rate": round(total("success") / n, 4) if n else 0.0,
+        "mean_return": round(float(np.mean([e["reward"] for e in episodes])), 4) if n else 0.0,
+        "mean_length": round(steps / n, 2) if n else 0.0,
+        "wall_s": round(wall_s, 3),
+        "env_steps_per_s": round(steps / wall_s, 3) if wall_s > 0 else 0.0,
+        # Per session, over its episodes' own wall time (env creation excluded): the
+        # control rate an agent actually achieved.
+        "session_steps_per_s": round(
+            float(np.mean([e["steps"] / e["wall_s"] for e in episodes if e["wall_s"] > 0])), 3
+        )
+        if n
+        else 0.0,
+    }
+    out.update(latency_percentiles(lat))
+    return out

@@ -1,0 +1,196 @@
+"""MiniWorld (3-D navigation), rendered headless, as a Gymnasium env and as an agent adapter.
+
+pyglet must be told to run headless before miniworld is imported (software Mesa through
+EGL, no X server); that is why every MiniWorld env in vlmq comes from `make_miniworld`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from env_agents.envs.base import EnvAdapter, Observation, StepResult
+from env_agents.envs.prompts import choice_messages, structured_messages
+from env_agents.recording.actions import ACTION_DIM, vector_to_action
+from schemas.messages import (
+    ActionChunkRequest,
+    PreferenceRequest,
+    Reply,
+    Request,
+    StructuredActionRequest,
+    TextActionRequest,
+)
+
+DEFAULT_ENV = "MiniWorld-OneRoom-v0"
+# MiniWorld's own action ids (miniworld.miniworld.MiniWorldEnv.Actions).
+TURN_LEFT, TURN_RIGHT, MOVE_FORWARD, MOVE_BACK, PICKUP, DROP, TOGGLE, DONE = range(8)
+ACTION_NAMES = ("turn left", "turn right", "move forward", "move back", "pick up", "drop", "toggle", "done")
+
+
+def _import_headless() -> None:
+    try:
+        import pyglet
+    except ImportError as exc:  # pragma: no cover - the envs extra brings it
+        raise RuntimeError("MiniWorld needs the envs extra: pip install 'vlmq[envs]'") from exc
+    pyglet.options["headless"] = True
+    try:
+        import miniworld  # noqa: F401  (registers the MiniWorld-* ids with Gymnasium)
+    except ImportError as exc:
+        raise RuntimeError("MiniWorld is not installed: pip install 'vlmq[envs]'") from exc
+    except Exception as exc:
+        raise RuntimeError(
+            f"MiniWorld could not start headless OpenGL ({exc}); install Mesa EGL: "
+            "apt-get install -y libgl1 libegl1 libgl1-mesa-dri libglu1-mesa"
+        ) from exc
+
+
+def make_miniworld(env_id: str = DEFAULT_ENV, size: int = 224, seed: int = 0, **kwargs: Any):
+    """A headless MiniWorld Gymnasium env whose observations are uint8 (size, size, 3).
+
+    The env is reset once with `seed`, so the episodes that follow (reset() without a
+    seed) are reproducible too. Extra kwargs go to the env constructor.
+    """
+    _import_headless()
+    import gymnasium as gym
+
+    if not env_id.startswith("MiniWorld-"):
+        raise ValueError(f"{env_id!r} is not a MiniWorld id (MiniWorld-*-v0)")
+    env = gym.make(env_id, obs_width=size, obs_height=size, **kwargs)
+    env.reset(seed=seed)
+    return env
+
+
+def goal_entity(env) -> Optional[Any]:
+    """The entity the task is about (the box of OneRoom, Hallway, TMaze, ...), if any."""
+    u = env.unwrapped
+    for name in ("box", "goal"):
+        ent = getattr(u, name, None)
+        if ent is not None and hasattr(ent, "pos"):
+            return ent
+    return None
+
+
+def goal_distance(env) -> Optional[float]:
+    ent = goal_entity(env)
+    if ent is None:
+        return None
+    a = np.asarray(env.unwrapped.agent.pos, np.float64)
+    return float(np.linalg.norm(a[[0, 2]] - np.asarray(ent.pos, np.float64)[[0, 2]]))
+
+
+def instruction_for(env) -> str:
+    ent = goal_entity(env)
+    if ent is None:
+        return "explore the environment"
+    color = getattr(ent, "color", "")
+    kind = type(ent).__name__.lower()
+    return f"go to the {color} {kind}".replace("  ", " ")
+
+
+def action_from_minerl(action: Dict[str, Any], n_actions: int, camera_deadzone: float = 2.0) -> int:
+    """A MineRL-style action dict -> one MiniWorld action.
+
+    Camera yaw beyond the dead zone (degrees) turns; otherwise forward/back walk;
+    attack/use pick up, drop drops. With nothing pressed the agent moves forward, as a
+    MineRL agent idling would leave MiniWorld stuck.
+    """
+    camera = action.get("camera") or [0.0, 0.0]
+    yaw = float(camera[1]) if len(camera) > 1 else 0.0
+    wanted = MOVE_FORWARD
+    if action.get("left") or yaw < -camera_deadzone:
+        wanted = TURN_LEFT
+    elif action.get("right") or yaw > camera_deadzone:
+        wanted = TURN_RIGHT
+    elif action.get("back"):
+        wanted = MOVE_BACK
+    elif action.get("forward"):
+        wanted = MOVE_FORWARD
+    elif action.get("attack") or action.get("use"):
+        wanted = PICKUP
+    elif action.get("drop"):
+        wanted = DROP
+    return wanted if wanted < n_actions else MOVE_FORWARD
+
+
+class MiniWorldAdapter(EnvAdapter):
+    """MiniWorld for every task kind: chunks, MineRL dicts, text choices and preferences."""
+
+    kinds = ("action_chunk", "structured_action", "text_action", "preference")
+
+    def __init__(self, env_id: str = DEFAULT_ENV, size: int = 224, seed: int = 0, **kwargs: Any) -> None:
+        self.env_id = env_id
+        self.env = make_miniworld(env_id, size=size, seed=seed, **kwargs)
+        self.n_actions = int(self.env.action_space.n)
+        self.action_names: List[str] = list(ACTION_NAMES[: self.n_actions])
+        self.seed = seed
+
+    def reset(self, seed: Optional[int] = None) -> Observation:
+        frame, info = self.env.reset(seed=seed)
+        self.instruction = instruction_for(self.env)
+        return Observation(frame=frame, text=self.instruction, info=dict(info), progress=self.progress())
+
+    def step(self, action: Any) -> StepResult:
+        frame, reward, terminated, truncated, info = self.env.step(int(action))
+        # MiniWorld ends an episode with a positive reward exactly when the goal is reached.
+        success = bool(terminated and reward > 0)
+        obs = Observation(frame=frame, text=self.instruction, info=dict(info), progress=self.progress())
+        return StepResult(obs, float(reward), bool(terminated), bool(truncated), success)
+
+    def progress(self) -> Optional[float]:
+        d = goal_distance(self.env)
+        return None if d is None else -d
+
+    def request(self, kind: str, obs: Observation, **kw: Any) -> Request:
+        if kind == "action_chunk":
+            return ActionChunkRequest(image=obs.frame, instruction=self.instruction, **kw)
+        if kind == "structured_action":
+            return StructuredActionRequest(
+                image=obs.frame, task_name=self.instruction, messages=structured_messages(obs), **kw
+            )
+        if kind == "text_action":
+            return TextActionRequest(
+                messages=choice_messages(obs, self.action_names),
+                admissible_commands=self.action_names,
+                **kw,
+            )
+        raise ValueError(f"{self.env_id} does not serve {kind!r} per step (preference uses frame pairs)")
+
+    def preference_request(self, frame_a: np.ndarray, frame_b: np.ndarray, **kw: Any) -> PreferenceRequest:
+        return PreferenceRequest(image_a=frame_a, image_b=frame_b, task=self.instruction, **kw)
+
+    def actions(self, kind: str, reply: Reply) -> Sequence[Any]:
+        res = reply.result
+        if kind == "action_chunk":
+            chunk = np.asarray(res.chunk, np.float32)
+            if chunk.ndim != 2 or chunk.shape[1] != ACTION_DIM:
+                raise ValueError(
+                    f"action chunk of shape {chunk.shape}: MiniWorld rows have {ACTION_DIM} channels "
+                    "(env_agents/recording/actions.py); serve a VLA of that layout"
+                )
+            return list(chunk)
+        if kind == "structured_action":
+            return [action_from_minerl(res.action, self.n_actions)]
+        if kind == "text_action":
+            return [self._choice_index(res)]
+        raise ValueError(f"no env actions for kind {kind!r}")
+
+    def _choice_index(self, res) -> int:
+        if res.choice_index is not None and 0 <= res.choice_index < self.n_actions:
+            return int(res.choice_index)
+        text = (res.choice or res.text or "").strip().lower()
+        for i, name in enumerate(self.action_names):
+            if name in text:
+                return i
+        return MOVE_FORWARD
+
+    def random_action(self, rng: np.random.Generator) -> int:
+        return int(rng.integers(self.n_actions))
+
+    def to_env_action(self, action: Any) -> int:
+        if isinstance(action, np.ndarray):
+            return vector_to_action(action, self.n_actions)
+        return int(action)
+
+    def close(self) -> None:
+        self.env.close()

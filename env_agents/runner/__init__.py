@@ -1,0 +1,1 @@
+"""`vlmq agents`: N agent sessions over P processes, each process one event loop."""

@@ -1,0 +1,1 @@
+"""Episode traces in SQLite (frames, requests, replies, timings) and their SFT export."""

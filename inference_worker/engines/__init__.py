@@ -1,0 +1,1 @@
+"""Engines run models on batches of prompts; they know nothing of Redis or task kinds."""

@@ -1,0 +1,200 @@
+"""The batching chat engine on transformers: one batch of chat prompts -> completions or scores.
+
+One batch, one pass: prompts are templated and left-padded together, all their images go
+through the vision tower in one call, one prefill fills the KV cache, and decode steps
+run for the whole batch until every row is done, each row under its own max_tokens,
+temperature, top_p, seed and stop sequences. Candidate scoring reuses the prefill cache:
+every candidate continuation of every prompt is scored in one forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, List, Optional, Sequence, Tuple
+
+from inference_worker.engines.completion import Completion
+from inference_worker.engines.inputs import InputBuilder
+from inference_worker.engines.kv_cache import KVCache
+from inference_worker.engines.options import EngineOptions
+from inference_worker.engines.pixels import ImagePolicy
+from inference_worker.engines.prompt import ChatPrompt
+from inference_worker.engines.sampling import Sampling, TokenSelector
+from inference_worker.engines.steps import EagerSteps, GraphSteps
+from inference_worker.engines.text import cut_at_stop, find_stop, strip_think
+from inference_worker.engines.text_stack import TextStack
+from inference_worker.engines.vision_attention import use_packed_vision_attention
+from inference_worker.handlers.base import Stopwatch
+from inference_worker.models.loading import LoadedVLM
+
+
+class ChatEngine:
+    def __init__(self, vlm: LoadedVLM, options: Optional[EngineOptions] = None) -> None:
+        import torch
+
+        self.vlm = vlm
+        self.options = options or EngineOptions()
+        self.model = vlm.model
+        self.tokenizer = vlm.tokenizer
+        self.device = vlm.device
+        ip = vlm.processor.image_processor
+        self.policy = ImagePolicy.from_image_processor(ip, self.options.min_pixels, self.options.max_pixels)
+        self.inputs = InputBuilder(self.model, vlm.processor, self.policy, vlm.device, vlm.dtype)
+        self.stack = TextStack(self.model)
+        use_graphs = self.options.decode == "graphs" or (
+            self.options.decode == "auto" and vlm.device.type == "cuda"
+        )
+        if use_graphs and vlm.device.type != "cuda":
+            raise ValueError("decode=graphs needs a CUDA device")
+        self.steps = GraphSteps(self.stack, self.options.capacity_step, self.options.max_graphs) if use_graphs else EagerSteps(self.stack)
+        use_packed_vision_attention(self.model)
+        eos = self.model.generation_config.eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        if self.tokenizer.eos_token_id is not None:
+            eos.append(self.tokenizer.eos_token_id)
+        self.eos_ids = sorted(set(eos))
+        self.eos = torch.tensor(self.eos_ids or [-1], device=self.device)
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(
+        self, prompts: Sequence[ChatPrompt], samplings: Sequence[Sampling], sw: Optional[Stopwatch] = None
+    ) -> List[Completion]:
+        import torch
+
+        sw = sw or Stopwatch()
+        with torch.inference_mode():
+            with sw("preprocess"):
+                batch = self.inputs.build(prompts)
+            max_new = max(s.max_tokens for s in samplings)
+            with sw("prefill"):
+                cache, first = self._prefill(batch, extra=max_new)
+            with sw("decode"):
+                tokens = self._decode(cache, batch, first, samplings, max_new)
+        with sw("detokenize"):
+            return [self._finish(t, s, n) for t, s, n in zip(tokens, samplings, batch.prompt_tokens())]
+
+    def _prefill(self, batch, extra: int) -> Tuple[KVCache, Any]:
+        out = self.model(**batch.model_kwargs(), use_cache=True, logits_to_keep=1)
+        hf_cache = getattr(out, "cache", None) or out.past_key_values
+        cache = self.steps.open(batch.batch, batch.length + extra)
+        cache.load_prefix(hf_cache, batch.attention_mask)
+        return cache, out.logits[:, -1].float()
+
+    def _decode(self, cache: KVCache, batch, first, samplings: Sequence[Sampling], max_new: int) -> List[List[int]]:
+        import torch
+
+        select = TokenSelector(samplings, self.device)
+        limits = torch.tensor([s.max_tokens for s in samplings], device=self.device)
+        stop_rows = [i for i, s in enumerate(samplings) if s.stop]
+        ended = torch.zeros(batch.batch, dtype=torch.bool, device=self.device)
+        tok = select(first)
+        generated = [tok]
+        for n in range(1, max_new + 1):
+            if not self.options.ignore_eos:
+                ended |= torch.isin(tok, self.eos)
+            ended |= limits <= n
+            if stop_rows:
+                ended |= self._stopped(generated, stop_rows, samplings)
+            if n == max_new or bool(ended.all()):
+                break
+            logits = self.steps.step(cache, tok, batch.next_positions + (n - 1), batch.length + n - 1)
+            tok = select(logits)
+            generated.append(tok)
+        return torch.stack(generated, dim=1).tolist()
+
+    def _stopped(self, generated: List[Any], rows: List[int], samplings: Sequence[Sampling]) -> Any:
+        import torch
+
+        so_far = torch.stack(generated, dim=1)[rows].tolist()
+        hit = torch.zeros(len(samplings), dtype=torch.bool)
+        for r, toks in zip(rows, so_far):
+            text = self.tokenizer.decode(toks, skip_special_tokens=True)
+            hit[r] = find_stop(text, samplings[r].stop) is not None
+        return hit.to(self.device)
+
+    def _finish(self, tokens: List[int], s: Sampling, prompt_tokens: int) -> Completion:
+        tokens = tokens[: s.max_tokens]
+        reason = "length"
+        if not self.options.ignore_eos:
+            ends = [i for i, t in enumerate(tokens) if t in self.eos_ids]
+            if ends:
+                tokens, reason = tokens[: ends[0] + 1], "stop"
+        raw = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        text, stopped = cut_at_stop(raw, s.stop)
+        if stopped:
+            reason = "stop"
+            tokens = tokens[: self._tokens_until_stop(tokens, s.stop)]
+        return Completion(strip_think(text), raw, prompt_tokens, len(tokens), reason, tokens)
+
+    def _tokens_until_stop(self, tokens: List[int], stops: Sequence[str]) -> int:
+        for k in range(1, len(tokens) + 1):
+            if find_stop(self.tokenizer.decode(tokens[:k], skip_special_tokens=True), stops) is not None:
+                return k
+        return len(tokens)
+
+    # ------------------------------------------------------------------ scoring
+
+    def score(
+        self, prompts: Sequence[ChatPrompt], candidates: Sequence[Sequence[str]], sw: Optional[Stopwatch] = None
+    ) -> List[List[float]]:
+        """Summed log-probability of each candidate as the start of the assistant's answer.
+
+        Tokens are scored in context ("-1" is two tokens under Qwen's digit splitting, so a
+        first-token comparison would be wrong)."""
+        import torch
+
+        sw = sw or Stopwatch()
+        with torch.inference_mode():
+            with sw("preprocess"):
+                batch = self.inputs.build(prompts)
+                ids = [[self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in cs] for cs in candidates]
+            with sw("prefill"):
+                out = self.model(**batch.model_kwargs(), use_cache=True, logits_to_keep=1)
+                hf_cache = getattr(out, "cache", None) or out.past_key_values
+                first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+                prefix = self.stack.new_cache(batch.batch, batch.length)
+                prefix.load_prefix(hf_cache, batch.attention_mask)
+                del out, hf_cache
+            with sw("score"):
+                rows = [(r, c) for r in range(len(ids)) for c in ids[r]]
+                totals: List[float] = []
+                for lo in range(0, len(rows), self.options.score_rows):
+                    totals += self._score_rows(prefix, batch, first, rows[lo : lo + self.options.score_rows])
+        out_scores: List[List[float]] = []
+        k = 0
+        for cs in ids:
+            out_scores.append(totals[k : k + len(cs)])
+            k += len(cs)
+        return out_scores
+
+    def _score_rows(self, prefix: KVCache, batch, first, rows: List[Tuple[int, List[int]]]) -> List[float]:
+        import torch
+
+        prompt_rows = [r for r, _ in rows]
+        scores = [first[r, c[0]].item() if c else -math.inf for r, c in rows]
+        longest = max((len(c) for _, c in rows), default=0)
+        if longest <= 1:
+            return scores
+        # feed c[0..L-2] after each prompt; the logits at feed position j score token c[j+1]
+        feed = torch.zeros((len(rows), longest - 1), dtype=torch.long)
+        for i, (_, c) in enumerate(rows):
+            feed[i, : max(0, len(c) - 1)] = torch.tensor(c[:-1], dtype=torch.long)
+        feed = feed.to(self.device)
+        order = sorted(range(len(rows)), key=lambda i: prompt_rows[i])
+        counts = [prompt_rows.count(r) for r in range(prefix.batch)]
+        cache = prefix.repeat_rows(counts, longest - 1)  # rows in prompt order, each once per candidate
+        feed = feed[order]
+        pos = batch.next_positions[[prompt_rows[i] for i in order]][:, None] + torch.arange(
+            longest - 1, device=self.device
+        )
+        start = torch.tensor(batch.length, device=self.device)
+        logp = torch.log_softmax(self.stack.forward(cache, feed, pos, start), dim=-1).cpu()
+        for j, i in enumerate(order):
+            c = rows[i][1]
+            scores[i] += sum(logp[j, t, c[t + 1]].item() for t in range(len(c) - 1))
+        return scores
+
+    def close(self) -> None:
+        self.steps = None  # type: ignore[assignment]
+        self.stack = None  # type: ignore[assignment]
+

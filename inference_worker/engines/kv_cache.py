@@ -1,0 +1,74 @@
+"""A static KV cache: one preallocated (batch, kv_heads, capacity, head_dim) tensor per layer.
+
+Fixed shapes are what lets a decode step be captured in a CUDA graph, and what lets one
+prompt's cache be repeated across its candidate continuations. Columns are shared by all
+rows (prompts are left-padded), and `mask` says which columns each row may attend to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, List
+
+
+@dataclass
+class KVCache:
+    keys: List[Any]  # per layer: (B, kv_heads, capacity, head_dim)
+    values: List[Any]
+    mask: Any  # (B, capacity) bool: column holds a real token of that row
+
+    @classmethod
+    def empty(cls, layers: int, batch: int, kv_heads: int, capacity: int, head_dim: int, dtype, device) -> KVCache:
+        import torch
+
+        shape = (batch, kv_heads, capacity, head_dim)
+        return cls(
+            keys=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)],
+            values=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)],
+            mask=torch.zeros((batch, capacity), dtype=torch.bool, device=device),
+        )
+
+    @property
+    def batch(self) -> int:
+        return self.mask.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.mask.shape[1]
+
+    def load_prefix(self, hf_cache: Any, attention_mask: Any) -> None:
+        """Copy a prefill's transformers cache (B, kv_heads, S, D per layer) into columns [0, S)."""
+        pairs = layer_tensors(hf_cache)
+        s = attention_mask.shape[1]
+        b = attention_mask.shape[0]
+        for i, (k, v) in enumerate(pairs):
+            self.keys[i][:b, :, :s].copy_(k)
+            self.values[i][:b, :, :s].copy_(v)
+        self.mask[:b].zero_()
+        self.mask[:b, :s].copy_(attention_mask.bool())
+
+    def repeat_rows(self, counts: List[int], extra_capacity: int) -> KVCache:
+        """A new cache whose row r of self appears counts[r] times, with room for more columns."""
+        import torch
+
+        index = torch.repeat_interleave(
+            torch.arange(len(counts), device=self.mask.device), torch.tensor(counts, device=self.mask.device)
+        )
+        cap = self.capacity + extra_capacity
+
+        def grow(x):
+            out = x.new_zeros((len(index), *x.shape[1:2], cap, *x.shape[3:]))
+            out[:, :, : self.capacity].copy_(x.index_select(0, index))
+            return out
+
+        mask = self.mask.new_zeros((len(index), cap))
+        mask[:, : self.capacity].copy_(self.mask.index_select(0, index))
+        return KVCache([grow(k) for k in self.keys], [grow(v) for v in self.values], mask)
+
+
+def layer_tensors(hf_cache: Any) -> List[Any]:
+    """(keys, values) per layer from a transformers cache object, across its API versions."""
+    layers = getattr(hf_cache, "layers", None)
+    if layers is not None:
+        return [(layer.keys, layer.values) for layer in layers]
+    return list(zip(hf_cache.key_cache, hf_cache.value_cache))

@@ -1,0 +1,55 @@
+"""Engine options: `vlmq worker --option KEY=VALUE` (repeatable) or VLMQ_ENGINE_<KEY>."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from typing import Dict, Mapping, Optional
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    # Image size policy: image tokens drive cost. 0 = the checkpoint's image processor
+    # setting (Qwen2-VL: 56*56 .. 28*28*1280 pixels; Qwen3-VL: 256*256 .. 4096*4096).
+    min_pixels: int = 0
+    max_pixels: int = 0
+    # eager: plain PyTorch steps; graphs: one CUDA graph per decode step (CUDA only);
+    # auto: graphs on CUDA, eager elsewhere.
+    decode: str = "auto"
+    capacity_step: int = 256  # KV-cache columns are allocated in multiples of this (graphs)
+    max_graphs: int = 6  # captured (batch, capacity) shapes kept on the GPU
+    score_rows: int = 256  # candidate rows scored per forward pass (bounds cache memory)
+    # Benchmarks only: decode every request to its max_tokens even past end-of-sequence
+    # (random weights end at arbitrary points; a benchmark must decode a fixed length).
+    ignore_eos: bool = False
+
+    @classmethod
+    def parse(cls, options: Mapping[str, str], environ: Optional[Mapping[str, str]] = None) -> EngineOptions:
+        """From `--option` pairs, falling back to VLMQ_ENGINE_* variables; unknown keys fail."""
+        env = os.environ if environ is None else environ
+        known = {f.name: f for f in fields(cls)}
+        values: Dict[str, object] = {}
+        for name, f in known.items():
+            raw = env.get(f"VLMQ_ENGINE_{name.upper()}")
+            if raw is not None:
+                values[name] = _convert(name, raw, f.default)
+        for key, raw in options.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ValueError(f"unknown engine option {key!r}; known: {', '.join(sorted(known))}")
+            values[name] = _convert(name, raw, known[name].default)
+        opts = cls(**values)  # type: ignore[arg-type]
+        if opts.decode not in ("auto", "eager", "graphs"):
+            raise ValueError(f"option decode={opts.decode!r}: choose auto, eager or graphs")
+        return opts
+
+
+def _convert(name: str, raw: str, default: object) -> object:
+    try:
+        if isinstance(default, bool):
+            return str(raw).strip().lower() in ("1", "true", "yes", "on")
+        if isinstance(default, int):
+            return int(raw)
+        return str(raw)
+    except ValueError:
+        raise ValueError(f"engine option {name}={raw!r}: expected {type(default).__name__}") from None

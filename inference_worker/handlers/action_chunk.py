@@ -1,0 +1,241 @@
+"""`action_chunk`: VLA chunks from the newest frame, with a per-session feature cache.
+
+A batch holds requests of many sessions. Per batch: decode the frames, encode in one VLM
+pass only the frames not already cached (normally one per request), assemble each
+request's context (t-4, t-2, t; see inference_worker/vla/cache.py for how steps align),
+and sample every chunk together with batched Euler steps; requests that carry a
+previous chunk get real-time-chunking guidance (rows without one are unaffected). Two
+requests of one session in one batch run in step order, in successive rounds, so the
+later one sees the earlier one's frame.
+
+Options (`vlmq worker --option KEY=VALUE`, or the VLMQ_* variable):
+  vla=DIR                 the VLA folder (VLMQ_VLA); serving action_chunk needs it
+  vla_cache=features      features: cache VLM features; frames: cache decoded frames and
+                          re-encode all of a request's frames (the no-cache baseline) (VLMQ_VLA_CACHE)
+  vla_sessions=1024       sessions kept in the cache, least recently used evicted (VLMQ_VLA_SESSIONS)
+  vla_ttl_s=600           a session idle this long is dropped (VLMQ_VLA_TTL_S)
+  vla_steps=N             Euler steps (default: the VLA's config) (VLMQ_VLA_STEPS)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections import defaultdict
+from dataclasses import replace
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from inference_worker.handlers.base import Handler, HandlerOutput, Stopwatch
+from inference_worker.vla.cache import FeatureCache
+from inference_worker.vla.model import QwenVLA
+from inference_worker.vla.rtc import Guidance, guidance_weights
+from schemas.errors import ErrorCode, ProtocolError
+from schemas.images import decode_image
+from schemas.limits import DEFAULT_LIMITS, Limits
+from schemas.messages import ActionChunkRequest, ActionChunkResult
+
+CACHE_MODES = ("features", "frames")
+
+
+class ActionChunkHandler(Handler):
+    kind = "action_chunk"
+
+    def __init__(
+        self,
+        vla: QwenVLA,
+        cache_mode: str = "features",
+        max_sessions: int = 1024,
+        ttl_s: float = 600.0,
+        limits: Limits = DEFAULT_LIMITS,
+    ) -> None:
+        if cache_mode not in CACHE_MODES:
+            raise ValueError(f"vla_cache must be one of {CACHE_MODES}, got {cache_mode!r}")
+        self.vla = vla
+        self.cfg = vla.config
+        self.cache_mode = cache_mode
+        self.limits = limits
+        self.cache: FeatureCache[Any] = FeatureCache(
+            self.cfg.num_frames, self.cfg.frame_skip, max_sessions=max_sessions, ttl_s=ttl_s
+        )
+        for p in vla.expert.parameters():
+            p.requires_grad_(False)
+        vla.expert.eval()
+
+    # ------------------------------------------------------------------ serving
+
+    def warmup(self) -> None:
+        size = self.cfg.image_size
+        req = ActionChunkRequest(
+            session_id="vlmq-warmup", image=np.zeros((size, size, 3), np.uint8), noise_seed=0
+        )
+        self.run([req])
+        self.cache.reset("vlmq-warmup")
+
+    def run(self, requests: Sequence[ActionChunkRequest]) -> HandlerOutput:
+        sw = Stopwatch()
+        results: List[Any] = [None] * len(requests)
+        frames: Dict[int, np.ndarray] = {}
+        with sw("decode"):
+            for i, req in enumerate(requests):
+                try:
+                    self._validate(req)
+                    frames[i] = decode_image(req.image, self.limits)
+                except ProtocolError as exc:
+                    results[i] = exc
+        for group in _rounds([i for i in range(len(requests)) if i in frames], requests):
+            self._run_round([(i, requests[i], frames[i]) for i in group], results, sw)
+        return HandlerOutput(results, sw.timings)
+
+    def _validate(self, req: ActionChunkRequest) -> None:
+        c = self.cfg
+        try:
+            self.vla.extractor.check_instruction(req.instruction)
+        except ValueError as exc:
+            raise ProtocolError(ErrorCode.INVALID, f"instruction: {exc}") from None
+        if req.state is not None and req.state.shape != (c.state_dim,):
+            want = f"shape ({c.state_dim},)" if c.state_dim else "none (this VLA takes no state)"
+            raise ProtocolError(ErrorCode.INVALID, f"state: expected {want}, got {tuple(req.state.shape)}")
+        if req.prev_chunk is not None:
+            rows, dim = req.prev_chunk.shape
+            if dim != c.action_dim or rows < 1:
+                raise ProtocolError(
+                    ErrorCode.INVALID, f"prev_chunk: expected (rows, {c.action_dim}), got {tuple(req.prev_chunk.shape)}"
+                )
+            if req.inference_delay > rows:
+                raise ProtocolError(
+                    ErrorCode.INVALID, f"inference_delay {req.inference_delay} is longer than prev_chunk ({rows} rows)"
+                )
+        elif req.inference_delay:
+            raise ProtocolError(ErrorCode.INVALID, "inference_delay needs prev_chunk")
+
+    def _autocast(self):
+        dev = self.vla.device
+        if dev.type == "cuda" and self.vla.extractor is not None and self.vla.extractor.dtype == torch.bfloat16:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _run_round(self, items, results: List[Any], sw: Stopwatch) -> None:
+        for _, req, _ in items:
+            if req.reset:
+                self.cache.reset(req.session_id)
+        per_sample: List[List[Any]] = []
+        encoded: List[int] = []
+        exact: List[bool] = []
+        with sw("encode"):
+            if self.cache_mode == "features":
+                todo = [
+                    (k, req, frame)
+                    for k, (_, req, frame) in enumerate(items)
+                    if self.cache.get(req.session_id, req.step, req.instruction) is None
+                ]
+                feats = self.vla.encode([f for _, _, f in todo], [r.instruction for _, r, _ in todo])
+                fresh = {k: f for (k, _, _), f in zip(todo, feats)}
+                for k, (_, req, _) in enumerate(items):
+                    cur = fresh.get(k)
+                    if cur is None:
+                        cur = self.cache.get(req.session_id, req.step, req.instruction)
+                    self.cache.put(req.session_id, req.step, req.instruction, cur)
+                    values, slots = self.cache.context(req.session_id, req.step, req.instruction, cur)
+                    per_sample.append(values)
+                    encoded.append(1 if k in fresh else 0)
+                    exact.append(all(s.exact for s in slots))
+            else:  # frames: the baseline that re-encodes every frame of the context
+                contexts = []
+                for _, req, frame in items:
+                    self.cache.put(req.session_id, req.step, req.instruction, frame)
+                    values, slots = self.cache.context(req.session_id, req.step, req.instruction, frame)
+                    contexts.append(values)
+                    exact.append(all(s.exact for s in slots))
+                flat = [f for vs in contexts for f in vs]
+                texts = [req.instruction for (_, req, _), vs in zip(items, contexts) for _ in vs]
+                feats = self.vla.encode(flat, texts)
+                pos = 0
+                for vs in contexts:
+                    per_sample.append(feats[pos : pos + len(vs)])
+                    encoded.append(len(vs))
+                    pos += len(vs)
+        with sw("expert"), self._autocast():
+            reqs = [req for _, req, _ in items]
+            state = None
+            if self.cfg.state_dim:
+                state = torch.stack(
+                    [
+                        torch.as_tensor(r.state) if r.state is not None else torch.zeros(self.cfg.state_dim)
+                        for r in reqs
+                    ]
+                ).to(self.vla.device)
+            with torch.no_grad():
+                ctx = self.vla.context(per_sample, state)
+            noise = self.vla.noise([r.noise_seed for r in reqs])
+            chunks = self.vla.sample(ctx, noise, self._guidance(reqs)).float().cpu().numpy()
+        for k, (i, _, _) in enumerate(items):
+            results[i] = ActionChunkResult(
+                chunk=np.ascontiguousarray(chunks[k], dtype=np.float32),
+                cache_hit=exact[k],
+                frames_encoded=encoded[k],
+            )
+
+    def _guidance(self, reqs: Sequence[ActionChunkRequest]) -> Optional[Guidance]:
+        if all(r.prev_chunk is None for r in reqs):
+            return None
+        H, A = self.cfg.chunk_size, self.cfg.action_dim
+        prev = torch.zeros(len(reqs), H, A)
+        weights = torch.zeros(len(reqs), H)
+        delays = []
+        for b, r in enumerate(reqs):
+            if r.prev_chunk is None:
+                delays.append(0)
+                continue
+            rows = min(len(r.prev_chunk), H)
+            prev[b, :rows] = torch.as_tensor(r.prev_chunk[:rows])
+            weights[b] = guidance_weights(H, rows, r.inference_delay, r.execution_horizon)
+            delays.append(min(r.inference_delay, rows))
+        dev = self.vla.device
+        return Guidance(prev.to(dev), weights.to(dev), delays, self.cfg.rtc_max_guidance)
+
+    def close(self) -> None:
+        self.cache = FeatureCache(self.cfg.num_frames, self.cfg.frame_skip)
+
+
+def _rounds(indices: Sequence[int], requests: Sequence[ActionChunkRequest]) -> List[List[int]]:
+    """Split a batch so each session appears at most once per round, in step order."""
+    by_session: Dict[str, List[int]] = defaultdict(list)
+    for i in indices:
+        by_session[requests[i].session_id].append(i)
+    rounds: List[List[int]] = []
+    for idx in by_session.values():
+        idx.sort(key=lambda i: requests[i].step)
+        for n, i in enumerate(idx):
+            if n == len(rounds):
+                rounds.append([])
+            rounds[n].append(i)
+    return rounds
+
+
+def _option(settings, key: str, default: Optional[str] = None) -> Optional[str]:
+    return settings.options.get(key) or os.environ.get(f"VLMQ_{key.upper()}") or default
+
+
+def build_action_chunk_handler(settings, vlm: Any = None) -> ActionChunkHandler:
+    """The action_chunk handler of a worker: `vla` option (or VLMQ_VLA) names the folder.
+    `vlm`: a LoadedVLM the worker already holds (for chat kinds) to share, when it is the
+    VLM the VLA was trained on."""
+    folder = _option(settings, "vla")
+    if not folder:
+        raise ValueError("serving action_chunk needs a VLA folder: --option vla=DIR (or VLMQ_VLA)")
+    vla = QwenVLA.load(
+        folder, device=settings.device, dtype=settings.dtype, quantize=settings.quantize, vlm=vlm
+    )
+    steps = _option(settings, "vla_steps")
+    if steps:
+        vla.config = replace(vla.config, num_steps=int(steps))
+    return ActionChunkHandler(
+        vla,
+        cache_mode=_option(settings, "vla_cache", "features"),
+        max_sessions=int(_option(settings, "vla_sessions", "1024")),
+        ttl_s=float(_option(settings, "vla_ttl_s", "600")),
+        limits=settings.limits,
+    )

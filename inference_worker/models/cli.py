@@ -1,0 +1,48 @@
+"""`vlmq make-model`: write a random-weight checkpoint of a real Qwen-VL architecture."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from broker.settings import env
+
+ARCH_CHOICES = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
+PRESET_CHOICES = ("tiny", "2b")
+
+
+def run(args: argparse.Namespace) -> int:
+    from inference_worker.models.make import make_model
+
+    t0 = time.perf_counter()
+    out = make_model(args.arch, args.out, preset=args.preset, seed=args.seed, device=args.device)
+    print(f"wrote {args.arch} ({args.preset}, seed {args.seed}) to {out} in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "make-model",
+        help="write a random-weight Qwen-VL checkpoint (Hugging Face folder)",
+        description="Build a real Qwen2-VL / Qwen2.5-VL / Qwen3-VL architecture from its transformers "
+        "config class with random weights, a tokenizer trained locally, the release's image "
+        "processor and chat template, and save it with save_pretrained. The folder loads like "
+        "a downloaded checkpoint (`vlmq worker --model DIR`). The weights are random: the "
+        "model's answers are noise, its shapes and costs are real.",
+    )
+    p.add_argument("--arch", required=True, choices=ARCH_CHOICES, help="architecture")
+    p.add_argument(
+        "--preset",
+        default="tiny",
+        choices=PRESET_CHOICES,
+        help="tiny: a few hundred thousand parameters, seconds on CPU; 2b: the published 2B "
+        "shapes (build it on a GPU: --device cuda) (%(default)s)",
+    )
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--seed", type=int, default=0, help="weight seed (%(default)s)")
+    p.add_argument(
+        "--device",
+        default=env("MAKE_MODEL_DEVICE", "cpu"),
+        help="where the weights are initialised [VLMQ_MAKE_MODEL_DEVICE] (%(default)s)",
+    )
+    p.set_defaults(func=run)

@@ -1,0 +1,134 @@
+"""The flow-matching action expert: a small transformer over the action chunk.
+
+Each block: cross-attention from the action tokens to the (projected) VLM features,
+causal self-attention over the action sequence, and a GELU MLP, all pre-norm residual.
+Inputs per token: the noisy action, the flow time (sinusoidal, mixed with the action by an
+MLP as in SmolVLA) and a learned position. Output: the velocity of each action.
+The cross-attention keys/values depend only on the context, so `prepare` computes them
+once per chunk and the Euler steps reuse them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from inference_worker.vla.config import VLAConfig
+from inference_worker.vla.projector import FeatureProjector, StateProjector
+
+
+def time_embedding(t: torch.Tensor, dim: int, min_period: float = 4e-3, max_period: float = 4.0) -> torch.Tensor:
+    """Sinusoidal embedding of t in [0, 1] (periods from min to max, as in pi0/SmolVLA)."""
+    half = dim // 2
+    frac = torch.linspace(0.0, 1.0, half, device=t.device, dtype=torch.float32)
+    period = min_period * (max_period / min_period) ** frac
+    ang = (2 * math.pi / period)[None, :] * t.float()[:, None]
+    return torch.cat([torch.sin(ang), torch.cos(ang)], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, D = x.shape
+        return x.view(B, L, self.heads, D // self.heads).transpose(1, 2)
+
+    def keys_values(self, ctx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.kv(ctx).chunk(2, dim=-1)
+        return self._split(k), self._split(v)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        kv: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+        mask: Optional[torch.Tensor] = None,
+        causal: bool = False,
+    ) -> torch.Tensor:
+        q = self._split(self.q(x))
+        k, v = kv if kv is not None else self.keys_values(x)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        B, _, L, _ = y.shape
+        return self.out(y.transpose(1, 2).reshape(B, L, -1))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.norm_cross = nn.LayerNorm(dim)
+        self.cross = Attention(dim, heads)
+        self.norm_self = nn.LayerNorm(dim)
+        self.self_attn = Attention(dim, heads)
+        self.norm_mlp = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor, kv: Tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.cross(self.norm_cross(x), kv=kv, mask=mask)
+        x = x + self.self_attn(self.norm_self(x), causal=True)
+        return x + self.mlp(self.norm_mlp(x))
+
+
+@dataclass
+class Context:
+    """What the Euler steps need from the observation, computed once per chunk."""
+
+    kv: List[Tuple[torch.Tensor, torch.Tensor]]  # per block
+    mask: torch.Tensor  # [B, 1, 1, L] True where a key is real
+
+    @property
+    def batch(self) -> int:
+        return self.mask.shape[0]
+
+
+class FlowMatchingExpert(nn.Module):
+    def __init__(self, cfg: VLAConfig) -> None:
+        super().__init__()
+        if cfg.vlm_hidden <= 0:
+            raise ValueError("the config's vlm_hidden must be set (from the VLM) before building the expert")
+        D = cfg.expert_dim
+        self.cfg = cfg
+        self.features = FeatureProjector(cfg.vlm_hidden, D, cfg.num_frames)
+        self.state = StateProjector(cfg.state_dim, D) if cfg.state_dim > 0 else None
+        self.action_in = nn.Linear(cfg.action_dim, D)
+        self.action_time = nn.Sequential(nn.Linear(2 * D, D), nn.SiLU(), nn.Linear(D, D))
+        self.pos = nn.Parameter(torch.randn(cfg.chunk_size, D) * 0.02)
+        self.blocks = nn.ModuleList(Block(D, cfg.expert_heads, cfg.mlp_ratio) for _ in range(cfg.expert_layers))
+        self.norm_out = nn.LayerNorm(D)
+        self.action_out = nn.Linear(D, cfg.action_dim)
+
+    def prepare(
+        self,
+        feats: torch.Tensor,
+        frame_ids: torch.Tensor,
+        mask: torch.Tensor,
+        state: Optional[torch.Tensor] = None,
+    ) -> Context:
+        """Padded features [B, L, vlm_hidden] (+ frame ids, mask, state) -> per-block K/V."""
+        ctx = self.features(feats, frame_ids)
+        if self.state is not None:
+            if state is None:
+                state = torch.zeros(ctx.shape[0], self.cfg.state_dim, device=ctx.device)
+            ctx = torch.cat([ctx, self.state(state)], dim=1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        kv = [blk.cross.keys_values(ctx) for blk in self.blocks]
+        return Context(kv, mask[:, None, None, :])
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, ctx: Context) -> torch.Tensor:
+        """Velocity of the noisy chunk x [B, H, A] at flow time t [B]."""
+        H = x.shape[1]
+        a = self.action_in(x.to(self.action_in.weight.dtype))
+        te = time_embedding(t, a.shape[-1]).to(a.dtype)[:, None, :].expand(-1, H, -1)
+        h = self.action_time(torch.cat([a, te], dim=-1)) + self.pos[:H]
+        for blk, kv in zip(self.blocks, ctx.kv):
+            h = blk(h, kv, ctx.mask)
+        return self.action_out(self.norm_out(h)).float()

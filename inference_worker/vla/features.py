@@ -1,0 +1,104 @@
+"""Features of a frozen Qwen-VL: the hidden states after decoder layer k, one frame at a time.
+
+Each frame is encoded on its own ("<vision_start><image><vision_end>instruction"), in
+training and in serving alike, so the per-session cache in the worker is exact, not an
+approximation of a joint multi-frame pass: a frame's features never depend on its
+neighbours. The VLM runs only up to layer k, through a *view* of the model whose layer
+list is cut at k and whose final norm is dropped; the view shares every weight with the
+loaded model, which other handlers of the same worker keep using unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
+RESERVED = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+
+
+def _view(module: nn.Module, **replace: nn.Module) -> nn.Module:
+    """A shallow copy of `module` with some children replaced; parameters stay shared."""
+    view = copy.copy(module)
+    view._modules = dict(module._modules)  # the copy's own child table, so the original is untouched
+    for name, child in replace.items():
+        setattr(view, name, child)
+    return view
+
+
+def truncated_base(model: nn.Module, layers: int) -> nn.Module:
+    """The base model (vision tower + decoder) of a Qwen-VL *ForConditionalGeneration,
+    running only its first `layers` decoder layers and no final norm."""
+    base = model.model
+    text = base.language_model
+    cut = _view(text, layers=nn.ModuleList(list(text.layers)[:layers]), norm=nn.Identity())
+    return _view(base, language_model=cut)
+
+
+def decoder_layers(model: nn.Module) -> int:
+    return len(model.model.language_model.layers)
+
+
+class FeatureExtractor:
+    """Frozen VLM -> per-frame features [tokens, hidden] (image and instruction tokens)."""
+
+    def __init__(self, vlm: Any, layer: Optional[int], image_size: int) -> None:
+        self.vlm = vlm  # LoadedVLM
+        n = decoder_layers(vlm.model)
+        self.layer = n // 2 if layer is None else int(layer)
+        if not 1 <= self.layer <= n:
+            raise ValueError(f"vlm_layer {self.layer} is out of range 1..{n}")
+        self.image_size = image_size
+        self.hidden = int(vlm.model.config.text_config.hidden_size)
+        for p in vlm.model.parameters():
+            p.requires_grad_(False)
+        self.view = truncated_base(vlm.model, self.layer)
+        self.image_token = getattr(vlm.processor, "image_token", "<|image_pad|>")
+
+    @property
+    def device(self) -> torch.device:
+        return self.vlm.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.vlm.dtype
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.vlm.model.parameters())
+
+    def _image(self, frame: np.ndarray):
+        from PIL import Image
+
+        img = Image.fromarray(np.ascontiguousarray(frame[..., :3]).astype(np.uint8, copy=False))
+        if img.size != (self.image_size, self.image_size):
+            img = img.resize((self.image_size, self.image_size), Image.BILINEAR)
+        return img
+
+    @staticmethod
+    def check_instruction(text: str) -> None:
+        for tok in RESERVED:
+            if tok in text:
+                raise ValueError(f"the instruction must not contain the special token {tok}")
+
+    @torch.no_grad()
+    def encode(self, frames: Sequence[np.ndarray], instructions: Sequence[str]) -> List[torch.Tensor]:
+        """One forward pass for all frames; returns one [tokens_i, hidden] tensor per frame."""
+        if not frames:
+            return []
+        for text in instructions:
+            self.check_instruction(text)
+        prompts = [f"{VISION_START}{self.image_token}{VISION_END}{t}" for t in instructions]
+        inputs = self.vlm.processor(
+            text=prompts, images=[self._image(f) for f in frames], padding=True, return_tensors="pt"
+        )
+        inputs = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        out = self.view(**inputs, use_cache=False)
+        hidden = out.last_hidden_state
+        keep = inputs["attention_mask"].bool()
+        return [hidden[i][keep[i]] for i in range(hidden.shape[0])]

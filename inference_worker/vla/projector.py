@@ -1,0 +1,58 @@
+"""Projectors into the expert's width: VLM features (with the frame they came from) and state."""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+
+class FeatureProjector(nn.Module):
+    """LayerNorm + Linear from the VLM's hidden size, plus a learned embedding of the frame
+    slot (t-4, t-2, t) so the expert can tell the frames apart."""
+
+    def __init__(self, vlm_hidden: int, dim: int, num_frames: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(vlm_hidden)
+        self.proj = nn.Linear(vlm_hidden, dim)
+        self.frame = nn.Embedding(num_frames, dim)
+
+    def forward(self, feats: torch.Tensor, frame_ids: torch.Tensor) -> torch.Tensor:
+        x = self.proj(self.norm(feats.to(self.proj.weight.dtype)))
+        return x + self.frame(frame_ids)
+
+
+class StateProjector(nn.Module):
+    """Proprioceptive state -> one extra context token."""
+
+    def __init__(self, state_dim: int, dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Sequential(nn.Linear(state_dim, dim), nn.LayerNorm(dim))
+
+    def forward(self, state: torch.Tensor) -> torch.Tensor:
+        return self.proj(state.to(self.proj[0].weight.dtype)).unsqueeze(1)
+
+
+def pack_frames(
+    samples: Sequence[Sequence[torch.Tensor]], device: Optional[torch.device] = None
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per sample, its frames' features (oldest first) -> padded (feats [B, L, D],
+    frame ids [B, L], mask [B, L] True where real)."""
+    lengths = [sum(f.shape[0] for f in frames) for frames in samples]
+    first = samples[0][0]
+    device = device or first.device
+    B, L, D = len(samples), max(lengths), first.shape[-1]
+    feats = torch.zeros(B, L, D, dtype=first.dtype, device=device)
+    ids = torch.zeros(B, L, dtype=torch.long, device=device)
+    mask = torch.zeros(B, L, dtype=torch.bool, device=device)
+    for b, frames in enumerate(samples):
+        pos = 0
+        parts: List[torch.Tensor] = []
+        for j, f in enumerate(frames):
+            ids[b, pos : pos + f.shape[0]] = j
+            pos += f.shape[0]
+            parts.append(f)
+        feats[b, :pos] = torch.cat(parts).to(device=device, dtype=first.dtype)
+        mask[b, :pos] = True
+    return feats, ids, mask

@@ -1,0 +1,205 @@
+"""Agents: starvation at a fixed control rate, async (queue + threshold g) vs synchronous.
+
+64 sessions step MiniWorld at 30 Hz; each asks for 50-action chunks. Async control asks
+for the next chunk when the queue falls to g x 50 and keeps acting meanwhile; synchronous
+control (the baseline) asks when the queue is empty and stands still for the round trip.
+Records starvation_fraction_30hz_64_sessions (ticks with an action due and the queue
+empty, after each episode's first chunk) and env steps/s per session, each with sync as
+the baseline, plus the latency the agents saw.
+
+--worker synthetic (default, CPU): a private redis-server and a `vlmq worker --backend
+synthetic` whose every batch takes --latency-ms; the records say so. --worker external:
+use --redis-url and whatever workers serve it (the VLA worker on the GPU machine).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+from broker.settings import BrokerSettings
+from ops.bench.records import machine_description, record, write_results
+
+log = logging.getLogger("vlmq.bench")
+
+
+def add_args(p) -> None:
+    p.add_argument(
+        "--worker",
+        choices=["synthetic", "external"],
+        default="synthetic",
+        help="synthetic: own Redis + fixed-latency synthetic worker; external: --redis-url's workers",
+    )
+    p.add_argument("--redis-url", default="", help="Redis of the external workers (--worker external)")
+    p.add_argument("--prefix", default="vlmq", help="key prefix of the external workers (%(default)s)")
+    p.add_argument(
+        "--partitions", type=int, default=1, help="partitions of the external workers (%(default)s)"
+    )
+    p.add_argument("--latency-ms", type=float, default=100.0, help="synthetic batch latency (%(default)s)")
+    p.add_argument("--chunk", type=int, default=50, help="synthetic chunk rows (%(default)s)")
+    p.add_argument("--sessions", type=int, default=64, help="agent sessions (%(default)s)")
+    p.add_argument("--procs", type=int, default=2, help="agent processes (%(default)s)")
+    p.add_argument("--rate-hz", type=float, default=30.0, help="control rate (%(default)s)")
+    p.add_argument("--threshold", type=float, default=0.5, help="g of the async mode (%(default)s)")
+    p.add_argument(
+        "--seconds", type=float, default=15.0, help="control time per session and mode (%(default)s)"
+    )
+    p.add_argument("--env", default="MiniWorld-OneRoom-v0", help="env id (%(default)s)")
+    p.add_argument(
+        "--size",
+        type=int,
+        default=32,
+        help="frame side; small on CPU so 64 envs can render at 30 Hz on 2 cores (%(default)s)",
+    )
+    p.add_argument("--label", default="", help="what serves the requests, for the records (external)")
+
+
+def _start_synthetic(url: str, prefix: str, latency_ms: float, chunk: str) -> subprocess.Popen:
+    cmd = [
+        sys.executable,
+        "-m",
+        "ops.cli",
+        "--log-level",
+        "WARNING",
+        "worker",
+        "--redis-url",
+        url,
+        "--prefix",
+        prefix,
+        "--backend",
+        "synthetic",
+        "--kinds",
+        "action_chunk",
+        "--synthetic-latency-ms",
+        str(latency_ms),
+        "--synthetic-chunk",
+        chunk,
+        "--max-batch",
+        "64",
+        "--max-wait-ms",
+        "2",
+    ]
+    return subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def _run_mode(args, broker: BrokerSettings, mode: str) -> Dict[str, Any]:
+    from env_agents.control.controller import ControlConfig
+    from env_agents.runner.launcher import launch
+    from env_agents.runner.spec import RunSpec
+
+    control = ControlConfig(
+        kind="action_chunk",
+        mode=mode,
+        rate_hz=args.rate_hz,
+        threshold=args.threshold,
+        merge="weighted_average",
+        max_steps=int(args.seconds * args.rate_hz),
+        request_timeout_s=60.0,
+    )
+    spec = RunSpec(
+        args.env,
+        control,
+        broker,
+        n=args.sessions,
+        procs=args.procs,
+        size=args.size,
+        session_prefix=f"bench-{mode}-{int(time.time())}",
+    )
+    result = launch(spec, progress=False)
+    if result.failures:
+        raise RuntimeError(f"{mode}: {len(result.failures)} session(s) failed: {result.failures[0]['error']}")
+    s = result.summary
+    s["overrun_fraction"] = round(s["overruns"] / s["ticks"], 5) if s["ticks"] else 0.0
+    print(
+        f"{mode:5s}: "
+        + ", ".join(
+            f"{k}={s[k]}"
+            for k in (
+                "steps",
+                "starvation_fraction",
+                "session_steps_per_s",
+                "overrun_fraction",
+                "requests",
+                "latency_p50_ms",
+                "latency_p90_ms",
+            )
+        ),
+        flush=True,
+    )
+    return s
+
+
+def run(args) -> int:
+    worker: Optional[subprocess.Popen] = None
+    server = None
+    if args.worker == "synthetic":
+        from broker.embedded import EmbeddedRedis
+        from env_agents.recording.actions import ACTION_DIM
+
+        server = EmbeddedRedis().start()
+        broker = BrokerSettings(url=server.url, prefix="bench")
+        worker = _start_synthetic(server.url, broker.prefix, args.latency_ms, f"{args.chunk}x{ACTION_DIM}")
+        label = (
+            f"CPU run: fixed-latency synthetic handler ({args.latency_ms:g} ms per batch, "
+            f"{args.chunk}-row chunks), {args.env} at {args.size} px"
+        )
+    else:
+        if not args.redis_url:
+            raise SystemExit("--worker external needs --redis-url")
+        broker = BrokerSettings(url=args.redis_url, prefix=args.prefix, partitions=args.partitions)
+        label = (args.label or "external workers") + f", {args.env} at {args.size} px"
+    machine = f"{label}; {args.sessions} sessions over {args.procs} processes; {machine_description()}"
+    try:
+        results = {mode: _run_mode(args, broker, mode) for mode in ("async", "sync")}
+    finally:
+        if worker is not None:
+            worker.terminate()
+            worker.wait(30)
+        if server is not None:
+            server.stop()
+    a, s = results["async"], results["sync"]
+    hz, n = f"{args.rate_hz:g}hz", args.sessions
+    records: List = [
+        record(
+            f"starvation_fraction_{hz}_{n}_sessions",
+            a["starvation_fraction"],
+            "fraction of ticks",
+            baseline=s["starvation_fraction"],
+            machine=machine,
+        ),
+        record(
+            f"env_steps_per_s_per_session_{hz}_{n}_sessions",
+            a["session_steps_per_s"],
+            "steps/s",
+            baseline=s["session_steps_per_s"],
+            machine=machine,
+        ),
+        record(
+            f"overrun_fraction_{hz}_{n}_sessions",
+            a["overrun_fraction"],
+            "fraction of ticks",
+            baseline=s["overrun_fraction"],
+            machine=machine,
+        ),
+        record(
+            f"chunk_latency_p50_ms_{n}_sessions",
+            a["latency_p50_ms"],
+            "ms",
+            baseline=s["latency_p50_ms"],
+            machine=machine,
+        ),
+        record(
+            f"chunk_latency_p90_ms_{n}_sessions",
+            a["latency_p90_ms"],
+            "ms",
+            baseline=s["latency_p90_ms"],
+            machine=machine,
+        ),
+    ]
+    write_results(args.out, records)
+    print(f"wrote {args.out}")
+    return 0

@@ -1,0 +1,105 @@
+"""`vlmq record FILE`: tap request and reply streams into a recording (format: ops/recording.py).
+
+The recorder reads with XREAD only (no consumer group), so it never takes work from the
+workers. Stop it with Ctrl-C/SIGTERM, --duration or --max-entries; it then writes a footer
+with its counts, including replies whose request it did not see (see ops/tap.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+import time
+from typing import List
+
+from broker.connection import connect_async
+from broker.settings import BrokerSettings, add_broker_args, broker_settings_from_args
+from ops.recording import RecordingWriter
+from ops.tail import add_filter_args, filter_from_args, safe_url
+from ops.tap import StreamTap, TapEvent, TapFilter
+
+
+async def record(
+    settings: BrokerSettings, path: str, stop: asyncio.Event, only: TapFilter, max_entries: int = 0
+) -> RecordingWriter:
+    """Record until `stop` is set (or max_entries were written); returns the closed writer."""
+    redis = connect_async(settings)
+    writer = RecordingWriter(path, settings.prefix, settings.partitions)
+    tap = StreamTap(redis, settings, only)
+    queue: asyncio.Queue[List[TapEvent]] = asyncio.Queue()
+
+    async def drain() -> None:
+        # Writing happens here, while the tap is already blocked in its next XREAD.
+        while True:
+            events = await queue.get()
+            for ev in events:
+                writer.write(ev)
+            writer.flush()
+            total = writer.counts["request"] + writer.counts["reply"]
+            if max_entries and total >= max_entries:
+                stop.set()
+            queue.task_done()
+
+    drainer = asyncio.create_task(drain())
+    started = time.time()
+    try:
+        await tap.start()
+        print(
+            f"recording {settings.prefix}:* on {safe_url(settings.url)} to {path} (Ctrl-C to stop)",
+            file=sys.stderr,
+            flush=True,
+        )
+        await tap.run(queue.put_nowait, stop)
+        await queue.join()
+    finally:
+        drainer.cancel()
+        writer.close()
+        await redis.aclose()
+    c = writer.counts
+    print(
+        f"recorded {c['request']} requests and {c['reply']} replies ({writer.size / 1e6:.1f} MB) "
+        f"in {time.time() - started:.1f} s to {path}"
+        + (f"; {writer.orphan_replies} replies to requests not seen" if writer.orphan_replies else ""),
+        file=sys.stderr,
+        flush=True,
+    )
+    return writer
+
+
+async def _main(args: argparse.Namespace) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if args.duration:
+        loop.call_later(args.duration, stop.set)
+    await record(broker_settings_from_args(args), args.file, stop, filter_from_args(args), args.max_entries)
+
+
+def run(args: argparse.Namespace) -> int:
+    from inference_worker.cli import run_async
+
+    run_async(_main(args))
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "record",
+        help="tap request and reply streams into a file, without consuming them",
+        description="Record every request and reply of the prefix (XREAD, no consumer group: workers "
+        "are not disturbed) into FILE, a sequence of msgpack maps, gzip-compressed if FILE ends in .gz. "
+        "Replay it with `vlmq replay FILE`, print it with `vlmq tail --file FILE`.",
+    )
+    p.add_argument("file", metavar="FILE", help="where to write the recording (.gz: compressed)")
+    add_broker_args(p)
+    add_filter_args(p)
+    p.add_argument(
+        "--duration", type=float, default=0.0, help="stop after this many seconds (0 = until Ctrl-C)"
+    )
+    p.add_argument(
+        "--max-entries", type=int, default=0, help="stop after this many requests + replies (0 = no limit)"
+    )
+    p.set_defaults(func=run)

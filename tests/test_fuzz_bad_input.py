@@ -1,0 +1,222 @@
+"""Each kind of bad input, sent raw to a real worker: an error reply with its documented code
+to the sender, a dead-letter entry that keeps the original fields, and a worker that goes on
+serving. The senders here write stream entries by hand, as a buggy or hostile client would."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, Dict, Optional
+
+import msgpack
+import numpy as np
+import pytest
+
+from broker.connection import connect_sync
+from broker.keys import Keys
+from broker.publisher import request_fields
+from schemas.codec import EXT_NDARRAY, packb
+from schemas.errors import ErrorCode
+from schemas.limits import Limits
+from schemas.messages import ActionChunkRequest, ChatMessage, TextActionRequest, decode_reply
+from tests.helpers import WorkerThread, synthetic_settings, wait_for
+
+pytestmark = pytest.mark.timeout(120)
+
+LIMITS = Limits(max_message_bytes=256 * 1024, max_frame_bytes=64 * 1024, max_image_side=256)
+
+
+@pytest.fixture(scope="module")
+def served(redis_server):
+    from broker.settings import BrokerSettings
+
+    broker = BrokerSettings(url=redis_server.url, prefix=f"bad{uuid.uuid4().hex[:8]}", claim_min_idle_ms=1000)
+    worker = WorkerThread(synthetic_settings(broker, limits=LIMITS))
+    with worker:
+        yield broker, connect_sync(broker), worker
+
+
+def _text(sid: str, **over: Any) -> Dict[str, Any]:
+    req = TextActionRequest(session_id=sid, messages=[ChatMessage(role="user", content="look")])
+    return {**req.to_wire(), **over}
+
+
+def _chunk(sid: str, **over: Any) -> Dict[str, Any]:
+    req = ActionChunkRequest(session_id=sid, image=np.zeros((8, 8, 3), np.uint8))
+    return {**req.to_wire(), **over}
+
+
+def _send(served, kind: str, sid: str, rid: str, body: Optional[bytes], **fields: Any) -> str:
+    broker, r, _ = served
+    entry = {"v": "1", "kind": kind, "rid": rid, "sid": sid}
+    if body is not None:
+        entry["body"] = body
+    entry.update(fields)
+    return r.xadd(Keys(broker.prefix).request_stream(kind, 0), entry)
+
+
+def _reply(served, sid: str):
+    broker, r, _ = served
+    stream = Keys(broker.prefix).reply_stream(sid)
+    got = []
+    assert wait_for(lambda: bool(got.extend(r.xrange(stream)) or got), timeout=30), "no reply"
+    assert len(got) == 1, got
+    return decode_reply(got[0][1][b"body"])
+
+
+def _dead_letter(served, kind: str, rid: str) -> Dict[bytes, bytes]:
+    broker, r, _ = served
+    entries = r.xrange(Keys(broker.prefix).dead_letters(kind, 0))
+    found = [f for _, f in entries if f.get(b"rid") == rid.encode()]
+    assert len(found) == 1, entries
+    return found[0]
+
+
+def _rid(body: bytes) -> str:
+    """The request id inside a body when it has one (the entry's rid field must match it)."""
+    try:
+        rid = msgpack.unpackb(body, strict_map_key=False, unicode_errors="replace").get("request_id")
+    except Exception:
+        rid = None
+    return rid if isinstance(rid, str) else uuid.uuid4().hex
+
+
+def _bad_utf8() -> bytes:
+    body = packb(_text("x"))
+    return body.replace(b"\xa4look", b"\xa4lo\xff\xfe")
+
+
+def _raw_ext(dtype: str, shape, payload: bytes) -> msgpack.ExtType:
+    return msgpack.ExtType(EXT_NDARRAY, msgpack.packb([dtype, shape]) + payload)
+
+
+CASES = {
+    # name: (kind, body builder(sid) -> bytes, expected code)
+    "oversize-frame": (
+        "action_chunk",
+        lambda sid: packb(_chunk(sid, image=np.zeros((200, 200, 3), np.uint8))),
+        ErrorCode.TOO_LARGE,
+    ),
+    "oversize-message": (
+        "text_action",
+        lambda sid: packb(_text(sid, messages=[{"role": "user", "content": "x" * 300_000}])),
+        ErrorCode.TOO_LARGE,
+    ),
+    "image-side-over-limit": (
+        "action_chunk",
+        lambda sid: packb(_chunk(sid, image=np.zeros((1, 300, 3), np.uint8))),
+        ErrorCode.TOO_LARGE,
+    ),
+    "wrong-image-dtype": (
+        "action_chunk",
+        lambda sid: packb(_chunk(sid, image=np.zeros((8, 8, 3), np.float32))),
+        ErrorCode.INVALID,
+    ),
+    "wrong-image-shape": (
+        "action_chunk",
+        lambda sid: packb(_chunk(sid, image=np.zeros((8, 8, 4), np.uint8))),
+        ErrorCode.INVALID,
+    ),
+    "wrong-state-shape": (
+        "action_chunk",
+        lambda sid: packb(_chunk(sid, state=np.zeros((2, 3), np.float32))),
+        ErrorCode.INVALID,
+    ),
+    "disallowed-wire-dtype": (
+        "action_chunk",
+        lambda sid: msgpack.packb({**_chunk(sid, image=None), "image": _raw_ext(">u2", [2], b"abcd")}),
+        ErrorCode.MALFORMED,
+    ),
+    "array-bytes-do-not-match-shape": (
+        "action_chunk",
+        lambda sid: msgpack.packb({**_chunk(sid, image=None), "image": _raw_ext("|u1", [8, 8, 3], b"ab")}),
+        ErrorCode.MALFORMED,
+    ),
+    "bad-utf8": ("text_action", lambda sid: _bad_utf8(), ErrorCode.MALFORMED),
+    "not-msgpack": ("text_action", lambda sid: b"\xc1\xc1\xc1", ErrorCode.MALFORMED),
+    "not-a-map": ("text_action", lambda sid: packb([1, 2, 3]), ErrorCode.INVALID),
+    "unknown-version": ("text_action", lambda sid: packb(_text(sid, v=99)), ErrorCode.UNSUPPORTED_VERSION),
+    "missing-version": (
+        "text_action",
+        lambda sid: packb({k: v for k, v in _text(sid).items() if k != "v"}),
+        ErrorCode.UNSUPPORTED_VERSION,
+    ),
+    "unknown-kind": ("text_action", lambda sid: packb(_text(sid, kind="dance")), ErrorCode.UNKNOWN_KIND),
+    "kind-not-of-this-stream": (
+        "text_action",
+        lambda sid: packb(_chunk(sid)),
+        ErrorCode.UNKNOWN_KIND,
+    ),
+    "missing-field": (
+        "text_action",
+        lambda sid: packb({k: v for k, v in _text(sid).items() if k != "messages"}),
+        ErrorCode.INVALID,
+    ),
+    "wrong-field-type": ("text_action", lambda sid: packb(_text(sid, step="three")), ErrorCode.INVALID),
+    "unknown-field": ("text_action", lambda sid: packb(_text(sid, surprise=1)), ErrorCode.INVALID),
+    "max-tokens-over-limit": (
+        "text_action",
+        lambda sid: packb(_text(sid, max_tokens=10**6)),
+        ErrorCode.INVALID,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_gets_an_error_reply_and_a_dead_letter(served, case: str) -> None:
+    kind, build, code = CASES[case]
+    sid = f"bad-{case}"
+    body = build(sid)
+    rid = _rid(body)
+    _send(served, kind, sid, rid, body)
+    reply = _reply(served, sid)
+    assert not reply.ok and reply.error is not None
+    assert reply.error.code == code, reply.error
+    assert reply.error.message
+    assert reply.request_id == rid and reply.session_id == sid
+    dl = _dead_letter(served, kind, rid)
+    assert dl[b"code"] == code.value.encode()
+    assert dl[b"reason"]
+    assert dl[b"body"] == body  # the original bytes are kept for inspection
+    assert int(dl[b"deliveries"]) == 1
+
+
+def test_entry_without_body_or_with_mismatched_ids(served) -> None:
+    _send(served, "text_action", "bad-nobody", "rid-nobody", None)
+    reply = _reply(served, "bad-nobody")
+    assert reply.error.code == ErrorCode.MALFORMED
+    _dead_letter(served, "text_action", "rid-nobody")
+
+    body = packb(_text("bad-mismatch"))
+    _send(served, "text_action", "bad-mismatch", "not-the-body-rid", body)
+    reply = _reply(served, "bad-mismatch")
+    assert reply.error.code == ErrorCode.INVALID
+    _dead_letter(served, "text_action", "not-the-body-rid")
+
+
+def test_entry_without_a_valid_session_only_goes_to_dead_letters(served) -> None:
+    broker, r, _ = served
+    _send(served, "text_action", "../../etc", "rid-evil-sid", b"\xc1")
+    assert wait_for(
+        lambda: any(
+            f.get(b"rid") == b"rid-evil-sid"
+            for _, f in r.xrange(Keys(broker.prefix).dead_letters("text_action", 0))
+        ),
+        timeout=30,
+    )
+    # no key was made from the hostile session id
+    assert not list(r.scan_iter(match=f"{broker.prefix}:reply:*etc*"))
+
+
+def test_worker_keeps_serving_and_nothing_is_left_pending(served) -> None:
+    broker, r, worker = served
+    body = packb(_text("good-after-bad"))
+    rid = msgpack.unpackb(body)["request_id"]
+    _send(served, "text_action", "good-after-bad", rid, body)
+    reply = _reply(served, "good-after-bad")
+    assert reply.ok and reply.result.text == "look"
+    assert worker.thread.is_alive() and worker.error is None
+    keys = Keys(broker.prefix)
+    for kind in ("text_action", "action_chunk"):
+        stream = keys.request_stream(kind, 0)
+        assert wait_for(lambda s=stream: r.xlen(s) == 0, timeout=30), r.xrange(stream)
+        assert r.xpending(stream, broker.group)["pending"] == 0

@@ -1,0 +1,29 @@
+"""README's two commands stay true: CI runs exactly the test command it shows."""
+
+from __future__ import annotations
+
+import os
+import re
+
+from tests.helpers import REPO
+
+
+def _read(*parts: str) -> str:
+    with open(os.path.join(REPO, *parts)) as f:
+        return f.read()
+
+
+def _commands(section: str) -> list:
+    text = _read("README.md").split(f"## {section}")[1]
+    return re.findall(r"```bash\n(.*?)\n```", text, re.S)[0].strip().splitlines()
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    (test_cmd,) = _commands("Run the tests")
+    ci_lines = [line.strip() for line in _read(".ci", "run").splitlines()]
+    assert test_cmd in ci_lines
+
+
+def test_readme_demo_command_installs_and_runs_the_demo():
+    (demo_cmd,) = _commands("Run the demo")
+    assert "pip install" in demo_cmd and demo_cmd.endswith("vlmq demo")
