@@ -101,8 +101,9 @@ def add_agent_args(p: argparse.ArgumentParser) -> None:
     c.add_argument(
         "--rate-hz",
         type=float,
-        default=env("AGENTS_RATE_HZ", 30.0),
-        help="control rate; 0 = step as soon as an action is there [VLMQ_AGENTS_RATE_HZ] (%(default)s)",
+        default=env("AGENTS_RATE_HZ", -1.0),
+        help="control rate; 0 = step as soon as an action is there [VLMQ_AGENTS_RATE_HZ] "
+        "(30 for MiniWorld, 0 for the turn-based games)",
     )
     c.add_argument(
         "--threshold",
@@ -199,13 +200,12 @@ def spec_from_args(args: argparse.Namespace):
         if args.max_tokens:
             fields["max_tokens"] = args.max_tokens
         fields["temperature"] = args.temperature
-    merge = args.merge or ("weighted_average" if args.task == "action_chunk" else "replace")
     control = ControlConfig(
         kind=args.task,
         mode=args.mode,
-        rate_hz=args.rate_hz,
+        rate_hz=args.rate_hz if args.rate_hz >= 0 else (30.0 if args.env.startswith("MiniWorld-") else 0.0),
         threshold=args.threshold,
-        merge=merge,
+        merge=args.merge,
         similarity=args.similarity,
         max_steps=args.max_steps,
         request_timeout_s=args.timeout,

@@ -18,7 +18,7 @@ import logging
 import threading
 from typing import Deque, Dict, Optional, Set
 
-from redis.exceptions import ConnectionError, TimeoutError
+from redis.exceptions import RedisError, TimeoutError
 
 from broker.connection import connect_async
 from broker.keys import Keys
@@ -129,7 +129,11 @@ class AsyncAgentClient:
             try:
                 resp = await self.redis.xread({self.reply_stream: self._last_id}, count=256, block=_BLOCK_MS)
                 delay = 0.01
-            except (ConnectionError, TimeoutError, OSError) as exc:
+            except (RedisError, OSError, AttributeError) as exc:
+                # Connection lost, or (Redis Cluster) a node restarting: "cluster is down",
+                # and redis-py's cluster client tearing down connections in use, which can
+                # surface as AttributeError. The reader is the only way replies arrive, so it
+                # must outlive all of these.
                 self.reconnects += 1
                 log.warning("session %s: reply stream read failed (%s); retrying", self.session_id, exc)
                 await asyncio.sleep(delay)

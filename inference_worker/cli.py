@@ -180,10 +180,11 @@ async def serve(settings, observers=()) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from broker.meta import PartitionMismatch
+    from inference_worker.models.errors import ModelLoadError
 
     try:
         run_async(serve(settings_from_args(args)))
-    except PartitionMismatch as exc:
+    except (PartitionMismatch, ModelLoadError) as exc:
         raise SystemExit(f"vlmq worker: {exc}") from None
     return 0
 

@@ -96,6 +96,10 @@ class Scheduler:
             if len(keep) != len(q):
                 expired += [i for i in q if i.request.expired(wall)]
                 self.queues[kind] = keep
+        for i in expired:  # else _latest would keep the frame of every session that expired
+            key = (i.request.session_id, i.request.kind)
+            if self._latest.get(key) is i:
+                del self._latest[key]
         candidates = [k for k, q in self.queues.items() if q]
         if not candidates:
             return (Batch("", [], expired) if expired else None), math.inf

@@ -146,6 +146,7 @@ class Worker:
                 continue
             if deliveries:
                 await self._admit(deliveries)
+                await asyncio.sleep(0)  # let the batch start before the next read is sent
         leftover = await self.reader.settle()  # reads still in flight on a Redis Cluster
         if leftover:
             await self._admit(leftover)

@@ -12,7 +12,7 @@ import asyncio
 import signal
 import sys
 import time
-from typing import List
+from typing import Callable, List, Optional
 
 from broker.connection import connect_async
 from broker.settings import BrokerSettings, add_broker_args, broker_settings_from_args
@@ -22,27 +22,26 @@ from ops.tap import StreamTap, TapEvent, TapFilter
 
 
 async def record(
-    settings: BrokerSettings, path: str, stop: asyncio.Event, only: TapFilter, max_entries: int = 0
+    settings: BrokerSettings,
+    path: str,
+    stop: asyncio.Event,
+    only: TapFilter,
+    max_entries: int = 0,
+    on_start: Optional[Callable[[], None]] = None,
 ) -> RecordingWriter:
-    """Record until `stop` is set (or max_entries were written); returns the closed writer."""
+    """Record until `stop` is set (or max_entries were written); returns the closed writer.
+    on_start is called once the tap has fixed its starting point: traffic after it is recorded."""
     redis = connect_async(settings)
     writer = RecordingWriter(path, settings.prefix, settings.partitions)
     tap = StreamTap(redis, settings, only)
-    queue: asyncio.Queue[List[TapEvent]] = asyncio.Queue()
 
-    async def drain() -> None:
-        # Writing happens here, while the tap is already blocked in its next XREAD.
-        while True:
-            events = await queue.get()
-            for ev in events:
-                writer.write(ev)
-            writer.flush()
-            total = writer.counts["request"] + writer.counts["reply"]
-            if max_entries and total >= max_entries:
-                stop.set()
-            queue.task_done()
+    def write(events: List[TapEvent]) -> None:
+        for ev in events:
+            writer.write(ev)
+        writer.flush()
+        if max_entries and writer.counts["request"] + writer.counts["reply"] >= max_entries:
+            stop.set()
 
-    drainer = asyncio.create_task(drain())
     started = time.time()
     try:
         await tap.start()
@@ -51,10 +50,10 @@ async def record(
             file=sys.stderr,
             flush=True,
         )
-        await tap.run(queue.put_nowait, stop)
-        await queue.join()
+        if on_start is not None:
+            on_start()
+        await tap.run(write, stop)
     finally:
-        drainer.cancel()
         writer.close()
         await redis.aclose()
     c = writer.counts

@@ -7,7 +7,8 @@ name ends in `.gz` (docs/OPS.md, "Recording format"):
    "started_at", "host", "command"}
 2. one map per tapped stream entry:
    {"type": "request" | "reply", "stream", "id", "seen_at", "kind", "session", "rid",
-    "body": <bytes: the message body exactly as it was on the wire>}
+    "body": <bytes: the message body exactly as it was on the wire>,
+    "via": "dead_letter" (only on a request taken from its dead-letter copy)}
 3. a footer, when the recorder stopped cleanly: {"type": "end", "ended_at", "requests",
    "replies", "orphan_replies"}
 
@@ -84,6 +85,7 @@ class RecordingWriter:
                 "session": ev.session,
                 "rid": ev.request_id,
                 "body": ev.body,
+                **({"via": ev.via} if ev.via else {}),
             }
         )
 

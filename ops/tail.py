@@ -130,12 +130,15 @@ def add_filter_args(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     printer = Printer(sys.stdout, args.json, Limits.from_env())
-    if args.file:
-        tail_file(args, printer)
-        return 0
-    from inference_worker.cli import run_async
+    try:
+        if args.file:
+            tail_file(args, printer)
+            return 0
+        from inference_worker.cli import run_async
 
-    run_async(tail_live(args, printer))
+        run_async(tail_live(args, printer))
+    except BrokenPipeError:  # `vlmq tail | head`: the reader has seen enough
+        sys.stderr.close()
     return 0
 
 

@@ -1,35 +1,44 @@
 """Tapping the request and reply streams without consuming them.
 
 The tap never joins a consumer group: it XREADs each stream from the last id it saw, so it
-takes no work from the workers and acks nothing. Request entries are deleted once their
-reply is written, so the tap relies on Redis serving a blocked XREAD at the moment of the
-XADD; an entry added and fully served while the tap is between two reads (well under a
-millisecond each loop) can be missed. `vlmq record` counts replies whose request it did not
-see, so a recording says when that happened.
+takes no work from the workers and acks nothing. A request entry is deleted as soon as its
+reply is written; the tap sees it because Redis hands a new entry to every blocked XREAD at
+the moment of the XADD, and the tap re-issues its XREAD before decoding anything. What it
+can still miss is a request that is read, served and deleted while the tap is between two
+reads: that needs a handler faster than the tap's turnaround (a no-op backend on a loaded
+machine). Requests rejected at once (malformed, invalid, expired) are also copied to the
+dead-letter streams, which are never deleted, so the tap takes those from there
+(`via="dead_letter"`). `vlmq record` counts replies whose request it did not see.
 
-Streams are found by SCAN (every `discover_s`) and read from the moment the tap started
-(Redis server time), so nothing recorded predates the tap. On Redis Cluster each
+The generic request and dead-letter streams are known by name and read from the start,
+existing or not; model-specific request streams and reply streams are found by SCAN (every
+`discover_s`); all are read from the moment the tap started (Redis server time), so nothing
+recorded predates the tap and a reply stream found late loses nothing (replies stay). On Redis Cluster each
 partition's streams share one slot and are read by their own task.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import fnmatch
 import re
 import time
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Dict, List, Optional, Sequence
+from typing import Any, Awaitable, Callable, Deque, Dict, List, Optional, Sequence, Set, Tuple
 
 from broker.keys import Keys
 from broker.settings import BrokerSettings
 from schemas.codec import CodecError, unpackb
+from schemas.messages import KINDS
+
+REQUEST, REPLY, DEAD = "request", "reply", "dead_letter"  # stream roles
 
 
 @dataclass
 class TapEvent:
     type: str  # "request" | "reply"
-    stream: str
+    stream: str  # the request stream (also for a request taken from the dead letters)
     entry_id: str
     seen_at: float  # unix seconds, when the tap read it
     kind: str
@@ -37,14 +46,11 @@ class TapEvent:
     request_id: str
     body: bytes  # the message body exactly as on the wire (msgpack)
     partition: int = 0
+    via: str = ""  # "dead_letter" when the request was taken from a dead-letter stream
 
 
-def _s(x) -> str:
+def _s(x: Any) -> str:
     return x.decode(errors="replace") if isinstance(x, bytes) else str(x)
-
-
-def reply_stream_pattern(prefix: str) -> re.Pattern[str]:
-    return re.compile("^" + re.escape(prefix) + r":reply:\{p(?P<p>\d+)\}:(?P<session>.+)$")
 
 
 def reply_kind(body: bytes) -> str:
@@ -57,6 +63,7 @@ def reply_kind(body: bytes) -> str:
 
 
 Sink = Callable[[List[TapEvent]], Optional[Awaitable[None]]]
+Raw = Tuple[str, Any, Dict[bytes, bytes], float]
 
 
 @dataclass
@@ -78,6 +85,15 @@ class TapFilter:
         return self.requests if type_ == "request" else self.replies
 
 
+@dataclass
+class _Stream:
+    role: str
+    kind: str  # "" for reply streams (read from the body)
+    partition: int
+    session: str = ""  # reply streams only
+    position: str = "0-0"  # last id read
+
+
 class StreamTap:
     def __init__(
         self,
@@ -94,92 +110,128 @@ class StreamTap:
         self.only = only or TapFilter()
         self.block_ms = block_ms
         self.discover_s = discover_s
-        self._reply_re = reply_stream_pattern(settings.prefix)
-        self._positions: Dict[str, str] = {}  # stream -> last id read
-        self._partition: Dict[str, int] = {}
-        self._kind: Dict[str, str] = {}
+        p = re.escape(settings.prefix)
+        self._reply_re = re.compile("^" + p + r":reply:\{p(?P<p>\d+)\}:(?P<session>.+)$")
+        self._dlq_re = re.compile("^" + p + r":dlq:(?P<kind>[a-z_]+):\{p(?P<p>\d+)\}$")
+        self._streams: Dict[str, _Stream] = {}
         self._start_id = "0-0"
         self._started = False
+        # Request ids seen lately: a dead letter of a request already tapped is not a new one.
+        self._recent: Deque[str] = collections.deque(maxlen=100_000)
+        self._recent_set: Set[str] = set()
         self.seen = {"request": 0, "reply": 0}
 
     # ------------------------------------------------------------------ discovery
 
+    async def _scan(self, pattern: str):
+        async for raw in self.redis.scan_iter(match=f"{self.settings.prefix}:{pattern}", count=1000):
+            key = _s(raw)
+            if key not in self._streams:
+                yield key
+
+    def _expected(self) -> None:
+        """The request and dead-letter streams every worker of this prefix uses, whether they
+        exist yet or not: a blocked XREAD on a missing key is served by the XADD that creates
+        it, so traffic on a stream born after the tap started is not left to discovery."""
+        for kind in KINDS:
+            if not self.only.kind_ok(kind):
+                continue
+            for p in range(self.settings.partitions):
+                for key, role in (
+                    (self.keys.request_stream(kind, p), REQUEST),
+                    (self.keys.dead_letters(kind, p), DEAD),
+                ):
+                    self._streams.setdefault(key, _Stream(role, kind, p, position=self._start_id))
+
     async def _discover(self) -> None:
         if self.only.requests:
-            async for raw in self.redis.scan_iter(match=f"{self.settings.prefix}:req:*", count=1000):
-                key = _s(raw)
-                if key in self._positions:
-                    continue
+            async for key in self._scan("req:*"):
                 try:
                     kind, _model, partition = self.keys.parse_request_stream(key)
                 except ValueError:
                     continue
                 if self.only.kind_ok(kind):
-                    self._add(key, partition, kind)
+                    self._streams[key] = _Stream(REQUEST, kind, partition, position=self._start_id)
+            async for key in self._scan("dlq:*"):
+                m = self._dlq_re.match(key)
+                if m and self.only.kind_ok(m.group("kind")):
+                    self._streams[key] = _Stream(
+                        DEAD, m.group("kind"), int(m.group("p")), position=self._start_id
+                    )
         if self.only.replies:
-            async for raw in self.redis.scan_iter(match=f"{self.settings.prefix}:reply:*", count=1000):
-                key = _s(raw)
-                if key in self._positions:
-                    continue
+            async for key in self._scan("reply:*"):
                 m = self._reply_re.match(key)
                 if m and self.only.session_ok(m.group("session")):
-                    self._add(key, int(m.group("p")), "")
-
-    def _add(self, key: str, partition: int, kind: str) -> None:
-        self._positions[key] = self._start_id
-        self._partition[key] = partition
-        self._kind[key] = kind
+                    self._streams[key] = _Stream(
+                        REPLY, "", int(m.group("p")), m.group("session"), position=self._start_id
+                    )
 
     # ------------------------------------------------------------------ reading
 
-    def _event(
-        self, stream: str, entry_id: str, fields: Dict[bytes, bytes], now: float
-    ) -> Optional[TapEvent]:
+    def _remember(self, rid: str) -> bool:
+        """True if rid is new."""
+        if rid in self._recent_set:
+            return False
+        if len(self._recent) == self._recent.maxlen:
+            self._recent_set.discard(self._recent[0])
+        self._recent.append(rid)
+        self._recent_set.add(rid)
+        return True
+
+    def _event(self, key: str, entry_id: Any, fields: Dict[bytes, bytes], now: float) -> Optional[TapEvent]:
+        st = self._streams[key]
         body = fields.get(b"body") or b""
         rid = _s(fields.get(b"rid", b""))
-        if self._kind[stream]:  # a request stream
-            session = _s(fields.get(b"sid", b""))
-            if not self.only.session_ok(session):
+        if st.role == REPLY:
+            kind = reply_kind(body)
+            if not self.only.kind_ok(kind):
                 return None
-            kind = self._kind[stream]
-            return TapEvent(
-                "request", stream, entry_id, now, kind, session, rid, body, self._partition[stream]
-            )
-        kind = reply_kind(body)
-        if not self.only.kind_ok(kind):
+            return TapEvent(REPLY, key, _s(entry_id), now, kind, st.session, rid, body, st.partition)
+        session = _s(fields.get(b"sid", b""))
+        if not self.only.session_ok(session) or not self._remember(rid):
             return None
-        session = self._reply_re.match(stream).group("session")
-        return TapEvent("reply", stream, entry_id, now, kind, session, rid, body, self._partition[stream])
+        if st.role == REQUEST:
+            return TapEvent(REQUEST, key, _s(entry_id), now, st.kind, session, rid, body, st.partition)
+        # A dead letter of a request the tap did not see: the original entry, from its copy.
+        stream = _s(fields.get(b"stream", key.encode()))
+        original = _s(fields.get(b"entry_id", entry_id))
+        return TapEvent(REQUEST, stream, original, now, st.kind, session, rid, body, st.partition, DEAD)
 
-    async def _read(self, partition: Optional[int]) -> List[TapEvent]:
+    async def _read(self, partition: Optional[int]) -> List[Raw]:
+        """One XREAD, raw entries only: decoding waits for the delivery task, so the next XREAD
+        goes out at once."""
         streams = {
-            s: pos
-            for s, pos in self._positions.items()
-            if partition is None or self._partition[s] == partition
+            k: s.position for k, s in self._streams.items() if partition is None or s.partition == partition
         }
         if not streams:
             await asyncio.sleep(self.block_ms / 1000)
             return []
         resp = await self.redis.xread(streams, count=1000, block=self.block_ms)
         now = time.time()
-        out: List[TapEvent] = []
+        out: List[Raw] = []
         items = resp.items() if isinstance(resp, dict) else (resp or [])
         for stream, entries in items:
             stream = _s(stream)
             if entries and isinstance(entries[0], list) and isinstance(entries[0][0], list):
                 entries = entries[0]  # RESP3 nests one level deeper
             for entry_id, fields in entries:
-                self._positions[stream] = _s(entry_id)
-                ev = self._event(stream, _s(entry_id), fields or {}, now)
-                if ev is not None:
-                    self.seen[ev.type] += 1
-                    out.append(ev)
+                out.append((stream, entry_id, fields or {}, now))
+            if entries:
+                self._streams[stream].position = _s(entries[-1][0])
         return out
+
+    def _events(self, raw: List[Raw]) -> List[TapEvent]:
+        # Requests before their dead letters before replies, whatever order XREAD gave.
+        order = {REQUEST: 0, DEAD: 1, REPLY: 2}
+        raw = sorted(raw, key=lambda r: order[self._streams[r[0]].role])
+        return [ev for ev in (self._event(*r) for r in raw) if ev is not None]
 
     async def start(self) -> None:
         """Fix the starting point (now, by the server's clock) and find the streams."""
         secs, usecs = await self.redis.time()  # stream ids are made from the server's clock
         self._start_id = f"{int(secs) * 1000 + int(usecs) // 1000}-0"
+        if self.only.requests:
+            self._expected()
         await self._discover()
         self._started = True
 
@@ -190,14 +242,26 @@ class StreamTap:
         partitions: List[Optional[int]] = (
             list(range(self.settings.partitions)) if self.settings.cluster else [None]
         )
+        queue: asyncio.Queue = asyncio.Queue()
 
         async def reader(p: Optional[int]) -> None:
             while not stop.is_set():
-                events = await self._read(p)
+                raw = await self._read(p)
+                if raw:
+                    queue.put_nowait(raw)
+
+        async def deliver() -> None:
+            while True:
+                raw = await queue.get()
+                await asyncio.sleep(0)  # let the reader send its next XREAD before decoding
+                events = self._events(raw)
+                for ev in events:
+                    self.seen[ev.type] += 1
                 if events:
                     done = sink(events)
                     if done is not None:
                         await done
+                queue.task_done()
 
         async def discoverer() -> None:
             while not stop.is_set():
@@ -208,10 +272,19 @@ class StreamTap:
 
         tasks = [asyncio.create_task(reader(p)) for p in partitions]
         tasks.append(asyncio.create_task(discoverer()))
+        delivery = asyncio.create_task(deliver())
+        reading = asyncio.gather(*tasks)
         try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-            for t in done:
-                t.result()  # surface a failure
+            await asyncio.wait([reading, delivery], return_when=asyncio.FIRST_COMPLETED)
+            if delivery.done():
+                delivery.result()  # the sink failed
+            reading.result()  # a read failed, or stop was set
+            drained = asyncio.ensure_future(queue.join())
+            await asyncio.wait([drained, delivery], return_when=asyncio.FIRST_COMPLETED)
+            drained.cancel()
+            if delivery.done():
+                delivery.result()
         finally:
             stop.set()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            delivery.cancel()
+            await asyncio.gather(*tasks, delivery, return_exceptions=True)

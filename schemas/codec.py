@@ -18,6 +18,7 @@ from schemas.errors import ErrorCode, ProtocolError
 from schemas.limits import DEFAULT_LIMITS, Limits
 
 EXT_NDARRAY = 1
+_MAX_HEADER = 256  # bytes: [dtype, 8 dims of uint64] needs under 100
 
 # Little-endian or byte-order-free dtypes only: a client on any platform can produce them
 # and the decoder never has to swap bytes.
@@ -54,8 +55,10 @@ def _make_ext_hook(limits: Limits):
     def ext_hook(code: int, data: bytes) -> Any:
         if code != EXT_NDARRAY:
             raise CodecError(f"unknown msgpack extension type {code}")
-        unpacker = msgpack.Unpacker(max_buffer_size=len(data) or 1, raw=False)
-        unpacker.feed(data)
+        # Feed only the head: the header is a few dozen bytes, and feeding the whole payload
+        # would copy the array once more.
+        unpacker = msgpack.Unpacker(raw=False, max_buffer_size=_MAX_HEADER)
+        unpacker.feed(memoryview(data)[:_MAX_HEADER])
         try:
             dtype_str, shape = unpacker.unpack()
         except Exception as exc:

@@ -371,11 +371,15 @@ def _validate(model: Type[BaseModel], data: Any, limits: Limits) -> Any:
         raise ProtocolError(ErrorCode.INVALID, describe_validation_error(exc), detail) from None
 
 
-def decode_request(body: bytes, limits: Limits = DEFAULT_LIMITS) -> Request:
-    """bytes from the wire -> a validated request, or ProtocolError with its code."""
+def decode_request(body: bytes, limits: Limits = DEFAULT_LIMITS, session_id: Optional[str] = None) -> Request:
+    """bytes from the wire -> a validated request, or ProtocolError with its code.
+    `session_id`, when given, fills in a body that leaves its session_id out or empty (the
+    gateway's WebSocket: the socket is the session)."""
     data = unpackb(body, limits)
     if not isinstance(data, dict):
         raise ProtocolError(ErrorCode.INVALID, f"body must be a msgpack map, got {type(data).__name__}")
+    if session_id is not None and not data.get("session_id"):
+        data["session_id"] = session_id
     version = data.get("v")
     if type(version) is not int or version not in SUPPORTED_VERSIONS:  # a list is unhashable
         raise ProtocolError(

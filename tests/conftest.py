@@ -59,3 +59,14 @@ def tiny_qwen2_vl(tmp_path_factory) -> str:
 def tiny_qwen3_vl(tmp_path_factory) -> str:
     """Path of a tiny random-weight Qwen3-VL checkpoint (real architecture), built once."""
     return _tiny_checkpoint(tmp_path_factory, "qwen3-vl")
+
+
+@pytest.fixture(scope="session")
+def tiny_vla(tiny_qwen2_vl, tmp_path_factory) -> str:
+    """Path of a VLA folder: a tiny random-weight action expert on the tiny Qwen2-VL."""
+    from inference_worker.vla.config import TINY, VLAConfig
+    from inference_worker.vla.model import QwenVLA
+
+    folder = str(tmp_path_factory.mktemp("tiny-vla"))
+    QwenVLA.build(VLAConfig(vlm_path=tiny_qwen2_vl, **TINY), seed=0).save(folder)
+    return folder

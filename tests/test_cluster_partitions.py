@@ -11,14 +11,20 @@ import asyncio
 import uuid
 from typing import Dict, List
 
+import openai
 import pytest
 from redis.crc import key_slot
 
-from broker.connection import connect_sync
+from broker.connection import connect_async, connect_sync
+from broker.consumer import GroupReader
+from broker.embedded import free_port
 from broker.embedded_cluster import EmbeddedCluster
 from broker.keys import Keys
+from broker.publisher import Publisher
 from broker.settings import BrokerSettings
 from env_agents.client import AsyncAgentClient
+from ops.gateway.server import GatewayThread
+from ops.gateway.settings import GatewaySettings
 from ops.inspect import snapshot
 from schemas.messages import Reply, TextActionRequest
 from tests.helpers import WorkerThread, synthetic_settings
@@ -108,9 +114,7 @@ def test_node_restart_loses_nothing_and_work_continues():
         victim_partition = 2
         victim = c.node_of_slot(key_slot(keys.tag(victim_partition).encode()))
         elsewhere = [
-            sid
-            for p, sid in sessions.items()
-            if c.node_of_slot(key_slot(keys.tag(p).encode())) != victim
+            sid for p, sid in sessions.items() if c.node_of_slot(key_slot(keys.tag(p).encode())) != victim
         ]
         assert elsewhere
 
@@ -144,3 +148,58 @@ def test_node_restart_loses_nothing_and_work_continues():
         snap = snapshot(r, s)
         r.close()
         assert all(row["length"] == 0 and row["pending"] == 0 for row in snap["streams"])
+
+
+def test_gateway_serves_openai_clients_from_the_cluster(cluster):
+    s = cluster_settings(cluster.url)
+    gw_settings = GatewaySettings(broker=s, port=free_port(), sessions=PARTITIONS * 2)
+    with (
+        WorkerThread(synthetic_settings(s, name="w-gw", kinds=("text_action",))),
+        GatewayThread(gw_settings) as gw,
+    ):
+        client = openai.OpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        outs = [
+            client.chat.completions.create(model="vlmq", messages=[{"role": "user", "content": f"c{i}"}])
+            for i in range(PARTITIONS * 2)
+        ]
+    assert [o.choices[0].message.content for o in outs] == [f"c{i}" for i in range(PARTITIONS * 2)]
+    keys = Keys(s.prefix, s.partitions)
+    used = {keys.partition_of(o.model_extra["vlmq"]["session_id"]) for o in outs}
+    assert len(used) > 1, "the gateway's pooled sessions should spread over partitions"
+
+
+def test_keep_alive_and_reclaim_across_slots(cluster):
+    """One consumer holds messages of every partition; keep-alive (one pipeline over all
+    slots) keeps them from a second consumer, and once it stops they are reclaimed."""
+    s = cluster_settings(cluster.url).with_(claim_min_idle_ms=1500)
+    keys = Keys(s.prefix, s.partitions)
+    streams = keys.request_streams("text_action")
+
+    async def scenario() -> None:
+        r = connect_async(s)
+        try:
+            publisher = Publisher(r, s)
+            for sid in session_per_partition(keys).values():
+                await publisher.publish(ask("held").model_copy(update={"session_id": sid}))
+            holder = GroupReader(r, s, streams, "holder")
+            thief = GroupReader(r, s, streams, "thief")
+            await holder.ensure_groups()
+            held = []
+            for _ in range(20):
+                held += await holder.read(10, 100)
+                if len(held) == PARTITIONS:
+                    break
+            assert {d.partition for d in held} == set(range(PARTITIONS))
+            for _ in range(4):  # longer than claim_min_idle_ms, kept alive all along
+                await asyncio.sleep(0.5)
+                await holder.keep_alive(held)
+                assert await thief.reclaim(10) == []
+            await asyncio.sleep(2.0)  # the holder went quiet: its messages are up for grabs
+            taken = await thief.reclaim(10)
+            assert sorted(d.entry_id for d in taken) == sorted(d.entry_id for d in held)
+            assert all(d.deliveries == 2 for d in taken)
+            assert await holder.settle() == []
+        finally:
+            await r.aclose()
+
+    asyncio.run(scenario())

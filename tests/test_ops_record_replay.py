@@ -103,7 +103,9 @@ def partitioned(settings):
 def test_record_tail_replay_round_trip_and_a_changed_worker(partitioned, tmp_path):
     settings = partitioned
     path = str(tmp_path / "traffic.vlmqrec.gz")
-    with WorkerThread(synthetic_settings(settings, max_wait_ms=2.0)) as worker:
+    # 20 ms per batch stands in for a model: a request then lives longer than the taps'
+    # turnaround (with a no-op handler on a loaded machine a tap can miss one; see ops/tap.py).
+    with WorkerThread(synthetic_settings(settings, max_wait_ms=2.0, synthetic_latency_ms=20.0)) as worker:
         recorder, tail = _spawn(_cli(settings, "record", path)), _spawn(_cli(settings, "tail", "--json"))
         _ready(recorder, "recording"), _ready(tail, "tailing")
         sent = asyncio.run(_traffic(settings))
@@ -162,7 +164,7 @@ def test_record_tail_replay_round_trip_and_a_changed_worker(partitioned, tmp_pat
         )
         assert out.returncode == 0, out.stdout + out.stderr
         assert "no differences in 12 compared replies" in out.stdout
-        counts = json.load(open(tmp_path / "r.json"))["counts"]
+        counts = json.loads((tmp_path / "r.json").read_text())["counts"]
         assert counts == {"match": 12, "differ": 0, "skipped": 4, "failed": 0, "no_record": 0}
 
         # tail --file prints the recording, filtered.

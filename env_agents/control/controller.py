@@ -40,7 +40,7 @@ class ControlConfig:
     mode: str = "async"
     rate_hz: float = 30.0  # 0 = free-running
     threshold: float = 0.5  # g: refill when the queue holds <= g x chunk_size actions
-    merge: str = "weighted_average"
+    merge: str = ""  # "" = weighted_average for action_chunk, replace for the discrete kinds
     similarity: float = 0.0  # frame distance below which an observation may be skipped; 0 = off
     max_steps: int = 500  # per episode, on top of the env's own time limit
     request_timeout_s: float = 30.0
@@ -53,6 +53,10 @@ class ControlConfig:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.threshold < 0 or self.rate_hz < 0:
             raise ValueError("threshold and rate must be >= 0")
+        if not self.merge:
+            object.__setattr__(
+                self, "merge", "weighted_average" if self.kind == "action_chunk" else "replace"
+            )
         check_merge(self.merge, self.kind)
 
     @property
@@ -211,6 +215,7 @@ class Controller:
                 if item is None:
                     if acting:
                         stats.starved += 1
+                        stats.idle_starved += flight is None
                     else:
                         stats.startup_ticks += 1
                 else:

@@ -20,6 +20,7 @@ class EpisodeStats:
     ticks: int = 0  # control ticks (fixed rate), steps or not
     startup_ticks: int = 0  # ticks before the episode's first action arrived
     starved: int = 0  # ticks after that with an action due and the queue empty
+    idle_starved: int = 0  # ... of which no request was in flight (what a filter must never cause)
     overruns: int = 0  # ticks that started more than one period late (the process was too slow)
     requests: int = 0
     replies: int = 0
@@ -69,6 +70,7 @@ def summarize(episodes: Sequence[Dict[str, Any]], wall_s: float) -> Dict[str, An
         return sum(int(e[key]) for e in episodes)
 
     steps, starved = total("steps"), total("starved")
+    episode_s = sum(float(e["wall_s"]) for e in episodes)
     due = total("ticks") - total("startup_ticks")
     lat: List[float] = [x for e in episodes for x in e.get("latencies_ms", ())]
     out: Dict[str, Any] = {
@@ -80,6 +82,7 @@ def summarize(episodes: Sequence[Dict[str, Any]], wall_s: float) -> Dict[str, An
         "errors": total("errors"),
         "skipped": total("skipped"),
         "starved": starved,
+        "idle_starved": total("idle_starved"),
         "overruns": total("overruns"),
         "starvation_fraction": round(starved / due, 5) if due > 0 else 0.0,
         "success_rate": round(total("success") / n, 4) if n else 0.0,
@@ -87,13 +90,9 @@ def summarize(episodes: Sequence[Dict[str, Any]], wall_s: float) -> Dict[str, An
         "mean_length": round(steps / n, 2) if n else 0.0,
         "wall_s": round(wall_s, 3),
         "env_steps_per_s": round(steps / wall_s, 3) if wall_s > 0 else 0.0,
-        # Per session, over its episodes' own wall time (env creation excluded): the
+        # Per session, over the episodes' own wall time (env creation excluded): the
         # control rate an agent actually achieved.
-        "session_steps_per_s": round(
-            float(np.mean([e["steps"] / e["wall_s"] for e in episodes if e["wall_s"] > 0])), 3
-        )
-        if n
-        else 0.0,
+        "session_steps_per_s": round(steps / episode_s, 3) if episode_s > 0 else 0.0,
     }
     out.update(latency_percentiles(lat))
     return out

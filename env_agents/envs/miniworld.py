@@ -6,6 +6,9 @@ EGL, no X server); that is why every MiniWorld env in vlmq comes from `make_mini
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -21,6 +24,8 @@ from schemas.messages import (
     StructuredActionRequest,
     TextActionRequest,
 )
+
+log = logging.getLogger("vlmq.agents")
 
 DEFAULT_ENV = "MiniWorld-OneRoom-v0"
 # MiniWorld's own action ids (miniworld.miniworld.MiniWorldEnv.Actions).
@@ -49,15 +54,27 @@ def make_miniworld(env_id: str = DEFAULT_ENV, size: int = 224, seed: int = 0, **
     """A headless MiniWorld Gymnasium env whose observations are uint8 (size, size, 3).
 
     The env is reset once with `seed`, so the episodes that follow (reset() without a
-    seed) are reproducible too. Extra kwargs go to the env constructor.
+    seed) are reproducible too. `max_episode_steps` replaces the env's time limit; other
+    kwargs go to the env constructor.
     """
     _import_headless()
     import gymnasium as gym
 
     if not env_id.startswith("MiniWorld-"):
         raise ValueError(f"{env_id!r} is not a MiniWorld id (MiniWorld-*-v0)")
-    env = gym.make(env_id, obs_width=size, obs_height=size, **kwargs)
-    env.reset(seed=seed)
+    # MiniWorld prints its GL multisampling fallback once per framebuffer: with dozens of
+    # envs per process that floods the runner's output, so it goes to the debug log.
+    # gym.make would take max_episode_steps for a TimeLimit wrapper of its own, leaving
+    # MiniWorld's internal limit in force; the env's attribute is what really counts.
+    limit = kwargs.pop("max_episode_steps", None)
+    noise = io.StringIO()
+    with contextlib.redirect_stdout(noise):
+        env = gym.make(env_id, obs_width=size, obs_height=size, **kwargs)
+        if limit is not None:
+            env.unwrapped.max_episode_steps = int(limit)
+        env.reset(seed=seed)
+    if noise.getvalue().strip():
+        log.debug("%s: %s", env_id, noise.getvalue().strip())
     return env
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from typing import Any, List, Optional, Sequence, Tuple
 
-from inference_worker.engines.completion import Completion
+from inference_worker.engines.completion import Completion, Scored
 from inference_worker.engines.inputs import InputBuilder
 from inference_worker.engines.kv_cache import KVCache
 from inference_worker.engines.options import EngineOptions
@@ -25,6 +25,8 @@ from inference_worker.engines.text_stack import TextStack
 from inference_worker.engines.vision_attention import use_packed_vision_attention
 from inference_worker.handlers.base import Stopwatch
 from inference_worker.models.loading import LoadedVLM
+
+CHECK_EVERY = 4  # decode steps between checks that every row is done
 
 
 class ChatEngine:
@@ -45,7 +47,11 @@ class ChatEngine:
         )
         if use_graphs and vlm.device.type != "cuda":
             raise ValueError("decode=graphs needs a CUDA device")
-        self.steps = GraphSteps(self.stack, self.options.capacity_step, self.options.max_graphs) if use_graphs else EagerSteps(self.stack)
+        self.steps = (
+            GraphSteps(self.stack, self.options.capacity_step, self.options.max_graphs)
+            if use_graphs
+            else EagerSteps(self.stack)
+        )
         use_packed_vision_attention(self.model)
         eos = self.model.generation_config.eos_token_id
         eos = [eos] if isinstance(eos, int) else list(eos or [])
@@ -53,6 +59,24 @@ class ChatEngine:
             eos.append(self.tokenizer.eos_token_id)
         self.eos_ids = sorted(set(eos))
         self.eos = torch.tensor(self.eos_ids or [-1], device=self.device)
+        self._warm = False
+
+    def warmup(self) -> None:
+        """One small request through every path (and the first CUDA graph), once."""
+        if self._warm:
+            return
+        import numpy as np
+
+        from inference_worker.engines.prompt import user_prompt
+
+        frame = np.zeros((64, 64, 3), dtype=np.uint8)
+        self.generate([user_prompt(frame, "warm up")], [Sampling(max_tokens=2)])
+        self.score([user_prompt("warm up")], [["a", "b c"]])
+        self._warm = True
+
+    def check(self, prompt: ChatPrompt) -> ChatPrompt:
+        """Raise the ProtocolError this prompt would fail with (one request, not its batch)."""
+        return self.inputs.check(prompt)
 
     # ------------------------------------------------------------------ generation
 
@@ -80,7 +104,9 @@ class ChatEngine:
         cache.load_prefix(hf_cache, batch.attention_mask)
         return cache, out.logits[:, -1].float()
 
-    def _decode(self, cache: KVCache, batch, first, samplings: Sequence[Sampling], max_new: int) -> List[List[int]]:
+    def _decode(
+        self, cache: KVCache, batch, first, samplings: Sequence[Sampling], max_new: int
+    ) -> List[List[int]]:
         import torch
 
         select = TokenSelector(samplings, self.device)
@@ -95,7 +121,9 @@ class ChatEngine:
             ended |= limits <= n
             if stop_rows:
                 ended |= self._stopped(generated, stop_rows, samplings)
-            if n == max_new or bool(ended.all()):
+            # asking the GPU whether all rows are done waits for it: do it every few steps
+            # (rows that are done meanwhile run on and are cut in _finish)
+            if n == max_new or ((stop_rows or n % CHECK_EVERY == 0) and bool(ended.all())):
                 break
             logits = self.steps.step(cache, tok, batch.next_positions + (n - 1), batch.length + n - 1)
             tok = select(logits)
@@ -135,8 +163,11 @@ class ChatEngine:
     # ------------------------------------------------------------------ scoring
 
     def score(
-        self, prompts: Sequence[ChatPrompt], candidates: Sequence[Sequence[str]], sw: Optional[Stopwatch] = None
-    ) -> List[List[float]]:
+        self,
+        prompts: Sequence[ChatPrompt],
+        candidates: Sequence[Sequence[str]],
+        sw: Optional[Stopwatch] = None,
+    ) -> List[Scored]:
         """Summed log-probability of each candidate as the start of the assistant's answer.
 
         Tokens are scored in context ("-1" is two tokens under Qwen's digit splitting, so a
@@ -147,7 +178,10 @@ class ChatEngine:
         with torch.inference_mode():
             with sw("preprocess"):
                 batch = self.inputs.build(prompts)
-                ids = [[self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in cs] for cs in candidates]
+                ids = [
+                    [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in cs]
+                    for cs in candidates
+                ]
             with sw("prefill"):
                 out = self.model(**batch.model_kwargs(), use_cache=True, logits_to_keep=1)
                 hf_cache = getattr(out, "cache", None) or out.past_key_values
@@ -160,12 +194,12 @@ class ChatEngine:
                 totals: List[float] = []
                 for lo in range(0, len(rows), self.options.score_rows):
                     totals += self._score_rows(prefix, batch, first, rows[lo : lo + self.options.score_rows])
-        out_scores: List[List[float]] = []
+        out: List[Scored] = []
         k = 0
-        for cs in ids:
-            out_scores.append(totals[k : k + len(cs)])
+        for cs, n in zip(ids, batch.prompt_tokens()):
+            out.append(Scored(totals[k : k + len(cs)], n))
             k += len(cs)
-        return out_scores
+        return out
 
     def _score_rows(self, prefix: KVCache, batch, first, rows: List[Tuple[int, List[int]]]) -> List[float]:
         import torch
@@ -197,4 +231,3 @@ class ChatEngine:
     def close(self) -> None:
         self.steps = None  # type: ignore[assignment]
         self.stack = None  # type: ignore[assignment]
-

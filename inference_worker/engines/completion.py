@@ -14,3 +14,13 @@ class Completion:
     completion_tokens: int
     finish_reason: str  # "stop" (end of sequence or a stop sequence) or "length"
     token_ids: List[int] = field(default_factory=list)
+
+
+@dataclass
+class Scored:
+    scores: List[float]  # summed log-probability of each candidate, in order
+    prompt_tokens: int
+
+    @property
+    def best(self) -> int:
+        return max(range(len(self.scores)), key=lambda i: self.scores[i])

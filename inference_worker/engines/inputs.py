@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
 from inference_worker.engines.pixels import ImagePolicy, pixel_values
+from inference_worker.engines.positions import mrope_positions
 from inference_worker.engines.prompt import ChatPrompt
 from schemas.errors import ErrorCode, ProtocolError
 
@@ -62,48 +63,67 @@ class InputBuilder:
 
     def render(self, prompt: ChatPrompt) -> str:
         """The chat template applied, ending with the assistant's turn header."""
-        return self.processor.apply_chat_template(prompt.messages, tokenize=False, add_generation_prompt=True)
+        if prompt.rendered is None:
+            prompt.rendered = self.processor.apply_chat_template(
+                prompt.messages, tokenize=False, add_generation_prompt=True
+            )
+        return prompt.rendered
 
-    def expand_images(self, text: str, prompt: ChatPrompt) -> str:
-        pieces = text.split(self.image_token)
-        if len(pieces) - 1 != len(prompt.images):
+    def check(self, prompt: ChatPrompt) -> ChatPrompt:
+        """Raise the ProtocolError a prompt would fail with, before it joins a batch."""
+        self.image_tokens(self.render(prompt), prompt)
+        return prompt
+
+    def image_tokens(self, text: str, prompt: ChatPrompt) -> List[int]:
+        """How many placeholder tokens each image of the prompt takes."""
+        placeholders = text.count(self.image_token)
+        if placeholders != len(prompt.images):
             raise ProtocolError(
                 ErrorCode.INVALID,
-                f"the prompt has {len(pieces) - 1} image placeholder(s) but {len(prompt.images)} image(s)",
+                f"the prompt has {placeholders} image placeholder(s) but {len(prompt.images)} image(s)",
             )
-        out = [pieces[0]]
-        for img, piece in zip(prompt.images, pieces[1:]):
-            out.append(self.image_token * self.policy.num_tokens(img.shape[0], img.shape[1]))
-            out.append(piece)
-        return "".join(out)
+        return [self.policy.num_tokens(img.shape[0], img.shape[1]) for img in prompt.images]
 
-    def build(self, prompts: Sequence[ChatPrompt], texts: Optional[Sequence[str]] = None) -> BatchInputs:
+    def _expand(self, ids: List[int], counts: List[int]) -> List[int]:
+        """One placeholder id per image -> as many as the image has tokens. Tokenising the
+        short form is exact (the placeholder is one special token) and ~3x cheaper."""
+        if not counts:
+            return ids
+        out: List[int] = []
+        it = iter(counts)
+        for t in ids:
+            if t == self.image_token_id:
+                out.extend([t] * next(it))
+            else:
+                out.append(t)
+        return out
+
+    def build(self, prompts: Sequence[ChatPrompt]) -> BatchInputs:
         import torch
 
-        texts = list(texts) if texts is not None else [self.render(p) for p in prompts]
-        expanded = [self.expand_images(t, p) for t, p in zip(texts, prompts)]
-        enc = self.tokenizer(expanded, padding=True, padding_side="left", return_tensors="pt")
-        input_ids, mask = enc["input_ids"], enc["attention_mask"]
+        texts = [self.render(p) for p in prompts]
+        counts = [self.image_tokens(t, p) for t, p in zip(texts, prompts)]
+        short = self.tokenizer(texts)["input_ids"]
+        rows = [self._expand(ids, c) for ids, c in zip(short, counts)]
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id or 0
+        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
         mm = (input_ids == self.image_token_id).int()
         images = [img for p in prompts for img in p.images]
         pv = grid = None
+        grids: List[Any] = []
         if images:
-            pv, grid_dev = pixel_values(images, self.policy, self.device, self.dtype)
-            grid = grid_dev.cpu()
-            pos, _ = self.model.model.get_rope_index(
-                input_ids, mm_token_type_ids=mm, image_grid_thw=grid, attention_mask=mask
-            )
-            grid = grid_dev
-        else:
-            pos = (mask.long().cumsum(-1) - 1).clamp(min=0).unsqueeze(0).expand(3, -1, -1)
-        next_pos = pos.amax(dim=(0, 2)) + 1
+            pv, grid = pixel_values(images, self.policy, self.device, self.dtype)
+            grids = [(1, img_h, img_w) for img_h, img_w in self.policy.grids(images)]
+        pos, nxt = mrope_positions(mm.numpy(), mask.numpy(), grids, self.policy.merge_size)
         dev = self.device
         return BatchInputs(
             input_ids=input_ids.to(dev),
             attention_mask=mask.to(dev),
             mm_token_type_ids=mm.to(dev),
-            position_ids=pos.contiguous().to(dev),
-            next_positions=next_pos.to(dev),
+            position_ids=torch.from_numpy(pos).to(dev),
+            next_positions=torch.from_numpy(nxt).to(dev),
             pixel_values=pv,
             image_grid_thw=grid,
         )

@@ -18,7 +18,9 @@ class KVCache:
     mask: Any  # (B, capacity) bool: column holds a real token of that row
 
     @classmethod
-    def empty(cls, layers: int, batch: int, kv_heads: int, capacity: int, head_dim: int, dtype, device) -> KVCache:
+    def empty(
+        cls, layers: int, batch: int, kv_heads: int, capacity: int, head_dim: int, dtype, device
+    ) -> KVCache:
         import torch
 
         shape = (batch, kv_heads, capacity, head_dim)

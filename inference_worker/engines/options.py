@@ -25,7 +25,8 @@ class EngineOptions:
 
     @classmethod
     def parse(cls, options: Mapping[str, str], environ: Optional[Mapping[str, str]] = None) -> EngineOptions:
-        """From `--option` pairs, falling back to VLMQ_ENGINE_* variables; unknown keys fail."""
+        """From `--option` pairs, falling back to VLMQ_ENGINE_* variables. Keys that are not
+        engine options are left to the other components that read `--option` (the VLA's)."""
         env = os.environ if environ is None else environ
         known = {f.name: f for f in fields(cls)}
         values: Dict[str, object] = {}
@@ -36,7 +37,7 @@ class EngineOptions:
         for key, raw in options.items():
             name = key.replace("-", "_")
             if name not in known:
-                raise ValueError(f"unknown engine option {key!r}; known: {', '.join(sorted(known))}")
+                continue
             values[name] = _convert(name, raw, known[name].default)
         opts = cls(**values)  # type: ignore[arg-type]
         if opts.decode not in ("auto", "eager", "graphs"):

@@ -51,6 +51,14 @@ class ImagePolicy:
 
         return smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
 
+    def grids(self, images: Sequence[np.ndarray]) -> List[Tuple[int, int]]:
+        """(patch rows, patch columns) of each image after resizing."""
+        out = []
+        for img in images:
+            h, w = self.target_size(img.shape[0], img.shape[1])
+            out.append((h // self.patch_size, w // self.patch_size))
+        return out
+
     def num_tokens(self, height: int, width: int) -> int:
         h, w = self.target_size(height, width)
         return (h // self.patch_size) * (w // self.patch_size) // (self.merge_size**2)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -17,6 +17,7 @@ class ChatPrompt:
     # `images` holds the frames in the order the placeholders appear.
     messages: List[Dict[str, Any]]
     images: List[np.ndarray] = field(default_factory=list)
+    rendered: Optional[str] = None  # the chat template applied, once checked (InputBuilder.check)
 
 
 def text_part(text: str) -> Dict[str, str]:

@@ -44,7 +44,6 @@ class TextStack:
         """Run `tokens` (B, T) at rope `positions` (B, T), writing cache columns start..start+T-1
         (`start`: 0-dim long tensor); returns logits (B, T, vocab) in float32."""
         import torch
-        import torch.nn.functional as F
 
         b, t = tokens.shape
         cols = start + torch.arange(t, device=tokens.device)
@@ -65,9 +64,25 @@ class TextStack:
             q, k = self.apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
             cache.keys[i].index_copy_(2, cols, k)
             cache.values[i].index_copy_(2, cols, v)
-            o = F.scaled_dot_product_attention(
-                q, cache.keys[i], cache.values[i], attn_mask=allowed, scale=attn.scaling, enable_gqa=True
-            )
+            o = grouped_attention(q, cache.keys[i], cache.values[i], allowed, attn.scaling)
             h = h + attn.o_proj(o.transpose(1, 2).reshape(b, t, -1))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return self.lm_head(self.norm(h)).float()
+
+
+def grouped_attention(q, k, v, allowed, scale: float):
+    """Attention of q (B, H, T, D) over a GQA cache k, v (B, KV, S, D), mask (B, 1, T, S).
+
+    The H/KV query heads that share a KV head are folded into the query length, so one
+    SDPA call reads each cached key and value once; expanding the cache to H heads (what
+    `enable_gqa` falls back to with a mask) copies it H/KV times per layer and step.
+    """
+    import torch.nn.functional as F
+
+    b, h, t, d = q.shape
+    kv, s = k.shape[1], k.shape[2]
+    g = h // kv
+    qg = q.reshape(b, kv, g * t, d)  # query head i reads KV head i // g, as transformers' repeat_kv
+    mask = allowed.unsqueeze(2).expand(b, 1, g, t, s).reshape(b, 1, g * t, s)
+    o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
+    return o.reshape(b, h, t, d)

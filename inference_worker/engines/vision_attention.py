@@ -32,24 +32,22 @@ def packed_sdpa(
     import torch.nn.functional as F
 
     _, heads, total, dim = query.shape
-    if cu_seq_lens_q is None:
-        bounds = [0, total]
-    else:
-        bounds = cu_seq_lens_q.tolist()
+    bounds = [0, total] if cu_seq_lens_q is None else cu_seq_lens_q.tolist()
     out = query.new_empty(heads, total, dim)
     by_length: dict = {}
     for start, end in zip(bounds[:-1], bounds[1:]):
         if end > start:
             by_length.setdefault(end - start, []).append(start)
-    q, k, v = query[0], key[0], value[0]
     for length, starts in by_length.items():
-        idx = (torch.tensor(starts, device=query.device)[:, None] + torch.arange(length, device=query.device)).reshape(-1)
+        idx = torch.tensor(starts, device=query.device)[:, None] + torch.arange(length, device=query.device)
+        idx = idx.reshape(-1)
         n = len(starts)
-
-        def take(x):
-            return x.index_select(1, idx).reshape(heads, n, length, dim).transpose(0, 1)
-
-        o = F.scaled_dot_product_attention(take(q), take(k), take(v), dropout_p=dropout, scale=scaling)
+        # (heads, n*length, dim) -> (n, heads, length, dim): one attention batch per length
+        q, k, v = (
+            x[0].index_select(1, idx).reshape(heads, n, length, dim).transpose(0, 1)
+            for x in (query, key, value)
+        )
+        o = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling)
         out.index_copy_(1, idx, o.transpose(0, 1).reshape(heads, n * length, dim))
     return out.transpose(0, 1).unsqueeze(0), None
 

@@ -18,4 +18,9 @@ def build_handlers(settings: WorkerSettings) -> Dict[str, Handler]:
             k: SyntheticHandler(k, settings.synthetic_latency_ms, settings.synthetic_chunk)
             for k in settings.kinds
         }
-    raise ValueError(f"backend {settings.backend!r} is not available yet; use --backend synthetic")
+    if settings.backend in ("hf", "vllm"):
+        # the model is loaded once for all kinds; kinds register in model_backed.FACTORIES
+        from inference_worker.handlers.model_backed import build_model_handlers
+
+        return build_model_handlers(settings)
+    raise ValueError(f"unknown backend {settings.backend!r}; choose hf, vllm or synthetic")

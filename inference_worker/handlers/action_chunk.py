@@ -15,6 +15,7 @@ Options (`vlmq worker --option KEY=VALUE`, or the VLMQ_* variable):
   vla_sessions=1024       sessions kept in the cache, least recently used evicted (VLMQ_VLA_SESSIONS)
   vla_ttl_s=600           a session idle this long is dropped (VLMQ_VLA_TTL_S)
   vla_steps=N             Euler steps (default: the VLA's config) (VLMQ_VLA_STEPS)
+  vla_cuda_graphs=1       on CUDA, replay the expert's Euler steps as CUDA graphs (VLMQ_VLA_CUDA_GRAPHS)
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ import torch
 
 from inference_worker.handlers.base import Handler, HandlerOutput, Stopwatch
 from inference_worker.vla.cache import FeatureCache
+from inference_worker.vla.graphs import GraphedSampler
 from inference_worker.vla.model import QwenVLA
+from inference_worker.vla.projector import pack_frames
 from inference_worker.vla.rtc import Guidance, guidance_weights
 from schemas.errors import ErrorCode, ProtocolError
 from schemas.images import decode_image
@@ -50,6 +53,7 @@ class ActionChunkHandler(Handler):
         max_sessions: int = 1024,
         ttl_s: float = 600.0,
         limits: Limits = DEFAULT_LIMITS,
+        cuda_graphs: bool = True,
     ) -> None:
         if cache_mode not in CACHE_MODES:
             raise ValueError(f"vla_cache must be one of {CACHE_MODES}, got {cache_mode!r}")
@@ -63,6 +67,9 @@ class ActionChunkHandler(Handler):
         for p in vla.expert.parameters():
             p.requires_grad_(False)
         vla.expert.eval()
+        self.graphs: Optional[GraphedSampler] = None
+        if cuda_graphs and vla.device.type == "cuda":
+            self.graphs = GraphedSampler(vla.expert, self.cfg.num_steps, self._autocast)
 
     # ------------------------------------------------------------------ serving
 
@@ -102,19 +109,26 @@ class ActionChunkHandler(Handler):
             rows, dim = req.prev_chunk.shape
             if dim != c.action_dim or rows < 1:
                 raise ProtocolError(
-                    ErrorCode.INVALID, f"prev_chunk: expected (rows, {c.action_dim}), got {tuple(req.prev_chunk.shape)}"
+                    ErrorCode.INVALID,
+                    f"prev_chunk: expected (rows, {c.action_dim}), got {tuple(req.prev_chunk.shape)}",
                 )
             if req.inference_delay > rows:
                 raise ProtocolError(
-                    ErrorCode.INVALID, f"inference_delay {req.inference_delay} is longer than prev_chunk ({rows} rows)"
+                    ErrorCode.INVALID,
+                    f"inference_delay {req.inference_delay} is longer than prev_chunk ({rows} rows)",
                 )
         elif req.inference_delay:
             raise ProtocolError(ErrorCode.INVALID, "inference_delay needs prev_chunk")
 
     def _autocast(self):
         dev = self.vla.device
-        if dev.type == "cuda" and self.vla.extractor is not None and self.vla.extractor.dtype == torch.bfloat16:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        if (
+            dev.type == "cuda"
+            and self.vla.extractor is not None
+            and self.vla.extractor.dtype == torch.bfloat16
+        ):
+            # No weight-cast cache: it does not survive CUDA-graph capture.
+            return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
         return contextlib.nullcontext()
 
     def _run_round(self, items, results: List[Any], sw: Stopwatch) -> None:
@@ -163,14 +177,21 @@ class ActionChunkHandler(Handler):
             if self.cfg.state_dim:
                 state = torch.stack(
                     [
-                        torch.as_tensor(r.state) if r.state is not None else torch.zeros(self.cfg.state_dim)
+                        torch.tensor(np.array(r.state))
+                        if r.state is not None
+                        else torch.zeros(self.cfg.state_dim)
                         for r in reqs
                     ]
                 ).to(self.vla.device)
-            with torch.no_grad():
-                ctx = self.vla.context(per_sample, state)
             noise = self.vla.noise([r.noise_seed for r in reqs])
-            chunks = self.vla.sample(ctx, noise, self._guidance(reqs)).float().cpu().numpy()
+            guidance = self._guidance(reqs)
+            if self.graphs is not None and guidance is None:
+                chunks = self.graphs(*pack_frames(per_sample, self.vla.device), noise, state)
+            else:
+                with torch.no_grad():
+                    ctx = self.vla.context(per_sample, state)
+                chunks = self.vla.sample(ctx, noise, guidance)
+            chunks = chunks.float().cpu().numpy()
         for k, (i, _, _) in enumerate(items):
             results[i] = ActionChunkResult(
                 chunk=np.ascontiguousarray(chunks[k], dtype=np.float32),
@@ -190,7 +211,7 @@ class ActionChunkHandler(Handler):
                 delays.append(0)
                 continue
             rows = min(len(r.prev_chunk), H)
-            prev[b, :rows] = torch.as_tensor(r.prev_chunk[:rows])
+            prev[b, :rows] = torch.tensor(np.array(r.prev_chunk[:rows]))
             weights[b] = guidance_weights(H, rows, r.inference_delay, r.execution_horizon)
             delays.append(min(r.inference_delay, rows))
         dev = self.vla.device
@@ -238,4 +259,5 @@ def build_action_chunk_handler(settings, vlm: Any = None) -> ActionChunkHandler:
         max_sessions=int(_option(settings, "vla_sessions", "1024")),
         ttl_s=float(_option(settings, "vla_ttl_s", "600")),
         limits=settings.limits,
+        cuda_graphs=_option(settings, "vla_cuda_graphs", "1").lower() in ("1", "true", "yes", "on"),
     )

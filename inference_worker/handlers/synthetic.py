@@ -14,6 +14,7 @@ from typing import Sequence, Tuple
 import numpy as np
 
 from inference_worker.handlers.base import Handler, HandlerOutput, Stopwatch
+from inference_worker.parsing.minerl_action import default_action
 from schemas.messages import (
     ActionChunkResult,
     PreferenceResult,
@@ -21,28 +22,6 @@ from schemas.messages import (
     StructuredActionResult,
     TextActionResult,
 )
-
-DEFAULT_MINERL_ACTION = {
-    **{
-        k: 0
-        for k in (
-            "forward",
-            "back",
-            "left",
-            "right",
-            "jump",
-            "sneak",
-            "sprint",
-            "attack",
-            "use",
-            "drop",
-            "inventory",
-            "ESC",
-        )
-    },
-    **{f"hotbar.{i}": 0 for i in range(1, 10)},
-    "camera": [0.0, 0.0],
-}
 
 
 class SyntheticHandler(Handler):
@@ -62,9 +41,7 @@ class SyntheticHandler(Handler):
                 )
             return TextActionResult(text=req.messages[-1].text())
         if self.kind == "structured_action":
-            return StructuredActionResult(
-                action=dict(DEFAULT_MINERL_ACTION), reasoning="synthetic", parse_ok=True
-            )
+            return StructuredActionResult(action=default_action(), reasoning="synthetic", parse_ok=True)
         return PreferenceResult(label=-1, texts=["synthetic"], mode=req.mode)
 
     def run(self, requests: Sequence[Request]) -> HandlerOutput:

@@ -17,17 +17,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
 from inference_worker.models.architectures import MODEL_TYPES, classes
-from inference_worker.models.processor import image_only_processor
+from inference_worker.models.errors import ModelLoadError
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel
 
 QUANTIZE_CHOICES = ("nf4",)
-
-
-class ModelLoadError(RuntimeError):
-    """The model folder cannot be served; the message says why."""
 
 
 @dataclass
@@ -58,7 +54,9 @@ def read_arch(path: str) -> str:
 
 def check_folder(path: Optional[str]) -> None:
     if not path:
-        raise ModelLoadError("no model folder given (--model DIR or VLMQ_MODEL); make one with `vlmq make-model`")
+        raise ModelLoadError(
+            "no model folder given (--model DIR or VLMQ_MODEL); make one with `vlmq make-model`"
+        )
     if not os.path.exists(path):
         raise ModelLoadError(f"model folder {path!r} does not exist")
     if not os.path.isdir(path):
@@ -69,7 +67,9 @@ def check_folder(path: Optional[str]) -> None:
         raise ModelLoadError(f"{path!r} has no weights (*.safetensors or *.bin)")
     if not any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "vocab.json")):
         raise ModelLoadError(f"{path!r} has no tokenizer (tokenizer.json or vocab.json)")
-    if not any(os.path.isfile(os.path.join(path, f)) for f in ("preprocessor_config.json", "processor_config.json")):
+    if not any(
+        os.path.isfile(os.path.join(path, f)) for f in ("preprocessor_config.json", "processor_config.json")
+    ):
         raise ModelLoadError(f"{path!r} has no image processor (preprocessor_config.json)")
 
 
@@ -90,7 +90,12 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+    }
     table.update({"float16": torch.float16, "fp16": torch.float16})
     try:
         return table[dtype]
@@ -138,14 +143,19 @@ def _chat_template(path: str, tokenizer: Any) -> str:
     raise ModelLoadError(f"{path!r} has no chat template (chat_template.jinja or tokenizer_config.json)")
 
 
-def load_vlm(path: str, *, device: str = "cpu", dtype: str = "auto", quantize: Optional[str] = None) -> LoadedVLM:
+def load_vlm(
+    path: str, *, device: str = "cpu", dtype: str = "auto", quantize: Optional[str] = None
+) -> LoadedVLM:
     """Load a local Qwen-VL folder for serving; raises ModelLoadError with the reason."""
     arch = read_arch(path)
+    quiet_transformers()
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     quant = _quantization_config(quantize, dev, dt)
 
     from transformers import AutoImageProcessor, AutoTokenizer
+
+    from inference_worker.models.processor import image_only_processor
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -177,3 +187,10 @@ def _has_accelerate() -> bool:
     except ImportError:
         return False
     return True
+
+
+def quiet_transformers() -> None:
+    """No progress bars from transformers: a worker's log is for requests and errors."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()

@@ -13,6 +13,7 @@ import os
 from typing import Any, Dict
 
 from inference_worker.models.architectures import classes
+from inference_worker.models.loading import quiet_transformers
 from inference_worker.models.presets import IMAGE_PROCESSOR, config_kwargs
 from inference_worker.models.processor import image_only_processor, new_image_processor
 from inference_worker.models.tokenizer import train_tokenizer
@@ -53,6 +54,7 @@ def make_model(arch: str, out_dir: str, *, preset: str = "tiny", seed: int = 0, 
     """
     import torch
 
+    quiet_transformers()
     tok = train_tokenizer(arch)
     config = build_config(arch, preset, tok)
     _, model_cls = classes(arch)

@@ -70,4 +70,3 @@ def train_tokenizer(arch: str, vocab_size: int = 2048):
     tok.chat_template = TEMPLATES[arch]
     tok.padding_side = "left"
     return tok
-

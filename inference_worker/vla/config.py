@@ -42,7 +42,9 @@ class VLAConfig:
         if self.num_frames < 1 or self.frame_skip < 1:
             raise ValueError("num_frames and frame_skip must be >= 1")
         if self.expert_dim % self.expert_heads:
-            raise ValueError(f"expert_dim {self.expert_dim} is not divisible by expert_heads {self.expert_heads}")
+            raise ValueError(
+                f"expert_dim {self.expert_dim} is not divisible by expert_heads {self.expert_heads}"
+            )
         if self.chunk_size < 1 or self.action_dim < 1 or self.num_steps < 1:
             raise ValueError("chunk_size, action_dim and num_steps must be >= 1")
         self.time_beta = tuple(self.time_beta)  # type: ignore[assignment]
@@ -82,4 +84,12 @@ class VLAConfig:
     def resolve_vlm_path(self, folder: str) -> str:
         if not self.vlm_path:
             raise ValueError(f"{folder}: the VLA config names no vlm_path")
-        return self.vlm_path if os.path.isabs(self.vlm_path) else os.path.normpath(os.path.join(folder, self.vlm_path))
+        return (
+            self.vlm_path
+            if os.path.isabs(self.vlm_path)
+            else os.path.normpath(os.path.join(folder, self.vlm_path))
+        )
+
+
+# A small expert for tests and CPU demos (same structure, 2 layers x 64).
+TINY: Dict[str, Any] = {"image_size": 112, "expert_layers": 2, "expert_dim": 64, "expert_heads": 4}

@@ -7,6 +7,10 @@ import importlib
 BENCHMARKS = {
     "transport": "ops.bench.transport",
     "agents": "ops.bench.agents",
+    "reliability": "ops.bench.reliability",
+    "chat": "ops.bench.chat",
+    "scale": "ops.bench.scale",
+    "vla": "ops.bench.vla",
 }
 
 

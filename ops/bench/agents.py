@@ -1,11 +1,12 @@
 """Agents: starvation at a fixed control rate, async (queue + threshold g) vs synchronous.
 
-64 sessions step MiniWorld at 30 Hz; each asks for 50-action chunks. Async control asks
-for the next chunk when the queue falls to g x 50 and keeps acting meanwhile; synchronous
+N sessions step MiniWorld at 30 Hz and ask for 50-action chunks. Async control asks for
+the next chunk when the queue falls to g x 50 and keeps acting meanwhile; synchronous
 control (the baseline) asks when the queue is empty and stands still for the round trip.
-Records starvation_fraction_30hz_64_sessions (ticks with an action due and the queue
-empty, after each episode's first chunk) and env steps/s per session, each with sync as
-the baseline, plus the latency the agents saw.
+For each session count it records starvation_fraction_30hz_<N>_sessions (ticks with an
+action due and the queue empty, after each episode's first chunk), env steps/s per
+session, the fraction of ticks the agent processes ran late (overruns: the env side was
+CPU-bound) and the chunk latency the agents saw, each with sync as the baseline.
 
 --worker synthetic (default, CPU): a private redis-server and a `vlmq worker --backend
 synthetic` whose every batch takes --latency-ms; the records say so. --worker external:
@@ -14,7 +15,6 @@ use --redis-url and whatever workers serve it (the VLA worker on the GPU machine
 
 from __future__ import annotations
 
-import logging
 import os
 import subprocess
 import sys
@@ -22,9 +22,16 @@ import time
 from typing import Any, Dict, List, Optional
 
 from broker.settings import BrokerSettings
-from ops.bench.records import machine_description, record, write_results
+from ops.bench.records import Record, machine_description, record, write_results
 
-log = logging.getLogger("vlmq.bench")
+SHOWN = (
+    "steps",
+    "starvation_fraction",
+    "session_steps_per_s",
+    "overrun_fraction",
+    "requests",
+    "latency_p50_ms",
+)
 
 
 def add_args(p) -> None:
@@ -41,7 +48,7 @@ def add_args(p) -> None:
     )
     p.add_argument("--latency-ms", type=float, default=100.0, help="synthetic batch latency (%(default)s)")
     p.add_argument("--chunk", type=int, default=50, help="synthetic chunk rows (%(default)s)")
-    p.add_argument("--sessions", type=int, default=64, help="agent sessions (%(default)s)")
+    p.add_argument("--sessions", default="64,16", help="agent session counts, comma-separated (%(default)s)")
     p.add_argument("--procs", type=int, default=2, help="agent processes (%(default)s)")
     p.add_argument("--rate-hz", type=float, default=30.0, help="control rate (%(default)s)")
     p.add_argument("--threshold", type=float, default=0.5, help="g of the async mode (%(default)s)")
@@ -59,34 +66,14 @@ def add_args(p) -> None:
 
 
 def _start_synthetic(url: str, prefix: str, latency_ms: float, chunk: str) -> subprocess.Popen:
-    cmd = [
-        sys.executable,
-        "-m",
-        "ops.cli",
-        "--log-level",
-        "WARNING",
-        "worker",
-        "--redis-url",
-        url,
-        "--prefix",
-        prefix,
-        "--backend",
-        "synthetic",
-        "--kinds",
-        "action_chunk",
-        "--synthetic-latency-ms",
-        str(latency_ms),
-        "--synthetic-chunk",
-        chunk,
-        "--max-batch",
-        "64",
-        "--max-wait-ms",
-        "2",
-    ]
+    cmd = [sys.executable, "-m", "ops.cli", "--log-level", "WARNING", "worker", "--redis-url", url,
+           "--prefix", prefix, "--backend", "synthetic", "--kinds", "action_chunk",
+           "--synthetic-latency-ms", str(latency_ms), "--synthetic-chunk", chunk,
+           "--max-batch", "64", "--max-wait-ms", "2"]  # fmt: skip
     return subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
-def _run_mode(args, broker: BrokerSettings, mode: str) -> Dict[str, Any]:
+def _run_mode(args, broker: BrokerSettings, sessions: int, mode: str) -> Dict[str, Any]:
     from env_agents.control.controller import ControlConfig
     from env_agents.runner.launcher import launch
     from env_agents.runner.spec import RunSpec
@@ -104,36 +91,39 @@ def _run_mode(args, broker: BrokerSettings, mode: str) -> Dict[str, Any]:
         args.env,
         control,
         broker,
-        n=args.sessions,
+        n=sessions,
         procs=args.procs,
         size=args.size,
-        session_prefix=f"bench-{mode}-{int(time.time())}",
+        # One episode spans the whole run: the env's own time limit would otherwise end it
+        # (and add resets to the measurement).
+        env_options={"max_episode_steps": control.max_steps + 10}
+        if args.env.startswith("MiniWorld-")
+        else {},
+        session_prefix=f"bench-{sessions}-{mode}-{int(time.time())}",
     )
     result = launch(spec, progress=False)
     if result.failures:
         raise RuntimeError(f"{mode}: {len(result.failures)} session(s) failed: {result.failures[0]['error']}")
     s = result.summary
     s["overrun_fraction"] = round(s["overruns"] / s["ticks"], 5) if s["ticks"] else 0.0
-    print(
-        f"{mode:5s}: "
-        + ", ".join(
-            f"{k}={s[k]}"
-            for k in (
-                "steps",
-                "starvation_fraction",
-                "session_steps_per_s",
-                "overrun_fraction",
-                "requests",
-                "latency_p50_ms",
-                "latency_p90_ms",
-            )
-        ),
-        flush=True,
-    )
+    print(f"{sessions:3d} sessions {mode:5s}: " + ", ".join(f"{k}={s[k]}" for k in SHOWN), flush=True)
     return s
 
 
+def _records(args, n: int, a: Dict[str, Any], s: Dict[str, Any], machine: str) -> List[Record]:
+    hz = f"{args.rate_hz:g}hz"
+    rows = [
+        (f"starvation_fraction_{hz}_{n}_sessions", "starvation_fraction", "fraction of ticks"),
+        (f"env_steps_per_s_per_session_{hz}_{n}_sessions", "session_steps_per_s", "steps/s"),
+        (f"overrun_fraction_{hz}_{n}_sessions", "overrun_fraction", "fraction of ticks"),
+        (f"chunk_latency_p50_ms_{hz}_{n}_sessions", "latency_p50_ms", "ms"),
+        (f"chunk_latency_p90_ms_{hz}_{n}_sessions", "latency_p90_ms", "ms"),
+    ]
+    return [record(metric, a[key], unit, baseline=s[key], machine=machine) for metric, key, unit in rows]
+
+
 def run(args) -> int:
+    counts = [int(x) for x in str(args.sessions).split(",") if x.strip()]
     worker: Optional[subprocess.Popen] = None
     server = None
     if args.worker == "synthetic":
@@ -152,54 +142,19 @@ def run(args) -> int:
             raise SystemExit("--worker external needs --redis-url")
         broker = BrokerSettings(url=args.redis_url, prefix=args.prefix, partitions=args.partitions)
         label = (args.label or "external workers") + f", {args.env} at {args.size} px"
-    machine = f"{label}; {args.sessions} sessions over {args.procs} processes; {machine_description()}"
+    records: List[Record] = []
     try:
-        results = {mode: _run_mode(args, broker, mode) for mode in ("async", "sync")}
+        for n in counts:
+            a = _run_mode(args, broker, n, "async")
+            s = _run_mode(args, broker, n, "sync")
+            machine = f"{label}; {n} sessions over {args.procs} processes, g={args.threshold:g}; {machine_description()}"
+            records += _records(args, n, a, s, machine)
     finally:
         if worker is not None:
             worker.terminate()
             worker.wait(30)
         if server is not None:
             server.stop()
-    a, s = results["async"], results["sync"]
-    hz, n = f"{args.rate_hz:g}hz", args.sessions
-    records: List = [
-        record(
-            f"starvation_fraction_{hz}_{n}_sessions",
-            a["starvation_fraction"],
-            "fraction of ticks",
-            baseline=s["starvation_fraction"],
-            machine=machine,
-        ),
-        record(
-            f"env_steps_per_s_per_session_{hz}_{n}_sessions",
-            a["session_steps_per_s"],
-            "steps/s",
-            baseline=s["session_steps_per_s"],
-            machine=machine,
-        ),
-        record(
-            f"overrun_fraction_{hz}_{n}_sessions",
-            a["overrun_fraction"],
-            "fraction of ticks",
-            baseline=s["overrun_fraction"],
-            machine=machine,
-        ),
-        record(
-            f"chunk_latency_p50_ms_{n}_sessions",
-            a["latency_p50_ms"],
-            "ms",
-            baseline=s["latency_p50_ms"],
-            machine=machine,
-        ),
-        record(
-            f"chunk_latency_p90_ms_{n}_sessions",
-            a["latency_p90_ms"],
-            "ms",
-            baseline=s["latency_p90_ms"],
-            machine=machine,
-        ),
-    ]
     write_results(args.out, records)
     print(f"wrote {args.out}")
     return 0

@@ -1,0 +1,1 @@
+"""Turning model text into task results: MineRL action dicts and preference labels."""

@@ -1,0 +1,245 @@
+"""Every env kind runs a few steps through a real worker on a real Redis, with the
+runner's own session code; plus the env facts each adapter relies on.
+
+The chat kinds (text_action, structured_action, preference) are served by the `hf`
+backend on the tiny random-weight Qwen2-VL checkpoint (the real architecture, built by
+the session fixture); action_chunk by the VLA on that checkpoint when the worker serves
+it, else by the synthetic handler."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+import uuid
+
+import numpy as np
+import pytest
+
+from broker.settings import BrokerSettings
+from env_agents.control.controller import ControlConfig
+from env_agents.recording.actions import ACTION_DIM
+from env_agents.runner.launcher import launch
+from env_agents.runner.spec import PreferenceConfig, RunSpec
+from tests.helpers import WorkerThread, synthetic_settings
+
+CHAT_KINDS = ("text_action", "structured_action", "preference")
+# Short answers keep the tiny model's CPU time small (text_action choices are scored).
+FIELDS = {
+    "structured_action": {"max_tokens": 16},
+    "preference": {"max_tokens": 8},
+    "text_action": {"max_tokens": 8},
+}
+
+
+@pytest.fixture(scope="module")
+def tw_game(tmp_path_factory):
+    """One TextWorld game generated here, offline (~3 s), shared by the module."""
+    from env_agents.envs.textworld import GameSpec, make_game
+
+    return make_game(GameSpec(seed=3, rooms=2, objects=3, quest_length=2), str(tmp_path_factory.mktemp("tw")))
+
+
+@pytest.fixture(scope="module")
+def broker(redis_server):
+    """A key prefix of this module's own: its workers live as long as the module."""
+    return BrokerSettings(
+        url=redis_server.url, prefix=f"agents{uuid.uuid4().hex[:8]}", claim_min_idle_ms=1000
+    )
+
+
+@pytest.fixture(scope="module")
+def chat_worker(broker, tiny_qwen2_vl):
+    with WorkerThread(
+        synthetic_settings(broker, backend="hf", model_path=tiny_qwen2_vl, kinds=CHAT_KINDS)
+    ) as w:
+        yield w
+
+
+def _vla_served() -> bool:
+    from inference_worker.handlers.model_backed import FACTORIES
+
+    return "action_chunk" in FACTORIES
+
+
+@pytest.fixture(scope="module")
+def chunk_worker(broker, request):
+    if _vla_served():
+        tiny_qwen2_vl, tiny_vla = (
+            request.getfixturevalue("tiny_qwen2_vl"),
+            request.getfixturevalue("tiny_vla"),
+        )
+        settings = synthetic_settings(
+            broker, backend="hf", model_path=tiny_qwen2_vl, kinds=("action_chunk",), options={"vla": tiny_vla}
+        )
+    else:
+        settings = synthetic_settings(
+            broker, synthetic_latency_ms=5, synthetic_chunk=(10, ACTION_DIM), kinds=("action_chunk",)
+        )
+    with WorkerThread(settings) as w:
+        yield w
+
+
+def run(broker, env_id, kind, n=1, procs=1, max_steps=8, rate_hz=0.0, mode="sync", **kw):
+    control = ControlConfig(
+        kind=kind, mode=mode, rate_hz=rate_hz, max_steps=max_steps, request_fields=FIELDS.get(kind, {})
+    )
+    spec = RunSpec(
+        env_id, control, broker, n=n, procs=procs, size=32, session_prefix=f"{kind}-{time.time_ns()}", **kw
+    )
+    result = launch(spec, progress=False, in_process=True)
+    assert not result.failures, result.failures
+    assert len(result.episodes) == n * spec.episodes
+    for ep in result.episodes:
+        assert ep["errors"] == 0 and ep["steps"] > 0 and ep["requests"] > 0, ep
+    return result
+
+
+@pytest.mark.parametrize("kind", ["action_chunk", "structured_action", "text_action"])
+def test_miniworld_every_kind(broker, request, kind):
+    worker = request.getfixturevalue("chunk_worker" if kind == "action_chunk" else "chat_worker")
+    res = run(
+        broker, "MiniWorld-OneRoom-v0", kind, n=2, rate_hz=60 if kind == "action_chunk" else 0, mode="async"
+    )
+    assert all(ep["steps"] == 8 for ep in res.episodes)
+    assert worker.worker.stats["requests"] >= 2
+
+
+def test_textworld_plays_admissible_commands_and_records_traces(broker, chat_worker, tw_game, tmp_path):
+    db = str(tmp_path / "traces.db")
+    opts = {"game": tw_game}
+    res = run(broker, "textworld", "text_action", n=2, max_steps=4, env_options=opts, traces=db, episodes=2)
+    total = sum(ep["steps"] for ep in res.episodes)
+    con = sqlite3.connect(db)
+    reqs = con.execute("SELECT request, reply FROM requests").fetchall()
+    assert len(reqs) == total  # text play: one request per step
+    for req, reply in reqs:
+        req, reply = json.loads(req), json.loads(reply)
+        assert reply["choice"] in req["admissible_commands"]  # a legal move was played
+    assert con.execute("SELECT COUNT(*) FROM steps").fetchone()[0] == total
+    assert con.execute("SELECT COUNT(*) FROM episodes WHERE stats IS NOT NULL").fetchone()[0] == 4
+
+
+def test_textworld_success_comes_from_the_game(tw_game):
+    from textworld import Game
+
+    from env_agents.envs import make_adapter
+
+    adapter = make_adapter("textworld", game=tw_game)
+    try:
+        obs = adapter.reset()
+        assert obs.commands and obs.text
+        walkthrough = Game.load(os.path.splitext(tw_game)[0] + ".json").walkthrough
+        for cmd in walkthrough:
+            res = adapter.step(cmd)
+        assert res.success and res.terminated and not res.truncated
+        assert res.obs.progress == pytest.approx(1.0)
+    finally:
+        adapter.close()
+
+
+def test_crafter_text_action(broker, chat_worker):
+    pytest.importorskip("crafter")
+    res = run(broker, "crafter", "text_action", max_steps=5)
+    assert res.episodes[0]["steps"] == 5
+
+
+def test_alfworld_without_games_fails_fast_and_says_what_to_do(tmp_path, monkeypatch):
+    from env_agents.envs import make_adapter
+    from env_agents.envs.alfworld import call_with_timeout
+
+    monkeypatch.setenv("ALFWORLD_DATA", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="alfworld-download"):
+        make_adapter("alfworld")
+    with pytest.raises(TimeoutError, match="ALFWORLD_DATA"):
+        call_with_timeout(lambda: time.sleep(5), 0.2, "ALFWorld reset()")
+
+
+def test_miniworld_progress_and_success_come_from_the_env():
+    from env_agents.envs.miniworld import MOVE_FORWARD, TURN_LEFT, MiniWorldAdapter
+
+    adapter = MiniWorldAdapter("MiniWorld-OneRoom-v0", size=32, seed=1)
+    try:
+        obs = adapter.reset(seed=1)
+        assert obs.frame.shape == (32, 32, 3) and obs.frame.dtype == np.uint8
+        assert "box" in obs.text and obs.progress < 0
+        # Steer at the box: turn until it is ahead, walk; the env says when it is reached.
+        res = None
+        for _ in range(400):
+            u = adapter.env.unwrapped
+            to_box = u.box.pos - u.agent.pos
+            ahead = np.dot(to_box[[0, 2]], u.agent.dir_vec[[0, 2]]) / np.linalg.norm(to_box[[0, 2]])
+            res = adapter.step(MOVE_FORWARD if ahead > 0.97 else TURN_LEFT)
+            if res.done:
+                break
+        assert res.success and res.terminated and res.reward > 0
+    finally:
+        adapter.close()
+
+
+def test_preference_labels_csv_and_plot(broker, chat_worker, tmp_path):
+    from env_agents.preference.report import plot_accuracy, read_csv, write_csv
+
+    res = run(
+        broker, "MiniWorld-OneRoom-v0", "preference", max_steps=30, preference=PreferenceConfig(pairs=6)
+    )
+    rows = res.preference_rows
+    assert len(rows) == 6
+    for r in rows:
+        assert r["ok"] == 1 and r["vlm_predicted_label"] in (-1, 0, 1)
+        assert r["ground_truth_score_1"] != r["ground_truth_score_2"]
+    csv_path, png = str(tmp_path / "vlm_query_log.csv"), str(tmp_path / "acc.png")
+    write_csv(csv_path, rows)
+    back = read_csv(csv_path)
+    assert list(back[0])[:5] == [
+        "ground_truth_score_1",
+        "ground_truth_score_2",
+        "vlm_predicted_label",
+        "timestamp",
+        "train_iter",
+    ]
+    data = plot_accuracy(back, png)
+    assert data["n"] == 6
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_accuracy_by_difficulty_counts_outcomes():
+    from env_agents.preference.report import accuracy_by_difficulty
+
+    rows = [
+        {"ground_truth_score_1": 1.0, "ground_truth_score_2": 0.0, "vlm_predicted_label": 0},  # correct
+        {"ground_truth_score_1": 0.0, "ground_truth_score_2": 0.1, "vlm_predicted_label": 0},  # incorrect
+        {"ground_truth_score_1": 0.0, "ground_truth_score_2": 0.9, "vlm_predicted_label": 1},  # correct
+        {"ground_truth_score_1": 0.5, "ground_truth_score_2": 0.4, "vlm_predicted_label": -1},  # none
+        {
+            "ground_truth_score_1": 0.5,
+            "ground_truth_score_2": 0.4,
+            "vlm_predicted_label": -1,
+            "ok": 0,
+        },  # failed
+    ]
+    data = accuracy_by_difficulty(rows, bins=2)
+    assert data["n"] == 4
+    assert data["counts"] == {"correct": [0, 2], "incorrect": [1, 0], "no_preference": [1, 0]}
+    assert data["accuracy"] == pytest.approx(0.5)
+
+
+def test_minerl_dict_maps_to_miniworld_actions():
+    from env_agents.envs.miniworld import (
+        MOVE_BACK,
+        MOVE_FORWARD,
+        PICKUP,
+        TURN_LEFT,
+        TURN_RIGHT,
+        action_from_minerl,
+    )
+
+    assert action_from_minerl({"camera": [0.0, -10.0]}, 8) == TURN_LEFT
+    assert action_from_minerl({"camera": [0.0, 10.0]}, 8) == TURN_RIGHT
+    assert action_from_minerl({"camera": [0.0, 1.0], "forward": 1}, 8) == MOVE_FORWARD
+    assert action_from_minerl({"back": 1}, 8) == MOVE_BACK
+    assert action_from_minerl({"attack": 1}, 8) == PICKUP
+    assert action_from_minerl({"attack": 1}, 3) == MOVE_FORWARD  # OneRoom has 3 actions
+    assert action_from_minerl({}, 3) == MOVE_FORWARD

@@ -1,0 +1,190 @@
+"""The chat engine on tiny random-weight Qwen2-VL / Qwen3-VL checkpoints (real architectures), fp32 CPU."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from inference_worker.engines.chat_engine import ChatEngine  # noqa: E402
+from inference_worker.engines.options import EngineOptions  # noqa: E402
+from inference_worker.engines.pixels import ImagePolicy, pixel_values  # noqa: E402
+from inference_worker.engines.prompt import user_prompt  # noqa: E402
+from inference_worker.engines.sampling import Sampling  # noqa: E402
+from inference_worker.models import load_vlm  # noqa: E402
+
+SIZES = [(224, 224), (64, 64), (100, 37), (224, 224), (300, 500), (48, 48), (224, 224), (80, 120)]
+
+
+@pytest.fixture(scope="module", params=["tiny_qwen2_vl", "tiny_qwen3_vl"])
+def engine(request):
+    return ChatEngine(load_vlm(request.getfixturevalue(request.param)))
+
+
+def frames():
+    rs = np.random.RandomState(7)
+    return [rs.randint(0, 256, (h, w, 3), dtype=np.uint8) for h, w in SIZES]
+
+
+def mixed_prompts():
+    """8 prompts: different image sizes and text lengths, one text-only, one with two images."""
+    imgs = frames()
+    prompts = [
+        user_prompt(img, "What should the agent do next? " * (1 + i % 3)) for i, img in enumerate(imgs[:6])
+    ]
+    prompts.append(user_prompt("A text-only question about the task."))
+    prompts.append(user_prompt("Image 1:", imgs[6], "Image 2:", imgs[7], "Which is better?"))
+    return prompts
+
+
+def test_pixels_match_the_stock_image_processor(engine):
+    ip = engine.vlm.processor.image_processor
+    imgs = frames()
+    ref = ip(images=imgs, return_tensors="pt")
+    values, grid = pixel_values(imgs, ImagePolicy.from_image_processor(ip))
+    assert torch.equal(grid, ref["image_grid_thw"])
+    assert torch.allclose(values, ref["pixel_values"], atol=1e-5)
+
+
+def test_inputs_match_the_stock_processor(engine):
+    proc = engine.vlm.processor
+    prompts = mixed_prompts()[:6]
+    texts = [
+        proc.apply_chat_template(p.messages, tokenize=False, add_generation_prompt=True) for p in prompts
+    ]
+    ref = proc(text=texts, images=[i for p in prompts for i in p.images], padding=True, return_tensors="pt")
+    ours = engine.inputs.build(prompts)
+    for name in ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw"):
+        assert torch.equal(getattr(ours, name).cpu(), ref[name].to(getattr(ours, name).dtype)), name
+    pos, deltas = engine.model.model.get_rope_index(
+        ref["input_ids"],
+        mm_token_type_ids=ref["mm_token_type_ids"],
+        image_grid_thw=ref["image_grid_thw"],
+        attention_mask=ref["attention_mask"],
+    )
+    assert torch.equal(ours.position_ids.cpu(), pos)
+    assert torch.equal(ours.next_positions.cpu(), deltas[:, 0] + ref["attention_mask"].sum(1))
+
+
+def test_image_token_counts_follow_the_release_policy(tiny_qwen2_vl, tiny_qwen3_vl):
+    counts = {}
+    for name, folder in (("qwen2-vl", tiny_qwen2_vl), ("qwen3-vl", tiny_qwen3_vl)):
+        policy = ImagePolicy.from_image_processor(load_vlm(folder).processor.image_processor)
+        counts[name] = [policy.num_tokens(s, s) for s in (64, 224, 384)]
+    assert counts == {"qwen2-vl": [4, 64, 196], "qwen3-vl": [64, 64, 144]}
+    capped = ImagePolicy.from_image_processor(
+        load_vlm(tiny_qwen2_vl).processor.image_processor, max_pixels=112 * 112
+    )
+    assert capped.num_tokens(384, 384) == 9  # 84 x 84 px: smart_resize keeps under max_pixels
+
+
+def test_text_stack_matches_the_full_forward(engine):
+    """Continuing from the prefill cache with our static-cache stack gives the logits of
+    the model's own forward over the whole sequence."""
+    prompts = mixed_prompts()[:3]
+    batch = engine.inputs.build(prompts)
+    cont = torch.tensor([[5, 9, 11, 4]] * batch.batch)
+    with torch.inference_mode():
+        cache, _ = engine._prefill(batch, extra=cont.shape[1])
+        pos = batch.next_positions[:, None] + torch.arange(cont.shape[1])
+        ours = engine.stack.forward(cache, cont, pos, torch.tensor(batch.length))
+        kw = batch.model_kwargs()
+        kw.pop("position_ids")
+        kw["input_ids"] = torch.cat([batch.input_ids, cont], 1)
+        kw["attention_mask"] = torch.cat([batch.attention_mask, torch.ones_like(cont)], 1)
+        kw["mm_token_type_ids"] = torch.cat([batch.mm_token_type_ids, torch.zeros_like(cont).int()], 1)
+        ref = engine.model(**kw).logits[:, -cont.shape[1] :].float()
+    assert torch.allclose(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_greedy_matches_transformers_generate(engine):
+    for prompt in mixed_prompts()[::3]:
+        ours = engine.generate([prompt], [Sampling(max_tokens=10)])[0]
+        batch = engine.inputs.build([prompt])
+        kw = batch.model_kwargs()
+        kw.pop("position_ids")
+        ref = engine.model.generate(**kw, max_new_tokens=10, do_sample=False)[0, batch.length :].tolist()
+        assert ours.token_ids == ref[: len(ours.token_ids)]
+
+
+def test_batched_greedy_equals_unbatched_token_for_token(engine):
+    prompts = mixed_prompts()
+    samp = [Sampling(max_tokens=12)] * len(prompts)
+    batched = engine.generate(prompts, samp)
+    alone = [engine.generate([p], [s])[0] for p, s in zip(prompts, samp)]
+    assert [b.token_ids for b in batched] == [a.token_ids for a in alone]
+    assert len({tuple(b.token_ids) for b in batched}) > 1, "the model answers every prompt alike"
+    assert [b.prompt_tokens for b in batched] == [a.prompt_tokens for a in alone]
+
+
+def test_per_request_settings_in_one_batch(engine):
+    prompts = mixed_prompts()[:4]
+    greedy = engine.generate([prompts[1]], [Sampling(max_tokens=8)])[0]
+    stop_at = engine.tokenizer.decode(greedy.token_ids[3:5], skip_special_tokens=True)
+    samp = [
+        Sampling(max_tokens=3),
+        Sampling(max_tokens=8, stop=(stop_at,)) if stop_at.strip() else Sampling(max_tokens=8),
+        Sampling(max_tokens=6, temperature=1.0, top_p=0.9, seed=5),
+        Sampling(max_tokens=6, temperature=1.0, top_p=0.9, seed=5),
+    ]
+    out = engine.generate(prompts, samp)
+    assert out[0].completion_tokens <= 3
+    if stop_at.strip():
+        assert stop_at not in out[1].text and out[1].finish_reason == "stop"
+    # a seeded sampled request does not depend on its batch-mates
+    again = engine.generate([prompts[2]], [samp[2]])[0]
+    assert out[2].token_ids == again.token_ids
+    for c in out:
+        assert c.finish_reason in ("stop", "length") and c.prompt_tokens > 0
+
+
+def test_candidate_scores_are_summed_log_probs_in_context(engine):
+    prompts = mixed_prompts()[:2]
+    cands = [["go to fridge 1", "look", "-1"], ["0", "1", "-1", "move_left"]]
+    scored = engine.score(prompts, cands)
+    for prompt, cs, s in zip(prompts, cands, scored):
+        batch = engine.inputs.build([prompt])
+        for cand, got in zip(cs, s.scores):
+            ids = engine.tokenizer(cand, add_special_tokens=False)["input_ids"]
+            kw = batch.model_kwargs()
+            kw.pop("position_ids")
+            kw["input_ids"] = torch.cat([batch.input_ids, torch.tensor([ids])], 1)
+            kw["attention_mask"] = torch.ones_like(kw["input_ids"])
+            kw["mm_token_type_ids"] = torch.cat(
+                [batch.mm_token_type_ids, torch.zeros(1, len(ids), dtype=torch.int)], 1
+            )
+            with torch.inference_mode():
+                logp = torch.log_softmax(engine.model(**kw).logits[0].float(), -1)
+            want = sum(logp[batch.length - 1 + j, t].item() for j, t in enumerate(ids))
+            assert got == pytest.approx(want, abs=1e-3)
+        assert s.prompt_tokens == batch.attention_mask.sum().item()
+    assert engine.tokenizer("-1", add_special_tokens=False)["input_ids"].__len__() == 2
+
+
+def test_options_parse_flags_and_environment():
+    opts = EngineOptions.parse(
+        {"max_pixels": "50176", "decode": "eager", "vla": "elsewhere"}, {"VLMQ_ENGINE_IGNORE_EOS": "1"}
+    )
+    assert (opts.max_pixels, opts.decode, opts.ignore_eos) == (50176, "eager", True)
+    with pytest.raises(ValueError, match="decode"):
+        EngineOptions.parse({"decode": "fast"}, {})
+
+
+def test_packed_vision_attention_matches_sdpa(engine):
+    """The engine batches the vision tower's attention across images (vision_attention.py);
+    the image features equal those of transformers' per-image SDPA."""
+    from inference_worker.engines.vision_attention import NAME
+
+    visual = engine.model.model.visual
+    imgs = frames()
+    values, grid = pixel_values(imgs, engine.policy)
+    with torch.inference_mode():
+        assert visual.config._attn_implementation == NAME
+        packed = torch.cat(engine.model.model.get_image_features(values, grid).pooler_output)
+        visual.config._attn_implementation = "sdpa"
+        try:
+            stock = torch.cat(engine.model.model.get_image_features(values, grid).pooler_output)
+        finally:
+            visual.config._attn_implementation = NAME
+    assert torch.allclose(packed, stock, atol=1e-4, rtol=1e-4)

@@ -1,0 +1,145 @@
+"""QwenVLA on tiny random-weight Qwen-VL checkpoints (the real architectures, tiny shapes):
+shapes, the frozen VLM, overfitting one batch, save/load, real-time chunking, training."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from env_agents.recording.actions import ACTION_DIM
+from inference_worker.vla.config import TINY, VLAConfig
+from inference_worker.vla.model import QwenVLA
+from inference_worker.vla.rtc import Guidance, guidance_weights
+
+
+def frames(n: int, seed: int = 0, size: int = 112):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 255, (size, size, 3), dtype=np.uint8) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def vla(tiny_vla) -> QwenVLA:
+    return QwenVLA.load(tiny_vla)
+
+
+def test_shapes_and_parameter_counts(vla):
+    cfg = vla.config
+    assert (cfg.chunk_size, cfg.action_dim, cfg.num_frames, cfg.frame_skip) == (50, ACTION_DIM, 3, 2)
+    assert cfg.vlm_layer == 1 and cfg.vlm_hidden == 64  # the tiny VLM has 2 decoder layers
+    feats = vla.encode(frames(2), ["go to the red box", "go"])
+    assert [f.shape[1] for f in feats] == [64, 64] and feats[0].shape[0] > feats[1].shape[0]
+    ctx = vla.context([[feats[0]] * 3, [feats[1]] * 3])
+    assert ctx.mask.shape == (2, 1, 1, 3 * feats[0].shape[0])
+    v = vla.expert(torch.randn(2, 50, ACTION_DIM), torch.rand(2), ctx)
+    assert v.shape == (2, 50, ACTION_DIM)
+    chunks = vla.predict([frames(3, 1), frames(3, 2)], ["go", "go"], seeds=[1, 2])
+    assert chunks.shape == (2, 50, ACTION_DIM) and torch.isfinite(chunks).all()
+    counts = vla.parameter_counts()
+    assert counts["frozen"] > 0 and counts["trainable"] == sum(p.numel() for p in vla.expert.parameters())
+    assert "trainable" in vla.describe() and "frozen" in vla.describe()
+
+
+def test_no_gradient_reaches_the_vlm(tiny_qwen2_vl):
+    model = QwenVLA.build(VLAConfig(vlm_path=tiny_qwen2_vl, **TINY), seed=1)
+    loss = model.forward_loss([frames(3, 3), frames(3, 4)], ["go", "go"], torch.randn(2, 50, ACTION_DIM))
+    loss.backward()
+    vlm_params = list(model.extractor.vlm.model.parameters())
+    assert vlm_params and all(not p.requires_grad and p.grad is None for p in vlm_params)
+    grads = [p.grad for p in model.expert.parameters()]
+    assert all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
+
+
+def test_one_batch_overfits(vla, tiny_qwen2_vl):
+    """The expert can fit a fixed batch (fixed frames, actions, noise and flow times): the
+    loss falls at least 10x, so gradients reach every part that matters."""
+    torch.manual_seed(0)
+    model = QwenVLA.build(VLAConfig(vlm_path=tiny_qwen2_vl, **TINY), vlm=vla.extractor.vlm, seed=2)
+    feats = model.encode(frames(6, 5), ["go"] * 6)
+    with torch.no_grad():
+        ctx0 = [feats[0:3], feats[3:6]]
+    actions = torch.sign(torch.randn(2, 50, ACTION_DIM))
+    noise, t = torch.randn(2, 50, ACTION_DIM), torch.tensor([0.3, 0.8])
+    opt = torch.optim.AdamW(model.expert.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(100):
+        loss = model.loss(model.context(ctx0), actions, noise=noise, t=t)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
+
+
+def test_save_load_round_trip_and_seeded_noise(vla, tmp_path):
+    x = [frames(3, 7)]
+    a = vla.predict(x, ["go"], seeds=[42])
+    assert torch.equal(a, vla.predict(x, ["go"], seeds=[42]))
+    assert not torch.equal(a, vla.predict(x, ["go"], seeds=[43]))
+    vla.save(str(tmp_path / "copy"))
+    assert sorted(os.listdir(tmp_path / "copy")) == ["config.json", "expert.safetensors"]
+    assert json.load(open(tmp_path / "copy" / "config.json"))["vlm_path"] == vla.config.vlm_path
+    again = QwenVLA.load(str(tmp_path / "copy"), vlm=vla.extractor.vlm)
+    assert torch.allclose(a, again.predict(x, ["go"], seeds=[42]), atol=1e-5)
+
+
+def test_qwen3_vl_features(tiny_qwen3_vl):
+    model = QwenVLA.build(VLAConfig(vlm_path=tiny_qwen3_vl, **TINY), seed=0)
+    chunks = model.predict([frames(3, 8)], ["go"], seeds=[0])
+    assert chunks.shape == (1, 50, ACTION_DIM) and torch.isfinite(chunks).all()
+
+
+def test_rtc_freezes_the_delay_and_pulls_the_horizon_toward_the_previous_chunk(vla):
+    w = guidance_weights(50, overlap=30, delay=4, horizon=10)
+    assert w[:4].tolist() == [1.0] * 4 and (w[14:] == 0).all()
+    assert all(w[i] > w[i + 1] for i in range(4, 13)) and 0 < w[13] < 1
+    feats = vla.encode(frames(3, 9), ["go"] * 3)
+    with torch.no_grad():
+        ctx = vla.context([feats, feats])
+    prev = torch.zeros(2, 50, ACTION_DIM)
+    prev[0, :30] = torch.sign(torch.randn(30, ACTION_DIM))
+    weights = torch.stack([guidance_weights(50, 30, 4, 20), torch.zeros(50)])
+    noise = vla.noise([5, 5])
+    free = vla.sample(ctx, noise)
+    guided = vla.sample(ctx, noise, Guidance(prev, weights, [4, 0], vla.config.rtc_max_guidance))
+    assert torch.equal(guided[0, :4], prev[0, :4])
+    err = lambda c: float((c[4:24] - prev[0, 4:24]).abs().mean())  # noqa: E731
+    assert err(guided[0]) < err(free[0])
+    # A row without a previous chunk in the same batch is sampled as if unguided.
+    assert torch.allclose(guided[1], free[1], atol=1e-5)
+
+
+def test_training_loop_checkpoints_and_resumes(vla, tiny_qwen2_vl, tmp_path):
+    from inference_worker.vla.convert import save_episode
+    from inference_worker.vla.train import TrainConfig, train
+    from tests.test_vla_recording import A
+
+    # Two small episodes written straight as shards.
+    from inference_worker.vla.convert import AlignedEpisode
+
+    os.makedirs(tmp_path / "data" / "train")
+    os.makedirs(tmp_path / "data" / "val")
+    rels = {"train": [], "val": []}
+    for n, split in enumerate(["train", "val"]):
+        acts = np.stack([A.action_to_vector(i % 3) for i in range(12)])
+        ep = AlignedEpisode(f"e{n}", np.stack(frames(12, 10 + n, 32)), acts, np.arange(12), np.arange(12) * 100.0,
+                            [[] for _ in range(12)], "go", {})
+        save_episode(ep, str(tmp_path / "data" / split / f"e{n}.npz"))
+        rels[split].append(f"{split}/e{n}.npz")
+    json.dump({"splits": {**rels, "test": []}}, open(tmp_path / "data" / "manifest.json", "w"))
+    model = QwenVLA.build(VLAConfig(vlm_path=tiny_qwen2_vl, **TINY), vlm=vla.extractor.vlm, seed=3)
+    out = str(tmp_path / "run")
+    tc = TrainConfig(data=str(tmp_path / "data"), out=out, steps=6, batch_size=4, eval_every=3, save_every=3,
+                     warmup=2, val_samples=8)
+    res = train(model, tc, progress=False, log=lambda *_: None)
+    assert res["steps"] == 6 and np.isfinite(res["val_loss"]) and 0 <= res["val_key_acc"] <= 1
+    for f in ["config.json", "expert.safetensors", "train_state.pt", "history.json", "loss.png", "best"]:
+        assert os.path.exists(os.path.join(out, f)), f
+    tc.steps, tc.resume = 9, True
+    again = QwenVLA.load(out, vlm=vla.extractor.vlm)
+    res2 = train(again, tc, progress=False, log=lambda *_: None)
+    history = json.load(open(os.path.join(out, "history.json")))
+    assert res2["steps"] == 9 and [h["step"] for h in history] == list(range(1, 10))
