@@ -55,13 +55,35 @@ class EmbeddedRedis:
         directory: Optional[str] = None,
         appendonly: bool = False,
         tls: bool = False,
+        tls_cert: Optional[str] = None,
+        tls_key: Optional[str] = None,
+        tls_ca: Optional[str] = None,
+        tls_auth_clients: str = "yes",
     ) -> None:
+        """With tls=True the server listens on TLS only and needs its certificate, key and
+        the CA it checks client certificates against (tls_auth_clients: yes, optional, no)."""
+        if tls and not (tls_cert and tls_key and tls_ca):
+            raise ValueError("EmbeddedRedis(tls=True) needs tls_cert, tls_key and tls_ca files")
         self.port = port or free_port()
         self.args = list(args)
         self._tmp = None if directory else tempfile.TemporaryDirectory(prefix="vlmq-redis-")
         self.dir = directory or self._tmp.name
         self.appendonly = appendonly
         self.tls = tls
+        self.tls_args = (
+            [
+                "--tls-cert-file",
+                tls_cert,
+                "--tls-key-file",
+                tls_key,
+                "--tls-ca-cert-file",
+                tls_ca,
+                "--tls-auth-clients",
+                tls_auth_clients,
+            ]
+            if tls
+            else []
+        )
         self.proc: Optional[subprocess.Popen] = None
 
     @property
@@ -69,7 +91,11 @@ class EmbeddedRedis:
         return f"{'rediss' if self.tls else 'redis'}://127.0.0.1:{self.port}/0"
 
     def command(self) -> List[str]:
-        port_args = ["--port", "0", "--tls-port", str(self.port)] if self.tls else ["--port", str(self.port)]
+        port_args = (
+            ["--port", "0", "--tls-port", str(self.port), *self.tls_args]
+            if self.tls
+            else ["--port", str(self.port)]
+        )
         return [
             find_redis_server(),
             *port_args,

@@ -33,7 +33,7 @@ class BrokerSettings:
     backlog_policy: str = "error"  # or "wait": publishers sleep until there is room
     reply_maxlen: int = 256  # entries kept per session reply stream
     reply_ttl_s: int = 3600  # idle reply streams expire after this
-    dlq_maxlen: int = 100_000
+    dlq_maxlen: int = 1_000  # a dead letter keeps its frame: 1,000 x 150 KB is 150 MB
     claim_min_idle_ms: int = 15_000  # a message idle this long in a dead consumer is reclaimed
     max_deliveries: int = 3  # after this many deliveries a message goes to dead letters
     # TLS material for rediss:// (file paths); redis-py verifies the server against tls_ca.

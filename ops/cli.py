@@ -19,6 +19,7 @@ COMMANDS = [
     "ops.record",  # record
     "ops.replay",  # replay
     "ops.bench",  # bench
+    "ops.acl.cli",  # acl
     "ops.gateway.cli",  # gateway
     "inference_worker.vla.cli",  # vla
     "env_agents.cli",  # agents

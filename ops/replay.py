@@ -19,11 +19,12 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from broker.connection import connect_async
+from broker.connection import connect_async, connect_sync
 from broker.settings import BrokerSettings, add_broker_args, broker_settings_from_args
 from env_agents.client import AsyncAgentClient
 from ops import summary
 from ops.diff import Difference, Tolerance, compare_replies, not_comparable
+from ops.inspect import snapshot
 from ops.recording import Entry, Recording, read_recording
 from ops.tail import safe_url
 from schemas.errors import ProtocolError
@@ -106,9 +107,13 @@ async def _replay_session(
 ) -> None:
     sid = replay_session_id(run, cases[0].entry.session)
     client = AsyncAgentClient(sid, redis=redis, settings=settings, limits=opts.limits, raise_on_error=False)
+    stuck = False  # once a request of the session got no reply, the rest are not sent
     try:
         for case in cases:
             if case.status or case.request is None:
+                continue
+            if stuck:
+                case.status, case.reason = FAILED, "not sent: an earlier request of its session got no reply"
                 continue
             orig = case.request
             now = time.time()
@@ -122,6 +127,7 @@ async def _replay_session(
                 case.replayed = await client.request(req, timeout=opts.timeout)
             except asyncio.TimeoutError:
                 case.status, case.reason = FAILED, f"no reply within {opts.timeout:g} s"
+                stuck = True
             except ProtocolError as exc:  # backlog full, undecodable reply
                 case.status, case.reason = FAILED, f"{exc.code.value}: {exc.message}"
     finally:
@@ -262,6 +268,13 @@ def run(args: argparse.Namespace) -> int:
     if not rec.requests():
         print(f"{args.file}: no requests recorded", file=sys.stderr)
         return 2
+    live = snapshot(connect_sync(settings), settings)["workers"]
+    if not live:
+        print(
+            f"warning: no live worker on prefix {settings.prefix} at {safe_url(settings.url)}; "
+            f"requests will wait up to --timeout {opts.timeout:g} s",
+            file=sys.stderr,
+        )
     result: List[List[Case]] = []
     started = time.time()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import sys
 import time
@@ -138,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
 
         run_async(tail_live(args, printer))
     except BrokenPipeError:  # `vlmq tail | head`: the reader has seen enough
-        sys.stderr.close()
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
     return 0
 
 

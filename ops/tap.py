@@ -116,7 +116,7 @@ class StreamTap:
         self._streams: Dict[str, _Stream] = {}
         self._start_id = "0-0"
         self._started = False
-        # Request ids seen lately: a dead letter of a request already tapped is not a new one.
+        # (session, request id) seen lately: a dead letter of a request already tapped is not new.
         self._recent: Deque[str] = collections.deque(maxlen=100_000)
         self._recent_set: Set[str] = set()
         self.seen = {"request": 0, "reply": 0}
@@ -169,7 +169,7 @@ class StreamTap:
     # ------------------------------------------------------------------ reading
 
     def _remember(self, rid: str) -> bool:
-        """True if rid is new."""
+        """True if this (session/request id) key is new."""
         if rid in self._recent_set:
             return False
         if len(self._recent) == self._recent.maxlen:
@@ -188,7 +188,7 @@ class StreamTap:
                 return None
             return TapEvent(REPLY, key, _s(entry_id), now, kind, st.session, rid, body, st.partition)
         session = _s(fields.get(b"sid", b""))
-        if not self.only.session_ok(session) or not self._remember(rid):
+        if not self.only.session_ok(session) or not self._remember(f"{session}/{rid}"):
             return None
         if st.role == REQUEST:
             return TapEvent(REQUEST, key, _s(entry_id), now, st.kind, session, rid, body, st.partition)

@@ -9,13 +9,15 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 from broker.settings import BrokerSettings
 from inference_worker.handlers import build_handlers
-from inference_worker.handlers.base import Handler
+from inference_worker.handlers.base import Handler, HandlerOutput
+from inference_worker.handlers.synthetic import SyntheticHandler
 from inference_worker.settings import WorkerSettings
 from inference_worker.worker import Worker
+from schemas.messages import Request
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,6 +54,24 @@ class WorkerThread:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class GatedHandler(SyntheticHandler):
+    """The synthetic handler for one kind, holding each batch in the model thread until the
+    test opens `gate`, and remembering every request that reached the model (`seen`). It
+    makes "a batch is running while these requests arrive" a fact a test controls."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.gate = threading.Event()
+        self.running = threading.Event()  # set once the first batch is in the model
+        self.seen: List[Request] = []
+
+    def run(self, requests: Sequence[Request]) -> HandlerOutput:
+        self.seen += list(requests)
+        self.running.set()
+        assert self.gate.wait(120), "the test never opened the gate"
+        return super().run(requests)
 
 
 def synthetic_settings(broker: BrokerSettings, **kw) -> WorkerSettings:

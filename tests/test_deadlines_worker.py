@@ -1,13 +1,12 @@
 """Deadlines and "newest observation only" through a real worker.
 
-The model is a gated synthetic handler: it records what reaches it and, while the gate is
-closed, holds the first batch in the model thread. That makes "a batch is running while
-these requests arrive" a fact the test controls, not a race it hopes to win.
+The model is a gated synthetic handler (tests/helpers.py): it records what reaches it and,
+while the gate is closed, holds the first batch in the model thread. That makes "a batch is
+running while these requests arrive" a fact the test controls, not a race it hopes to win.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 from typing import Dict, List
@@ -18,28 +17,17 @@ from broker.connection import connect_sync
 from broker.keys import Keys
 from broker.settings import BrokerSettings
 from env_agents.client import AgentClient
-from inference_worker.handlers.synthetic import SyntheticHandler
 from schemas.errors import ErrorCode
 from schemas.messages import ChatMessage, TextActionRequest
-from tests.helpers import WorkerThread, synthetic_settings, wait_for
+from tests.helpers import GatedHandler, WorkerThread, synthetic_settings, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
 KIND = "text_action"
 
 
-class GatedHandler(SyntheticHandler):
-    def __init__(self) -> None:
-        super().__init__(KIND)
-        self.gate = threading.Event()
-        self.running = threading.Event()
-        self.seen: List[str] = []
-
-    def run(self, requests):
-        self.seen += [r.messages[-1].text() for r in requests]
-        self.running.set()
-        assert self.gate.wait(60), "the test never opened the gate"
-        return super().run(requests)
+def _texts(gated: GatedHandler) -> List[str]:
+    return [r.messages[-1].text() for r in gated.seen]
 
 
 def _req(text: str, **kw) -> TextActionRequest:
@@ -48,8 +36,10 @@ def _req(text: str, **kw) -> TextActionRequest:
 
 @pytest.fixture
 def served(settings: BrokerSettings):
-    gated = GatedHandler()
-    worker = WorkerThread(synthetic_settings(settings, kinds=(KIND,), max_batch=1, prefetch=16), handlers={KIND: gated})
+    gated = GatedHandler(KIND)
+    worker = WorkerThread(
+        synthetic_settings(settings, kinds=(KIND,), max_batch=1, prefetch=16), handlers={KIND: gated}
+    )
     with worker, AgentClient(f"dl-{uuid.uuid4().hex[:6]}", settings=settings, raise_on_error=False) as client:
         yield worker, gated, client
         gated.gate.set()
@@ -65,15 +55,15 @@ def _queued(worker: WorkerThread, n: int) -> bool:
     return len(worker.worker.scheduler) == n
 
 
-def test_expired_on_arrival_gets_expired_reply_without_the_model(served, settings) -> None:
-    worker, gated, client = served
+def test_expired_on_arrival_gets_expired_reply_without_the_model(served) -> None:
+    _, gated, client = served
     gated.gate.set()
     late = _req("too late", deadline=time.time() - 1.0)
     reply = client.submit(late).result(30)
     assert not reply.ok and reply.error.code == ErrorCode.EXPIRED
     assert "deadline passed" in reply.error.message
     assert client.submit(_req("on time", deadline=time.time() + 60)).result(30).ok
-    assert gated.seen == ["on time"]
+    assert _texts(gated) == ["on time"]
 
 
 def test_request_expiring_in_the_queue_never_reaches_the_model(served) -> None:
@@ -86,7 +76,7 @@ def test_request_expiring_in_the_queue_never_reaches_the_model(served) -> None:
     assert blocker.result(30).ok
     reply = doomed.result(30)
     assert reply.error.code == ErrorCode.EXPIRED
-    assert gated.seen == ["blocker"]
+    assert _texts(gated) == ["blocker"]
     assert worker.worker.scheduler._latest == {}  # no frame kept for a session that expired
 
 
@@ -94,13 +84,20 @@ def test_batcher_runs_earliest_deadline_first(served) -> None:
     worker, gated, client = served
     blocker = _block_the_model(client, gated)
     now = time.time()
-    order = [("late", 600), ("none-1", None), ("soon", 200), ("later", 400), ("none-2", None), ("sooner", 100)]
+    order = [
+        ("late", 600),
+        ("none-1", None),
+        ("soon", 200),
+        ("later", 400),
+        ("none-2", None),
+        ("sooner", 100),
+    ]
     futures = [client.submit(_req(t, deadline=None if d is None else now + d)) for t, d in order]
     assert wait_for(lambda: _queued(worker, len(order)), 30)
     gated.gate.set()
     assert blocker.result(30).ok and all(f.result(30).ok for f in futures)
     # max_batch=1: one request per batch, in deadline order; no deadline last, by arrival
-    assert gated.seen == ["blocker", "sooner", "soon", "later", "late", "none-1", "none-2"]
+    assert _texts(gated) == ["blocker", "sooner", "soon", "later", "late", "none-1", "none-2"]
 
 
 def test_latest_only_skips_stale_frames_even_across_a_running_batch(served, settings) -> None:
@@ -122,7 +119,7 @@ def test_latest_only_skips_stale_frames_even_across_a_running_batch(served, sett
     assert replies["f3"].ok and replies["o1"].ok
     for key in ("f2", "stale"):
         assert replies[key].error.code == ErrorCode.SUPERSEDED
-    assert gated.seen == ["frame 1", "frame 3", "other 1"]
+    assert _texts(gated) == ["frame 1", "frame 3", "other 1"]
     # superseded is an answer, not a failure: nothing went to dead letters
     r = connect_sync(settings)
     assert r.xlen(Keys(settings.prefix).dead_letters(KIND, 0)) == 0

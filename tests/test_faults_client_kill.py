@@ -30,11 +30,19 @@ REQUESTS = 150
 
 
 def test_client_kill_under_load_loses_nothing(fresh_redis) -> None:
-    broker = BrokerSettings(url=fresh_redis.url, prefix=f"ck{uuid.uuid4().hex[:6]}", claim_min_idle_ms=800)
+    broker = BrokerSettings(url=fresh_redis.url, prefix=f"ck{uuid.uuid4().hex[:6]}", claim_min_idle_ms=1500)
     keys = Keys(broker.prefix)
     admin = connect_sync(broker)
     worker = start_worker_process(
-        broker, "--backend", "synthetic", "--synthetic-latency-ms", "3", "--kinds", "text_action", "--name", "w"
+        broker,
+        "--backend",
+        "synthetic",
+        "--synthetic-latency-ms",
+        "3",
+        "--kinds",
+        "text_action",
+        "--name",
+        "w",
     )
     agent = None
     try:

@@ -5,6 +5,7 @@ the application."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import signal
 import subprocess
@@ -17,8 +18,18 @@ from broker.connection import connect_sync
 from broker.embedded import EmbeddedRedis
 from broker.keys import Keys
 from broker.settings import BrokerSettings
+from env_agents.client import AgentClient
 from ops.bench.reliability import agent_command
-from tests.helpers import REPO, start_worker_process, stop_process, wait_for
+from schemas.messages import ChatMessage, TextActionRequest
+from tests.helpers import (
+    REPO,
+    GatedHandler,
+    WorkerThread,
+    start_worker_process,
+    stop_process,
+    synthetic_settings,
+    wait_for,
+)
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -30,7 +41,15 @@ def _run_with_outage(server: EmbeddedRedis, outage: str) -> Dict[str, Any]:
     broker = BrokerSettings(url=server.url, prefix=f"rr{uuid.uuid4().hex[:6]}", claim_min_idle_ms=1500)
     keys = Keys(broker.prefix)
     worker = start_worker_process(
-        broker, "--backend", "synthetic", "--synthetic-latency-ms", "3", "--kinds", "text_action", "--name", "w"
+        broker,
+        "--backend",
+        "synthetic",
+        "--synthetic-latency-ms",
+        "3",
+        "--kinds",
+        "text_action",
+        "--name",
+        "w",
     )
     agent = None
     try:
@@ -78,6 +97,10 @@ def _assert_nothing_lost(summary: Dict[str, Any]) -> None:
     assert summary["duplicates_delivered"] == 0 and summary["misdelivered"] == 0
 
 
+def _text(content: str) -> TextActionRequest:
+    return TextActionRequest(messages=[ChatMessage(role="user", content=content)])
+
+
 def _server(extra: List[str]) -> EmbeddedRedis:
     return EmbeddedRedis(appendonly=True, args=extra)
 
@@ -92,3 +115,28 @@ def test_redis_sigkill_with_appendfsync_always_loses_nothing(redis_server) -> No
     with _server(["--appendfsync", "always"]) as server:
         summary = _run_with_outage(server, "kill")
     _assert_nothing_lost(summary)
+
+
+def test_redis_restart_without_persistence_answers_what_the_worker_held(fresh_redis) -> None:
+    """Without AOF a restart empties Redis: requests still waiting in the stream are gone
+    (their senders time out), but what the worker had already read is answered: its commit
+    finds no consumer group and writes the reply anyway. The worker recreates its group
+    and serves new requests."""
+    broker = BrokerSettings(url=fresh_redis.url, prefix="nopersist", claim_min_idle_ms=1500)
+    gated = GatedHandler("text_action")
+    # max_batch 1, prefetch 2: one request in the model, one queued, the third in the stream
+    settings = synthetic_settings(broker, kinds=("text_action",), max_batch=1, prefetch=2)
+    with WorkerThread(settings, handlers={"text_action": gated}) as worker:
+        with AgentClient("amnesia", settings=broker, raise_on_error=False) as client:
+            held = [client.submit(_text(f"held {i}")) for i in range(2)]
+            waiting = client.submit(_text("waiting"))
+            assert gated.running.wait(30)
+            assert wait_for(lambda: len(worker.worker.scheduler) == 1, 30)
+            fresh_redis.restart()  # no AOF, no RDB: an empty Redis on the same port
+            gated.gate.set()
+            assert [f.result(60).result.text for f in held] == ["held 0", "held 1"]
+            with pytest.raises(concurrent.futures.TimeoutError):
+                waiting.result(3)
+            after = client.request(_text("after the restart"), timeout=60)
+    assert after.ok and after.result.text == "after the restart"
+    assert [r.messages[-1].text() for r in gated.seen] == ["held 0", "held 1", "after the restart"]

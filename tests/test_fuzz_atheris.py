@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-RUNS = int(os.environ.get("VLMQ_FUZZ_RUNS", "8000"))
+RUNS = int(os.environ.get("VLMQ_FUZZ_RUNS", "10000"))
 
 
 def _seed_corpus(directory: str) -> None:
@@ -46,7 +46,7 @@ def _seed_corpus(directory: str) -> None:
 def main() -> None:
     import atheris
 
-    with atheris.instrument_imports():
+    with atheris.instrument_imports(include=["schemas", "msgpack"]):
         from schemas.errors import ProtocolError
         from schemas.limits import Limits
         from schemas.messages import decode_reply, decode_request

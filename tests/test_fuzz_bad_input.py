@@ -13,7 +13,6 @@ import pytest
 
 from broker.connection import connect_sync
 from broker.keys import Keys
-from broker.publisher import request_fields
 from schemas.codec import EXT_NDARRAY, packb
 from schemas.errors import ErrorCode
 from schemas.limits import Limits
@@ -22,7 +21,9 @@ from tests.helpers import WorkerThread, synthetic_settings, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
-LIMITS = Limits(max_message_bytes=256 * 1024, max_frame_bytes=64 * 1024, max_image_side=256)
+LIMITS = Limits(
+    max_message_bytes=256 * 1024, max_frame_bytes=64 * 1024, max_image_side=256, max_text_bytes=32 * 1024
+)
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +100,11 @@ CASES = {
     "oversize-message": (
         "text_action",
         lambda sid: packb(_text(sid, messages=[{"role": "user", "content": "x" * 300_000}])),
+        ErrorCode.TOO_LARGE,
+    ),
+    "string-over-limit": (
+        "text_action",
+        lambda sid: packb(_text(sid, messages=[{"role": "user", "content": "x" * 40_000}])),
         ErrorCode.TOO_LARGE,
     ),
     "image-side-over-limit": (

@@ -72,7 +72,9 @@ FRAME = np.zeros((8, 8, 3), np.uint8)
 
 
 def valid_requests() -> Dict[str, Any]:
-    msg = ChatMessage(role="user", content=[{"type": "text", "text": "go"}, {"type": "image", "image": FRAME}])
+    msg = ChatMessage(
+        role="user", content=[{"type": "text", "text": "go"}, {"type": "image", "image": FRAME}]
+    )
     reqs = [
         ActionChunkRequest(session_id="s1", request_id="r1", image=FRAME, state=np.zeros(4, np.float32)),
         PreferenceRequest(session_id="s1", request_id="r1", image_a=FRAME, image_b=FRAME, task="open"),
@@ -98,7 +100,9 @@ scalars = st.one_of(
 
 @st.composite
 def ndarray_ext(draw) -> msgpack.ExtType:
-    dtype = draw(st.one_of(st.sampled_from(sorted(ALLOWED_DTYPES)), st.text(max_size=6), st.integers(-99, 99)))
+    dtype = draw(
+        st.one_of(st.sampled_from(sorted(ALLOWED_DTYPES)), st.text(max_size=6), st.integers(-99, 99))
+    )
     shape = draw(
         st.one_of(
             st.lists(st.integers(min_value=-2, max_value=2**64 - 1), max_size=10),

@@ -188,3 +188,13 @@ def test_packed_vision_attention_matches_sdpa(engine):
         finally:
             visual.config._attn_implementation = NAME
     assert torch.allclose(packed, stock, atol=1e-4, rtol=1e-4)
+
+
+def test_linear_patch_embedding_matches_the_conv(engine):
+    embed = engine.model.model.visual.patch_embed
+    values, _ = pixel_values(frames()[:2], engine.policy)
+    with torch.inference_mode():
+        conv = embed.proj(
+            values.view(-1, 3, engine.policy.temporal_patch_size, embed.patch_size, embed.patch_size)
+        )
+        assert torch.allclose(embed(values), conv.view(values.shape[0], -1), atol=1e-4, rtol=1e-4)

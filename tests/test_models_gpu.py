@@ -39,8 +39,8 @@ def test_graph_decoding_equals_eager_and_generate(request, fixture):
     from inference_worker.models import load_vlm
 
     vlm = load_vlm(request.getfixturevalue(fixture), device="cuda", dtype="float32")
-    graphs = ChatEngine(vlm, EngineOptions(decode="graphs"))
-    eager = ChatEngine(vlm, EngineOptions(decode="eager"))
+    graphs = ChatEngine(vlm, EngineOptions(decode="graphs", fuse="on"))
+    eager = ChatEngine(vlm, EngineOptions(decode="eager", fuse="off"))
     assert isinstance(graphs.steps, GraphSteps)
     prompts = _prompts()
     samp = [Sampling(max_tokens=10)] * len(prompts)

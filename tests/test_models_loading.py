@@ -112,3 +112,15 @@ def test_quantize_and_device_errors(tiny_qwen2_vl):
     if not torch.cuda.is_available():
         with pytest.raises(ModelLoadError, match="CUDA is not available"):
             load_vlm(tiny_qwen2_vl, device="cuda")
+
+
+def test_vllm_backend_without_vllm_is_a_clear_error(tiny_qwen2_vl):
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here")
+    from inference_worker.engines.vllm_engine import VLLMChatEngine
+    from inference_worker.settings import WorkerSettings
+
+    with pytest.raises(ModelLoadError, match="needs vLLM"):
+        VLLMChatEngine.from_settings(WorkerSettings(backend="vllm", model_path=tiny_qwen2_vl))

@@ -194,3 +194,12 @@ def test_prometheus_config_and_rules_parse():
         for group in yaml.safe_load(f)["groups"]:
             for rule in group["rules"]:
                 assert ("alert" in rule) != ("record" in rule) and rule["expr"]
+
+
+def test_every_metric_is_documented():
+    from ops.metrics import names
+
+    with open(os.path.join(REPO, "docs", "OPS.md")) as f:
+        doc = f.read()
+    missing = [name for name in names.ALL if f"`{name}`" not in doc]
+    assert not missing, f"docs/OPS.md lacks {missing}"

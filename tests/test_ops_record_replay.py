@@ -9,6 +9,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -16,9 +17,12 @@ import pytest
 
 from broker.connection import connect_sync
 from broker.keys import Keys
+from broker.settings import BrokerSettings
 from env_agents.client import AsyncAgentClient
+from ops.record import record
 from ops.recording import read_recording
 from ops.replay import DIFFER, MATCH, SKIPPED, ReplayOptions, exit_status, replay, report
+from ops.tap import TapFilter
 from schemas.messages import (
     ActionChunkRequest,
     PreferenceRequest,
@@ -93,6 +97,29 @@ def _stop(proc: subprocess.Popen) -> str:
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     return out
+
+
+class Recorder(threading.Thread):
+    """`vlmq record`'s coroutine on its own loop (the CLI path is tested with the synthetic backend)."""
+
+    def __init__(self, settings, path: str) -> None:
+        super().__init__(daemon=True)
+        self.settings, self.path = settings, path
+        self.loop = asyncio.new_event_loop()
+        self.stop_event: asyncio.Event = None
+        self.ready = threading.Event()
+
+    def run(self) -> None:
+        async def main() -> None:
+            self.stop_event = asyncio.Event()
+            await record(self.settings, self.path, self.stop_event, TapFilter(), on_start=self.ready.set)
+
+        self.loop.run_until_complete(main())
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.stop_event.set)
+        self.join(30)
+        assert not self.is_alive()
 
 
 @pytest.fixture
@@ -190,3 +217,27 @@ def test_record_tail_replay_round_trip_and_a_changed_worker(partitioned, tmp_pat
     assert exit_status(cases) == 1
     text = report(path, rec, cases, settings, 1.0, show=5)
     assert "differ" in text and "result.chunk: shape (50, 7) -> (50, 8)" in text
+
+
+def test_record_and_replay_on_a_redis_cluster(tmp_path):
+    """On Redis Cluster the tap reads each partition (one hash slot) with its own XREAD."""
+    from broker.embedded_cluster import EmbeddedCluster
+
+    path = str(tmp_path / "cluster.vlmqrec")
+    with EmbeddedCluster(3) as cluster:
+        settings = BrokerSettings(
+            url=cluster.url, cluster=True, partitions=3, prefix="opscl", claim_min_idle_ms=1000
+        )
+        with WorkerThread(synthetic_settings(settings, synthetic_latency_ms=10.0)):
+            recorder = Recorder(settings, path)
+            recorder.start()
+            assert recorder.ready.wait(30)
+            sent = asyncio.run(_traffic(settings, sessions=4))
+            time.sleep(0.5)
+            recorder.stop()
+            rec = read_recording(path)
+            assert len(rec.requests()) == sent and len(rec.replies_by_rid()) == sent
+            assert len({e.stream.rsplit(":", 1)[1] for e in rec.requests()}) > 1  # several partitions
+            cases = asyncio.run(replay(settings, rec, ReplayOptions(timeout=30)))
+    assert exit_status(cases) == 0
+    assert sum(c.status == MATCH for c in cases) == sent - 4  # the expired ones are skipped

@@ -5,19 +5,17 @@ against a checkpoint built with another seed the replay reports the differences.
 from __future__ import annotations
 
 import asyncio
-import threading
 
 import numpy as np
 import pytest
 
 from env_agents.client import AsyncAgentClient
 from inference_worker.settings import WorkerSettings
-from ops.record import record
 from ops.recording import read_recording
 from ops.replay import DIFFER, MATCH, ReplayOptions, counts, replay, report
-from ops.tap import TapFilter
 from schemas.messages import PreferenceRequest, StructuredActionRequest, TextActionRequest
 from tests.helpers import WorkerThread
+from tests.test_ops_record_replay import Recorder
 
 pytest.importorskip("transformers")
 KINDS = ("text_action", "structured_action", "preference")
@@ -49,29 +47,6 @@ async def _traffic(settings, sessions: int) -> int:
         return 4
 
     return sum(await asyncio.gather(*(one(i) for i in range(sessions))))
-
-
-class Recorder(threading.Thread):
-    """`vlmq record`'s coroutine on its own loop (the CLI path is tested with the synthetic backend)."""
-
-    def __init__(self, settings, path: str) -> None:
-        super().__init__(daemon=True)
-        self.settings, self.path = settings, path
-        self.loop = asyncio.new_event_loop()
-        self.stop_event: asyncio.Event = None
-        self.ready = threading.Event()
-
-    def run(self) -> None:
-        async def main() -> None:
-            self.stop_event = asyncio.Event()
-            await record(self.settings, self.path, self.stop_event, TapFilter(), on_start=self.ready.set)
-
-        self.loop.run_until_complete(main())
-
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.stop_event.set)
-        self.join(30)
-        assert not self.is_alive()
 
 
 @pytest.fixture(scope="module")

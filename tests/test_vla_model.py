@@ -16,6 +16,11 @@ from inference_worker.vla.model import QwenVLA
 from inference_worker.vla.rtc import Guidance, guidance_weights
 
 
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
 def frames(n: int, seed: int = 0, size: int = 112):
     rng = np.random.default_rng(seed)
     return [rng.integers(0, 255, (size, size, 3), dtype=np.uint8) for _ in range(n)]
@@ -81,7 +86,7 @@ def test_save_load_round_trip_and_seeded_noise(vla, tmp_path):
     assert not torch.equal(a, vla.predict(x, ["go"], seeds=[43]))
     vla.save(str(tmp_path / "copy"))
     assert sorted(os.listdir(tmp_path / "copy")) == ["config.json", "expert.safetensors"]
-    assert json.load(open(tmp_path / "copy" / "config.json"))["vlm_path"] == vla.config.vlm_path
+    assert read_json(tmp_path / "copy" / "config.json")["vlm_path"] == vla.config.vlm_path
     again = QwenVLA.load(str(tmp_path / "copy"), vlm=vla.extractor.vlm)
     assert torch.allclose(a, again.predict(x, ["go"], seeds=[42]), atol=1e-5)
 
@@ -113,27 +118,41 @@ def test_rtc_freezes_the_delay_and_pulls_the_horizon_toward_the_previous_chunk(v
 
 
 def test_training_loop_checkpoints_and_resumes(vla, tiny_qwen2_vl, tmp_path):
-    from inference_worker.vla.convert import save_episode
+    # Two small episodes written straight as shards.
+    from inference_worker.vla.convert import AlignedEpisode, save_episode
     from inference_worker.vla.train import TrainConfig, train
     from tests.test_vla_recording import A
-
-    # Two small episodes written straight as shards.
-    from inference_worker.vla.convert import AlignedEpisode
 
     os.makedirs(tmp_path / "data" / "train")
     os.makedirs(tmp_path / "data" / "val")
     rels = {"train": [], "val": []}
     for n, split in enumerate(["train", "val"]):
         acts = np.stack([A.action_to_vector(i % 3) for i in range(12)])
-        ep = AlignedEpisode(f"e{n}", np.stack(frames(12, 10 + n, 32)), acts, np.arange(12), np.arange(12) * 100.0,
-                            [[] for _ in range(12)], "go", {})
+        ep = AlignedEpisode(
+            f"e{n}",
+            np.stack(frames(12, 10 + n, 32)),
+            acts,
+            np.arange(12),
+            np.arange(12) * 100.0,
+            [[] for _ in range(12)],
+            "go",
+            {},
+        )
         save_episode(ep, str(tmp_path / "data" / split / f"e{n}.npz"))
         rels[split].append(f"{split}/e{n}.npz")
-    json.dump({"splits": {**rels, "test": []}}, open(tmp_path / "data" / "manifest.json", "w"))
+    (tmp_path / "data" / "manifest.json").write_text(json.dumps({"splits": {**rels, "test": []}}))
     model = QwenVLA.build(VLAConfig(vlm_path=tiny_qwen2_vl, **TINY), vlm=vla.extractor.vlm, seed=3)
     out = str(tmp_path / "run")
-    tc = TrainConfig(data=str(tmp_path / "data"), out=out, steps=6, batch_size=4, eval_every=3, save_every=3,
-                     warmup=2, val_samples=8)
+    tc = TrainConfig(
+        data=str(tmp_path / "data"),
+        out=out,
+        steps=6,
+        batch_size=4,
+        eval_every=3,
+        save_every=3,
+        warmup=2,
+        val_samples=8,
+    )
     res = train(model, tc, progress=False, log=lambda *_: None)
     assert res["steps"] == 6 and np.isfinite(res["val_loss"]) and 0 <= res["val_key_acc"] <= 1
     for f in ["config.json", "expert.safetensors", "train_state.pt", "history.json", "loss.png", "best"]:
@@ -141,5 +160,29 @@ def test_training_loop_checkpoints_and_resumes(vla, tiny_qwen2_vl, tmp_path):
     tc.steps, tc.resume = 9, True
     again = QwenVLA.load(out, vlm=vla.extractor.vlm)
     res2 = train(again, tc, progress=False, log=lambda *_: None)
-    history = json.load(open(os.path.join(out, "history.json")))
+    history = read_json(os.path.join(out, "history.json"))
     assert res2["steps"] == 9 and [h["step"] for h in history] == list(range(1, 10))
+
+
+def test_cli_record_convert_train_eval(tiny_qwen2_vl, tmp_path, capsys):
+    """The whole `vlmq vla` pipeline on real files, tiny sizes."""
+    import importlib.util
+
+    if importlib.util.find_spec("miniworld") is None:
+        pytest.skip("MiniWorld is not installed (the envs extra)")
+    from ops.cli import main
+
+    rec, shards, out = str(tmp_path / "rec"), str(tmp_path / "shards"), str(tmp_path / "vla")
+    assert main(["vla", "record", "--out", rec, "--episodes", "3", "--size", "64", "--max-steps", "12"]) == 0
+    assert main(["vla", "convert", rec, shards, "--image-size", "56"]) == 0
+    args = ["vla", "train", "--vlm", tiny_qwen2_vl, "--data", shards, "--out", out, "--image-size", "56"]
+    args += ["--expert-layers", "1", "--expert-dim", "32", "--expert-heads", "2", "--chunk-size", "8"]
+    assert main([*args, "--steps", "4", "--batch-size", "4", "--eval-every", "2", "--warmup", "1"]) == 0
+    with pytest.raises(SystemExit):  # an existing VLA is never overwritten silently
+        main([*args, "--steps", "4"])
+    assert QwenVLA.load(out).config.chunk_size == 8
+    capsys.readouterr()
+    assert main(["vla", "eval", "--vla", out, "--episodes", "1", "--size", "64", "--max-steps", "10"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert 0.0 <= report["vla"]["success_rate"] <= 1.0 and report["vla"]["chunks"] > 0
+    assert 0.0 <= report["random"]["success_rate"] <= 1.0

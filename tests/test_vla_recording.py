@@ -32,8 +32,16 @@ def test_action_layout_round_trips_miniworld_actions():
     assert A.chunk_to_actions(np.stack([A.action_to_vector(2)] * 4), 3) == [2, 2, 2, 2]
     assert A.normalise_mouse(0, 0, 384, 384) == (-1.0, -1.0)
     assert A.normalise_mouse(383, 383, 384, 384) == (1.0, 1.0)
-    assert A.button_channels(5) == [2, 4] and A.button_channels(None) == [2] and A.button_channels("right") == [3]
+    assert (
+        A.button_channels(5) == [2, 4]
+        and A.button_channels(None) == [2]
+        and A.button_channels("right") == [3]
+    )
     assert A.key_channel(0x99) is None
+
+
+def shard_files(manifest) -> list:
+    return [rel for split in manifest["splits"].values() for rel in split]
 
 
 def _synth_episode(path: str, offset_ms: float) -> None:
@@ -73,7 +81,7 @@ def test_converter_aligns_synthesised_events_exactly(tmp_path):
     manifest = convert(str(src), str(tmp_path / "out"), image_size=16, seed=0)
     assert all(len(v) == 1 for v in manifest["splits"].values())  # 3 episodes: one per split
     assert manifest["stats"]["duplicates"] == 3 and manifest["stats"]["unknown_keys"] == 3
-    for rel in sum(manifest["splits"].values(), []):
+    for rel in shard_files(manifest):
         with np.load(tmp_path / "out" / rel, allow_pickle=False) as d:
             acts, frames = d["actions"], d["frames"]
             assert frames.shape == (6, 16, 16, 3) and acts.shape == (6, A.ACTION_DIM)
@@ -105,16 +113,25 @@ def miniworld_recording(tmp_path_factory):
     return out, record("MiniWorld-OneRoom-v0", out, 3, size=64, seed=3, opts=opts)
 
 
-def test_recorder_writes_the_seed_format_and_the_converter_recovers_the_actions(miniworld_recording, tmp_path):
+def test_recorder_writes_the_seed_format_and_the_converter_recovers_the_actions(
+    miniworld_recording, tmp_path
+):
     out, summaries = miniworld_recording
     ep_dir = summaries[0]["path"]
     assert sorted(os.listdir(ep_dir)) == ["events.jsonl", "frame_ts.bin", "meta.json", "video.mp4"]
-    meta = json.load(open(os.path.join(ep_dir, "meta.json")))
-    assert meta["fps"] == 10.0 and meta["canvas"] == [64, 64] and meta["qpc_freq"] > 0 and meta["offset_ms"] == 25.0
-    kinds = {json.loads(line)["kind"] for line in open(os.path.join(ep_dir, "events.jsonl"))}
+    with open(os.path.join(ep_dir, "meta.json")) as f:
+        meta = json.load(f)
+    assert (
+        meta["fps"] == 10.0
+        and meta["canvas"] == [64, 64]
+        and meta["qpc_freq"] > 0
+        and meta["offset_ms"] == 25.0
+    )
+    with open(os.path.join(ep_dir, "events.jsonl")) as f:
+        kinds = {json.loads(line)["kind"] for line in f}
     assert kinds <= {"mousemove", "mouseclick", "keydown", "keyup"} and "keydown" in kinds
     manifest = convert(out, str(tmp_path / "shards"), seed=0)
-    for rel in sum(manifest["splits"].values(), []):
+    for rel in shard_files(manifest):
         name = os.path.splitext(os.path.basename(rel))[0]
         summary = next(s for s in summaries if os.path.basename(s["path"]) == name)
         with np.load(tmp_path / "shards" / rel, allow_pickle=False) as d:

@@ -9,7 +9,8 @@ import pytest
 from broker.connection import connect_sync
 from broker.keys import Keys
 from env_agents.client import AgentClient, ReplyError
-from inference_worker.handlers.action_chunk import ActionChunkHandler, build_action_chunk_handler
+from inference_worker.handlers import build_handlers
+from inference_worker.handlers.action_chunk import ActionChunkHandler
 from inference_worker.vla.cache import FeatureCache
 from inference_worker.vla.model import QwenVLA
 from schemas.errors import ErrorCode
@@ -83,8 +84,12 @@ def test_a_cache_hit_gives_the_chunk_of_re_encoding_every_frame(handlers):
     for step in range(7):
         reqs = [
             ActionChunkRequest(
-                session_id=f"s{j}", step=step, image=frame(10 * j + step), instruction="go to the red box",
-                noise_seed=100 * step + j, reset=step == 0,
+                session_id=f"s{j}",
+                step=step,
+                image=frame(10 * j + step),
+                instruction="go to the red box",
+                noise_seed=100 * step + j,
+                reset=step == 0,
             )
             for j in range(3)
         ]
@@ -116,7 +121,10 @@ def test_bad_requests_fail_alone(handlers):
     good = ActionChunkRequest(session_id="ok", image=frame(1), noise_seed=1)
     bad_prev = ActionChunkRequest(session_id="b1", image=frame(1), prev_chunk=np.zeros((10, 3), np.float32))
     bad_delay = ActionChunkRequest(
-        session_id="b2", image=frame(1), prev_chunk=np.zeros((10, cached.cfg.action_dim), np.float32), inference_delay=11
+        session_id="b2",
+        image=frame(1),
+        prev_chunk=np.zeros((10, cached.cfg.action_dim), np.float32),
+        inference_delay=11,
     )
     bad_text = ActionChunkRequest(session_id="b3", image=frame(1), instruction="<|image_pad|>")
     out = cached.run([good, bad_prev, bad_delay, bad_text]).results
@@ -124,19 +132,30 @@ def test_bad_requests_fail_alone(handlers):
     assert [r.code for r in out[1:]] == [ErrorCode.INVALID] * 3
 
 
-def test_action_chunks_end_to_end_through_redis(settings, tiny_vla):
+def test_action_chunks_end_to_end_through_redis(settings, tiny_vla, tiny_qwen2_vl):
     ws = synthetic_settings(
-        settings, backend="hf", kinds=("action_chunk",), max_wait_ms=20.0, options={"vla": tiny_vla}
+        settings,
+        backend="hf",
+        model_path=tiny_qwen2_vl,
+        kinds=("action_chunk", "text_action"),
+        max_wait_ms=20.0,
+        options={"vla": tiny_vla},
     )
-    handler = build_action_chunk_handler(ws)
-    with WorkerThread(ws, {"action_chunk": handler}):
+    handlers = build_handlers(ws)  # what `vlmq worker --model M --option vla=DIR` builds
+    handler = handlers["action_chunk"]
+    assert isinstance(handler, ActionChunkHandler) and set(handlers) == {"action_chunk", "text_action"}
+    assert handler.vla.extractor.vlm is handlers["text_action"].engine.vlm  # one VLM in memory
+    with WorkerThread(ws, handlers):
         with AgentClient("robot-a", settings=settings) as a, AgentClient("robot-b", settings=settings) as b:
             for step in range(5):
                 for client, seed in ((a, 0), (b, 50)):
                     reply = client.request(
                         ActionChunkRequest(
-                            step=step, image=frame(seed + step), instruction="go to the red box",
-                            reset=step == 0, noise_seed=step,
+                            step=step,
+                            image=frame(seed + step),
+                            instruction="go to the red box",
+                            reset=step == 0,
+                            noise_seed=step,
                         ),
                         timeout=60,
                     )
@@ -146,14 +165,24 @@ def test_action_chunks_end_to_end_through_redis(settings, tiny_vla):
             # RTC through the wire: the frozen rows come back as sent.
             prev = np.tile(np.linspace(-1, 1, handler.cfg.action_dim, dtype=np.float32), (30, 1))
             reply = a.request(
-                ActionChunkRequest(step=5, image=frame(5), instruction="go to the red box", prev_chunk=prev,
-                                   inference_delay=3, execution_horizon=10, noise_seed=1),
+                ActionChunkRequest(
+                    step=5,
+                    image=frame(5),
+                    instruction="go to the red box",
+                    prev_chunk=prev,
+                    inference_delay=3,
+                    execution_horizon=10,
+                    noise_seed=1,
+                ),
                 timeout=60,
             )
             np.testing.assert_allclose(reply.result.chunk[:3], prev[:3])
             # Bad input: an error reply and a dead letter; the worker keeps serving.
             with pytest.raises(ReplyError) as err:
-                a.request(ActionChunkRequest(step=6, image=frame(6), prev_chunk=np.zeros((4, 2), np.float32)), timeout=60)
+                a.request(
+                    ActionChunkRequest(step=6, image=frame(6), prev_chunk=np.zeros((4, 2), np.float32)),
+                    timeout=60,
+                )
             assert err.value.code == ErrorCode.INVALID
             r = connect_sync(settings)
             keys = Keys(settings.prefix, settings.partitions)

@@ -87,9 +87,7 @@ _KEY_CHANNEL = {vk: KEY_SLICE.start + i for i, vk in enumerate(KEY_VOCAB)}
 
 def channel_names() -> List[str]:
     return (
-        ["mouse_x", "mouse_y"]
-        + [f"btn_{b}" for b in BUTTONS]
-        + [f"key_{_KEY_NAMES[vk]}" for vk in KEY_VOCAB]
+        ["mouse_x", "mouse_y"] + [f"btn_{b}" for b in BUTTONS] + [f"key_{_KEY_NAMES[vk]}" for vk in KEY_VOCAB]
     )
 
 
@@ -97,7 +95,7 @@ def key_channel(vk: int) -> Optional[int]:
     return _KEY_CHANNEL.get(int(vk))
 
 
-def button_channels(buttons: Union[None, int, str, Iterable[str]]) -> List[int]:
+def button_channels(buttons: Union[int, str, Iterable[str], None]) -> List[int]:
     """Channels of a mouseclick's `buttons`: a bitmask (1 left, 2 right, 4 middle), a name,
     or a list of names; missing means the left button."""
     if buttons is None:

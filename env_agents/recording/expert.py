@@ -27,11 +27,18 @@ def heading_error(env) -> Optional[float]:
 
 
 class ScriptedExpert:
-    """turn while the goal is more than `tolerance_deg` off-axis, else move forward;
-    with probability `epsilon` a random action instead (more varied demonstrations)."""
+    """Outside the field of view (more than `view_deg` off-axis) turn left to search; in
+    view, turn toward the goal while it is more than `tolerance_deg` off-axis, else move
+    forward; with probability `epsilon` a random action instead (recoveries from states
+    the expert would not visit). Searching in one fixed direction matters for imitation:
+    the shorter way round to an unseen goal is not in the image, and a policy trained on
+    it dithers left-right."""
 
-    def __init__(self, tolerance_deg: float = 12.0, epsilon: float = 0.0, seed: int = 0) -> None:
+    def __init__(
+        self, tolerance_deg: float = 12.0, view_deg: float = 28.0, epsilon: float = 0.0, seed: int = 0
+    ) -> None:
         self.tolerance = math.radians(tolerance_deg)
+        self.view = math.radians(view_deg)
         self.epsilon = epsilon
         self.rng = np.random.default_rng(seed)
 
@@ -42,7 +49,7 @@ class ScriptedExpert:
         err = heading_error(env)
         if err is None:
             return MOVE_FORWARD
-        if err > self.tolerance:
+        if err > self.tolerance or err < -self.view:
             return TURN_LEFT
         if err < -self.tolerance:
             return TURN_RIGHT

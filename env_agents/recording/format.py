@@ -118,7 +118,7 @@ class EpisodeWriter:
 
     def __post_init__(self) -> None:
         os.makedirs(self.path, exist_ok=True)
-        self._events = open(os.path.join(self.path, EVENTS), "w")
+        self._events = open(os.path.join(self.path, EVENTS), "w")  # noqa: SIM115  (closed by close())
 
     def frame(self, image: np.ndarray, ts: int) -> None:
         import imageio.v2 as iio
@@ -142,7 +142,7 @@ class EpisodeWriter:
 
     def event(self, kind: str, ts: int, **fields: Any) -> None:
         """An input event; `ts` is on the video clock and is written on the event clock."""
-        shifted = int(round(ts - self.offset_ms * self.qpc_freq / 1000.0))
+        shifted = round(ts - self.offset_ms * self.qpc_freq / 1000.0)
         self._events.write(json.dumps({"ts": shifted, "kind": kind, **fields}) + "\n")
 
     def close(self, **meta: Any) -> None:

@@ -16,6 +16,7 @@ from inference_worker.engines.completion import Completion, Scored
 from inference_worker.engines.inputs import InputBuilder
 from inference_worker.engines.kv_cache import KVCache
 from inference_worker.engines.options import EngineOptions
+from inference_worker.engines.patch_embedding import use_linear_patch_embedding
 from inference_worker.engines.pixels import ImagePolicy
 from inference_worker.engines.prompt import ChatPrompt
 from inference_worker.engines.sampling import Sampling, TokenSelector
@@ -23,6 +24,7 @@ from inference_worker.engines.steps import EagerSteps, GraphSteps
 from inference_worker.engines.text import cut_at_stop, find_stop, strip_think
 from inference_worker.engines.text_stack import TextStack
 from inference_worker.engines.vision_attention import use_packed_vision_attention
+from inference_worker.engines.vision_fusion import fuse_vision_ops
 from inference_worker.handlers.base import Stopwatch
 from inference_worker.models.loading import LoadedVLM
 
@@ -41,10 +43,10 @@ class ChatEngine:
         ip = vlm.processor.image_processor
         self.policy = ImagePolicy.from_image_processor(ip, self.options.min_pixels, self.options.max_pixels)
         self.inputs = InputBuilder(self.model, vlm.processor, self.policy, vlm.device, vlm.dtype)
-        self.stack = TextStack(self.model)
-        use_graphs = self.options.decode == "graphs" or (
-            self.options.decode == "auto" and vlm.device.type == "cuda"
-        )
+        on_gpu = vlm.device.type == "cuda"
+        fuse = self.options.fuse == "on" or (self.options.fuse == "auto" and on_gpu)
+        self.stack = TextStack(self.model, compile=fuse)
+        use_graphs = self.options.decode == "graphs" or (self.options.decode == "auto" and on_gpu)
         if use_graphs and vlm.device.type != "cuda":
             raise ValueError("decode=graphs needs a CUDA device")
         self.steps = (
@@ -53,6 +55,9 @@ class ChatEngine:
             else EagerSteps(self.stack)
         )
         use_packed_vision_attention(self.model)
+        use_linear_patch_embedding(self.model)
+        if fuse:
+            fuse_vision_ops(self.model)
         eos = self.model.generation_config.eos_token_id
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         if self.tokenizer.eos_token_id is not None:
@@ -70,7 +75,8 @@ class ChatEngine:
         from inference_worker.engines.prompt import user_prompt
 
         frame = np.zeros((64, 64, 3), dtype=np.uint8)
-        self.generate([user_prompt(frame, "warm up")], [Sampling(max_tokens=2)])
+        for n in (1, 2):  # batch 1 and batch >1 compile separately (fused.py)
+            self.generate([user_prompt(frame, "warm up")] * n, [Sampling(max_tokens=2)] * n)
         self.score([user_prompt("warm up")], [["a", "b c"]])
         self._warm = True
 
@@ -102,7 +108,12 @@ class ChatEngine:
         hf_cache = getattr(out, "cache", None) or out.past_key_values
         cache = self.steps.open(batch.batch, batch.length + extra)
         cache.load_prefix(hf_cache, batch.attention_mask)
-        return cache, out.logits[:, -1].float()
+        first = out.logits[:, -1].float()
+        if self.device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize(self.device)  # stage timings measure the GPU, not the launches
+        return cache, first
 
     def _decode(
         self, cache: KVCache, batch, first, samplings: Sequence[Sampling], max_new: int

@@ -16,6 +16,8 @@ class EngineOptions:
     # eager: plain PyTorch steps; graphs: one CUDA graph per decode step (CUDA only);
     # auto: graphs on CUDA, eager elsewhere.
     decode: str = "auto"
+    # torch.compile the per-token ops of the decode step (fused.py): auto = on CUDA
+    fuse: str = "auto"
     capacity_step: int = 256  # KV-cache columns are allocated in multiples of this (graphs)
     max_graphs: int = 6  # captured (batch, capacity) shapes kept on the GPU
     score_rows: int = 256  # candidate rows scored per forward pass (bounds cache memory)
@@ -42,6 +44,8 @@ class EngineOptions:
         opts = cls(**values)  # type: ignore[arg-type]
         if opts.decode not in ("auto", "eager", "graphs"):
             raise ValueError(f"option decode={opts.decode!r}: choose auto, eager or graphs")
+        if opts.fuse not in ("auto", "on", "off"):
+            raise ValueError(f"option fuse={opts.fuse!r}: choose auto, on or off")
         return opts
 
 

@@ -2,9 +2,9 @@
 
 transformers' own forward builds masks and cache updates with Python logic per call;
 here every step is a fixed sequence of tensor ops on fixed shapes, so it can be captured
-in a CUDA graph (decode) and batched over candidates (scoring). It reuses the model's own
-modules (projections, norms, MLPs, rotary embedding, rope function): only the attention
-plumbing is written here. New tokens are text, so the three M-RoPE axes share one
+in a CUDA graph (decode) and batched over candidates (scoring). It uses the model's own
+weights, projections and rotary embedding; norms, rope and SwiGLU are the fused.py
+functions (transformers' arithmetic, fewer kernels), and the attention plumbing is here. New tokens are text, so the three M-RoPE axes share one
 position and no vision or deepstack input is needed after the prefill.
 tests/test_models_text_stack.py checks it against the model's full forward.
 """
@@ -13,13 +13,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from inference_worker.engines.fused import Kernels
 from inference_worker.engines.kv_cache import KVCache
 
 
 class TextStack:
-    def __init__(self, model: Any) -> None:
-        import importlib
-
+    def __init__(self, model: Any, compile: bool = False) -> None:
         lm = model.model.language_model
         self.model = model
         self.layers = list(lm.layers)
@@ -30,8 +29,8 @@ class TextStack:
         cfg = lm.config
         self.kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        modeling = importlib.import_module(type(self.layers[0]).__module__)
-        self.apply_rope = modeling.apply_rotary_pos_emb
+        self.swiglu = getattr(cfg, "hidden_act", "silu") == "silu"
+        self.k = Kernels(compile)
         self.dtype = self.embed.weight.dtype
         self.device = self.embed.weight.device
 
@@ -45,6 +44,7 @@ class TextStack:
         (`start`: 0-dim long tensor); returns logits (B, T, vocab) in float32."""
         import torch
 
+        k_ = self.k
         b, t = tokens.shape
         cols = start + torch.arange(t, device=tokens.device)
         cache.mask.index_fill_(1, cols, True)
@@ -53,21 +53,31 @@ class TextStack:
 
         h = self.embed(tokens)
         cos, sin = self.rotary(h, positions.unsqueeze(0).expand(3, b, t))
+        pending = None  # the last sublayer's output, added to h by the next norm
         for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            x = layer.input_layernorm(h)
+            attn, mlp = layer.self_attn, layer.mlp
+            norm = layer.input_layernorm
+            if pending is None:
+                x = k_.rms_norm(h, norm.weight, norm.variance_epsilon)
+            else:
+                h, x = k_.add_rms_norm(h, pending, norm.weight, norm.variance_epsilon)
             q = attn.q_proj(x).view(b, t, -1, self.head_dim)
             k = attn.k_proj(x).view(b, t, -1, self.head_dim)
             v = attn.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
             if hasattr(attn, "q_norm"):  # Qwen3: per-head RMSNorm before the rotary embedding
-                q, k = attn.q_norm(q), attn.k_norm(k)
-            q, k = self.apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+                q = k_.rms_norm(q, attn.q_norm.weight, attn.q_norm.variance_epsilon)
+                k = k_.rms_norm(k, attn.k_norm.weight, attn.k_norm.variance_epsilon)
+            q, k = k_.rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
             cache.keys[i].index_copy_(2, cols, k)
             cache.values[i].index_copy_(2, cols, v)
             o = grouped_attention(q, cache.keys[i], cache.values[i], allowed, attn.scaling)
-            h = h + attn.o_proj(o.transpose(1, 2).reshape(b, t, -1))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-        return self.lm_head(self.norm(h)).float()
+            post = layer.post_attention_layernorm
+            h, x = k_.add_rms_norm(
+                h, attn.o_proj(o.transpose(1, 2).reshape(b, t, -1)), post.weight, post.variance_epsilon
+            )
+            pending = mlp.down_proj(k_.silu_mul(mlp.gate_proj(x), mlp.up_proj(x))) if self.swiglu else mlp(x)
+        h, x = k_.add_rms_norm(h, pending, self.norm.weight, self.norm.variance_epsilon)
+        return self.lm_head(x).float()
 
 
 def grouped_attention(q, k, v, allowed, scale: float):

@@ -44,7 +44,7 @@ def packed_sdpa(
         n = len(starts)
         # (heads, n*length, dim) -> (n, heads, length, dim): one attention batch per length
         q, k, v = (
-            x[0].index_select(1, idx).reshape(heads, n, length, dim).transpose(0, 1)
+            x[0].index_select(1, idx).reshape(heads, n, length, dim).transpose(0, 1).contiguous()
             for x in (query, key, value)
         )
         o = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling)

@@ -90,7 +90,8 @@ class VLLMChatEngine:
         n = self._render(prompt).count(IMAGE_PLACEHOLDER)
         if n != len(prompt.images):
             raise ProtocolError(
-                ErrorCode.INVALID, f"the prompt has {n} image placeholder(s) but {len(prompt.images)} image(s)"
+                ErrorCode.INVALID,
+                f"the prompt has {n} image placeholder(s) but {len(prompt.images)} image(s)",
             )
         return prompt
 
@@ -135,49 +136,48 @@ class VLLMChatEngine:
             c = out.outputs[0]
             reason = "length" if c.finish_reason == "length" else "stop"
             raw = c.text
-            done.append(Completion(strip_think(raw), raw, len(out.prompt_token_ids), len(c.token_ids), reason, list(c.token_ids)))
+            done.append(
+                Completion(
+                    strip_think(raw),
+                    raw,
+                    len(out.prompt_token_ids),
+                    len(c.token_ids),
+                    reason,
+                    list(c.token_ids),
+                )
+            )
         return done
 
     def score(
-        self, prompts: Sequence[ChatPrompt], candidates: Sequence[Sequence[str]], sw: Optional[Stopwatch] = None
+        self,
+        prompts: Sequence[ChatPrompt],
+        candidates: Sequence[Sequence[str]],
+        sw: Optional[Stopwatch] = None,
     ) -> List[Scored]:
         from vllm import SamplingParams
 
         sw = sw or Stopwatch()
         with sw("preprocess"):
-            inputs, spans = [], []
+            inputs, lengths, bases = [], [], []
             for p, cands in zip(prompts, candidates):
-                base = len(self.tokenizer(self._render(p))["input_ids"])
+                text = self._render(p)
+                base = len(self.tokenizer(text)["input_ids"])
+                bases.append(base)
                 for cand in cands:
                     inputs.append(self._input(p, cand))
-                    spans.append(base)
+                    lengths.append(len(self.tokenizer(text + cand)["input_ids"]) - base)
         with sw("score"):
             outs = self.llm.generate(inputs, SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+        # image placeholders expand inside vLLM, before the candidate: its tokens are the last ones
         totals = []
-        for out, base in zip(outs, spans):
-            ids = out.prompt_token_ids
-            logps = out.prompt_logprobs or []
-            # image placeholders expand inside vLLM: align on the end, where the candidate is
-            n_cand = len(ids) - (base + (len(ids) - len(logps)) if False else 0) if False else None
-            del n_cand
-            total = 0.0
-            tail = len(self.tokenizer(self._render_suffix(out.prompt, base))["input_ids"]) if False else None
-            del tail
-            total = sum(
-                lp[ids[j]].logprob
-                for j, lp in enumerate(logps)
-                if j >= len(ids) - self._candidate_tokens(out.prompt, base) and lp is not None
-            )
-            totals.append(total)
+        for out, n in zip(outs, lengths):
+            ids, logps = out.prompt_token_ids, out.prompt_logprobs
+            totals.append(sum(logps[j][ids[j]].logprob for j in range(len(ids) - n, len(ids))))
         result, k = [], 0
-        for p, cands in zip(prompts, candidates):
-            n = len(self.tokenizer(self._render(p))["input_ids"])
-            result.append(Scored(totals[k : k + len(cands)], n))
+        for base, cands in zip(bases, candidates):
+            result.append(Scored(totals[k : k + len(cands)], base))
             k += len(cands)
         return result
-
-    def _candidate_tokens(self, full_prompt: str, base: int) -> int:
-        return len(self.tokenizer(full_prompt)["input_ids"]) - base
 
     def close(self) -> None:
         self.llm = None

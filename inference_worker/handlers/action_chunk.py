@@ -21,6 +21,7 @@ Options (`vlmq worker --option KEY=VALUE`, or the VLMQ_* variable):
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections import defaultdict
 from dataclasses import replace
@@ -31,6 +32,7 @@ import torch
 
 from inference_worker.handlers.base import Handler, HandlerOutput, Stopwatch
 from inference_worker.vla.cache import FeatureCache
+from inference_worker.vla.config import VLAConfig
 from inference_worker.vla.graphs import GraphedSampler
 from inference_worker.vla.model import QwenVLA
 from inference_worker.vla.projector import pack_frames
@@ -41,6 +43,7 @@ from schemas.limits import DEFAULT_LIMITS, Limits
 from schemas.messages import ActionChunkRequest, ActionChunkResult
 
 CACHE_MODES = ("features", "frames")
+log = logging.getLogger("vlmq.vla")
 
 
 class ActionChunkHandler(Handler):
@@ -240,13 +243,21 @@ def _option(settings, key: str, default: Optional[str] = None) -> Optional[str]:
     return settings.options.get(key) or os.environ.get(f"VLMQ_{key.upper()}") or default
 
 
+def vla_folder(settings) -> Optional[str]:
+    return _option(settings, "vla")
+
+
 def build_action_chunk_handler(settings, vlm: Any = None) -> ActionChunkHandler:
     """The action_chunk handler of a worker: `vla` option (or VLMQ_VLA) names the folder.
-    `vlm`: a LoadedVLM the worker already holds (for chat kinds) to share, when it is the
-    VLM the VLA was trained on."""
-    folder = _option(settings, "vla")
+    `vlm`: the LoadedVLM the worker already holds for the chat kinds; it is shared when it
+    is the folder the VLA was trained on, otherwise the VLA loads its own."""
+    folder = vla_folder(settings)
     if not folder:
         raise ValueError("serving action_chunk needs a VLA folder: --option vla=DIR (or VLMQ_VLA)")
+    own = VLAConfig.load(folder).resolve_vlm_path(folder)
+    if vlm is not None and os.path.realpath(getattr(vlm, "path", "") or "") != os.path.realpath(own):
+        log.warning("the worker's model %s is not the VLA's VLM %s: loading the VLA's own", vlm.path, own)
+        vlm = None
     vla = QwenVLA.load(
         folder, device=settings.device, dtype=settings.dtype, quantize=settings.quantize, vlm=vlm
     )

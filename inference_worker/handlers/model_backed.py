@@ -50,17 +50,29 @@ class Shared:
         return self._engine
 
 
-FACTORIES: Dict[str, Callable[[Shared], Handler]] = {
+def _action_chunk(s: Shared) -> Optional[Handler]:
+    """The VLA handler when a VLA folder is configured (--option vla=DIR), else None."""
+    from inference_worker.handlers.action_chunk import build_action_chunk_handler, vla_folder
+
+    if not vla_folder(s.settings):
+        log.info("action_chunk needs a VLA folder (--option vla=DIR or VLMQ_VLA)")
+        return None
+    return build_action_chunk_handler(s.settings, vlm=s.vlm)
+
+
+FACTORIES: Dict[str, Callable[[Shared], Optional[Handler]]] = {
     "text_action": lambda s: TextActionHandler(s.chat_engine(), s.settings.limits),
     "structured_action": lambda s: StructuredActionHandler(s.chat_engine(), s.settings.limits),
     "preference": lambda s: PreferenceHandler(s.chat_engine(), s.settings.limits),
+    "action_chunk": _action_chunk,
 }
 
 
 def build_model_handlers(settings: WorkerSettings) -> Dict[str, Handler]:
     shared = Shared(settings)
-    handlers = {k: FACTORIES[k](shared) for k in settings.kinds if k in FACTORIES}
-    missing = [k for k in settings.kinds if k not in FACTORIES]
+    built = {k: FACTORIES[k](shared) for k in settings.kinds if k in FACTORIES}
+    handlers = {k: h for k, h in built.items() if h is not None}
+    missing = [k for k in settings.kinds if k not in handlers]
     if missing:
         log.warning(
             "backend %s has no handler for %s: those streams are not read",

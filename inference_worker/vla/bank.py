@@ -16,7 +16,9 @@ from inference_worker.vla.dataset import Episode, action_chunk, frame_steps
 
 
 class FeatureBank:
-    def __init__(self, feats: torch.Tensor, lengths: torch.Tensor, offsets: List[int], episodes: List[Episode]) -> None:
+    def __init__(
+        self, feats: torch.Tensor, lengths: torch.Tensor, offsets: List[int], episodes: List[Episode]
+    ) -> None:
         self.feats = feats  # [frames, Lmax, D]
         self.lengths = lengths  # [frames]
         self.offsets = offsets  # first frame of each episode in `feats`

@@ -14,10 +14,20 @@ def _record(args: argparse.Namespace) -> int:
     from env_agents.recording.recorder import RecordingOptions, record
 
     opts = RecordingOptions(
-        fps=args.fps, offset_ms=args.offset_ms, duplicate_prob=args.duplicate_prob, max_steps=args.max_steps or None
+        fps=args.fps,
+        offset_ms=args.offset_ms,
+        duplicate_prob=args.duplicate_prob,
+        max_steps=args.max_steps or None,
     )
     out = record(
-        args.env, args.out, args.episodes, size=args.size, seed=args.seed, opts=opts, epsilon=args.epsilon, progress=True
+        args.env,
+        args.out,
+        args.episodes,
+        size=args.size,
+        seed=args.seed,
+        opts=opts,
+        epsilon=args.epsilon,
+        progress=True,
     )
     wins = sum(1 for o in out if o["success"])
     print(f"recorded {len(out)} episodes to {args.out}; expert success {wins}/{len(out)}")
@@ -30,7 +40,9 @@ def _convert(args: argparse.Namespace) -> int:
     ratios = tuple(float(x) for x in args.splits.split(","))
     if len(ratios) != 3:
         raise SystemExit("--splits needs three ratios: train,val,test")
-    m = convert(args.src, args.out, image_size=args.image_size or None, ratios=ratios, seed=args.seed, progress=True)
+    m = convert(
+        args.src, args.out, image_size=args.image_size or None, ratios=ratios, seed=args.seed, progress=True
+    )
     print(json.dumps({"frames": m["frames"], "stats": m["stats"]}))
     return 0
 
@@ -67,7 +79,9 @@ def _train(args: argparse.Namespace) -> int:
     else:
         if not args.vlm:
             raise SystemExit("a new VLA needs --vlm DIR (a Qwen2-VL / Qwen3-VL folder)")
-        vla = QwenVLA.build(_vla_config(args), device=args.device, dtype=args.dtype, quantize=args.quantize, seed=args.seed)
+        vla = QwenVLA.build(
+            _vla_config(args), device=args.device, dtype=args.dtype, quantize=args.quantize, seed=args.seed
+        )
     tc = TrainConfig(
         data=args.data,
         out=args.out,
@@ -97,17 +111,37 @@ def _eval(args: argparse.Namespace) -> int:
     vla = QwenVLA.load(args.vla, device=args.device, dtype=args.dtype, quantize=args.quantize)
     handler = ActionChunkHandler(vla)
     ours = vla_policy_rate(
-        handler, args.env, args.episodes, seed=args.seed, size=args.size, replan_every=args.replan_every, progress=True
+        handler,
+        args.env,
+        args.episodes,
+        seed=args.seed,
+        size=args.size,
+        replan_every=args.replan_every,
+        max_steps=args.max_steps or None,
+        progress=True,
     )
-    rand = random_policy_rate(args.env, args.episodes, seed=args.seed, size=64, progress=True)
+    rand = random_policy_rate(
+        args.env, args.episodes, seed=args.seed, size=64, max_steps=args.max_steps or None, progress=True
+    )
     print(json.dumps({"vla": ours, "random": rand}, indent=1))
     return 0
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default=env("DEVICE", "cpu"), help="cpu, cuda, cuda:N [VLMQ_DEVICE] (%(default)s)")
-    p.add_argument("--dtype", default=env("DTYPE", "auto"), help="VLM dtype: auto, float32, bfloat16 [VLMQ_DTYPE] (%(default)s)")
-    p.add_argument("--quantize", default=env("QUANTIZE", "") or None, choices=[None, "nf4"], help="nf4 VLM (CUDA) [VLMQ_QUANTIZE]")
+    p.add_argument(
+        "--device", default=env("DEVICE", "cpu"), help="cpu, cuda, cuda:N [VLMQ_DEVICE] (%(default)s)"
+    )
+    p.add_argument(
+        "--dtype",
+        default=env("DTYPE", "auto"),
+        help="VLM dtype: auto, float32, bfloat16 [VLMQ_DTYPE] (%(default)s)",
+    )
+    p.add_argument(
+        "--quantize",
+        default=env("QUANTIZE", "") or None,
+        choices=[None, "nf4"],
+        help="nf4 VLM (CUDA) [VLMQ_QUANTIZE]",
+    )
 
 
 def register(sub) -> None:
@@ -119,15 +153,27 @@ def register(sub) -> None:
     )
     vsub = p.add_subparsers(dest="vla_command", metavar="STEP")
 
-    r = vsub.add_parser("record", help="record MiniWorld episodes of a scripted expert (the seed's capture format)")
-    r.add_argument("--env", default=env("VLA_ENV", "MiniWorld-OneRoom-v0"), help="MiniWorld env id [VLMQ_VLA_ENV] (%(default)s)")
+    r = vsub.add_parser(
+        "record", help="record MiniWorld episodes of a scripted expert (the seed's capture format)"
+    )
+    r.add_argument(
+        "--env",
+        default=env("VLA_ENV", "MiniWorld-OneRoom-v0"),
+        help="MiniWorld env id [VLMQ_VLA_ENV] (%(default)s)",
+    )
     r.add_argument("--out", required=True, help="folder for episode_NNNNN/ folders")
     r.add_argument("--episodes", type=int, default=100, help="episodes to record (%(default)s)")
     r.add_argument("--size", type=int, default=384, help="canvas size in pixels (%(default)s)")
     r.add_argument("--fps", type=float, default=10.0, help="capture rate (%(default)s)")
-    r.add_argument("--offset-ms", type=float, default=0.0, help="event clock offset written to meta.json (%(default)s)")
-    r.add_argument("--duplicate-prob", type=float, default=0.03, help="chance a frame is grabbed twice (%(default)s)")
-    r.add_argument("--epsilon", type=float, default=0.0, help="chance the expert acts at random (%(default)s)")
+    r.add_argument(
+        "--offset-ms", type=float, default=0.0, help="event clock offset written to meta.json (%(default)s)"
+    )
+    r.add_argument(
+        "--duplicate-prob", type=float, default=0.03, help="chance a frame is grabbed twice (%(default)s)"
+    )
+    r.add_argument(
+        "--epsilon", type=float, default=0.0, help="chance the expert acts at random (%(default)s)"
+    )
     r.add_argument("--max-steps", type=int, default=0, help="episode step limit, 0 = the env's (%(default)s)")
     r.add_argument("--seed", type=int, default=0, help="env and timing seed (%(default)s)")
     r.set_defaults(func=_record)
@@ -135,7 +181,9 @@ def register(sub) -> None:
     c = vsub.add_parser("convert", help="recordings -> aligned training shards with train/val/test splits")
     c.add_argument("src", help="a recording folder, or a folder of them")
     c.add_argument("out", help="output folder (shards + manifest.json)")
-    c.add_argument("--image-size", type=int, default=0, help="resize frames to this square size, 0 = keep (%(default)s)")
+    c.add_argument(
+        "--image-size", type=int, default=0, help="resize frames to this square size, 0 = keep (%(default)s)"
+    )
     c.add_argument("--splits", default="0.8,0.1,0.1", help="train,val,test ratios by episode (%(default)s)")
     c.add_argument("--seed", type=int, default=0, help="split shuffle seed (%(default)s)")
     c.set_defaults(func=_convert)
@@ -146,7 +194,9 @@ def register(sub) -> None:
     t.add_argument("--vlm", default=env("MODEL", ""), help="Qwen-VL folder for a new VLA [VLMQ_MODEL]")
     t.add_argument("--init-from", default=None, help="start from this VLA folder's weights")
     t.add_argument("--resume", action="store_true", help="continue training --out from its train_state.pt")
-    t.add_argument("--layer", type=int, default=0, help="VLM layer for features, 0 = the middle (%(default)s)")
+    t.add_argument(
+        "--layer", type=int, default=0, help="VLM layer for features, 0 = the middle (%(default)s)"
+    )
     t.add_argument("--image-size", type=int, default=384, help="frame size into the VLM (%(default)s)")
     t.add_argument("--num-frames", type=int, default=3, help="context frames (%(default)s)")
     t.add_argument("--frame-skip", type=int, default=2, help="steps between context frames (%(default)s)")
@@ -164,18 +214,25 @@ def register(sub) -> None:
     t.add_argument("--grad-clip", type=float, default=1.0, help="(%(default)s)")
     t.add_argument("--eval-every", type=int, default=200, help="validation period in steps (%(default)s)")
     t.add_argument("--save-every", type=int, default=500, help="checkpoint period in steps (%(default)s)")
-    t.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="autocast (%(default)s)")
+    t.add_argument(
+        "--precision", default="auto", choices=["auto", "bf16", "fp32"], help="autocast (%(default)s)"
+    )
     t.add_argument("--seed", type=int, default=0, help="(%(default)s)")
     _model_args(t)
     t.set_defaults(func=_train)
 
     e = vsub.add_parser("eval", help="success rate in MiniWorld: the VLA policy vs a random policy")
     e.add_argument("--vla", required=True, help="VLA folder")
-    e.add_argument("--env", default=env("VLA_ENV", "MiniWorld-OneRoom-v0"), help="[VLMQ_VLA_ENV] (%(default)s)")
+    e.add_argument(
+        "--env", default=env("VLA_ENV", "MiniWorld-OneRoom-v0"), help="[VLMQ_VLA_ENV] (%(default)s)"
+    )
     e.add_argument("--episodes", type=int, default=50, help="(%(default)s)")
     e.add_argument("--size", type=int, default=384, help="render size, as recorded (%(default)s)")
+    e.add_argument("--max-steps", type=int, default=0, help="episode step limit, 0 = the env's (%(default)s)")
     e.add_argument("--replan-every", type=int, default=2, help="env steps per chunk request (%(default)s)")
-    e.add_argument("--seed", type=int, default=1000, help="env seed (episodes differ from recording's) (%(default)s)")
+    e.add_argument(
+        "--seed", type=int, default=1000, help="env seed (episodes differ from recording's) (%(default)s)"
+    )
     _model_args(e)
     e.set_defaults(func=_eval)
     p.set_defaults(func=lambda args: p.print_help() or 2)

@@ -150,8 +150,8 @@ def split_names(names: Sequence[str], ratios: Tuple[float, float, float], seed: 
     order = sorted(names)
     np.random.default_rng(seed).shuffle(order)
     n = len(order)
-    n_val = int(round(n * ratios[1]))
-    n_test = int(round(n * ratios[2]))
+    n_val = round(n * ratios[1])
+    n_test = round(n * ratios[2])
     if n >= 3:
         n_val, n_test = max(1, n_val), max(1, n_test)
     n_train = max(0, n - n_val - n_test)
@@ -185,8 +185,12 @@ def convert(
     """Convert every episode folder under src; returns (and writes) the manifest."""
     paths = find_episodes(src)
     if not paths:
-        raise FileNotFoundError(f"no episode folders (video.mp4 + events.jsonl + frame_ts.bin + meta.json) under {src}")
-    names = {os.path.relpath(p, src).replace(os.sep, "__") if p != src else os.path.basename(p): p for p in paths}
+        raise FileNotFoundError(
+            f"no episode folders (video.mp4 + events.jsonl + frame_ts.bin + meta.json) under {src}"
+        )
+    names = {
+        os.path.relpath(p, src).replace(os.sep, "__") if p != src else os.path.basename(p): p for p in paths
+    }
     splits = split_names(list(names), ratios, seed)
     totals: Dict[str, int] = {}
     counts = {s: 0 for s in SPLITS}

@@ -74,7 +74,9 @@ class MiniworldVLADataset(Dataset):
     ) -> None:
         self.episodes = episodes if episodes is not None else load_split(root, split)
         self.num_frames, self.frame_skip, self.chunk_size = num_frames, frame_skip, chunk_size
-        self.index: List[Tuple[int, int]] = [(e, t) for e, ep in enumerate(self.episodes) for t in range(len(ep))]
+        self.index: List[Tuple[int, int]] = [
+            (e, t) for e, ep in enumerate(self.episodes) for t in range(len(ep))
+        ]
 
     def __len__(self) -> int:
         return len(self.index)

@@ -39,7 +39,7 @@ def _episodes(
 
         it = tqdm(it, desc=desc, unit="ep")
     try:
-        for ep in it:
+        for _ in it:
             obs, _ = env.reset()
             text = instruction_for(env)
             step, done, success, queue = 0, False, False, []
@@ -54,11 +54,20 @@ def _episodes(
             lengths.append(step)
     finally:
         env.close()
-    return {"success_rate": wins / max(episodes, 1), "episodes": episodes, "mean_steps": float(np.mean(lengths))}
+    return {
+        "success_rate": wins / max(episodes, 1),
+        "episodes": episodes,
+        "mean_steps": float(np.mean(lengths)),
+    }
 
 
 def random_policy_rate(
-    env_id: str, episodes: int, seed: int = 1000, size: int = 64, max_steps: Optional[int] = None, progress: bool = False
+    env_id: str,
+    episodes: int,
+    seed: int = 1000,
+    size: int = 64,
+    max_steps: Optional[int] = None,
+    progress: bool = False,
 ) -> Dict[str, Any]:
     rng = np.random.default_rng(seed)
 

@@ -22,7 +22,9 @@ from inference_worker.vla.config import VLAConfig
 from inference_worker.vla.projector import FeatureProjector, StateProjector
 
 
-def time_embedding(t: torch.Tensor, dim: int, min_period: float = 4e-3, max_period: float = 4.0) -> torch.Tensor:
+def time_embedding(
+    t: torch.Tensor, dim: int, min_period: float = 4e-3, max_period: float = 4.0
+) -> torch.Tensor:
     """Sinusoidal embedding of t in [0, 1] (periods from min to max, as in pi0/SmolVLA)."""
     half = dim // 2
     frac = torch.linspace(0.0, 1.0, half, device=t.device, dtype=torch.float32)
@@ -72,7 +74,9 @@ class Block(nn.Module):
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
 
-    def forward(self, x: torch.Tensor, kv: Tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, kv: Tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor
+    ) -> torch.Tensor:
         x = x + self.cross(self.norm_cross(x), kv=kv, mask=mask)
         x = x + self.self_attn(self.norm_self(x), causal=True)
         return x + self.mlp(self.norm_mlp(x))
@@ -102,7 +106,9 @@ class FlowMatchingExpert(nn.Module):
         self.action_in = nn.Linear(cfg.action_dim, D)
         self.action_time = nn.Sequential(nn.Linear(2 * D, D), nn.SiLU(), nn.Linear(D, D))
         self.pos = nn.Parameter(torch.randn(cfg.chunk_size, D) * 0.02)
-        self.blocks = nn.ModuleList(Block(D, cfg.expert_heads, cfg.mlp_ratio) for _ in range(cfg.expert_layers))
+        self.blocks = nn.ModuleList(
+            Block(D, cfg.expert_heads, cfg.mlp_ratio) for _ in range(cfg.expert_layers)
+        )
         self.norm_out = nn.LayerNorm(D)
         self.action_out = nn.Linear(D, cfg.action_dim)
 

@@ -44,9 +44,19 @@ def decoder_layers(model: nn.Module) -> int:
 
 
 class FeatureExtractor:
-    """Frozen VLM -> per-frame features [tokens, hidden] (image and instruction tokens)."""
+    """Frozen VLM -> per-frame features [tokens, hidden] (image and instruction tokens).
+
+    Inputs are built by the chat engine's InputBuilder (pixels prepared on the model's
+    device, M-RoPE positions precomputed) and the vision tower gets the engine's
+    batched-attention and patch-embedding speedups (elementwise fusion on CUDA); a VLM
+    shared with the chat handlers has them already."""
 
     def __init__(self, vlm: Any, layer: Optional[int], image_size: int) -> None:
+        from inference_worker.engines.inputs import InputBuilder
+        from inference_worker.engines.patch_embedding import use_linear_patch_embedding
+        from inference_worker.engines.pixels import ImagePolicy
+        from inference_worker.engines.vision_attention import use_packed_vision_attention
+
         self.vlm = vlm  # LoadedVLM
         n = decoder_layers(vlm.model)
         self.layer = n // 2 if layer is None else int(layer)
@@ -56,8 +66,16 @@ class FeatureExtractor:
         self.hidden = int(vlm.model.config.text_config.hidden_size)
         for p in vlm.model.parameters():
             p.requires_grad_(False)
+        use_packed_vision_attention(vlm.model)
+        use_linear_patch_embedding(vlm.model)
+        if vlm.device.type == "cuda":
+            from inference_worker.engines.vision_fusion import fuse_vision_ops
+
+            fuse_vision_ops(vlm.model)
         self.view = truncated_base(vlm.model, self.layer)
         self.image_token = getattr(vlm.processor, "image_token", "<|image_pad|>")
+        policy = ImagePolicy.from_image_processor(vlm.processor.image_processor)
+        self.inputs = InputBuilder(vlm.model, vlm.processor, policy, vlm.device, vlm.dtype)
 
     @property
     def device(self) -> torch.device:
@@ -70,13 +88,14 @@ class FeatureExtractor:
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.vlm.model.parameters())
 
-    def _image(self, frame: np.ndarray):
+    def _image(self, frame: np.ndarray) -> np.ndarray:
+        frame = np.ascontiguousarray(frame[..., :3]).astype(np.uint8, copy=False)
+        if frame.shape[:2] == (self.image_size, self.image_size):
+            return frame
         from PIL import Image
 
-        img = Image.fromarray(np.ascontiguousarray(frame[..., :3]).astype(np.uint8, copy=False))
-        if img.size != (self.image_size, self.image_size):
-            img = img.resize((self.image_size, self.image_size), Image.BILINEAR)
-        return img
+        img = Image.fromarray(frame).resize((self.image_size, self.image_size), Image.BILINEAR)
+        return np.asarray(img)
 
     @staticmethod
     def check_instruction(text: str) -> None:
@@ -87,18 +106,22 @@ class FeatureExtractor:
     @torch.no_grad()
     def encode(self, frames: Sequence[np.ndarray], instructions: Sequence[str]) -> List[torch.Tensor]:
         """One forward pass for all frames; returns one [tokens_i, hidden] tensor per frame."""
+        from inference_worker.engines.prompt import ChatPrompt
+
         if not frames:
             return []
         for text in instructions:
             self.check_instruction(text)
-        prompts = [f"{VISION_START}{self.image_token}{VISION_END}{t}" for t in instructions]
-        inputs = self.vlm.processor(
-            text=prompts, images=[self._image(f) for f in frames], padding=True, return_tensors="pt"
-        )
-        inputs = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-        out = self.view(**inputs, use_cache=False)
+        prompts = [
+            ChatPrompt(
+                messages=[],
+                images=[self._image(f)],
+                rendered=f"{VISION_START}{self.image_token}{VISION_END}{t}",
+            )
+            for f, t in zip(frames, instructions)
+        ]
+        batch = self.inputs.build(prompts)
+        out = self.view(**batch.model_kwargs(), use_cache=False)
         hidden = out.last_hidden_state
-        keep = inputs["attention_mask"].bool()
+        keep = batch.attention_mask.bool()
         return [hidden[i][keep[i]] for i in range(hidden.shape[0])]

@@ -68,7 +68,7 @@ class GraphedSampler:
     ) -> None:
         self.expert, self.steps, self.amp = expert, steps, amp
         self.bucket, self.max_graphs = bucket, max_graphs
-        self.graphs: "OrderedDict[Tuple[int, int], _Graph]" = OrderedDict()
+        self.graphs: OrderedDict[Tuple[int, int], _Graph] = OrderedDict()
         self.stats: Dict[str, int] = {"captured": 0, "replayed": 0}
 
     def __call__(

@@ -22,7 +22,9 @@ from inference_worker.vla.rtc import Guidance
 
 
 class QwenVLA:
-    def __init__(self, config: VLAConfig, expert: FlowMatchingExpert, extractor: Optional[FeatureExtractor]) -> None:
+    def __init__(
+        self, config: VLAConfig, expert: FlowMatchingExpert, extractor: Optional[FeatureExtractor]
+    ) -> None:
         self.config = config
         self.expert = expert
         self.extractor = extractor
@@ -123,7 +125,9 @@ class QwenVLA:
         feats, ids, mask = pack_frames(samples, self.device)
         return self.expert.prepare(feats, ids, mask, state)
 
-    def loss(self, ctx: Context, actions: torch.Tensor, action_mask: Optional[torch.Tensor] = None, **kw) -> torch.Tensor:
+    def loss(
+        self, ctx: Context, actions: torch.Tensor, action_mask: Optional[torch.Tensor] = None, **kw
+    ) -> torch.Tensor:
         return flow_matching_loss(self.expert, ctx, actions, action_mask, **kw)
 
     def noise(self, seeds: Sequence[Optional[int]]) -> torch.Tensor:

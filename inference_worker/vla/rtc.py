@@ -40,7 +40,9 @@ def guidance_weights(chunk: int, overlap: int, delay: int, horizon: Optional[int
 class Guidance:
     """Per-row previous chunks and weights for one batch (rows without one get weight 0)."""
 
-    def __init__(self, prev: torch.Tensor, weights: torch.Tensor, delays: Sequence[int], max_guidance: float) -> None:
+    def __init__(
+        self, prev: torch.Tensor, weights: torch.Tensor, delays: Sequence[int], max_guidance: float
+    ) -> None:
         self.prev = prev  # [B, H, A], zero where no previous action
         self.weights = weights  # [B, H]
         self.delays = list(delays)

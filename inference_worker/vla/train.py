@@ -18,7 +18,7 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import torch
 
@@ -145,9 +145,15 @@ def train(vla: QwenVLA, tc: TrainConfig, progress: bool = True, log=print) -> Di
     if not train_eps:
         raise ValueError(f"{tc.data}: the train split is empty")
     bank = FeatureBank.build(vla, train_eps, tc.encode_batch, progress=progress, desc="encoding train frames")
-    val_bank = FeatureBank.build(vla, val_eps, tc.encode_batch, progress=progress, desc="encoding val frames") if val_eps else None
+    val_bank = (
+        FeatureBank.build(vla, val_eps, tc.encode_batch, progress=progress, desc="encoding val frames")
+        if val_eps
+        else None
+    )
     encode_s = time.time() - t0
-    log(f"encoded {bank.feats.shape[0]} train + {val_bank.feats.shape[0] if val_bank else 0} val frames in {encode_s:.1f}s")
+    log(
+        f"encoded {bank.feats.shape[0]} train + {val_bank.feats.shape[0] if val_bank else 0} val frames in {encode_s:.1f}s"
+    )
 
     expert = vla.expert
     expert.train()

@@ -11,6 +11,7 @@ BENCHMARKS = {
     "chat": "ops.bench.chat",
     "scale": "ops.bench.scale",
     "vla": "ops.bench.vla",
+    "ops": "ops.bench.ops_overhead",
 }
 
 

@@ -1,19 +1,18 @@
 """Zero-loss load test: 64 agents x 1,000 requests, 2 worker processes, one SIGKILLed midway.
 
-Agents are asyncio sessions spread over several agent processes; each session runs a
-closed loop (send a frame, wait for its reply, send the next), like an environment. The
-workers are real `vlmq worker` processes (synthetic backend: a fixed model latency). Once
-half of the requests have been published, worker 0 is SIGKILLed in the middle of a batch;
-the survivor reclaims what it held after --claim-min-idle-ms. Counted by the agents:
-  lost_requests       accepted (XADD returned) but never answered within --timeout
-  duplicate_replies   replies handed to the application for a request already answered
-  requests_answered   replies received, ok or error
-and, for the record, duplicates found in the reply streams (dropped by the client),
-requests answered after a redelivery, and throughput against a run without the kill.
+Agents are closed-loop sessions (send a frame, wait for its reply, send the next, like an
+environment) spread over several agent processes. Workers are real `vlmq worker`
+processes with the synthetic backend (a fixed model latency). Once --kill-at of the
+requests have been published, worker 0 is SIGKILLed in the middle of a batch; the survivor
+reclaims what it held after --claim-min-idle-ms. The agents count lost_requests (accepted,
+never answered within --timeout), duplicate_replies (a reply handed to the application for
+a request already answered) and requests_answered; also recorded: duplicates found in the
+reply streams (dropped by the client), requests answered after a redelivery, and throughput
+against a first pass without the kill. Exits 1 if anything was lost or delivered twice.
 
-The agent side is also a command of its own (used by the fault tests):
-    python -m ops.bench.reliability --redis-url URL --prefix P --session-prefix a0- --sessions 8 --requests 100
-prints one JSON summary line.
+The agent side is a command of its own, used by the fault tests: `python -m
+ops.bench.reliability --redis-url URL --prefix P --session-prefix a- --sessions 8
+--requests 100` prints one JSON summary line.
 """
 
 from __future__ import annotations
@@ -22,10 +21,12 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any, Dict, List, Optional
 
@@ -87,7 +88,8 @@ async def run_agents(
     image_side: int = 64,
     timeout: float = 120.0,
 ) -> Dict[str, Any]:
-    """Closed-loop sessions sharing one connection pool; returns the counts of run()'s docstring."""
+    """Closed-loop sessions sharing one connection pool; returns the counts the module
+    docstring describes, plus every latency (ms) and the ids of lost requests."""
     from broker.connection import connect_async
     from env_agents.client import AsyncAgentClient
 
@@ -126,14 +128,24 @@ async def run_agents(
 def agent_main(argv: Optional[List[str]] = None) -> int:
     from broker.settings import add_broker_args, broker_settings_from_args
 
-    p = argparse.ArgumentParser(prog="python -m ops.bench.reliability", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="python -m ops.bench.reliability",
+        description="The agent side of `vlmq bench reliability`: closed-loop sessions that count "
+        "what was sent, answered, lost and duplicated, and print it as one JSON line.",
+    )
     add_broker_args(p)
-    p.add_argument("--session-prefix", default="agent-", help="sessions are PREFIX0, PREFIX1, ...")
-    p.add_argument("--sessions", type=int, default=8)
-    p.add_argument("--requests", type=int, default=100, help="requests per session")
-    p.add_argument("--kind", default="action_chunk", choices=["action_chunk", "text_action"])
-    p.add_argument("--image-side", type=int, default=64)
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for each reply")
+    p.add_argument(
+        "--session-prefix", default="agent-", help="sessions are PREFIX0, PREFIX1, ... (%(default)s)"
+    )
+    p.add_argument("--sessions", type=int, default=8, help="concurrent sessions (%(default)s)")
+    p.add_argument("--requests", type=int, default=100, help="requests per session (%(default)s)")
+    p.add_argument(
+        "--kind", default="action_chunk", choices=["action_chunk", "text_action"], help="(%(default)s)"
+    )
+    p.add_argument("--image-side", type=int, default=64, help="raw uint8 frame side (%(default)s)")
+    p.add_argument(
+        "--timeout", type=float, default=120.0, help="seconds to wait for each reply (%(default)s)"
+    )
     args = p.parse_args(argv)
     settings = broker_settings_from_args(args)
     sessions = [f"{args.session_prefix}{i}" for i in range(args.sessions)]
@@ -161,6 +173,15 @@ def agent_command(settings: BrokerSettings, session_prefix: str, sessions: int, 
         "--requests",
         str(requests),
     ]
+    for flag, value in (
+        ("--tls-ca", settings.tls_ca),
+        ("--tls-cert", settings.tls_cert),
+        ("--tls-key", settings.tls_key),
+    ):
+        if value:
+            cmd += [flag, value]
+    if settings.cluster:
+        cmd.append("--cluster")
     for k, v in kw.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
     return cmd
@@ -196,18 +217,37 @@ def add_args(p: argparse.ArgumentParser) -> None:
         "--agent-procs", type=int, default=8, help="processes the agents are spread over (%(default)s)"
     )
     p.add_argument("--workers", type=int, default=2, help="worker processes (%(default)s)")
-    p.add_argument("--kill-at", type=float, default=0.5, help="SIGKILL worker 0 after this fraction is sent")
-    p.add_argument("--kind", default="action_chunk", choices=["action_chunk", "text_action"])
+    p.add_argument(
+        "--kill-at",
+        type=float,
+        default=0.5,
+        help="SIGKILL worker 0 once this fraction is published (%(default)s)",
+    )
+    p.add_argument(
+        "--kind", default="action_chunk", choices=["action_chunk", "text_action"], help="(%(default)s)"
+    )
     p.add_argument("--image-side", type=int, default=64, help="raw uint8 frame side (%(default)s)")
-    p.add_argument("--latency-ms", type=float, default=2.0, help="synthetic model latency per batch")
-    p.add_argument("--max-batch", type=int, default=16)
-    p.add_argument("--claim-min-idle-ms", type=int, default=3000)
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds an agent waits for one reply")
+    p.add_argument(
+        "--latency-ms", type=float, default=2.0, help="synthetic model latency per batch (%(default)s)"
+    )
+    p.add_argument("--max-batch", type=int, default=16, help="worker batch size (%(default)s)")
+    p.add_argument(
+        "--claim-min-idle-ms",
+        type=int,
+        default=3000,
+        help="takeover delay of a dead worker's requests (%(default)s)",
+    )
+    p.add_argument(
+        "--timeout", type=float, default=120.0, help="seconds an agent waits for one reply (%(default)s)"
+    )
     p.add_argument("--appendonly", action="store_true", help="private Redis with AOF (everysec)")
     p.add_argument("--skip-baseline", action="store_true", help="skip the run without a kill")
 
 
-def _start_workers(args: argparse.Namespace, settings: BrokerSettings, tag: str) -> List[subprocess.Popen]:
+def _start_workers(
+    args: argparse.Namespace, settings: BrokerSettings, tag: str, logs: str
+) -> List[subprocess.Popen]:
+    """Worker processes logging to LOGS/NAME.log (a pipe nobody reads could block them)."""
     procs = []
     for i in range(args.workers):
         cmd = [
@@ -234,9 +274,8 @@ def _start_workers(args: argparse.Namespace, settings: BrokerSettings, tag: str)
             "--claim-min-idle-ms",
             str(args.claim_min_idle_ms),
         ]
-        procs.append(
-            subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        )
+        with open(os.path.join(logs, f"{tag}-w{i}.log"), "w") as log:
+            procs.append(subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT))
     return procs
 
 
@@ -266,7 +305,9 @@ def _wait_for_workers(r, settings: BrokerSettings, names: List[str], procs: List
     give_up = time.time() + 60
     while not all(r.exists(Keys(settings.prefix).worker(n)) for n in names):
         if time.time() > give_up or any(p.poll() is not None for p in procs):
-            raise RuntimeError("worker processes did not start")
+            raise RuntimeError(
+                "worker processes did not start (their logs: vlmq-reliability-* in the temp dir)"
+            )
         time.sleep(0.05)
 
 
@@ -297,7 +338,8 @@ def _pass(args: argparse.Namespace, url: str, kill: bool) -> Dict[str, Any]:
     keys = Keys(settings.prefix, settings.partitions)
     r = connect_sync(settings)
     names = [f"{tag}-w{i}" for i in range(args.workers)]
-    workers = _start_workers(args, settings, tag)
+    logs = tempfile.mkdtemp(prefix="vlmq-reliability-")
+    workers = _start_workers(args, settings, tag, logs)
     agents: List[subprocess.Popen] = []
     try:
         _wait_for_workers(r, settings, names, workers)
@@ -337,6 +379,7 @@ def _pass(args: argparse.Namespace, url: str, kill: bool) -> Dict[str, Any]:
             if p.poll() is None:
                 p.kill()
                 p.wait()
+    shutil.rmtree(logs, ignore_errors=True)  # kept only when the pass failed
     stream = keys.request_stream(args.kind, 0)
     result = merge(summaries)
     result.update(
@@ -394,6 +437,8 @@ def run(args: argparse.Namespace) -> int:
         record("duplicate_replies_in_streams", res["duplicates_in_streams"], "replies"),
         record("requests_held_by_killed_worker", res["killed"]["held"], "requests"),
         record("requests_redelivered", res["redelivered"], "requests"),
+        record("requests_reclaimed_by_survivor", res["survivor_reclaimed"], "requests"),
+        record("fenced_results", res["survivor_fenced"], "results"),
         record("error_replies", res["answered"] - res["codes"].get("ok", 0), "replies"),
         record("left_pending", res["left_pending"], "requests"),
         record(

@@ -213,8 +213,9 @@ def _stop(procs: List[subprocess.Popen]) -> None:
 # ----------------------------------------------------------------------------- results
 
 
-def _records(results: Dict[Tuple[int, int], Dict[str, float]], procs: List[int]) -> List[Record]:
-    out: List[Record] = []
+def _records(results: Dict[Tuple[int, int], Dict[str, float]], procs: List[int], load: float) -> List[Record]:
+    # Other work on the machine takes cores from the agents, workers and Redis: say how much.
+    out: List[Record] = [record("machine_load_average_1m_max", load, "runnable tasks")]
     for (w, n), res in sorted(results.items()):
         base = results.get((w, 1), {}).get("rps")
         out.append(record(f"rps_{n}_procs_{w}_workers", res["rps"], "req/s", base))
@@ -258,6 +259,7 @@ def run(args: argparse.Namespace) -> int:
     procs = [int(x) for x in args.procs.split(",")]
     worker_counts = [int(x) for x in args.workers.split(",")]
     results: Dict[Tuple[int, int], Dict[str, float]] = {}
+    loads = [os.getloadavg()[0]]
     with ExitStack() as stack:
         if args.redis_url:
             url, cluster = args.redis_url, False
@@ -279,6 +281,7 @@ def run(args: argparse.Namespace) -> int:
                 for _ in range(args.repeats):  # interleaved: a burst of outside load hits all alike
                     for n in procs:
                         runs[n].append(_measure(settings, n, args))
+                        loads.append(os.getloadavg()[0])
                 for n in procs:
                     res = results[(w, n)] = _median(runs[n])
                     each = ", ".join(f"{r['rps']:.0f}" for r in runs[n])
@@ -290,11 +293,12 @@ def run(args: argparse.Namespace) -> int:
                     )
             finally:
                 _stop(workers)
-    records = _records(results, procs)
+    records = _records(results, procs, max(loads))
     write_results(args.out, records)
     plot = args.plot or os.path.splitext(args.out)[0] + ".png"
     where = f"{args.cluster_nodes}-node Redis Cluster" if args.cluster_nodes else "one redis-server"
-    _plot(results, procs, plot, f"vlmq {args.kind}, synthetic no-op worker, {where}\n{records[0].machine}")
+    title = f"vlmq {args.kind}, synthetic no-op worker, {where}, load avg <= {max(loads):.1f}"
+    _plot(results, procs, plot, f"{title}\n{records[0].machine}")
     for r in records:
         if r.metric.startswith("scaling_efficiency"):
             print(f"{r.metric}: {r.value:.3f}")

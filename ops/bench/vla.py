@@ -42,7 +42,9 @@ def add_args(p) -> None:
     p.add_argument("--merge", action="store_true", help="keep the other metrics already in --out")
 
 
-def _latency(vla, mode: str, batch: int, iters: int, warmup: int, size: int, graphs: bool) -> Dict[str, float]:
+def _latency(
+    vla, mode: str, batch: int, iters: int, warmup: int, size: int, graphs: bool
+) -> Dict[str, float]:
     from inference_worker.handlers.action_chunk import ActionChunkHandler
     from schemas.messages import ActionChunkRequest
 
@@ -54,8 +56,12 @@ def _latency(vla, mode: str, batch: int, iters: int, warmup: int, size: int, gra
     for step in range(warmup + iters):
         reqs = [
             ActionChunkRequest(
-                session_id=f"s{b}", step=step, image=pool[(step + b) % len(pool)],
-                instruction="go to the red box", reset=step == 0, noise_seed=step,
+                session_id=f"s{b}",
+                step=step,
+                image=pool[(step + b) % len(pool)],
+                instruction="go to the red box",
+                reset=step == 0,
+                noise_seed=step,
             )
             for b in range(batch)
         ]
@@ -94,7 +100,9 @@ def run(args) -> int:
     if args.merge and os.path.isfile(args.out):
         with open(args.out) as f:
             records = [Record(**r) for r in json.load(f)]
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() and args.device.startswith("cuda") else ""
+    gpu = (
+        torch.cuda.get_device_name(0) if torch.cuda.is_available() and args.device.startswith("cuda") else ""
+    )
     if gpu:
         os.environ.setdefault("VLMQ_BENCH_GPU", gpu)
     batches = [int(b) for b in args.batches.split(",") if b]
@@ -104,7 +112,9 @@ def run(args) -> int:
             vla = QwenVLA.load(args.vla, device=args.device, dtype=args.dtype)
         else:
             vlm = args.vlm or _build_vlm(args)
-            vla = QwenVLA.build(VLAConfig(vlm_path=vlm, image_size=args.image_size), device=args.device, dtype=args.dtype)
+            vla = QwenVLA.build(
+                VLAConfig(vlm_path=vlm, image_size=args.image_size), device=args.device, dtype=args.dtype
+            )
         print(vla.describe(), flush=True)
         graphs = not args.no_cuda_graphs
         table = {}
@@ -115,11 +125,19 @@ def run(args) -> int:
                 print(f"batch {b:3d} {mode:8s} " + " ".join(f"{k}={v:.1f}" for k, v in r.items()), flush=True)
             cached, full = table[(b, "features")]["p50"], table[(b, "frames")]["p50"]
             new.append(record(f"chunk_latency_p50_ms_batch{b}", cached, "ms", baseline=full))
-            new.append(record(f"encode_ms_p50_batch{b}", table[(b, "features")].get("encode_p50", 0.0), "ms",
-                              baseline=table[(b, "frames")].get("encode_p50")))
+            new.append(
+                record(
+                    f"encode_ms_p50_batch{b}",
+                    table[(b, "features")].get("encode_p50", 0.0),
+                    "ms",
+                    baseline=table[(b, "frames")].get("encode_p50"),
+                )
+            )
             new.append(record(f"expert_ms_p50_batch{b}", table[(b, "features")].get("expert_p50", 0.0), "ms"))
         if 8 in batches:
-            new.append(record("cache_speedup", table[(8, "frames")]["p50"] / table[(8, "features")]["p50"], "x"))
+            new.append(
+                record("cache_speedup", table[(8, "frames")]["p50"] / table[(8, "features")]["p50"], "x")
+            )
         del vla
     if args.success_vla:
         from inference_worker.handlers.action_chunk import ActionChunkHandler

@@ -1,0 +1,81 @@
+"""The small per-token ops of a decoder layer as single kernels (compiled on CUDA).
+
+A decode step of a 2B model is ~1,100 tiny kernels when RMSNorm, the rotary embedding
+and SwiGLU run op by op; launch gaps, not bandwidth, then set its time even inside a
+CUDA graph. These functions keep transformers' arithmetic (float32 norm statistics,
+weight applied in the input dtype) and are compiled with torch.compile on CUDA, which
+fuses each into one kernel. On CPU, or if compiling fails, they run as written.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Tuple
+
+log = logging.getLogger("vlmq.engine")
+
+
+def rms_norm(x, weight, eps: float):
+    dtype = x.dtype
+    x32 = x.float()
+    x32 = x32 * (x32.pow(2).mean(-1, keepdim=True) + eps).rsqrt()
+    return weight * x32.to(dtype)
+
+
+def add_rms_norm(h, delta, weight, eps: float):
+    """(h + delta, rms_norm(h + delta)): the residual add and the next norm in one pass."""
+    h = h + delta
+    return h, rms_norm(h, weight, eps)
+
+
+def _rotate_half(x):
+    import torch
+
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope(q, k, cos, sin):
+    """q, k (B, heads, T, D); cos, sin (B, T, D): transformers' apply_rotary_pos_emb."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def silu_mul(gate, up):
+    import torch.nn.functional as F
+
+    return F.silu(gate) * up
+
+
+class Kernels:
+    """The functions above, compiled or not."""
+
+    def __init__(self, compile: bool) -> None:
+        self.rms_norm = _maybe_compiled(rms_norm, compile)
+        self.add_rms_norm = _maybe_compiled(add_rms_norm, compile)
+        self.rope = _maybe_compiled(rope, compile)
+        self.silu_mul = _maybe_compiled(silu_mul, compile)
+
+
+def _maybe_compiled(fn: Callable, compile: bool) -> Callable:
+    if not compile:
+        return fn
+    import torch
+
+    compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+    state = {"use": compiled}
+
+    def call(*args: Any) -> Any:
+        try:
+            return state["use"](*args)
+        except Exception as exc:  # no triton, an inductor bug: the plain ops are correct too
+            if state["use"] is fn:
+                raise
+            log.warning("torch.compile of %s failed (%s); running it op by op", fn.__name__, exc)
+            state["use"] = fn
+            return fn(*args)
+
+    return call
+
+
+__all__ = ["Kernels", "Tuple", "add_rms_norm", "rms_norm", "rope", "silu_mul"]

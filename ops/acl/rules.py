@@ -1,0 +1,93 @@
+"""The ACL users of a vlmq deployment, as Redis ACL file lines (docs/RELIABILITY.md, "ACL").
+
+Roles, for key prefix P:
+  admin      everything (operators; `redis-cli`, migrations).
+  worker     reads and acks request streams, writes replies and dead letters, heartbeats.
+  observer   read-only: `vlmq inspect/top/tail/record`, the Prometheus sampler.
+  gateway    an agent for every session (the HTTP gateway), plus worker heartbeats.
+  agent-T    tenant T: adds to request streams (write-only: it cannot read anyone's requests)
+             and reads only the reply streams of sessions named "T.<anything>".
+
+Tenants map to session-id prefixes: tenant "acme" owns sessions "acme.robot-7", "acme.0", ...
+The reply stream of session S is P:reply:{p<n>}:S; session ids cannot contain "{" or "}",
+so the pattern P:reply:{p*}:acme.* matches exactly the sessions that start with "acme.",
+whatever the partition count. The default user is switched off: every client logs in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+TENANT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,62}$")  # no glob characters, no "."
+_GLOB = re.compile(r"[*?\[\]\\\s]")
+
+# Commands each role needs, beyond AUTH (always allowed). redis-py pings as a health check;
+# the CLIENT SETINFO it sends on connect may be refused (it ignores the error), and naming
+# it here would stop Redis < 7.2 from loading the file.
+_CONNECTION = "+ping"
+WORKER_COMMANDS = (
+    f"{_CONNECTION} +xreadgroup +xgroup|create +xautoclaim +xclaim +xpending +xack +xdel +xadd "
+    "+xlen +xrange +expire +hset +hsetnx +hgetall +del +evalsha +script|load"
+)
+AGENT_COMMANDS = f"{_CONNECTION} +xadd +xlen +xread +xrevrange +hgetall"
+GATEWAY_COMMANDS = f"{AGENT_COMMANDS} +scan"
+OBSERVER_COMMANDS = f"{_CONNECTION} +@read -@dangerous +info +scan +xinfo +xpending +time"
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    keys: str  # ACL key patterns
+    commands: str
+
+    def line(self, password: Optional[str]) -> str:
+        # Passwords are stored hashed; a user without one is written "off" (cannot log in).
+        auth = f"on #{hashlib.sha256(password.encode()).hexdigest()}" if password else "off"
+        return f"user {self.name} {auth} resetkeys resetchannels {self.keys} -@all {self.commands}"
+
+
+def check_name(kind: str, value: str) -> str:
+    if _GLOB.search(value) or not value:
+        raise ValueError(f"{kind} {value!r} must not be empty or hold glob characters (* ? [ ] \\) or spaces")
+    return value
+
+
+def users(prefix: str = "vlmq", tenants: Sequence[str] = ()) -> List[User]:
+    p = check_name("prefix", prefix)
+    out = [
+        User("vlmq-admin", "~* &*", "+@all"),
+        User(
+            "vlmq-worker",
+            f"~{p}:req:* ~{p}:reply:* ~{p}:dlq:* ~{p}:worker:* ~{p}:meta",
+            WORKER_COMMANDS,
+        ),
+        User("vlmq-observer", f"%R~{p}:*", OBSERVER_COMMANDS),
+        User(
+            "vlmq-gateway",
+            f"%W~{p}:req:* %R~{p}:reply:* %R~{p}:meta %R~{p}:worker:*",
+            GATEWAY_COMMANDS,
+        ),
+    ]
+    for t in tenants:
+        if not TENANT_PATTERN.match(t):
+            raise ValueError(f"tenant {t!r} must match {TENANT_PATTERN.pattern}")
+        out.append(User(f"agent-{t}", f"%W~{p}:req:* %R~{p}:reply:{{p*}}:{t}.* %R~{p}:meta", AGENT_COMMANDS))
+    return out
+
+
+def render(
+    prefix: str = "vlmq", tenants: Sequence[str] = (), passwords: Optional[Dict[str, str]] = None
+) -> str:
+    """The ACL file: the default user off, then one line per user."""
+    passwords = passwords or {}
+    lines = ["user default off resetkeys resetchannels -@all"]
+    lines += [u.line(passwords.get(u.name)) for u in users(prefix, tenants)]
+    return "\n".join(lines) + "\n"
+
+
+def session_prefix(tenant: str) -> str:
+    """Sessions of this tenant must start with this (the agent-<tenant> user reads only those)."""
+    return f"{tenant}."
