@@ -21,6 +21,7 @@ from typing import Deque, Dict, Optional, Set
 from redis.exceptions import RedisError, TimeoutError
 
 from broker.connection import connect_async
+from broker.eventloop import new_event_loop
 from broker.keys import Keys
 from broker.meta import agree_partitions
 from broker.publisher import Publisher
@@ -111,7 +112,9 @@ class AsyncAgentClient:
         raise_on_error=False) and asyncio.TimeoutError after `timeout` seconds."""
         fut = await self.submit(req)
         try:
-            reply = await asyncio.wait_for(fut, timeout)  # cancels fut on timeout
+            reply = await (
+                fut if timeout is None else asyncio.wait_for(fut, timeout)
+            )  # cancels fut on timeout
         except asyncio.TimeoutError:
             self._pending.pop(req.request_id, None)
             raise
@@ -208,7 +211,7 @@ class AgentClient:
         settings = settings or BrokerSettings.from_env()
         if url:
             settings = settings.with_(url=url)
-        self._loop = asyncio.new_event_loop()
+        self._loop = new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name=f"vlmq-client-{session_id}", daemon=True
         )

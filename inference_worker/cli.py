@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import signal
 
+from broker import eventloop
 from broker.settings import add_broker_args, broker_settings_from_args, env
 from schemas.limits import Limits
 from schemas.messages import KINDS
@@ -151,16 +152,6 @@ def settings_from_args(args: argparse.Namespace):
     )
 
 
-def run_async(coro) -> None:
-    """asyncio.run on uvloop when it is installed."""
-    try:
-        import uvloop  # type: ignore
-    except ImportError:
-        asyncio.run(coro)
-    else:
-        uvloop.run(coro)
-
-
 async def serve(settings, observers=()) -> None:
     from inference_worker.handlers import build_handlers
     from inference_worker.worker import Worker
@@ -183,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
     from inference_worker.models.errors import ModelLoadError
 
     try:
-        run_async(serve(settings_from_args(args)))
+        eventloop.run(serve(settings_from_args(args)))
     except (PartitionMismatch, ModelLoadError) as exc:
         raise SystemExit(f"vlmq worker: {exc}") from None
     return 0

@@ -243,7 +243,10 @@ class Worker:
             self._in_flight_items[id(i)] = i
         handler = self.handlers[batch.kind]
         started = time.time()
-        output = await loop.run_in_executor(self._executor, _run_safely, handler, batch.requests)
+        if handler.blocking:
+            output = await loop.run_in_executor(self._executor, _run_safely, handler, batch.requests)
+        else:
+            output = _run_safely(handler, batch.requests)
         finished = time.time()
         self.stats["batches"] += 1
         self.stats["requests"] += len(batch.items)

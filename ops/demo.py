@@ -20,6 +20,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from broker import eventloop
 from broker.embedded import EmbeddedRedis
 from broker.settings import BrokerSettings, env
 from schemas.messages import PreferenceRequest, Request, StructuredActionRequest, TextActionRequest
@@ -202,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
     worker = start_worker(settings, args, kinds, model)
     try:
         wait_until_ready(settings, worker)
-        stats = asyncio.run(run_agents(settings, args, kinds))
+        stats = eventloop.run(run_agents(settings, args, kinds))
         print(summary(stats))
         failed = sum(stats.errors.values())
     finally:

@@ -14,6 +14,7 @@ import sys
 import time
 from typing import Callable, List, Optional
 
+from broker import eventloop
 from broker.connection import connect_async
 from broker.settings import BrokerSettings, add_broker_args, broker_settings_from_args
 from ops.recording import RecordingWriter
@@ -78,9 +79,8 @@ async def _main(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from inference_worker.cli import run_async
 
-    run_async(_main(args))
+    eventloop.run(_main(args))
     return 0
 
 

@@ -19,6 +19,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from broker import eventloop
 from broker.connection import connect_async, connect_sync
 from broker.settings import BrokerSettings, add_broker_args, broker_settings_from_args
 from env_agents.client import AsyncAgentClient
@@ -253,7 +254,6 @@ def exit_status(cases: List[Case]) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from inference_worker.cli import run_async
 
     settings = broker_settings_from_args(args)
     rec = read_recording(args.file)
@@ -281,7 +281,7 @@ def run(args: argparse.Namespace) -> int:
     async def main() -> None:
         result.append(await replay(settings, rec, opts))
 
-    run_async(main())
+    eventloop.run(main())
     cases = result[0]
     print(report(args.file, rec, cases, settings, time.time() - started, args.show))
     if args.json:

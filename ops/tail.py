@@ -15,6 +15,7 @@ import sys
 import time
 from typing import Any, Dict, List, TextIO
 
+from broker import eventloop
 from broker.connection import connect_async
 from broker.settings import add_broker_args, broker_settings_from_args
 from ops import summary
@@ -135,9 +136,8 @@ def run(args: argparse.Namespace) -> int:
         if args.file:
             tail_file(args, printer)
             return 0
-        from inference_worker.cli import run_async
 
-        run_async(tail_live(args, printer))
+        eventloop.run(tail_live(args, printer))
     except BrokenPipeError:  # `vlmq tail | head`: the reader has seen enough
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
     return 0

@@ -197,16 +197,17 @@ class StreamTap:
         original = _s(fields.get(b"entry_id", entry_id))
         return TapEvent(REQUEST, stream, original, now, st.kind, session, rid, body, st.partition, DEAD)
 
-    async def _read(self, partition: Optional[int]) -> List[Raw]:
+    async def _read(self, partition: Optional[int], block: bool = True) -> List[Raw]:
         """One XREAD, raw entries only: decoding waits for the delivery task, so the next XREAD
         goes out at once."""
         streams = {
             k: s.position for k, s in self._streams.items() if partition is None or s.partition == partition
         }
         if not streams:
-            await asyncio.sleep(self.block_ms / 1000)
+            if block:
+                await asyncio.sleep(self.block_ms / 1000)
             return []
-        resp = await self.redis.xread(streams, count=1000, block=self.block_ms)
+        resp = await self.redis.xread(streams, count=1000, block=self.block_ms if block else None)
         now = time.time()
         out: List[Raw] = []
         items = resp.items() if isinstance(resp, dict) else (resp or [])
@@ -279,6 +280,15 @@ class StreamTap:
             if delivery.done():
                 delivery.result()  # the sink failed
             reading.result()  # a read failed, or stop was set
+            # Last pass: streams born since the last discovery (a short burst of traffic can
+            # come and go between two), and whatever arrived after the last blocking read.
+            await self._discover()
+            for p in partitions:
+                while True:
+                    raw = await self._read(p, block=False)
+                    if not raw:
+                        break
+                    queue.put_nowait(raw)
             drained = asyncio.ensure_future(queue.join())
             await asyncio.wait([drained, delivery], return_when=asyncio.FIRST_COMPLETED)
             drained.cancel()

@@ -63,6 +63,7 @@ class GatedHandler(SyntheticHandler):
 
     def __init__(self, kind: str) -> None:
         super().__init__(kind)
+        self.blocking = True  # it waits on the gate: keep it off the event loop
         self.gate = threading.Event()
         self.running = threading.Event()  # set once the first batch is in the model
         self.seen: List[Request] = []

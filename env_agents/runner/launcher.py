@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
+from broker import eventloop
 from env_agents.control.stats import summarize
 from env_agents.runner.process import process_main, run_sessions
 from env_agents.runner.spec import RunSpec
@@ -72,7 +73,7 @@ def launch(
     started = time.perf_counter()
     try:
         if in_process if in_process is not None else spec.procs == 1:
-            asyncio.run(_all_sessions(spec, take))
+            eventloop.run(_all_sessions(spec, take))
         else:
             _spawn(spec, take)
     finally:

@@ -7,6 +7,7 @@ import logging
 import traceback
 from typing import Any, Callable
 
+from broker import eventloop
 from broker.connection import connect_async
 from env_agents.runner.session import make_session_adapter, run_session
 from env_agents.runner.spec import RunSpec
@@ -58,7 +59,7 @@ def process_main(spec: RunSpec, proc: int, out, log_level: int = logging.WARNING
         out.put((proc, what, payload))
 
     try:
-        asyncio.run(run_sessions(spec, proc, emit))
+        eventloop.run(run_sessions(spec, proc, emit))
     except BaseException as exc:  # a crash is reported, never a silent hang of the parent
         emit(
             "failed", {"session": f"process {proc}", "error": repr(exc), "traceback": traceback.format_exc()}

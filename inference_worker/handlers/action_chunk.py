@@ -166,14 +166,8 @@ class ActionChunkHandler(Handler):
                     values, slots = self.cache.context(req.session_id, req.step, req.instruction, frame)
                     contexts.append(values)
                     exact.append(all(s.exact for s in slots))
-                flat = [f for vs in contexts for f in vs]
-                texts = [req.instruction for (_, req, _), vs in zip(items, contexts) for _ in vs]
-                feats = self.vla.encode(flat, texts)
-                pos = 0
-                for vs in contexts:
-                    per_sample.append(feats[pos : pos + len(vs)])
-                    encoded.append(len(vs))
-                    pos += len(vs)
+                per_sample = self.vla.encode_samples(contexts, [req.instruction for _, req, _ in items])
+                encoded = [len(vs) for vs in contexts]
         with sw("expert"), self._autocast():
             reqs = [req for _, req, _ in items]
             state = None

@@ -43,6 +43,9 @@ class Stopwatch:
 
 class Handler:
     kind: str = ""
+    # A handler whose run() returns in microseconds and never blocks (no model, no sleep)
+    # runs on the event loop; everything else runs in the worker's model thread.
+    blocking: bool = True
 
     def warmup(self) -> None:
         """Run once before serving (compile, allocate, fill caches)."""

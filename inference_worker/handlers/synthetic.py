@@ -29,6 +29,7 @@ class SyntheticHandler(Handler):
         self.kind = kind
         self.latency_s = latency_ms / 1000.0
         self.chunk = chunk
+        self.blocking = latency_ms > 0
 
     def _result(self, req: Request):
         if self.kind == "action_chunk":

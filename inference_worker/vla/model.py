@@ -144,6 +144,19 @@ class QwenVLA:
 
     # ------------------------------------------------------------------ end to end
 
+    def encode_samples(
+        self, frames: Sequence[Sequence[np.ndarray]], instructions: Sequence[str]
+    ) -> List[List[torch.Tensor]]:
+        """Per sample, its frames (oldest first) -> their features, in one VLM pass."""
+        flat = [f for fs in frames for f in fs]
+        texts = [t for fs, t in zip(frames, instructions) for _ in fs]
+        feats = self.encode(flat, texts)
+        out, i = [], 0
+        for fs in frames:
+            out.append(feats[i : i + len(fs)])
+            i += len(fs)
+        return out
+
     def forward_loss(
         self,
         frames: Sequence[Sequence[np.ndarray]],
@@ -151,16 +164,9 @@ class QwenVLA:
         actions: torch.Tensor,
         action_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """Images to loss in one call (the VLM in the graph, frozen): per sample, its frames
-        oldest first."""
-        flat = [f for fs in frames for f in fs]
-        texts = [t for fs, t in zip(frames, instructions) for _ in fs]
-        feats = self.encode(flat, texts)
-        per, i = [], 0
-        for fs in frames:
-            per.append(feats[i : i + len(fs)])
-            i += len(fs)
-        return self.loss(self.context(per), actions.to(self.device), action_mask)
+        """Images to loss in one call, the frozen VLM in the graph."""
+        ctx = self.context(self.encode_samples(frames, instructions))
+        return self.loss(ctx, actions.to(self.device), action_mask)
 
     def predict(
         self,
@@ -169,13 +175,7 @@ class QwenVLA:
         seeds: Optional[Sequence[Optional[int]]] = None,
     ) -> torch.Tensor:
         """Images to chunks [B, chunk, action_dim], encoding every frame."""
-        flat = [f for fs in frames for f in fs]
-        texts = [t for fs, t in zip(frames, instructions) for _ in fs]
-        feats = self.encode(flat, texts)
-        per, i = [], 0
-        for fs in frames:
-            per.append(feats[i : i + len(fs)])
-            i += len(fs)
+        per = self.encode_samples(frames, instructions)
         with torch.no_grad():
             ctx = self.context(per)
         return self.sample(ctx, self.noise(seeds or [None] * len(frames)))

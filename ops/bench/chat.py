@@ -28,6 +28,8 @@ import tempfile
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
+from broker import eventloop
+
 log = logging.getLogger("vlmq.bench.chat")
 
 
@@ -253,7 +255,7 @@ def _sessions(url, prefix, first, count, text, size, max_tokens, t_end, queue) -
     async def main() -> None:
         await asyncio.gather(*(session(i) for i in range(first, first + count)))
 
-    asyncio.run(main())
+    eventloop.run(main())
     queue.put(done)
 
 

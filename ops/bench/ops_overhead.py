@@ -24,6 +24,7 @@ import time
 import urllib.request
 from typing import Dict, List, Optional
 
+from broker import eventloop
 from broker.embedded import EmbeddedRedis, free_port
 from broker.settings import BrokerSettings
 from env_agents.client import AsyncAgentClient
@@ -152,7 +153,7 @@ def _measure(
                 if scraper is not None:
                     await scraper
 
-        return asyncio.run(main())
+        return eventloop.run(main())
     finally:
         if recorder is not None:
             _stop(recorder)

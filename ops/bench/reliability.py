@@ -32,6 +32,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
+from broker import eventloop
 from broker.settings import BrokerSettings
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -149,7 +150,9 @@ def agent_main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
     settings = broker_settings_from_args(args)
     sessions = [f"{args.session_prefix}{i}" for i in range(args.sessions)]
-    out = asyncio.run(run_agents(settings, sessions, args.requests, args.kind, args.image_side, args.timeout))
+    out = eventloop.run(
+        run_agents(settings, sessions, args.requests, args.kind, args.image_side, args.timeout)
+    )
     print(json.dumps(out), flush=True)
     return 0
 

@@ -29,6 +29,7 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
+from broker import eventloop
 from broker.embedded import EmbeddedRedis
 from broker.embedded_cluster import EmbeddedCluster
 from broker.settings import BrokerSettings
@@ -119,7 +120,7 @@ async def _agent(
 def _agent_main(
     settings: BrokerSettings, sessions: List[str], kind: str, side: int, ready, go, window, out
 ) -> None:
-    asyncio.run(_agent(settings, sessions, kind, side, ready, go, window, out))
+    eventloop.run(_agent(settings, sessions, kind, side, ready, go, window, out))
 
 
 def _measure(settings: BrokerSettings, procs: int, args: argparse.Namespace) -> Dict[str, float]:

@@ -1,8 +1,10 @@
 """Transport round trip: vlmq vs a FastAPI + base64-PNG JSON server, same no-op handler.
 
 Both serve `action_chunk` with the synthetic handler (no model), so the numbers are the
-cost of the transport alone: 224x224x3 frames, 1 client and N concurrent clients (one
-process each), each client sending its next request as soon as the reply arrives. The
+cost of the transport alone: 224x224x3 frames, 1 client and N concurrent clients, each
+sending its next request as soon as its reply arrives. The baseline's clients are one
+process each; vlmq's run several sessions per agent process on one event loop, the way
+`vlmq agents` runs them. The
 vlmq client sends raw uint8 frames through Redis; the baseline client PNG-encodes,
 base64s and POSTs JSON like the seeds' MineRL policy server. The in-process call of the
 same handler is measured too: vlmq's overhead is its round trip minus that call.
@@ -24,6 +26,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from broker import eventloop
 from broker.embedded import EmbeddedRedis, free_port
 from broker.settings import BrokerSettings
 from ops.bench.records import record, write_results
@@ -34,6 +37,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis-url", default=None, help="use this Redis instead of a private one")
     p.add_argument(
         "--clients", type=int, default=16, help="concurrent clients of the second measurement (%(default)s)"
+    )
+    p.add_argument(
+        "--sessions-per-process",
+        type=int,
+        default=4,
+        help="vlmq clients per agent process, on one event loop as `vlmq agents` runs them; "
+        "the baseline's clients are one process each (%(default)s)",
     )
     p.add_argument("--duration", type=float, default=6.0, help="seconds per measurement (%(default)s)")
     p.add_argument("--size", type=int, default=224, help="frame side in pixels (%(default)s)")
@@ -58,14 +68,16 @@ def _summary(lat_ms: List[float], seconds: float) -> Dict[str, float]:
 # ----------------------------------------------------------------------------- clients
 
 
-def _vlmq_client(url: str, prefix: str, session: str, size: int, start: float, stop: float, out) -> None:
+def _vlmq_client(url: str, prefix: str, sessions: List[str], size: int, start: float, stop: float, out) -> None:
+    """One agent process running `sessions` closed-loop sessions on one event loop, as
+    `vlmq agents` does (one Redis connection pool per process)."""
+    from broker.connection import connect_async
     from env_agents.client import AsyncAgentClient
 
-    async def main() -> List[float]:
+    async def session(redis, settings: BrokerSettings, name: str) -> List[float]:
         frame = _frame(size)
-        settings = BrokerSettings(url=url, prefix=prefix)
         lat: List[float] = []
-        async with AsyncAgentClient(session, settings=settings) as client:
+        async with AsyncAgentClient(name, redis=redis, settings=settings) as client:
             for _ in range(20):  # warm up connections and code paths
                 await client.request(ActionChunkRequest(image=frame), timeout=30)
             while time.time() < start:
@@ -78,7 +90,16 @@ def _vlmq_client(url: str, prefix: str, session: str, size: int, start: float, s
                 step += 1
         return lat
 
-    out.put(asyncio.run(main()))
+    async def main() -> List[float]:
+        settings = BrokerSettings(url=url, prefix=prefix)
+        redis = connect_async(settings)
+        try:
+            per_session = await asyncio.gather(*(session(redis, settings, s) for s in sessions))
+        finally:
+            await redis.aclose()
+        return [x for lat in per_session for x in lat]
+
+    out.put(eventloop.run(main()))
 
 
 def _http_client(url: str, size: int, start: float, stop: float, out) -> None:
@@ -130,6 +151,69 @@ def _run_clients(target, args_for, n: int, duration: float) -> Dict[str, float]:
     return _summary(lat, duration)
 
 
+def _bare_worker(url: str, ready, stop) -> None:
+    """The floor: a hand-written redis-py + msgpack echo loop with none of vlmq's layers."""
+    import msgpack
+    import redis.asyncio as aioredis
+
+    async def main() -> None:
+        r = aioredis.Redis.from_url(url)
+        await r.xgroup_create("bare:req", "g", id="0", mkstream=True)
+        ready.set()
+        while not stop.is_set():
+            for _stream, entries in (
+                await r.xreadgroup("g", "w", {"bare:req": ">"}, count=32, block=200) or []
+            ):
+                for entry_id, fields in entries:
+                    m = msgpack.unpackb(fields[b"body"])
+                    pipe = r.pipeline(transaction=True)
+                    pipe.xadd(
+                        "bare:reply:" + m["sid"],
+                        {"body": msgpack.packb({"rid": m["rid"], "chunk": bytes(1400)})},
+                    )
+                    pipe.xack("bare:req", "g", entry_id)
+                    pipe.xdel("bare:req", entry_id)
+                    await pipe.execute()
+
+    eventloop.run(main())
+
+
+def _bare_client(url: str, size: int, start: float, stop: float, out) -> None:
+    import msgpack
+    import redis.asyncio as aioredis
+
+    async def main() -> List[float]:
+        frame = _frame(size).tobytes()
+        r = aioredis.Redis.from_url(url)
+        last, lat = "0-0", []
+        i = 0
+        while True:
+            t0 = time.perf_counter()
+            await r.xadd("bare:req", {"body": msgpack.packb({"rid": str(i), "sid": "c", "image": frame})})
+            resp = await r.xread({"bare:reply:c": last}, block=5000)
+            last = resp[0][1][-1][0]
+            if time.time() >= stop:
+                return lat
+            if time.time() >= start:
+                lat.append((time.perf_counter() - t0) * 1000.0)
+            i += 1
+
+    out.put(eventloop.run(main()))
+
+
+def _measure_bare(url: str, args: argparse.Namespace) -> Dict[str, float]:
+    ctx = mp.get_context("spawn")
+    ready, stop = ctx.Event(), ctx.Event()
+    worker = ctx.Process(target=_bare_worker, args=(url, ready, stop))
+    worker.start()
+    ready.wait(30)
+    try:
+        return _run_clients(_bare_client, lambda i: (url, args.size), 1, args.duration)
+    finally:
+        stop.set()
+        worker.join(10)
+
+
 # ----------------------------------------------------------------------------- servers
 
 
@@ -167,9 +251,13 @@ def _measure_vlmq(url: str, args: argparse.Namespace) -> Dict[str, Dict[str, flo
     prefix = f"bench{os.getpid()}"
     worker = _start_worker(url, prefix, args.max_wait_ms)
     try:
-        one = _run_clients(_vlmq_client, lambda i: (url, prefix, f"c{i}", args.size), 1, args.duration)
+        one = _run_clients(_vlmq_client, lambda i: (url, prefix, ["c0"], args.size), 1, args.duration)
+        per = args.sessions_per_process
         many = _run_clients(
-            _vlmq_client, lambda i: (url, prefix, f"c{i}", args.size), args.clients, args.duration
+            _vlmq_client,
+            lambda i: (url, prefix, [f"c{i}-{j}" for j in range(per)], args.size),
+            args.clients // per,
+            args.duration,
         )
     finally:
         worker.terminate()
@@ -216,6 +304,7 @@ def run(args: argparse.Namespace) -> int:
         redis = EmbeddedRedis().start()
         url = redis.url
     try:
+        bare = _measure_bare(url, args)
         vlmq = _measure_vlmq(url, args)
     finally:
         if redis is not None:
@@ -224,6 +313,7 @@ def run(args: argparse.Namespace) -> int:
     n = args.clients
     rows = [
         ("in-process handler call", {"p50": inproc}),
+        ("bare redis-py echo, 1 client", bare),
         ("vlmq, 1 client", vlmq["one"]),
         (f"vlmq, {n} clients", vlmq["many"]),
     ]
@@ -245,6 +335,9 @@ def run(args: argparse.Namespace) -> int:
         record(f"round_trip_p50_ms_{n}_clients", vlmq["many"]["p50"], "ms", base["many"].get("p50")),
         record(f"round_trip_p99_ms_{n}_clients", vlmq["many"]["p99"], "ms", base["many"].get("p99")),
         record("in_process_call_p50_ms", inproc, "ms"),
+        # Context, not a target: the same round trip with none of vlmq's layers.
+        record("bare_redis_round_trip_p50_ms", bare["p50"], "ms"),
+        record("overhead_over_bare_p50_ms", vlmq["one"]["p50"] - bare["p50"], "ms"),
     ]
     write_results(args.out, records)
     print(f"wrote {args.out}")
