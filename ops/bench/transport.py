@@ -68,7 +68,9 @@ def _summary(lat_ms: List[float], seconds: float) -> Dict[str, float]:
 # ----------------------------------------------------------------------------- clients
 
 
-def _vlmq_client(url: str, prefix: str, sessions: List[str], size: int, start: float, stop: float, out) -> None:
+def _vlmq_client(
+    url: str, prefix: str, sessions: List[str], size: int, start: float, stop: float, out
+) -> None:
     """One agent process running `sessions` closed-loop sessions on one event loop, as
     `vlmq agents` does (one Redis connection pool per process)."""
     from broker.connection import connect_async
