@@ -27,3 +27,15 @@ def test_ci_runs_exactly_the_readme_test_command():
 def test_readme_demo_command_installs_and_runs_the_demo():
     (demo_cmd,) = _commands("Run the demo")
     assert "pip install" in demo_cmd and demo_cmd.endswith("vlmq demo")
+
+
+def test_readme_agent_example_runs_against_a_worker(settings):
+    from tests.helpers import WorkerThread, synthetic_settings
+
+    (code,) = re.findall(r"## An agent in ten lines\n\n```python\n(.*?)```", _read("README.md"), re.S)
+    assert len(code.strip().splitlines()) <= 10
+    code = code.replace('url="redis://localhost:6379"', "settings=settings")
+    with WorkerThread(synthetic_settings(settings, kinds=("text_action",))):
+        namespace = {"settings": settings}
+        exec(compile(code, "README.md", "exec"), namespace)
+        namespace["client"].close()
