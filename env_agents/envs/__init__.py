@@ -4,6 +4,7 @@ MiniWorld-*-v0   3-D navigation (every kind)        env_agents.envs.miniworld
 textworld        locally generated TextWorld games  env_agents.envs.textworld
 alfworld         ALFWorld, when its files exist     env_agents.envs.alfworld
 crafter          Crafter, when installed            env_agents.envs.crafter
+Frames-v0        synthetic frames, no simulator     env_agents.envs.frames
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ FAMILIES = {
     "textworld": "textworld",
     "alfworld": "alfworld",
     "crafter": "crafter",
+    "frames": "Frames-v0 (synthetic frames, for benchmarks)",
 }
 
 
@@ -39,6 +41,10 @@ def make_adapter(env_id: str, seed: int = 0, size: int = 224, **options: Any) ->
         from env_agents.envs.crafter import CrafterAdapter
 
         return CrafterAdapter(env_id, size=size, seed=seed, **options)
+    if low == "frames-v0":
+        from env_agents.envs.frames import FramesAdapter
+
+        return FramesAdapter(env_id, size=size, seed=seed, **options)
     raise ValueError(f"unknown env {env_id!r}; known: {'; '.join(FAMILIES.values())}")
 
 

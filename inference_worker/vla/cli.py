@@ -103,6 +103,19 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _init(args: argparse.Namespace) -> int:
+    from inference_worker.vla.model import QwenVLA
+
+    vla = QwenVLA.build(
+        _vla_config(args), device=args.device, dtype=args.dtype, quantize=args.quantize, seed=args.seed
+    )
+    vla.save(args.out)
+    print(
+        f"untrained VLA folder: {args.out} (serve it with `vlmq worker --model {args.vlm} --option vla={args.out}`)"
+    )
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     from inference_worker.handlers.action_chunk import ActionChunkHandler
     from inference_worker.vla.evaluate import random_policy_rate, vla_policy_rate
@@ -125,6 +138,21 @@ def _eval(args: argparse.Namespace) -> int:
     )
     print(json.dumps({"vla": ours, "random": rand}, indent=1))
     return 0
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    """The shape of a new VLA (VLAConfig)."""
+    p.add_argument(
+        "--layer", type=int, default=0, help="VLM layer for features, 0 = the middle (%(default)s)"
+    )
+    p.add_argument("--image-size", type=int, default=384, help="frame size into the VLM (%(default)s)")
+    p.add_argument("--num-frames", type=int, default=3, help="context frames (%(default)s)")
+    p.add_argument("--frame-skip", type=int, default=2, help="steps between context frames (%(default)s)")
+    p.add_argument("--chunk-size", type=int, default=50, help="actions per chunk (%(default)s)")
+    p.add_argument("--expert-layers", type=int, default=8, help="(%(default)s)")
+    p.add_argument("--expert-dim", type=int, default=512, help="(%(default)s)")
+    p.add_argument("--expert-heads", type=int, default=8, help="(%(default)s)")
+    p.add_argument("--num-steps", type=int, default=10, help="Euler steps when sampling (%(default)s)")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -194,17 +222,7 @@ def register(sub) -> None:
     t.add_argument("--vlm", default=env("MODEL", ""), help="Qwen-VL folder for a new VLA [VLMQ_MODEL]")
     t.add_argument("--init-from", default=None, help="start from this VLA folder's weights")
     t.add_argument("--resume", action="store_true", help="continue training --out from its train_state.pt")
-    t.add_argument(
-        "--layer", type=int, default=0, help="VLM layer for features, 0 = the middle (%(default)s)"
-    )
-    t.add_argument("--image-size", type=int, default=384, help="frame size into the VLM (%(default)s)")
-    t.add_argument("--num-frames", type=int, default=3, help="context frames (%(default)s)")
-    t.add_argument("--frame-skip", type=int, default=2, help="steps between context frames (%(default)s)")
-    t.add_argument("--chunk-size", type=int, default=50, help="actions per chunk (%(default)s)")
-    t.add_argument("--expert-layers", type=int, default=8, help="(%(default)s)")
-    t.add_argument("--expert-dim", type=int, default=512, help="(%(default)s)")
-    t.add_argument("--expert-heads", type=int, default=8, help="(%(default)s)")
-    t.add_argument("--num-steps", type=int, default=10, help="Euler steps when sampling (%(default)s)")
+    _config_args(t)
     t.add_argument("--steps", type=int, default=2000, help="optimizer steps (%(default)s)")
     t.add_argument("--batch-size", type=int, default=32, help="(%(default)s)")
     t.add_argument("--grad-accum", type=int, default=1, help="(%(default)s)")
@@ -220,6 +238,17 @@ def register(sub) -> None:
     t.add_argument("--seed", type=int, default=0, help="(%(default)s)")
     _model_args(t)
     t.set_defaults(func=_train)
+
+    i = vsub.add_parser(
+        "init",
+        help="a new, untrained VLA folder (seeded random expert): to serve or benchmark before training",
+    )
+    i.add_argument("--vlm", required=True, help="Qwen-VL folder the expert reads features from")
+    i.add_argument("--out", required=True, help="the VLA folder to write")
+    i.add_argument("--seed", type=int, default=0, help="(%(default)s)")
+    _config_args(i)
+    _model_args(i)
+    i.set_defaults(func=_init)
 
     e = vsub.add_parser("eval", help="success rate in MiniWorld: the VLA policy vs a random policy")
     e.add_argument("--vla", required=True, help="VLA folder")

@@ -12,6 +12,7 @@ BENCHMARKS = {
     "scale": "ops.bench.scale",
     "vla": "ops.bench.vla",
     "ops": "ops.bench.ops_overhead",
+    "multigpu": "ops.bench.multigpu",
 }
 
 

@@ -97,7 +97,7 @@ def _run_mode(args, broker: BrokerSettings, sessions: int, mode: str) -> Dict[st
         # One episode spans the whole run: the env's own time limit would otherwise end it
         # (and add resets to the measurement).
         env_options={"max_episode_steps": control.max_steps + 10}
-        if args.env.startswith("MiniWorld-")
+        if args.env.startswith("MiniWorld-") or args.env == "Frames-v0"
         else {},
         session_prefix=f"bench-{sessions}-{mode}-{int(time.time())}",
     )

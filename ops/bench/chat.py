@@ -259,30 +259,37 @@ def _sessions(url, prefix, first, count, text, size, max_tokens, t_end, queue) -
     queue.put(done)
 
 
-def served(folder: str, args, text: str, max_batch: int) -> Dict[str, float]:
+def served(
+    folder: str, args, text: str, max_batch: int, devices: Optional[List[str]] = None
+) -> Dict[str, float]:
+    """(b): one `vlmq worker` per entry of `devices` (default: --device), all in one
+    consumer group of one Redis, and --sessions closed-loop agent sessions."""
     from broker.connection import connect_sync
     from broker.embedded import EmbeddedRedis
     from broker.keys import Keys
     from broker.settings import BrokerSettings
 
     prefix = f"bench{os.getpid()}"
+    devices = devices or [args.device]
     with EmbeddedRedis() as server:
-        cmd = [
-            sys.executable, "-m", "ops.cli", "worker", "--redis-url", server.url, "--prefix", prefix,
-            "--name", "bench-worker", "--backend", "hf", "--model", folder, "--device", args.device,
-            "--dtype", args.dtype, "--kinds", "text_action", "--max-batch", str(max_batch),
-            "--max-wait-ms", str(args.max_wait_ms), "--option", "ignore_eos=1",
-        ]  # fmt: skip
-        for o in args.option:
-            cmd += ["--option", o]
-        worker = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        workers = []
+        for i, device in enumerate(devices):
+            cmd = [
+                sys.executable, "-m", "ops.cli", "worker", "--redis-url", server.url, "--prefix", prefix,
+                "--name", f"bench-worker-{i}", "--backend", "hf", "--model", folder, "--device", device,
+                "--dtype", args.dtype, "--kinds", "text_action", "--max-batch", str(max_batch),
+                "--max-wait-ms", str(args.max_wait_ms), "--option", "ignore_eos=1",
+            ]  # fmt: skip
+            for o in args.option:
+                cmd += ["--option", o]
+            workers.append(subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}))
         try:
             redis = connect_sync(BrokerSettings(url=server.url, prefix=prefix))
-            key = Keys(prefix).worker("bench-worker")
+            keys = [Keys(prefix).worker(f"bench-worker-{i}") for i in range(len(devices))]
             give_up = time.time() + 900
-            while not redis.exists(key):
-                if worker.poll() is not None or time.time() > give_up:
-                    raise RuntimeError("the worker did not start (see its output above)")
+            while not all(redis.exists(k) for k in keys):
+                if any(w.poll() is not None for w in workers) or time.time() > give_up:
+                    raise RuntimeError("a worker did not start (see its output above)")
                 time.sleep(0.5)
             start = time.time() + args.warmup_s
             end = start + args.seconds
@@ -317,11 +324,13 @@ def served(folder: str, args, text: str, max_batch: int) -> Dict[str, float]:
             for p in procs:
                 p.join(60)
         finally:
-            worker.terminate()
-            try:
-                worker.wait(60)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+            for w in workers:
+                w.terminate()
+            for w in workers:
+                try:
+                    w.wait(60)
+                except subprocess.TimeoutExpired:
+                    w.kill()
     window = [d for d in done if start <= d[0] <= end]
     lat = sorted(d[1] for d in window)
     return {
