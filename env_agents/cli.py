@@ -186,6 +186,13 @@ def add_agent_args(p: argparse.ArgumentParser) -> None:
         default=env("AGENTS_TRACES", "") or None,
         help="record episodes to this SQLite file (then: vlmq traces export) [VLMQ_AGENTS_TRACES]",
     )
+    o.add_argument(
+        "--metrics-port",
+        type=int,
+        default=env("AGENTS_METRICS_PORT", 0),
+        help="serve Prometheus /metrics of every agent process on this port, 0 = off; needs the `ops` extra "
+        "[VLMQ_AGENTS_METRICS_PORT] (%(default)s)",
+    )
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -224,6 +231,7 @@ def spec_from_args(args: argparse.Namespace):
         env_options=_kv(args.env_arg),
         session_prefix=args.session_prefix or f"agent-{int(time.time())}",
         traces=args.traces,
+        metrics=bool(args.metrics_port),
         preference=PreferenceConfig(pairs=args.pairs, mode=args.pref_mode, min_gap=args.min_gap),
     )
 
@@ -249,8 +257,18 @@ def run(args: argparse.Namespace) -> int:
     from env_agents.runner.launcher import launch
 
     spec = spec_from_args(args)
+    metrics = None
+    if spec.metrics:
+        from ops.metrics.agents import prepare_multiprocess, start_agent_metrics
+
+        prepare_multiprocess()  # before any agent process starts: they inherit the directory
+        metrics = start_agent_metrics(args.metrics_port, multiprocess=True)
     out = args.out or os.path.join("runs", f"agents-{spec.task}-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    result = launch(spec, progress=not args.no_progress)
+    try:
+        result = launch(spec, progress=not args.no_progress)
+    finally:
+        if metrics is not None:
+            metrics.close()
     summary = result.summary
     report: Dict[str, Any] = {
         "env": spec.env_id,

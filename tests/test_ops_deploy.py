@@ -26,9 +26,6 @@ PROMETHEUS = os.path.join(OPS, "prometheus", "prometheus.yml")
 RULES = os.path.join(OPS, "prometheus", "rules.yml")
 DASHBOARD = os.path.join(OPS, "grafana", "dashboards", "vlmq.json")
 METRIC = re.compile(r"\bvlmq_[a-z0-9_]+\b")
-# The agents CLI is to read its metrics port from this variable (ops/metrics/agents.py); until
-# `vlmq agents --metrics-port` exists the compose file sets it ahead of time.
-PENDING_ENV = {"VLMQ_AGENTS_METRICS_PORT"}
 
 
 def _compose() -> dict:
@@ -73,7 +70,7 @@ def test_compose_services_build_files_mounts_commands_and_env():
         if isinstance(command, list) and command[0] == "vlmq":
             usage = _help(command[1])  # the subcommand exists
             for var in svc.get("environment", {}):
-                if var.startswith("VLMQ_") and var not in PENDING_ENV and var not in ("VLMQ_REDIS_URL",):
+                if var.startswith("VLMQ_") and var not in ("VLMQ_REDIS_URL",):
                     assert f"[{var}]" in usage, f"{name}: `vlmq {command[1]}` reads no {var}"
     assert "[VLMQ_REDIS_URL]" in _help("worker")
 

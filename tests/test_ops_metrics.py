@@ -146,3 +146,32 @@ def test_metric_names_follow_conventions():
         assert spec.name.endswith("_total") == (spec.type == "counter"), spec.name
         if spec.type == "histogram":
             assert spec.name.endswith(("_seconds", "_requests")), spec.name
+
+
+def test_vlmq_agents_metrics_port_exports_what_its_processes_did(settings, tmp_path, monkeypatch):
+    """`vlmq agents --metrics-port`: two agent processes, one endpoint, real worker."""
+    from env_agents.cli import spec_from_args
+    from env_agents.runner.launcher import launch
+    from ops.cli import build_parser
+    from tests.helpers import WorkerThread, synthetic_settings
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    args = build_parser().parse_args(
+        ["agents", "--env", "Frames-v0", "--task", "action_chunk", "--n", "2", "--procs", "2", "--size", "32",
+         "--rate-hz", "0", "--max-steps", "40", "--metrics-port", "1", "--redis-url", settings.url,
+         "--prefix", settings.prefix]
+    )  # fmt: skip
+    spec = spec_from_args(args)
+    assert spec.metrics
+    with WorkerThread(synthetic_settings(settings, kinds=("action_chunk",))):
+        result = launch(spec, progress=False)
+    assert not result.failures
+    metrics = start_agent_metrics(0, "127.0.0.1", multiprocess=True)
+    try:
+        s = fetch(metrics.server.url)
+        assert s.value(n.AGENT_STEPS.name, env="Frames-v0") == 80
+        assert s.value(n.AGENT_REQUESTS.name, kind="action_chunk") >= 2
+        assert s.value(n.AGENT_REPLIES.name, kind="action_chunk", status="ok") >= 2
+        assert s.value(n.AGENT_EPISODES.name, env="Frames-v0") == 2
+    finally:
+        metrics.close()

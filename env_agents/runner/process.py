@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import traceback
-from typing import Any, Callable
+from typing import Any, Callable, List
 
 from broker import eventloop
 from broker.connection import connect_async
+from env_agents.control.tracer import Tracer, Tracers
 from env_agents.runner.session import make_session_adapter, run_session
 from env_agents.runner.spec import RunSpec
 
@@ -26,11 +27,17 @@ async def run_sessions(spec: RunSpec, proc: int, emit: Callable[[str, Any], None
             log.error("session %s: env %s failed: %s", spec.session_id(i), spec.env_id, exc)
             emit("failed", _failure(spec.session_id(i), exc))
     redis = connect_async(spec.broker)
-    tracer = None
+    tracers: List[Tracer] = []
     if spec.traces:
         from env_agents.traces.store import TraceStore
 
-        tracer = TraceStore(spec.traces, run=spec.session_prefix)
+        tracers.append(TraceStore(spec.traces, run=spec.session_prefix))
+    if spec.metrics:
+        # Only with --metrics-port: prometheus-client is in the `ops` extra, not the core install.
+        from ops.metrics.agents import MetricsTracer
+
+        tracers.append(MetricsTracer(spec.env_id))
+    tracer = Tracers(tracers) if tracers else None
 
     async def one(index: int) -> None:
         try:
@@ -42,8 +49,8 @@ async def run_sessions(spec: RunSpec, proc: int, emit: Callable[[str, Any], None
     try:
         await asyncio.gather(*(one(i) for i in adapters))
     finally:
-        if tracer is not None:
-            tracer.close()
+        for t in tracers:
+            t.close()
         await redis.aclose()
 
 

@@ -30,6 +30,7 @@ class RunSpec:
     env_options: Dict[str, Any] = field(default_factory=dict)
     session_prefix: str = "agent"
     traces: Optional[str] = None  # SQLite path
+    metrics: bool = False  # export agent metrics (vlmq agents --metrics-port; needs the `ops` extra)
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
 
     @property

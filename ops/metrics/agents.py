@@ -21,8 +21,9 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from typing import Optional
+from typing import Any, Optional
 
+from env_agents.control.tracer import Tracer
 from ops.metrics import names as n
 from ops.metrics.registry import (
     MetricsServer,
@@ -31,7 +32,7 @@ from ops.metrics.registry import (
     require_prometheus,
     serve_registry,
 )
-from schemas.messages import Reply
+from schemas.messages import Reply, Request
 
 _MP_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -96,6 +97,29 @@ class AgentMetrics:
         if self.server is not None:
             self.server.close()
             self.server = None
+
+
+class MetricsTracer(Tracer):
+    """The controller's hooks, as agent metrics: one per runner process."""
+
+    def __init__(self, env: str, metrics: Optional[AgentMetrics] = None) -> None:
+        self.env = env
+        self.metrics = metrics or AgentMetrics()
+
+    def request(self, session: str, t: int, obs: Any, req: Request) -> None:
+        self.metrics.sent(req.kind)
+
+    def reply(self, session: str, t: int, req: Request, reply: Reply, rtt_ms: float) -> None:
+        self.metrics.observe(reply)
+
+    def step(self, session: str, t: int, item: Any, env_action: Any, result: Any) -> None:
+        self.metrics.step(self.env)
+
+    def episode_end(self, stats: Any) -> None:
+        self.metrics.episode(self.env)
+
+    def close(self) -> None:
+        self.metrics.close()
 
 
 def start_agent_metrics(port: int, addr: str = "0.0.0.0", multiprocess: bool = False) -> AgentMetrics:
