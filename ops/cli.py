@@ -9,6 +9,8 @@ import logging
 import sys
 from typing import List, Optional
 
+from broker.settings import BrokerSettings
+
 COMMANDS = [
     "inference_worker.cli",  # worker
     "inference_worker.models.cli",  # make-model
@@ -25,6 +27,17 @@ COMMANDS = [
     "env_agents.cli",  # agents
     "env_agents.traces.cli",  # traces
 ]
+
+
+def argv(command: str, settings: BrokerSettings, *extra: str, log_level: Optional[str] = None) -> List[str]:
+    """The command line that runs `vlmq COMMAND` in a new process on these broker settings
+    (the demo, benchmarks and tests start workers, gateways and taps this way)."""
+    cmd = [sys.executable, "-m", "ops.cli"]
+    if log_level:
+        cmd += ["--log-level", log_level]
+    cmd += [command, "--redis-url", settings.url, "--prefix", settings.prefix]
+    cmd += ["--partitions", str(settings.partitions)] + (["--cluster"] if settings.cluster else [])
+    return cmd + list(extra)
 
 
 def build_parser() -> argparse.ArgumentParser:

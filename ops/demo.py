@@ -13,7 +13,6 @@ import asyncio
 import os
 import statistics
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -23,6 +22,7 @@ import numpy as np
 from broker import eventloop
 from broker.embedded import EmbeddedRedis
 from broker.settings import BrokerSettings, env
+from ops.cli import argv
 from schemas.messages import PreferenceRequest, Request, StructuredActionRequest, TextActionRequest
 
 DEMO_KINDS = ("text_action", "structured_action", "preference")
@@ -157,8 +157,7 @@ def summary(stats: Stats) -> str:
 def start_worker(
     settings: BrokerSettings, args: argparse.Namespace, kinds, model: Optional[str]
 ) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "ops.cli", "--log-level", "WARNING", "worker", "--redis-url", settings.url]
-    cmd += ["--prefix", settings.prefix, "--kinds", ",".join(kinds), "--backend", args.backend]
+    cmd = argv("worker", settings, "--kinds", ",".join(kinds), "--backend", args.backend, log_level="WARNING")
     cmd += [
         "--max-batch",
         str(args.max_batch),

@@ -79,7 +79,6 @@ async def _main(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-
     eventloop.run(_main(args))
     return 0
 

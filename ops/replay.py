@@ -254,7 +254,6 @@ def exit_status(cases: List[Case]) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-
     settings = broker_settings_from_args(args)
     rec = read_recording(args.file)
     opts = ReplayOptions(

@@ -6,7 +6,6 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from typing import Callable, Dict, List, Optional, Sequence
@@ -17,6 +16,7 @@ from inference_worker.handlers.base import Handler, HandlerOutput
 from inference_worker.handlers.synthetic import SyntheticHandler
 from inference_worker.settings import WorkerSettings
 from inference_worker.worker import Worker
+from ops.cli import argv
 from schemas.messages import Request
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,21 +84,7 @@ def synthetic_settings(broker: BrokerSettings, **kw) -> WorkerSettings:
 
 
 def worker_cmd(broker: BrokerSettings, *extra: str) -> List[str]:
-    return [
-        sys.executable,
-        "-m",
-        "ops.cli",
-        "worker",
-        "--redis-url",
-        broker.url,
-        "--prefix",
-        broker.prefix,
-        "--partitions",
-        str(broker.partitions),
-        "--claim-min-idle-ms",
-        str(broker.claim_min_idle_ms),
-        *extra,
-    ]
+    return argv("worker", broker, "--claim-min-idle-ms", str(broker.claim_min_idle_ms), *extra)
 
 
 def start_worker_process(broker: BrokerSettings, *extra: str, env: Optional[dict] = None) -> subprocess.Popen:

@@ -19,6 +19,7 @@ from broker.connection import connect_sync
 from broker.keys import Keys
 from broker.settings import BrokerSettings
 from env_agents.client import AsyncAgentClient
+from ops.cli import argv
 from ops.record import record
 from ops.recording import read_recording
 from ops.replay import DIFFER, MATCH, SKIPPED, ReplayOptions, exit_status, replay, report
@@ -67,19 +68,7 @@ def _poison(settings) -> None:
 
 
 def _cli(settings, *args: str) -> list:
-    return [
-        sys.executable,
-        "-m",
-        "ops.cli",
-        *args[:1],
-        "--redis-url",
-        settings.url,
-        "--prefix",
-        settings.prefix,
-        "--partitions",
-        str(settings.partitions),
-        *args[1:],
-    ]
+    return argv(args[0], settings, *args[1:])
 
 
 def _spawn(cmd: list) -> subprocess.Popen:

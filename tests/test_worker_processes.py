@@ -15,6 +15,7 @@ from broker.embedded import EmbeddedRedis
 from broker.keys import Keys
 from broker.settings import BrokerSettings
 from env_agents.client import AgentClient, AsyncAgentClient
+from ops.cli import argv
 from schemas.messages import TextActionRequest
 from tests.helpers import REPO, WorkerThread, start_worker_process, synthetic_settings, wait_for
 
@@ -125,16 +126,7 @@ def test_inspect_shows_streams_consumers_workers_and_dead_letters(settings):
         with AgentClient("looker", settings=settings) as client:
             client.request(text(1), timeout=20)
         out = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "ops.cli",
-                "inspect",
-                "--redis-url",
-                settings.url,
-                "--prefix",
-                settings.prefix,
-            ],
+            argv("inspect", settings),
             capture_output=True,
             text=True,
             cwd=REPO,

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 from typing import Any, Dict, List, Optional
 
 from broker.settings import BrokerSettings
 from ops.bench.records import Record, machine_description, record, write_results
+from ops.cli import argv
 
 SHOWN = (
     "steps",
@@ -66,10 +66,11 @@ def add_args(p) -> None:
 
 
 def _start_synthetic(url: str, prefix: str, latency_ms: float, chunk: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "ops.cli", "--log-level", "WARNING", "worker", "--redis-url", url,
-           "--prefix", prefix, "--backend", "synthetic", "--kinds", "action_chunk",
-           "--synthetic-latency-ms", str(latency_ms), "--synthetic-chunk", chunk,
-           "--max-batch", "64", "--max-wait-ms", "2"]  # fmt: skip
+    cmd = argv(
+        "worker", BrokerSettings(url=url, prefix=prefix), "--backend", "synthetic", "--kinds", "action_chunk",
+        "--synthetic-latency-ms", str(latency_ms), "--synthetic-chunk", chunk, "--max-batch", "64",
+        "--max-wait-ms", "2", log_level="WARNING",
+    )  # fmt: skip
     return subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 

@@ -23,12 +23,12 @@ import multiprocessing as mp
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
 from broker import eventloop
+from ops.cli import argv
 
 log = logging.getLogger("vlmq.bench.chat")
 
@@ -274,12 +274,12 @@ def served(
     with EmbeddedRedis() as server:
         workers = []
         for i, device in enumerate(devices):
-            cmd = [
-                sys.executable, "-m", "ops.cli", "worker", "--redis-url", server.url, "--prefix", prefix,
+            cmd = argv(
+                "worker", BrokerSettings(url=server.url, prefix=prefix),
                 "--name", f"bench-worker-{i}", "--backend", "hf", "--model", folder, "--device", device,
                 "--dtype", args.dtype, "--kinds", "text_action", "--max-batch", str(max_batch),
                 "--max-wait-ms", str(args.max_wait_ms), "--option", "ignore_eos=1",
-            ]  # fmt: skip
+            )  # fmt: skip
             for o in args.option:
                 cmd += ["--option", o]
             workers.append(subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}))

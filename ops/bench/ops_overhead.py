@@ -18,7 +18,6 @@ import os
 import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -29,6 +28,7 @@ from broker.embedded import EmbeddedRedis, free_port
 from broker.settings import BrokerSettings
 from env_agents.client import AsyncAgentClient
 from ops.bench.records import Record, record, write_results
+from ops.cli import argv
 from ops.recording import read_recording
 from schemas.messages import TextActionRequest
 
@@ -53,17 +53,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cli(settings: BrokerSettings, command: str, *extra: str) -> List[str]:
-    return [
-        sys.executable,
-        "-m",
-        "ops.cli",
-        command,
-        "--redis-url",
-        settings.url,
-        "--prefix",
-        settings.prefix,
-        *extra,
-    ]
+    return argv(command, settings, *extra)
 
 
 def _spawn(cmd: List[str]) -> subprocess.Popen:

@@ -34,6 +34,7 @@ import numpy as np
 
 from broker import eventloop
 from broker.settings import BrokerSettings
+from ops.cli import argv
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -253,17 +254,9 @@ def _start_workers(
     """Worker processes logging to LOGS/NAME.log (a pipe nobody reads could block them)."""
     procs = []
     for i in range(args.workers):
-        cmd = [
-            sys.executable,
-            "-m",
-            "ops.cli",
-            "--log-level",
-            "WARNING",
+        cmd = argv(
             "worker",
-            "--redis-url",
-            settings.url,
-            "--prefix",
-            settings.prefix,
+            settings,
             "--backend",
             "synthetic",
             "--synthetic-latency-ms",
@@ -276,7 +269,8 @@ def _start_workers(
             str(args.max_batch),
             "--claim-min-idle-ms",
             str(args.claim_min_idle_ms),
-        ]
+            log_level="WARNING",
+        )
         with open(os.path.join(logs, f"{tag}-w{i}.log"), "w") as log:
             procs.append(subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT))
     return procs

@@ -22,7 +22,6 @@ import os
 import signal
 import statistics
 import subprocess
-import sys
 import time
 from contextlib import ExitStack
 from typing import Dict, List, Tuple
@@ -34,6 +33,7 @@ from broker.embedded import EmbeddedRedis
 from broker.embedded_cluster import EmbeddedCluster
 from broker.settings import BrokerSettings
 from ops.bench.records import Record, record, write_results
+from ops.cli import argv
 
 log = logging.getLogger("vlmq.bench.scale")
 
@@ -172,11 +172,17 @@ def _median(runs: List[Dict[str, float]]) -> Dict[str, float]:
 
 
 def _start_workers(settings: BrokerSettings, n: int, kind: str) -> List[subprocess.Popen]:
-    cmd = [sys.executable, "-m", "ops.cli", "--log-level", "WARNING", "worker", "--redis-url", settings.url]
-    cmd += ["--prefix", settings.prefix, "--partitions", str(settings.partitions)]
-    cmd += ["--backend", "synthetic", "--kinds", kind, "--max-wait-ms", "0"]
-    if settings.cluster:
-        cmd.append("--cluster")
+    cmd = argv(
+        "worker",
+        settings,
+        "--backend",
+        "synthetic",
+        "--kinds",
+        kind,
+        "--max-wait-ms",
+        "0",
+        log_level="WARNING",
+    )
     return [
         subprocess.Popen(
             [*cmd, "--name", f"{settings.prefix}-w{i}"], env={**os.environ, "PYTHONUNBUFFERED": "1"}

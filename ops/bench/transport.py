@@ -30,6 +30,7 @@ from broker import eventloop
 from broker.embedded import EmbeddedRedis, free_port
 from broker.settings import BrokerSettings
 from ops.bench.records import record, write_results
+from ops.cli import argv
 from schemas.messages import ActionChunkRequest
 
 
@@ -233,19 +234,18 @@ def _in_process_ms(size: int, n: int = 2000) -> float:
 
 
 def _start_worker(url: str, prefix: str, max_wait_ms: float) -> subprocess.Popen:
-    cmd = [
-        sys.executable,
-        "-m",
-        "ops.cli",
-        "--log-level",
-        "WARNING",
+    settings = BrokerSettings(url=url, prefix=prefix)
+    cmd = argv(
         "worker",
-        "--redis-url",
-        url,
-        "--prefix",
-        prefix,
-    ]
-    cmd += ["--backend", "synthetic", "--kinds", "action_chunk", "--max-wait-ms", str(max_wait_ms)]
+        settings,
+        "--backend",
+        "synthetic",
+        "--kinds",
+        "action_chunk",
+        "--max-wait-ms",
+        str(max_wait_ms),
+        log_level="WARNING",
+    )
     return subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
