@@ -111,10 +111,8 @@ class AsyncAgentClient:
         """Publish and wait for the reply; raises ReplyError on an error reply (unless
         raise_on_error=False) and asyncio.TimeoutError after `timeout` seconds."""
         fut = await self.submit(req)
-        try:
-            reply = await (
-                fut if timeout is None else asyncio.wait_for(fut, timeout)
-            )  # cancels fut on timeout
+        try:  # (wait_for cancels fut on timeout, which frees its slot)
+            reply = await (fut if timeout is None else asyncio.wait_for(fut, timeout))
         except asyncio.TimeoutError:
             self._pending.pop(req.request_id, None)
             raise

@@ -48,8 +48,7 @@ class Worker:
         self.keys = Keys(settings.broker.prefix, settings.broker.partitions)
         self.events = Observers(observers)
         self.scheduler = Scheduler(settings.batch_limit, settings.max_wait_ms)
-        self.in_flight: Set[int] = set()  # ids of items handed to the model or being committed
-        self._in_flight_items: Dict[int, Item] = {}
+        self.in_flight: Dict[int, Item] = {}  # by id(): handed to the model or being committed
         self._stopping = asyncio.Event()
         self._room = asyncio.Event()
         self._commits: Set[asyncio.Task] = set()
@@ -239,8 +238,7 @@ class Worker:
 
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: Batch) -> None:
         for i in batch.items:
-            self.in_flight.add(id(i))
-            self._in_flight_items[id(i)] = i
+            self.in_flight[id(i)] = i
         handler = self.handlers[batch.kind]
         started = time.time()
         if handler.blocking:
@@ -336,8 +334,7 @@ class Worker:
                 self.stats["dead_letters"] += 1
                 self.events.on_dead_letter(o.delivery.kind, o.dead_letter["code"])
         for i in items:
-            self.in_flight.discard(id(i))
-            self._in_flight_items.pop(id(i), None)
+            self.in_flight.pop(id(i), None)
         self._room.set()
 
     # ------------------------------------------------------------------ side duties
@@ -346,7 +343,7 @@ class Worker:
         period = self.settings.broker.claim_min_idle_ms / 3000.0
         while not self.stopping:
             await asyncio.sleep(period)
-            held = [i.delivery for i in self._in_flight_items.values()] + [
+            held = [i.delivery for i in self.in_flight.values()] + [
                 i.delivery for i in self.scheduler.items()
             ]
             try:

@@ -37,30 +37,44 @@ CREATE INDEX IF NOT EXISTS requests_ep ON requests (episode_id, t);
 """
 
 
-def connect(path: str) -> sqlite3.Connection:
-    db = sqlite3.connect(path, timeout=30.0)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.executescript(SCHEMA)
-    return db
+def connect(path: str, timeout: float = 30.0) -> sqlite3.Connection:
+    """Open (and create) a trace file. Several processes may do this at once: switching to
+    WAL and creating the tables can fail with "database is locked" without waiting for the
+    busy timeout, so those are retried."""
+    give_up = time.time() + timeout
+    while True:
+        db = sqlite3.connect(path, timeout=timeout)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.executescript(SCHEMA)
+            return db
+        except sqlite3.OperationalError as exc:
+            db.close()
+            if "locked" not in str(exc) or time.time() > give_up:
+                raise
+            time.sleep(0.05)
 
 
 class TraceStore(Tracer):
-    def __init__(self, path: str, run: str = "", jpeg_quality: int = 90, commit_every: int = 256) -> None:
+    def __init__(self, path: str, run: str = "", jpeg_quality: int = 90, commit_every_s: float = 0.5) -> None:
         self.db = connect(path)
         self.run = run
         self.quality = jpeg_quality
-        self.commit_every = commit_every
-        self._pending = 0
+        # An open write transaction locks out every other process's writes: commit often.
+        self.commit_every_s = commit_every_s
+        self._last_commit = time.monotonic()
         self._episode: Dict[str, int] = {}  # session -> episode row id
         self._rows: Dict[Tuple[str, str], Tuple[int, int, Any]] = {}  # (session, request_id) -> frame
 
     def _write(self, sql: str, args: tuple) -> int:
         cur = self.db.execute(sql, args)
-        self._pending += 1
-        if self._pending >= self.commit_every:
-            self.db.commit()
-            self._pending = 0
+        if time.monotonic() - self._last_commit >= self.commit_every_s:
+            self._commit()
         return int(cur.lastrowid or 0)
+
+    def _commit(self) -> None:
+        self.db.commit()
+        self._last_commit = time.monotonic()
 
     def episode_start(self, session: str, episode: int, seed: int, obs: Observation) -> None:
         self._episode[session] = self._write(
@@ -119,9 +133,8 @@ class TraceStore(Tracer):
                 "UPDATE episodes SET env_id = ?, kind = ?, stats = ? WHERE id = ?",
                 (stats.env_id, stats.kind, json.dumps(stats.to_dict()), ep),
             )
-        self.db.commit()
-        self._pending = 0
+        self._commit()
 
     def close(self) -> None:
-        self.db.commit()
+        self._commit()
         self.db.close()
