@@ -23,9 +23,15 @@ from broker import eventloop
 from broker.embedded import EmbeddedRedis
 from broker.settings import BrokerSettings, env
 from ops.cli import argv
-from schemas.messages import PreferenceRequest, Request, StructuredActionRequest, TextActionRequest
+from schemas.messages import (
+    ActionChunkRequest,
+    PreferenceRequest,
+    Request,
+    StructuredActionRequest,
+    TextActionRequest,
+)
 
-DEMO_KINDS = ("text_action", "structured_action", "preference")
+DEMO_KINDS = ("text_action", "structured_action", "preference", "action_chunk")
 COMMANDS = ["go north", "go south", "open door", "take key", "look"]
 
 
@@ -41,6 +47,21 @@ def ensure_tiny_model(path: str) -> str:
 
     print(f"building a tiny random-weight Qwen2-VL checkpoint in {path} (once) ...", flush=True)
     return make_model("qwen2-vl", path, preset="tiny", seed=0)
+
+
+def ensure_tiny_vla(vlm: str, path: str) -> str:
+    """An untrained action expert (seeded, small) on the demo's VLM: chunks are noise-shaped,
+    but the whole action_chunk path runs (feature cache, batched Euler sampling)."""
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    from inference_worker.vla.config import VLAConfig
+    from inference_worker.vla.model import QwenVLA
+
+    config = VLAConfig(
+        vlm_path=os.path.abspath(vlm), image_size=64, expert_layers=2, expert_dim=64, expert_heads=4
+    )
+    QwenVLA.build(config, seed=0).save(path)
+    return path
 
 
 def scene(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -70,6 +91,8 @@ def make_request(kind: str, rng: np.random.Generator, step: int, size: int) -> R
             ],
             admissible_commands=COMMANDS,
         )
+    if kind == "action_chunk":
+        return ActionChunkRequest(step=step, image=frame, instruction="go to the box", reset=step == 0)
     if kind == "structured_action":
         return StructuredActionRequest(
             step=step, image=frame, task_name="MineRLBasaltFindCave-v0", max_tokens=24
@@ -155,7 +178,7 @@ def summary(stats: Stats) -> str:
 
 
 def start_worker(
-    settings: BrokerSettings, args: argparse.Namespace, kinds, model: Optional[str]
+    settings: BrokerSettings, args: argparse.Namespace, kinds, model: Optional[str], vla: Optional[str]
 ) -> subprocess.Popen:
     cmd = argv("worker", settings, "--kinds", ",".join(kinds), "--backend", args.backend, log_level="WARNING")
     cmd += [
@@ -168,6 +191,8 @@ def start_worker(
     ]
     if model:
         cmd += ["--model", model, "--device", args.device]
+    if vla:
+        cmd += ["--option", f"vla={vla}"]
     return subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
@@ -191,15 +216,23 @@ def wait_until_ready(settings: BrokerSettings, worker: subprocess.Popen, timeout
 
 def run(args: argparse.Namespace) -> int:
     kinds = tuple(k for k in args.kinds.split(",") if k)
-    model = None
+    model = vla = None
     if args.backend != "synthetic":
         model = args.model or ensure_tiny_model(default_model_dir())
+        if "action_chunk" in kinds:
+            if args.vla:
+                vla = args.vla
+            elif not args.model:
+                vla = ensure_tiny_vla(model, default_model_dir() + "-vla")
+            else:
+                print("no --vla folder for your --model: leaving action_chunk out")
+                kinds = tuple(k for k in kinds if k != "action_chunk")
     redis = None if args.redis_url else EmbeddedRedis().start()
     url = args.redis_url or redis.url
     settings = BrokerSettings.from_env(url=url, prefix=args.prefix)
     where = "an embedded redis-server" if redis else url
     print(f"vlmq demo: {args.agents} agents x {args.requests} requests ({', '.join(kinds)}) via {where}")
-    worker = start_worker(settings, args, kinds, model)
+    worker = start_worker(settings, args, kinds, model, vla)
     try:
         wait_until_ready(settings, worker)
         stats = eventloop.run(run_agents(settings, args, kinds))
@@ -238,6 +271,9 @@ def register(sub) -> None:
     )
     p.add_argument(
         "--model", default=None, help="a local Qwen-VL folder (default: build a tiny one in ~/.cache/vlmq)"
+    )
+    p.add_argument(
+        "--vla", default=None, help="a VLA folder for action_chunk (default: an untrained tiny one)"
     )
     p.add_argument("--device", default=env("DEVICE", "cpu"), help="cpu or cuda (%(default)s)")
     p.add_argument("--max-batch", type=int, default=8, help="worker batch size (%(default)s)")
