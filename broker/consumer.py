@@ -10,6 +10,7 @@ acked and deleted in the same MULTI, so the stream only ever holds unfinished wo
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional
 
@@ -36,6 +37,10 @@ class Delivery:
     fields: Dict[bytes, bytes]
     deliveries: int = 1
     received_at: float = field(default_factory=time.time)
+    # The partition's epoch token when it was read. If Redis loses its data (a restart
+    # without persistence), the token changes with it, and the reply is written even though
+    # no pending record vouches for this entry any more (broker/replies.py).
+    epoch: str = ""
 
     def field(self, name: str) -> Optional[str]:
         raw = self.fields.get(name.encode())
@@ -59,6 +64,9 @@ class GroupReader:
         self.streams = list(streams)
         self.consumer = consumer
         self._meta = {s: self.keys.parse_request_stream(s) for s in self.streams}
+        # Epoch tokens, read before the entries they stamp: a stale token can only be an
+        # older one, which errs towards writing a reply twice, never towards dropping it.
+        self.epochs: Dict[int, str] = {}
         self._partitioned: Optional[PartitionedReads] = None
         if settings.cluster:  # one command may not span slots: read each partition on its own
             by_partition: Dict[int, List[str]] = {}
@@ -74,10 +82,20 @@ class GroupReader:
             except ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
+        await self.refresh_epochs()
+
+    async def refresh_epochs(self) -> None:
+        """Read each partition's epoch token, creating it where Redis has none (first start,
+        or data lost); called at start, after NOGROUP and with every heartbeat."""
+        for partition in sorted({meta[2] for meta in self._meta.values()}):
+            key = self.keys.epoch(partition)
+            await self.redis.set(key, uuid.uuid4().hex, nx=True)
+            self.epochs[partition] = _s(await self.redis.get(key) or b"")
 
     def _delivery(self, stream: str, entry_id, fields, deliveries: int = 1) -> Delivery:
         kind, model, partition = self._meta[stream]
-        return Delivery(stream, _s(entry_id), kind, model, partition, fields or {}, deliveries)
+        epoch = self.epochs.get(partition, "")
+        return Delivery(stream, _s(entry_id), kind, model, partition, fields or {}, deliveries, epoch=epoch)
 
     async def read(self, count: int, block_ms: int) -> List[Delivery]:
         """New messages for this consumer, waiting up to block_ms for the first."""

@@ -44,6 +44,10 @@ class Keys:
     def dead_letters(self, kind: str, partition: int) -> str:
         return f"{self.prefix}:dlq:{kind}:{self.tag(partition)}"
 
+    def epoch(self, partition: int) -> str:
+        """A token naming the current incarnation of the partition's data (broker/consumer.py)."""
+        return f"{self.prefix}:epoch:{self.tag(partition)}"
+
     def meta(self) -> str:
         """Facts every client and worker of this prefix must agree on (the partition count)."""
         return f"{self.prefix}:meta"

@@ -8,8 +8,10 @@ The call is fenced: an outcome is written only while its entry is still pending 
 consumer. A worker that stalled past claim_min_idle_ms (GC pause, frozen VM, SIGSTOP) has
 lost its messages to another worker, and its late results are dropped instead of becoming
 second replies; a commit retried after a lost connection finds its entries already acked
-and writes nothing twice. If the group itself is gone (Redis lost its data), the reply is
-written anyway: nobody else can answer it.
+and writes nothing twice. If Redis lost its data since the entry was read (the group is
+gone, or another worker already recreated it: the partition's epoch token tells), no
+pending record can vouch for the entry, and the reply is written anyway: nobody else can
+answer it.
 """
 
 from __future__ import annotations
@@ -28,25 +30,28 @@ _SESSION = re.compile(ID_PATTERN)
 
 # ARGV: group, consumer, reply_maxlen, reply_ttl_s, dlq_maxlen, then per outcome: stream key
 # index, entry id, reply key index (0: none), rid, reply body, dead-letter key index (0: none),
-# n, and n dead-letter field/value pairs. Returns 1 (written) or 0 (fenced off) per outcome.
+# epoch key index and the epoch token the entry was read under (a different current token:
+# Redis lost its data since, so no pending record can vouch for the entry), n, and n
+# dead-letter field/value pairs. Returns 1 (written) or 0 (fenced off) per outcome.
 _FENCED_COMMIT = """
 local group, consumer = ARGV[1], ARGV[2]
 local out, i = {}, 6
 while i <= #ARGV do
   local stream, id = KEYS[tonumber(ARGV[i])], ARGV[i + 1]
-  local reply_key, dead_key, n = tonumber(ARGV[i + 2]), tonumber(ARGV[i + 5]), tonumber(ARGV[i + 6])
+  local reply_key, dead_key, n = tonumber(ARGV[i + 2]), tonumber(ARGV[i + 5]), tonumber(ARGV[i + 8])
+  local orphaned = redis.call('GET', KEYS[tonumber(ARGV[i + 6])]) ~= ARGV[i + 7]
   local pending = redis.pcall('XPENDING', stream, group, id, id, 1)
   local lost = type(pending) == 'table' and pending.err ~= nil
   if lost and not string.find(pending.err, 'NOGROUP', 1, true) then
     return redis.error_reply(pending.err)
   end
-  if lost or (pending[1] ~= nil and pending[1][2] == consumer) then
+  if lost or orphaned or (pending[1] ~= nil and pending[1][2] == consumer) then
     if reply_key > 0 then
       redis.call('XADD', KEYS[reply_key], 'MAXLEN', ARGV[3], '*', 'rid', ARGV[i + 3], 'body', ARGV[i + 4])
       redis.call('EXPIRE', KEYS[reply_key], ARGV[4])
     end
     if dead_key > 0 then
-      redis.call('XADD', KEYS[dead_key], 'MAXLEN', '~', ARGV[5], '*', unpack(ARGV, i + 7, i + 6 + 2 * n))
+      redis.call('XADD', KEYS[dead_key], 'MAXLEN', '~', ARGV[5], '*', unpack(ARGV, i + 9, i + 8 + 2 * n))
     end
     if not lost then
       redis.call('XACK', stream, group, id)
@@ -56,7 +61,7 @@ while i <= #ARGV do
   else
     out[#out + 1] = 0
   end
-  i = i + 7 + 2 * n
+  i = i + 9 + 2 * n
 end
 return out
 """
@@ -126,6 +131,8 @@ class ReplyWriter:
                 d.field("rid") or "",
                 o.reply or b"",
                 key(self.keys.dead_letters(d.kind, partition) if dead else None),
+                key(self.keys.epoch(partition)),
+                d.epoch,
                 len(dead),
             ]
             for k, v in dead.items():

@@ -375,6 +375,7 @@ class Worker:
                 pipe.hset(key, mapping=info)
                 pipe.expire(key, ttl)
                 await pipe.execute()
+                await self.reader.refresh_epochs()  # another worker may have recreated them
             except Exception as exc:
                 log.warning("heartbeat failed: %s", exc)
             await asyncio.sleep(self.settings.heartbeat_s)

@@ -30,7 +30,7 @@ _GLOB = re.compile(r"[*?\[\]\\\s]")
 _CONNECTION = "+ping"
 WORKER_COMMANDS = (
     f"{_CONNECTION} +xreadgroup +xgroup|create +xautoclaim +xclaim +xpending +xack +xdel +xadd "
-    "+xlen +xrange +expire +hset +hsetnx +hgetall +del +evalsha +script|load"
+    "+xlen +xrange +expire +hset +hsetnx +hgetall +del +set +get +evalsha +script|load"
 )
 AGENT_COMMANDS = f"{_CONNECTION} +xadd +xlen +xread +xrevrange +hgetall"
 GATEWAY_COMMANDS = f"{AGENT_COMMANDS} +scan"
@@ -61,7 +61,7 @@ def users(prefix: str = "vlmq", tenants: Sequence[str] = ()) -> List[User]:
         User("vlmq-admin", "~* &*", "+@all"),
         User(
             "vlmq-worker",
-            f"~{p}:req:* ~{p}:reply:* ~{p}:dlq:* ~{p}:worker:* ~{p}:meta",
+            f"~{p}:req:* ~{p}:reply:* ~{p}:dlq:* ~{p}:epoch:* ~{p}:worker:* ~{p}:meta",
             WORKER_COMMANDS,
         ),
         User("vlmq-observer", f"%R~{p}:*", OBSERVER_COMMANDS),
