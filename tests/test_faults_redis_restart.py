@@ -140,3 +140,24 @@ def test_redis_restart_without_persistence_answers_what_the_worker_held(fresh_re
             after = client.request(_text("after the restart"), timeout=60)
     assert after.ok and after.result.text == "after the restart"
     assert [r.messages[-1].text() for r in gated.seen] == ["held 0", "held 1", "after the restart"]
+
+
+def test_data_lost_and_group_recreated_by_another_worker_before_the_commit(fresh_redis) -> None:
+    """Redis loses its data while a request is in the model, and another worker recreates the
+    consumer group before this worker commits: the entry is pending for nobody, which alone
+    would look like "someone else answered it". The partition's epoch token changed with the
+    data, so the commit writes the reply instead of dropping it."""
+    broker = BrokerSettings(url=fresh_redis.url, prefix="epoch", claim_min_idle_ms=1500)
+    keys = Keys(broker.prefix)
+    admin = connect_sync(broker)
+    gated = GatedHandler("text_action")
+    with WorkerThread(synthetic_settings(broker, kinds=("text_action",)), handlers={"text_action": gated}):
+        with AgentClient("survivor", settings=broker, raise_on_error=False) as client:
+            held = client.submit(_text("in the model"))
+            assert gated.running.wait(30)
+            admin.flushall()  # the data is gone ...
+            stream = keys.request_stream("text_action", 0)
+            admin.xgroup_create(stream, broker.group, id="0", mkstream=True)  # ... another worker came first
+            gated.gate.set()
+            reply = held.result(60)
+    assert reply.ok and reply.result.text == "in the model"
