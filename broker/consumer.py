@@ -18,11 +18,8 @@ from redis.exceptions import ConnectionError, ResponseError, TimeoutError
 
 from broker.keys import Keys
 from broker.partitioned_reads import PartitionedReads
+from broker.responses import stream_entries, text
 from broker.settings import BrokerSettings
-
-
-def _s(x) -> str:
-    return x.decode() if isinstance(x, bytes) else x
 
 
 @dataclass
@@ -90,12 +87,12 @@ class GroupReader:
         for partition in sorted({meta[2] for meta in self._meta.values()}):
             key = self.keys.epoch(partition)
             await self.redis.set(key, uuid.uuid4().hex, nx=True)
-            self.epochs[partition] = _s(await self.redis.get(key) or b"")
+            self.epochs[partition] = text(await self.redis.get(key) or b"")
 
     def _delivery(self, stream: str, entry_id, fields, deliveries: int = 1) -> Delivery:
         kind, model, partition = self._meta[stream]
         epoch = self.epochs.get(partition, "")
-        return Delivery(stream, _s(entry_id), kind, model, partition, fields or {}, deliveries, epoch=epoch)
+        return Delivery(stream, text(entry_id), kind, model, partition, fields or {}, deliveries, epoch=epoch)
 
     async def read(self, count: int, block_ms: int) -> List[Delivery]:
         """New messages for this consumer, waiting up to block_ms for the first."""
@@ -121,20 +118,7 @@ class GroupReader:
                 await self.ensure_groups()
                 return []
             raise
-        out: List[Delivery] = []
-        items = resp.items() if isinstance(resp, dict) else (resp or [])
-        for stream, entries in items:
-            stream = _s(stream)
-            if (
-                entries
-                and isinstance(entries[0], list)
-                and len(entries) == 1
-                and isinstance(entries[0][0], list)
-            ):
-                entries = entries[0]  # RESP3 nests one level deeper
-            for entry_id, fields in entries:
-                out.append(self._delivery(stream, entry_id, fields))
-        return out
+        return [self._delivery(stream, entry_id, fields) for stream, entry_id, fields in stream_entries(resp)]
 
     async def reclaim(self, count: int) -> List[Delivery]:
         """Take over messages idle longer than claim_min_idle_ms in other (dead) consumers."""
@@ -161,7 +145,7 @@ class GroupReader:
                     if not self.settings.cluster:
                         raise
                     break  # this partition's node is down: reclaim the others' meanwhile
-                cursor = _s(resp[0])
+                cursor = text(resp[0])
                 for entry_id, fields in resp[1]:
                     if fields is not None:
                         claimed.append(self._delivery(stream, entry_id, fields))
@@ -176,7 +160,7 @@ class GroupReader:
                     count=len(claimed) + 1000,
                     consumername=self.consumer,
                 )
-                times = {_s(p["message_id"]): int(p["times_delivered"]) for p in pending}
+                times = {text(p["message_id"]): int(p["times_delivered"]) for p in pending}
                 for d in claimed:
                     d.deliveries = times.get(d.entry_id, 2)
                 out += claimed

@@ -14,15 +14,12 @@ import time
 from typing import Dict, Optional
 
 from broker.keys import Keys
+from broker.responses import text
 from broker.settings import BrokerSettings
 
 
 class PartitionMismatch(RuntimeError):
     """This process's partition count differs from the one recorded in Redis."""
-
-
-def _s(x) -> str:
-    return x.decode(errors="replace") if isinstance(x, bytes) else str(x)
 
 
 def _check(meta: Dict[str, str], settings: BrokerSettings, role: str, key: str) -> None:
@@ -45,11 +42,11 @@ async def agree_partitions(redis, settings: BrokerSettings, role: str, name: Opt
     key = Keys(settings.prefix, settings.partitions).meta()
     if role == "worker" and await redis.hsetnx(key, "partitions", settings.partitions):
         await redis.hset(key, mapping={"set_by": name or role, "set_at": f"{time.time():.3f}"})
-    meta = {_s(k): _s(v) for k, v in (await redis.hgetall(key)).items()}
+    meta = {text(k): text(v) for k, v in (await redis.hgetall(key)).items()}
     _check(meta, settings, role, key)
 
 
 def read_meta(redis, settings: BrokerSettings) -> Dict[str, str]:
     """The recorded facts, read with a synchronous client (for `vlmq inspect`)."""
     key = Keys(settings.prefix, settings.partitions).meta()
-    return {_s(k): _s(v) for k, v in redis.hgetall(key).items()}
+    return {text(k): text(v) for k, v in redis.hgetall(key).items()}

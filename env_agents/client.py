@@ -25,6 +25,7 @@ from broker.eventloop import new_event_loop
 from broker.keys import Keys
 from broker.meta import agree_partitions
 from broker.publisher import Publisher
+from broker.responses import stream_entries, text
 from broker.settings import BrokerSettings
 from schemas.errors import ErrorCode, ProtocolError
 from schemas.limits import DEFAULT_LIMITS, Limits
@@ -81,8 +82,7 @@ class AsyncAgentClient:
             # earlier life of this session and must not be mistaken for ours.
             last = await self.redis.xrevrange(self.reply_stream, count=1)
             if last:
-                raw = last[0][0]
-                self._last_id = raw.decode() if isinstance(raw, bytes) else raw
+                self._last_id = text(last[0][0])
             self._reader = asyncio.create_task(self._read_replies(), name=f"replies:{self.session_id}")
         return self
 
@@ -140,13 +140,9 @@ class AsyncAgentClient:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
                 continue
-            items = resp.items() if isinstance(resp, dict) else (resp or [])
-            for _stream, entries in items:
-                if entries and isinstance(entries[0], list) and isinstance(entries[0][0], list):
-                    entries = entries[0]
-                for entry_id, fields in entries:
-                    self._last_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-                    self._deliver(fields)
+            for _stream, entry_id, fields in stream_entries(resp):
+                self._last_id = entry_id
+                self._deliver(fields)
 
     def _deliver(self, fields: Dict[bytes, bytes]) -> None:
         rid = (fields.get(b"rid") or b"").decode(errors="replace")

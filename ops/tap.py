@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Deque, Dict, List, Optional, Sequence, Set, Tuple
 
 from broker.keys import Keys
+from broker.responses import stream_entries, text
 from broker.settings import BrokerSettings
 from schemas.codec import CodecError, unpackb
 from schemas.messages import KINDS
@@ -47,10 +48,6 @@ class TapEvent:
     body: bytes  # the message body exactly as on the wire (msgpack)
     partition: int = 0
     via: str = ""  # "dead_letter" when the request was taken from a dead-letter stream
-
-
-def _s(x: Any) -> str:
-    return x.decode(errors="replace") if isinstance(x, bytes) else str(x)
 
 
 def reply_kind(body: bytes) -> str:
@@ -125,7 +122,7 @@ class StreamTap:
 
     async def _scan(self, pattern: str):
         async for raw in self.redis.scan_iter(match=f"{self.settings.prefix}:{pattern}", count=1000):
-            key = _s(raw)
+            key = text(raw)
             if key not in self._streams:
                 yield key
 
@@ -181,20 +178,20 @@ class StreamTap:
     def _event(self, key: str, entry_id: Any, fields: Dict[bytes, bytes], now: float) -> Optional[TapEvent]:
         st = self._streams[key]
         body = fields.get(b"body") or b""
-        rid = _s(fields.get(b"rid", b""))
+        rid = text(fields.get(b"rid", b""))
         if st.role == REPLY:
             kind = reply_kind(body)
             if not self.only.kind_ok(kind):
                 return None
-            return TapEvent(REPLY, key, _s(entry_id), now, kind, st.session, rid, body, st.partition)
-        session = _s(fields.get(b"sid", b""))
+            return TapEvent(REPLY, key, text(entry_id), now, kind, st.session, rid, body, st.partition)
+        session = text(fields.get(b"sid", b""))
         if not self.only.session_ok(session) or not self._remember(f"{session}/{rid}"):
             return None
         if st.role == REQUEST:
-            return TapEvent(REQUEST, key, _s(entry_id), now, st.kind, session, rid, body, st.partition)
+            return TapEvent(REQUEST, key, text(entry_id), now, st.kind, session, rid, body, st.partition)
         # A dead letter of a request the tap did not see: the original entry, from its copy.
-        stream = _s(fields.get(b"stream", key.encode()))
-        original = _s(fields.get(b"entry_id", entry_id))
+        stream = text(fields.get(b"stream", key.encode()))
+        original = text(fields.get(b"entry_id", entry_id))
         return TapEvent(REQUEST, stream, original, now, st.kind, session, rid, body, st.partition, DEAD)
 
     async def _read(self, partition: Optional[int], block: bool = True) -> List[Raw]:
@@ -210,15 +207,9 @@ class StreamTap:
         resp = await self.redis.xread(streams, count=1000, block=self.block_ms if block else None)
         now = time.time()
         out: List[Raw] = []
-        items = resp.items() if isinstance(resp, dict) else (resp or [])
-        for stream, entries in items:
-            stream = _s(stream)
-            if entries and isinstance(entries[0], list) and isinstance(entries[0][0], list):
-                entries = entries[0]  # RESP3 nests one level deeper
-            for entry_id, fields in entries:
-                out.append((stream, entry_id, fields or {}, now))
-            if entries:
-                self._streams[stream].position = _s(entries[-1][0])
+        for stream, entry_id, fields in stream_entries(resp):
+            out.append((stream, entry_id, fields, now))
+            self._streams[stream].position = entry_id
         return out
 
     def _events(self, raw: List[Raw]) -> List[TapEvent]:

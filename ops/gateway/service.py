@@ -14,6 +14,7 @@ from broker.connection import connect_async
 from broker.keys import Keys
 from broker.meta import agree_partitions
 from broker.publisher import BacklogFull
+from broker.responses import text
 from ops.gateway.errors import GatewayError
 from ops.gateway.sessions import SessionPool
 from ops.gateway.settings import GatewaySettings
@@ -23,10 +24,6 @@ from schemas.messages import Reply, Request, describe_validation_error
 R = TypeVar("R", bound=Request)
 
 _WORKERS_TTL_S = 1.0  # /health is polled: don't SCAN for heartbeats more often than this
-
-
-def _s(x: Any) -> str:
-    return x.decode(errors="replace") if isinstance(x, bytes) else str(x)
 
 
 class Gateway:
@@ -127,7 +124,7 @@ class Gateway:
         if now - self._workers_at > _WORKERS_TTL_S:
             found = []
             async for key in self.redis.scan_iter(match=self.keys.workers_pattern(), count=1000):
-                info = {_s(k): _s(v) for k, v in (await self.redis.hgetall(key)).items()}
+                info = {text(k): text(v) for k, v in (await self.redis.hgetall(key)).items()}
                 if info:
                     found.append(info)
             self._workers, self._workers_at = found, now
