@@ -20,7 +20,7 @@ from broker.consumer import Delivery
 from schemas.messages import Request
 
 
-@dataclass
+@dataclass(eq=False)  # items are compared by identity: two requests are never the same item
 class Item:
     delivery: Delivery
     request: Request
@@ -92,9 +92,12 @@ class Scheduler:
         wall = time.time() if wall is None else wall
         expired: List[Item] = []
         for kind, q in self.queues.items():
-            keep = [i for i in q if not i.request.expired(wall)]
-            if len(keep) != len(q):
-                expired += [i for i in q if i.request.expired(wall)]
+            keep: List[Item] = []
+            late: List[Item] = []
+            for i in q:
+                (late if i.request.expired(wall) else keep).append(i)
+            if late:
+                expired += late
                 self.queues[kind] = keep
         for i in expired:  # else _latest would keep the frame of every session that expired
             key = (i.request.session_id, i.request.kind)

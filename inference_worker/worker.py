@@ -15,7 +15,7 @@ import os
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List, Optional, Sequence, Set
+from typing import Callable, Dict, List, Optional, Sequence, Set
 
 from broker.connection import connect_async
 from broker.consumer import Delivery, GroupReader
@@ -104,9 +104,9 @@ class Worker:
             "worker %s serving %s on %d streams", self.name, ",".join(self.handlers), len(self.reader.streams)
         )
         try:
-            await self._serve()
+            await self._serve(lambda: self.stopping)
             await side[0]  # the intake finishes its last read and admits it
-            await self._drain()
+            await self._serve(lambda: True)  # what that last read admitted
         finally:
             self._stopping.set()
             for t in side:
@@ -215,26 +215,18 @@ class Worker:
 
     # ------------------------------------------------------------------ serving
 
-    async def _serve(self) -> None:
+    async def _serve(self, flush: Callable[[], bool]) -> None:
+        """Run batches until the scheduler is empty with flush() true (then no batch waits
+        for stragglers)."""
         loop = asyncio.get_running_loop()
         while True:
-            batch = await self.scheduler.next_batch(flush=lambda: self.stopping)
+            batch = await self.scheduler.next_batch(flush=flush)
             if batch is None:
                 return
             if batch.expired:
                 await self._commit([self._expired(i) for i in batch.expired])
             if batch.items:
                 await self._run_batch(loop, batch)
-
-    async def _drain(self) -> None:
-        while len(self.scheduler):
-            batch = await self.scheduler.next_batch(flush=lambda: True)
-            if batch is None:
-                break
-            if batch.expired:
-                await self._commit([self._expired(i) for i in batch.expired])
-            if batch.items:
-                await self._run_batch(asyncio.get_running_loop(), batch)
 
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: Batch) -> None:
         for i in batch.items:
