@@ -38,6 +38,14 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
         help="longest wait for a batch to fill after its first request [VLMQ_MAX_WAIT_MS] (%(default)s)",
     )
     g.add_argument(
+        "--regroup-ms",
+        type=float,
+        default=env("REGROUP_MS", 0.0),
+        help="after a batch, wait up to this long for its sessions' next requests before "
+        "running a partial batch, so closed-loop clients keep full batches; 0 = off "
+        "[VLMQ_REGROUP_MS] (%(default)s)",
+    )
+    g.add_argument(
         "--prefetch",
         type=int,
         default=env("PREFETCH", 0),
@@ -138,6 +146,7 @@ def settings_from_args(args: argparse.Namespace):
         model_name=args.model_name or None,
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
+        regroup_ms=args.regroup_ms,
         prefetch=args.prefetch,
         backend=args.backend,
         model_path=args.model or None,

@@ -47,7 +47,7 @@ class Worker:
         self.redis = redis
         self.keys = Keys(settings.broker.prefix, settings.broker.partitions)
         self.events = Observers(observers)
-        self.scheduler = Scheduler(settings.batch_limit, settings.max_wait_ms)
+        self.scheduler = Scheduler(settings.batch_limit, settings.max_wait_ms, settings.regroup_ms)
         self.in_flight: Dict[int, Item] = {}  # by id(): handed to the model or being committed
         self._stopping = asyncio.Event()
         self._room = asyncio.Event()
@@ -238,6 +238,7 @@ class Worker:
         else:
             output = _run_safely(handler, batch.requests)
         finished = time.time()
+        self.scheduler.answered(batch.kind, (i.request.session_id for i in batch.items))
         self.stats["batches"] += 1
         self.stats["requests"] += len(batch.items)
         self.events.on_batch(batch, output.timings, started, finished)

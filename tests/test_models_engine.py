@@ -190,6 +190,33 @@ def test_packed_vision_attention_matches_sdpa(engine):
     assert torch.allclose(packed, stock, atol=1e-4, rtol=1e-4)
 
 
+def test_own_prefill_matches_the_full_forward(engine):
+    """The engine's prompt pass (vision plans + text stack, straight into the decode cache)
+    gives the last-token logits of transformers' forward; Qwen3-VL (deepstack) keeps
+    transformers' pass."""
+    assert engine.own_prefill == (engine.model.config.model_type == "qwen2_vl")
+    batch = engine.inputs.build(mixed_prompts())
+    with torch.inference_mode():
+        cache = engine.stack.new_cache(batch.batch, batch.length)
+        ours = engine._prefill_into(cache, batch)
+        kw = batch.model_kwargs()
+        kw.pop("position_ids")
+        ref = engine.model(**kw).logits[:, -1].float()
+    assert torch.allclose(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_vision_encoder_matches_the_stock_image_features(engine):
+    """Mixed sizes (packed attention per length) and one size (a view, no cu_seqlens read)."""
+    for imgs in (frames(), [frames()[0]] * 3):
+        batch = engine.inputs.build([user_prompt(i, "x") for i in imgs])
+        with torch.inference_mode():
+            ours = engine.vision(batch.pixel_values, batch.grids, batch.image_grid_thw)
+            ref = torch.cat(
+                engine.model.model.get_image_features(batch.pixel_values, batch.image_grid_thw).pooler_output
+            )
+        assert torch.allclose(ours, ref, atol=1e-4, rtol=1e-4)
+
+
 def test_linear_patch_embedding_matches_the_conv(engine):
     embed = engine.model.model.visual.patch_embed
     values, _ = pixel_values(frames()[:2], engine.policy)

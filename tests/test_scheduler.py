@@ -87,3 +87,31 @@ def test_latest_only_supersedes_the_older_waiting_request_of_the_session():
     assert stale is not None and stale.request.step == 0
     batch, _ = s.take(now=1e9)
     assert sorted((i.request.session_id, i.request.step) for i in batch.items) == [("a", 2), ("b", 1)]
+
+
+def test_regroup_waits_for_the_sessions_of_the_last_batch():
+    """After a batch, a partial queue waits (up to regroup_ms) for the answered sessions
+    to come back, so closed-loop clients form one full batch, not two alternating halves."""
+    s = Scheduler(lambda kind: 4, max_wait_ms=1.0, regroup_ms=20.0)
+    s.answered("text_action", ["a", "b"], now=100.0)
+    s.add(item(session="c", arrived=100.0))
+    s.add(item(session="d", arrived=100.0))
+    batch, ready_at = s.take(now=100.005)
+    assert batch is None and abs(ready_at - 100.020) < 1e-9  # a and b are still out
+    s.add(item(session="a", arrived=100.006))
+    assert s.take(now=100.007)[0] is None
+    s.add(item(session="b", arrived=100.008))  # everyone is back: no reason to wait
+    batch, _ = s.take(now=100.009)
+    assert sorted(i.request.session_id for i in batch.items) == ["a", "b", "c", "d"]
+
+
+def test_regroup_gives_up_after_regroup_ms_and_is_off_by_default():
+    s = Scheduler(lambda kind: 4, max_wait_ms=1.0, regroup_ms=20.0)
+    s.answered("text_action", ["gone"], now=100.0)
+    s.add(item(session="c", arrived=100.0))
+    assert s.take(now=100.010)[0] is None
+    assert len(s.take(now=100.020)[0].items) == 1
+    off = sched(max_batch=4, max_wait_ms=1.0)
+    off.answered("text_action", ["gone"], now=100.0)
+    off.add(item(session="c", arrived=100.0))
+    assert len(off.take(now=100.001)[0].items) == 1

@@ -91,6 +91,31 @@ def test_save_load_round_trip_and_seeded_noise(vla, tmp_path):
     assert torch.allclose(a, again.predict(x, ["go"], seeds=[42]), atol=1e-5)
 
 
+def test_features_of_the_engine_pass_equal_transformers_truncated_forward(vla):
+    """The extractor runs the vision tower with precomputed plans and the first k decoder
+    layers through the engine's text stack; transformers' forward of the cut model
+    (features.truncated_base) gives the same hidden states."""
+    ex = vla.extractor
+    assert ex.stack is not None and ex.vision.sync_free
+    imgs = frames(3, 5)
+    texts = ["go to the red box", "go", "turn left then go to the box"]
+    from inference_worker.engines.prompt import ChatPrompt
+    from inference_worker.vla.features import VISION_END, VISION_START
+
+    prompts = [
+        ChatPrompt(
+            messages=[], images=[ex._image(f)], rendered=f"{VISION_START}{ex.image_token}{VISION_END}{t}"
+        )
+        for f, t in zip(imgs, texts)
+    ]
+    batch = ex.inputs.build(prompts)
+    with torch.no_grad():
+        ours = ex.hidden_states(batch)
+        ref = ex.view(**batch.model_kwargs(), use_cache=False).last_hidden_state
+    keep = batch.attention_mask.bool()
+    assert torch.allclose(ours[keep], ref[keep], atol=1e-4, rtol=1e-4)
+
+
 def test_qwen3_vl_features(tiny_qwen3_vl):
     model = QwenVLA.build(VLAConfig(vlm_path=tiny_qwen3_vl, **TINY), seed=0)
     chunks = model.predict([frames(3, 8)], ["go"], seeds=[0])

@@ -24,6 +24,7 @@ from inference_worker.engines.steps import EagerSteps, GraphSteps
 from inference_worker.engines.text import cut_at_stop, find_stop, strip_think
 from inference_worker.engines.text_stack import TextStack
 from inference_worker.engines.vision_attention import use_packed_vision_attention
+from inference_worker.engines.vision_encoder import VisionEncoder, has_deepstack
 from inference_worker.engines.vision_fusion import fuse_vision_ops
 from inference_worker.handlers.base import Stopwatch
 from inference_worker.models.loading import LoadedVLM
@@ -58,6 +59,12 @@ class ChatEngine:
         use_linear_patch_embedding(self.model)
         if fuse:
             fuse_vision_ops(self.model)
+        self.vision = VisionEncoder(self.model)
+        # our prefill covers towers whose features enter the text model only as input
+        # embeddings; Qwen3-VL's deepstack also adds them inside early layers
+        self.own_prefill = self.options.prefill == "stack" or (
+            self.options.prefill == "auto" and not has_deepstack(self.model)
+        )
         eos = self.model.generation_config.eos_token_id
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         if self.tokenizer.eos_token_id is not None:
@@ -104,16 +111,30 @@ class ChatEngine:
             return [self._finish(t, s, n) for t, s, n in zip(tokens, samplings, batch.prompt_tokens())]
 
     def _prefill(self, batch, extra: int) -> Tuple[KVCache, Any]:
-        out = self.model(**batch.model_kwargs(), use_cache=True, logits_to_keep=1)
-        hf_cache = getattr(out, "cache", None) or out.past_key_values
         cache = self.steps.open(batch.batch, batch.length + extra)
-        cache.load_prefix(hf_cache, batch.attention_mask)
-        first = out.logits[:, -1].float()
+        first = self._prefill_into(cache, batch)
         if self.device.type == "cuda":
             import torch
 
             torch.cuda.synchronize(self.device)  # stage timings measure the GPU, not the launches
         return cache, first
+
+    def _prefill_into(self, cache: KVCache, batch) -> Any:
+        """The prompts' keys and values into cache rows [0, B); logits of each last token."""
+        if self.own_prefill:
+            return self.stack.prefill(cache, self.embed(batch), batch.position_ids, batch.attention_mask)
+        out = self.model(**batch.model_kwargs(), use_cache=True, logits_to_keep=1)
+        cache.load_prefix(getattr(out, "cache", None) or out.past_key_values, batch.attention_mask)
+        return out.logits[:, -1].float()
+
+    def embed(self, batch) -> Any:
+        """Input embeddings (B, S, hidden): token embeddings, image features in place of
+        the image placeholders."""
+        h = self.stack.embed(batch.input_ids)
+        if batch.pixel_values is not None:
+            feats = self.vision(batch.pixel_values, batch.grids, batch.image_grid_thw)
+            h.view(-1, h.shape[-1]).index_copy_(0, batch.image_index, feats.to(h.dtype))
+        return h
 
     def _decode(
         self, cache: KVCache, batch, first, samplings: Sequence[Sampling], max_new: int
@@ -194,12 +215,8 @@ class ChatEngine:
                     for cs in candidates
                 ]
             with sw("prefill"):
-                out = self.model(**batch.model_kwargs(), use_cache=True, logits_to_keep=1)
-                hf_cache = getattr(out, "cache", None) or out.past_key_values
-                first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
                 prefix = self.stack.new_cache(batch.batch, batch.length)
-                prefix.load_prefix(hf_cache, batch.attention_mask)
-                del out, hf_cache
+                first = torch.log_softmax(self._prefill_into(prefix, batch), dim=-1)
             with sw("score"):
                 rows = [(r, c) for r in range(len(ids)) for c in ids[r]]
                 totals: List[float] = []

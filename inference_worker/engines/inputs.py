@@ -8,8 +8,10 @@ walks rows in Python and would sync the GPU once per row).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
 
 from inference_worker.engines.pixels import ImagePolicy, pixel_values
 from inference_worker.engines.positions import mrope_positions
@@ -26,6 +28,8 @@ class BatchInputs:
     next_positions: Any  # (B,) the rope position of each row's first new token
     pixel_values: Optional[Any] = None
     image_grid_thw: Optional[Any] = None
+    grids: List[Any] = field(default_factory=list)  # (t, h, w) per image, on the CPU
+    image_index: Optional[Any] = None  # (image tokens,) flat positions in (B*S) of the image tokens
 
     @property
     def batch(self) -> int:
@@ -118,6 +122,7 @@ class InputBuilder:
             grids = [(1, img_h, img_w) for img_h, img_w in self.policy.grids(images)]
         pos, nxt = mrope_positions(mm.numpy(), mask.numpy(), grids, self.policy.merge_size)
         dev = self.device
+        index = torch.from_numpy(np.flatnonzero(mm.numpy())).to(dev) if images else None
         return BatchInputs(
             input_ids=input_ids.to(dev),
             attention_mask=mask.to(dev),
@@ -126,4 +131,6 @@ class InputBuilder:
             next_positions=torch.from_numpy(nxt).to(dev),
             pixel_values=pv,
             image_grid_thw=grid,
+            grids=grids,
+            image_index=index,
         )

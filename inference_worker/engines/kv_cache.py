@@ -38,6 +38,12 @@ class KVCache:
     def capacity(self) -> int:
         return self.mask.shape[1]
 
+    def rows(self, n: int) -> KVCache:
+        """A view of the first n rows (writes go to this cache)."""
+        if n == self.batch:
+            return self
+        return KVCache([k[:n] for k in self.keys], [v[:n] for v in self.values], self.mask[:n])
+
     def load_prefix(self, hf_cache: Any, attention_mask: Any) -> None:
         """Copy a prefill's transformers cache (B, kv_heads, S, D per layer) into columns [0, S)."""
         pairs = layer_tensors(hf_cache)

@@ -18,6 +18,10 @@ class EngineOptions:
     decode: str = "auto"
     # torch.compile the per-token ops of the decode step (fused.py): auto = on CUDA
     fuse: str = "auto"
+    # The prompt pass: stack = the engine's own layer loop (text_stack.py), writing the
+    # decode cache directly; hf = transformers' forward; auto = stack where the model
+    # allows it (not Qwen3-VL, whose deepstack features enter inside the text layers).
+    prefill: str = "auto"
     capacity_step: int = 256  # KV-cache columns are allocated in multiples of this (graphs)
     max_graphs: int = 6  # captured (batch, capacity) shapes kept on the GPU
     score_rows: int = 256  # candidate rows scored per forward pass (bounds cache memory)
@@ -44,6 +48,8 @@ class EngineOptions:
         opts = cls(**values)  # type: ignore[arg-type]
         if opts.decode not in ("auto", "eager", "graphs"):
             raise ValueError(f"option decode={opts.decode!r}: choose auto, eager or graphs")
+        if opts.prefill not in ("auto", "stack", "hf"):
+            raise ValueError(f"option prefill={opts.prefill!r}: choose auto, stack or hf")
         if opts.fuse not in ("auto", "on", "off"):
             raise ValueError(f"option fuse={opts.fuse!r}: choose auto, on or off")
         return opts

@@ -2,16 +2,19 @@
 
 transformers' own forward builds masks and cache updates with Python logic per call;
 here every step is a fixed sequence of tensor ops on fixed shapes, so it can be captured
-in a CUDA graph (decode) and batched over candidates (scoring). It uses the model's own
-weights, projections and rotary embedding; norms, rope and SwiGLU are the fused.py
-functions (transformers' arithmetic, fewer kernels), and the attention plumbing is here. New tokens are text, so the three M-RoPE axes share one
-position and no vision or deepstack input is needed after the prefill.
-tests/test_models_text_stack.py checks it against the model's full forward.
+in a CUDA graph (decode, the VLA feature pass) and batched over candidates (scoring). It
+uses the model's own weights, projections and rotary embedding; norms, rope and SwiGLU
+are the fused.py functions (transformers' arithmetic, fewer kernels), and the attention
+plumbing is here. The prompt pass (`prefill`) takes input embeddings with the image
+features already in place and writes the decode cache directly. New tokens are text,
+so the three M-RoPE axes share one position. Deepstack models (Qwen3-VL) add vision
+features inside early layers, which this stack does not: their prompt pass stays
+transformers'. tests/test_models_engine.py checks it against the model's full forward.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from inference_worker.engines.fused import Kernels
 from inference_worker.engines.kv_cache import KVCache
@@ -34,9 +37,9 @@ class TextStack:
         self.dtype = self.embed.weight.dtype
         self.device = self.embed.weight.device
 
-    def new_cache(self, batch: int, capacity: int) -> KVCache:
+    def new_cache(self, batch: int, capacity: int, layers: Optional[int] = None) -> KVCache:
         return KVCache.empty(
-            len(self.layers), batch, self.kv_heads, capacity, self.head_dim, self.dtype, self.device
+            len(self.layers[:layers]), batch, self.kv_heads, capacity, self.head_dim, self.dtype, self.device
         )
 
     def forward(self, cache: KVCache, tokens, positions, start) -> Any:
@@ -44,17 +47,51 @@ class TextStack:
         (`start`: 0-dim long tensor); returns logits (B, T, vocab) in float32."""
         import torch
 
-        k_ = self.k
         b, t = tokens.shape
         cols = start + torch.arange(t, device=tokens.device)
         cache.mask.index_fill_(1, cols, True)
         causal = torch.arange(cache.capacity, device=tokens.device)[None, :] <= cols[:, None]  # (T, cap)
         allowed = (cache.mask[:, None, :] & causal[None]).unsqueeze(1)  # (B, 1, T, cap)
-
         h = self.embed(tokens)
-        cos, sin = self.rotary(h, positions.unsqueeze(0).expand(3, b, t))
+        h, pending = self._layers(
+            cache, h, positions.unsqueeze(0).expand(3, b, t), cols, allowed, cache.capacity
+        )
+        return self.lm_head(self._final_norm(h, pending)).float()
+
+    def prefill(self, cache: KVCache, embeds, positions, attention_mask, layers: Optional[int] = None) -> Any:
+        """A whole left-padded prompt from its input embeddings (B, T, D) at M-RoPE `positions`
+        (3, B, T), into cache columns [0, T) of rows [0, B). With `layers`, only the first
+        that many layers run and their output (the residual stream, no final norm) is
+        returned for every token; otherwise the logits (B, vocab) of the last token."""
+        import torch
+
+        b, t = attention_mask.shape
+        rows = cache.rows(b)
+        rows.mask.zero_()
+        rows.mask[:, :t].copy_(attention_mask.bool())
+        cols = torch.arange(t, device=embeds.device)
+        causal = cols[None, :] <= cols[:, None]  # (T, T)
+        # a padding position attends to itself alone: a query with no key at all gives NaN
+        # in some SDPA kernels, which its key and value would carry into later layers
+        own = cols[None, :] == cols[:, None]
+        allowed = ((rows.mask[:, None, :t] & causal[None]) | own[None]).unsqueeze(1)  # (B, 1, T, T)
+        h, pending = self._layers(rows, embeds, positions, cols, allowed, t, layers)
+        if layers is not None:
+            return h + pending
+        return self.lm_head(self._final_norm(h[:, -1:], pending[:, -1:]))[:, 0].float()
+
+    def _final_norm(self, h, pending) -> Any:
+        return self.k.add_rms_norm(h, pending, self.norm.weight, self.norm.variance_epsilon)[1]
+
+    def _layers(self, cache: KVCache, h, positions, cols, allowed, span: int, layers: Optional[int] = None):
+        """The decoder layers over hidden states h (B, T, D): keys and values go to cache
+        columns `cols`, attention reads the first `span` columns under `allowed`. Returns
+        (h, the last sublayer's output still to be added to it)."""
+        k_ = self.k
+        b, t = h.shape[:2]
+        cos, sin = self.rotary(h, positions)
         pending = None  # the last sublayer's output, added to h by the next norm
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self.layers[:layers]):
             attn, mlp = layer.self_attn, layer.mlp
             norm = layer.input_layernorm
             if pending is None:
@@ -70,14 +107,14 @@ class TextStack:
             q, k = k_.rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
             cache.keys[i].index_copy_(2, cols, k)
             cache.values[i].index_copy_(2, cols, v)
-            o = grouped_attention(q, cache.keys[i], cache.values[i], allowed, attn.scaling)
+            keys, values = cache.keys[i][:, :, :span], cache.values[i][:, :, :span]
+            o = grouped_attention(q, keys, values, allowed, attn.scaling)
             post = layer.post_attention_layernorm
             h, x = k_.add_rms_norm(
                 h, attn.o_proj(o.transpose(1, 2).reshape(b, t, -1)), post.weight, post.variance_epsilon
             )
             pending = mlp.down_proj(k_.silu_mul(mlp.gate_proj(x), mlp.up_proj(x))) if self.swiglu else mlp(x)
-        h, x = k_.add_rms_norm(h, pending, self.norm.weight, self.norm.variance_epsilon)
-        return self.lm_head(x).float()
+        return h, pending
 
 
 def grouped_attention(q, k, v, allowed, scale: float):

@@ -15,7 +15,8 @@ Options (`vlmq worker --option KEY=VALUE`, or the VLMQ_* variable):
   vla_sessions=1024       sessions kept in the cache, least recently used evicted (VLMQ_VLA_SESSIONS)
   vla_ttl_s=600           a session idle this long is dropped (VLMQ_VLA_TTL_S)
   vla_steps=N             Euler steps (default: the VLA's config) (VLMQ_VLA_STEPS)
-  vla_cuda_graphs=1       on CUDA, replay the expert's Euler steps as CUDA graphs (VLMQ_VLA_CUDA_GRAPHS)
+  vla_cuda_graphs=1       on CUDA, replay the expert's Euler steps, and the VLM feature pass of
+                          up to 32 frames, as CUDA graphs (VLMQ_VLA_CUDA_GRAPHS)
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ class ActionChunkHandler(Handler):
         self.graphs: Optional[GraphedSampler] = None
         if cuda_graphs and vla.device.type == "cuda":
             self.graphs = GraphedSampler(vla.expert, self.cfg.num_steps, self._autocast)
+            if vla.extractor is not None:
+                vla.extractor.use_cuda_graphs()
 
     # ------------------------------------------------------------------ serving
 

@@ -49,13 +49,18 @@ class FeatureExtractor:
     Inputs are built by the chat engine's InputBuilder (pixels prepared on the model's
     device, M-RoPE positions precomputed) and the vision tower gets the engine's
     batched-attention and patch-embedding speedups (elementwise fusion on CUDA); a VLM
-    shared with the chat handlers has them already."""
+    shared with the chat handlers has them already. The pass itself is the engine's: the
+    vision tower with precomputed plans (vision_encoder.py), then the first k layers of
+    the text stack (text_stack.py), replayed as a CUDA graph at small batches
+    (feature_graphs.py); Qwen3-VL (deepstack) runs transformers' forward of the cut model."""
 
     def __init__(self, vlm: Any, layer: Optional[int], image_size: int) -> None:
         from inference_worker.engines.inputs import InputBuilder
         from inference_worker.engines.patch_embedding import use_linear_patch_embedding
         from inference_worker.engines.pixels import ImagePolicy
+        from inference_worker.engines.text_stack import TextStack
         from inference_worker.engines.vision_attention import use_packed_vision_attention
+        from inference_worker.engines.vision_encoder import VisionEncoder, has_deepstack
 
         self.vlm = vlm  # LoadedVLM
         n = decoder_layers(vlm.model)
@@ -73,9 +78,24 @@ class FeatureExtractor:
 
             fuse_vision_ops(vlm.model)
         self.view = truncated_base(vlm.model, self.layer)
+        self.vision = VisionEncoder(vlm.model)
+        # Qwen3-VL's deepstack features enter inside the text layers: transformers' forward
+        self.stack = (
+            None if has_deepstack(vlm.model) else TextStack(vlm.model, compile=vlm.device.type == "cuda")
+        )
+        self.graphs: Optional[Any] = None
         self.image_token = getattr(vlm.processor, "image_token", "<|image_pad|>")
         policy = ImagePolicy.from_image_processor(vlm.processor.image_processor)
         self.inputs = InputBuilder(vlm.model, vlm.processor, policy, vlm.device, vlm.dtype)
+
+    def use_cuda_graphs(self, max_batch: int = 32) -> bool:
+        """Replay the feature pass of batches up to max_batch as CUDA graphs (feature_graphs.py)."""
+        if self.device.type != "cuda" or self.stack is None or not self.vision.sync_free:
+            return False
+        from inference_worker.vla.feature_graphs import FeatureGraphs
+
+        self.graphs = FeatureGraphs(self, max_batch=max_batch)
+        return True
 
     @property
     def device(self) -> torch.device:
@@ -103,6 +123,20 @@ class FeatureExtractor:
             if tok in text:
                 raise ValueError(f"the instruction must not contain the special token {tok}")
 
+    def hidden_states(self, batch) -> torch.Tensor:
+        """(B, S, hidden) after layer k for a built batch."""
+        if self.stack is None:
+            return self.view(**batch.model_kwargs(), use_cache=False).last_hidden_state
+        if self.graphs is not None:
+            out = self.graphs(batch)
+            if out is not None:
+                return out
+        h = self.stack.embed(batch.input_ids)
+        feats = self.vision(batch.pixel_values, batch.grids, batch.image_grid_thw)
+        h.view(-1, h.shape[-1]).index_copy_(0, batch.image_index, feats.to(h.dtype))
+        cache = self.stack.new_cache(batch.batch, batch.length, layers=self.layer)
+        return self.stack.prefill(cache, h, batch.position_ids, batch.attention_mask, layers=self.layer)
+
     @torch.no_grad()
     def encode(self, frames: Sequence[np.ndarray], instructions: Sequence[str]) -> List[torch.Tensor]:
         """One forward pass for all frames; returns one [tokens_i, hidden] tensor per frame."""
@@ -121,7 +155,6 @@ class FeatureExtractor:
             for f, t in zip(frames, instructions)
         ]
         batch = self.inputs.build(prompts)
-        out = self.view(**batch.model_kwargs(), use_cache=False)
-        hidden = out.last_hidden_state
+        hidden = self.hidden_states(batch)
         keep = batch.attention_mask.bool()
         return [hidden[i][keep[i]] for i in range(hidden.shape[0])]

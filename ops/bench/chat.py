@@ -55,6 +55,7 @@ def add_args(p) -> None:
         "(%(default)s)",
     )
     p.add_argument("--max-wait-ms", type=float, default=50.0, help="worker --max-wait-ms (%(default)s)")
+    p.add_argument("--regroup-ms", type=float, default=30.0, help="worker --regroup-ms (%(default)s)")
     p.add_argument(
         "--option", action="append", default=[], metavar="KEY=VALUE", help="extra worker --option, repeatable"
     )
@@ -178,19 +179,37 @@ def engine_checks(vlm, args, text: str) -> Dict[str, float]:
 
 
 def stage_probe(engine, prompts, max_tokens: int) -> Dict[str, float]:
-    """Where a batch's time goes: the vision tower alone, and one decode step alone."""
+    """Where a batch's time goes: the vision tower alone (the engine's path and
+    transformers'), the prompt pass (the engine's and transformers'), one decode step."""
     import torch
 
     batch = engine.inputs.build(prompts)
     out: Dict[str, float] = {}
+
+    def timed(name: str, fn) -> Any:
+        fn()
+        _sync(engine.device)
+        t0 = time.perf_counter()
+        res = fn()
+        _sync(engine.device)
+        out[name] = (time.perf_counter() - t0) * 1000
+        return res
+
     with torch.inference_mode():
         if batch.pixel_values is not None:
-            engine.model.model.get_image_features(batch.pixel_values, batch.image_grid_thw)
-            _sync(engine.device)
-            t0 = time.perf_counter()
-            engine.model.model.get_image_features(batch.pixel_values, batch.image_grid_thw)
-            _sync(engine.device)
-            out["probe_vision_ms"] = (time.perf_counter() - t0) * 1000
+            timed(
+                "probe_vision_ms",
+                lambda: engine.vision(batch.pixel_values, batch.grids, batch.image_grid_thw),
+            )
+            timed(
+                "probe_vision_stock_ms",
+                lambda: engine.model.model.get_image_features(batch.pixel_values, batch.image_grid_thw),
+            )
+        own = engine.own_prefill
+        timed("probe_prefill_ms", lambda: engine._prefill(batch, extra=max_tokens))
+        engine.own_prefill = False
+        timed("probe_prefill_transformers_ms", lambda: engine._prefill(batch, extra=max_tokens))
+        engine.own_prefill = own
         cache, first = engine._prefill(batch, extra=max_tokens)
         tok = first.argmax(-1)
         steps = max(1, max_tokens - 1)
@@ -278,7 +297,8 @@ def served(
                 "worker", BrokerSettings(url=server.url, prefix=prefix),
                 "--name", f"bench-worker-{i}", "--backend", "hf", "--model", folder, "--device", device,
                 "--dtype", args.dtype, "--kinds", "text_action", "--max-batch", str(max_batch),
-                "--max-wait-ms", str(args.max_wait_ms), "--option", "ignore_eos=1",
+                "--max-wait-ms", str(args.max_wait_ms), "--regroup-ms", str(args.regroup_ms),
+                "--option", "ignore_eos=1",
             )  # fmt: skip
             for o in args.option:
                 cmd += ["--option", o]
