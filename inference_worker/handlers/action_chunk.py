@@ -21,7 +21,6 @@ Options (`vlmq worker --option KEY=VALUE`, or the VLMQ_* variable):
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from collections import defaultdict
@@ -71,9 +70,13 @@ class ActionChunkHandler(Handler):
         for p in vla.expert.parameters():
             p.requires_grad_(False)
         vla.expert.eval()
+        if vla.device.type == "cuda" and vla.extractor is not None and vla.extractor.dtype != torch.float32:
+            # serve the expert in the VLM's half precision: autocast would re-cast every fp32
+            # weight on every Euler step (its cast cache does not survive graph capture)
+            vla.expert.to(vla.extractor.dtype)
         self.graphs: Optional[GraphedSampler] = None
         if cuda_graphs and vla.device.type == "cuda":
-            self.graphs = GraphedSampler(vla.expert, self.cfg.num_steps, self._autocast)
+            self.graphs = GraphedSampler(vla.expert, self.cfg.num_steps)
             if vla.extractor is not None:
                 vla.extractor.use_cuda_graphs()
 
@@ -126,17 +129,6 @@ class ActionChunkHandler(Handler):
         elif req.inference_delay:
             raise ProtocolError(ErrorCode.INVALID, "inference_delay needs prev_chunk")
 
-    def _autocast(self):
-        dev = self.vla.device
-        if (
-            dev.type == "cuda"
-            and self.vla.extractor is not None
-            and self.vla.extractor.dtype == torch.bfloat16
-        ):
-            # No weight-cast cache: it does not survive CUDA-graph capture.
-            return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
-        return contextlib.nullcontext()
-
     def _run_round(self, items, results: List[Any], sw: Stopwatch) -> None:
         for _, req, _ in items:
             if req.reset:
@@ -171,7 +163,7 @@ class ActionChunkHandler(Handler):
                     exact.append(all(s.exact for s in slots))
                 per_sample = self.vla.encode_samples(contexts, [req.instruction for _, req, _ in items])
                 encoded = [len(vs) for vs in contexts]
-        with sw("expert"), self._autocast():
+        with sw("expert"):
             reqs = [req for _, req, _ in items]
             state = None
             if self.cfg.state_dim:

@@ -70,9 +70,12 @@ class _Graph:
 
 class FeatureGraphs:
     def __init__(
-        self, extractor: Any, max_batch: int = 8, length_step: int = 16, max_graphs: int = 8
+        self, extractor: Any, max_batch: int = 32, length_step: int = 16, max_graphs: int = 8
     ) -> None:
         self.extractor = extractor
+        # one memory pool for all graphs: they never run at once, and each result is
+        # copied out before the next replay
+        self.pool = torch.cuda.graph_pool_handle()
         self.max_batch, self.length_step, self.max_graphs = max_batch, length_step, max_graphs
         self.graphs: OrderedDict[Tuple[Any, ...], _Graph] = OrderedDict()
         self.captured = 0

@@ -20,9 +20,7 @@ from inference_worker.vla.flow import euler_sample
 
 
 class _Graph:
-    def __init__(
-        self, expert: FlowMatchingExpert, steps: int, B: int, L: int, D: int, dtype, device, amp
-    ) -> None:
+    def __init__(self, expert: FlowMatchingExpert, steps: int, B: int, L: int, D: int, dtype, device) -> None:
         cfg = expert.cfg
         self.feats = torch.zeros(B, L, D, dtype=dtype, device=device)
         self.ids = torch.zeros(B, L, dtype=torch.long, device=device)
@@ -32,7 +30,7 @@ class _Graph:
         self.state = torch.zeros(B, max(cfg.state_dim, 1), device=device)
 
         def fn() -> torch.Tensor:
-            with torch.no_grad(), amp():
+            with torch.no_grad():
                 state = self.state if cfg.state_dim else None
                 ctx = expert.prepare(self.feats, self.ids, self.mask, state)
                 return euler_sample(expert, ctx, self.noise, steps)
@@ -64,9 +62,9 @@ class _Graph:
 
 class GraphedSampler:
     def __init__(
-        self, expert: FlowMatchingExpert, steps: int, amp, bucket: int = 64, max_graphs: int = 16
+        self, expert: FlowMatchingExpert, steps: int, bucket: int = 64, max_graphs: int = 16
     ) -> None:
-        self.expert, self.steps, self.amp = expert, steps, amp
+        self.expert, self.steps = expert, steps
         self.bucket, self.max_graphs = bucket, max_graphs
         self.graphs: OrderedDict[Tuple[int, int], _Graph] = OrderedDict()
         self.stats: Dict[str, int] = {"captured": 0, "replayed": 0}
@@ -84,7 +82,7 @@ class GraphedSampler:
         key = (B, Lb)
         g = self.graphs.get(key)
         if g is None:
-            g = _Graph(self.expert, self.steps, B, Lb, D, feats.dtype, feats.device, self.amp)
+            g = _Graph(self.expert, self.steps, B, Lb, D, feats.dtype, feats.device)
             self.graphs[key] = g
             self.stats["captured"] += 1
             while len(self.graphs) > self.max_graphs:
