@@ -101,7 +101,7 @@ class ChatEngine:
         sw = sw or Stopwatch()
         with torch.inference_mode():
             with sw("preprocess"):
-                batch = self.inputs.build(prompts)
+                batch = self._build(prompts)
             max_new = max(s.max_tokens for s in samplings)
             with sw("prefill"):
                 cache, first = self._prefill(batch, extra=max_new)
@@ -127,12 +127,26 @@ class ChatEngine:
         cache.load_prefix(getattr(out, "cache", None) or out.past_key_values, batch.attention_mask)
         return out.logits[:, -1].float()
 
+    def _build(self, prompts: Sequence[ChatPrompt]):
+        """Model inputs. With our prefill the vision tower is queued on the GPU first (its
+        pass does not wait on the CPU), and the text side -- chat template, tokens,
+        positions, ~0.3 ms a prompt -- is built while it runs."""
+        images = self.inputs.images(prompts)
+        feats = None
+        if images is not None and self.own_prefill:
+            feats = self.vision(images.pixel_values, images.grids, images.image_grid_thw)
+        batch = self.inputs.build(prompts, images)
+        batch.image_features = feats
+        return batch
+
     def embed(self, batch) -> Any:
         """Input embeddings (B, S, hidden): token embeddings, image features in place of
         the image placeholders."""
         h = self.stack.embed(batch.input_ids)
         if batch.pixel_values is not None:
-            feats = self.vision(batch.pixel_values, batch.grids, batch.image_grid_thw)
+            feats = batch.image_features
+            if feats is None:
+                feats = self.vision(batch.pixel_values, batch.grids, batch.image_grid_thw)
             h.view(-1, h.shape[-1]).index_copy_(0, batch.image_index, feats.to(h.dtype))
         return h
 
@@ -209,7 +223,7 @@ class ChatEngine:
         sw = sw or Stopwatch()
         with torch.inference_mode():
             with sw("preprocess"):
-                batch = self.inputs.build(prompts)
+                batch = self._build(prompts)
                 ids = [
                     [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in cs]
                     for cs in candidates

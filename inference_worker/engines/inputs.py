@@ -20,6 +20,13 @@ from schemas.errors import ErrorCode, ProtocolError
 
 
 @dataclass
+class ImageInputs:
+    pixel_values: Any  # (patches, C*T*p*p) on the device
+    image_grid_thw: Any  # (images, 3) on the device
+    grids: List[Any]  # (t, h, w) per image, on the CPU
+
+
+@dataclass
 class BatchInputs:
     input_ids: Any  # (B, S) long, left-padded
     attention_mask: Any  # (B, S)
@@ -30,6 +37,7 @@ class BatchInputs:
     image_grid_thw: Optional[Any] = None
     grids: List[Any] = field(default_factory=list)  # (t, h, w) per image, on the CPU
     image_index: Optional[Any] = None  # (image tokens,) flat positions in (B*S) of the image tokens
+    image_features: Optional[Any] = None  # (image tokens, hidden) if the vision tower already ran
 
     @property
     def batch(self) -> int:
@@ -74,8 +82,30 @@ class InputBuilder:
         return prompt.rendered
 
     def check(self, prompt: ChatPrompt) -> ChatPrompt:
-        """Raise the ProtocolError a prompt would fail with, before it joins a batch."""
-        self.image_tokens(self.render(prompt), prompt)
+        """Raise the ProtocolError a prompt would fail with, before it joins a batch.
+
+        Messages built by prompt.py hold one image part per image, and the chat template
+        writes one placeholder per image part; so unless a text smuggles in a placeholder,
+        the counts agree without rendering here: the template runs in `build`, where the
+        engine overlaps it with the vision tower. Pre-rendered prompts are counted."""
+        if prompt.rendered is not None:
+            self.image_tokens(prompt.rendered, prompt)
+            return prompt
+        parts = 0
+        for m in prompt.messages:
+            content = m.get("content")
+            for p in [{"type": "text", "text": content}] if isinstance(content, str) else content or []:
+                if p.get("type") == "image":
+                    parts += 1
+                elif self.image_token in str(p.get("text", "")):
+                    raise ProtocolError(
+                        ErrorCode.INVALID, f"a text part contains the image placeholder {self.image_token}"
+                    )
+        if parts != len(prompt.images):
+            raise ProtocolError(
+                ErrorCode.INVALID,
+                f"the prompt has {parts} image placeholder(s) but {len(prompt.images)} image(s)",
+            )
         return prompt
 
     def image_tokens(self, text: str, prompt: ChatPrompt) -> List[int]:
@@ -102,7 +132,18 @@ class InputBuilder:
                 out.append(t)
         return out
 
-    def build(self, prompts: Sequence[ChatPrompt]) -> BatchInputs:
+    def images(self, prompts: Sequence[ChatPrompt]) -> Optional[ImageInputs]:
+        """The prompts' images as pixel values on the device (None if there are none)."""
+        images = [img for p in prompts for img in p.images]
+        if not images:
+            return None
+        pv, grid = pixel_values(images, self.policy, self.device, self.dtype)
+        grids = [(1, img_h, img_w) for img_h, img_w in self.policy.grids(images)]
+        return ImageInputs(pv, grid, grids)
+
+    def build(self, prompts: Sequence[ChatPrompt], images: Optional[ImageInputs] = None) -> BatchInputs:
+        """The batch; `images` if `self.images(prompts)` was called already (the engine starts
+        the vision tower on them before the text side is built)."""
         import torch
 
         texts = [self.render(p) for p in prompts]
@@ -114,23 +155,19 @@ class InputBuilder:
         input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
         mm = (input_ids == self.image_token_id).int()
-        images = [img for p in prompts for img in p.images]
-        pv = grid = None
-        grids: List[Any] = []
-        if images:
-            pv, grid = pixel_values(images, self.policy, self.device, self.dtype)
-            grids = [(1, img_h, img_w) for img_h, img_w in self.policy.grids(images)]
+        if images is None:
+            images = self.images(prompts)
+        grids = images.grids if images is not None else []
         pos, nxt = mrope_positions(mm.numpy(), mask.numpy(), grids, self.policy.merge_size)
         dev = self.device
-        index = torch.from_numpy(np.flatnonzero(mm.numpy())).to(dev) if images else None
         return BatchInputs(
             input_ids=input_ids.to(dev),
             attention_mask=mask.to(dev),
             mm_token_type_ids=mm.to(dev),
             position_ids=torch.from_numpy(pos).to(dev),
             next_positions=torch.from_numpy(nxt).to(dev),
-            pixel_values=pv,
-            image_grid_thw=grid,
+            pixel_values=images.pixel_values if images is not None else None,
+            image_grid_thw=images.image_grid_thw if images is not None else None,
             grids=grids,
-            image_index=index,
+            image_index=torch.from_numpy(np.flatnonzero(mm.numpy())).to(dev) if images is not None else None,
         )
