@@ -10,8 +10,9 @@ Regrouping (`regroup_ms` > 0): closed-loop clients send their next request as so
 reply arrives. Sessions answered while others waited come back a few ms after the next
 batch has started, and from then on a kind's sessions run in two half-size batches that
 alternate for good, which costs a model whose step time hardly depends on batch size
-(decoding) nearly half its throughput. So after a batch, a kind whose queue is not full
-waits up to `regroup_ms` for the sessions of that batch to come back before it runs.
+(decoding) much of its throughput (docs/BENCHMARKS.md, issue 4). So after a batch, a kind whose queue is not full
+waits for the sessions of that batch to come back before it runs: at most `regroup_ms`
+from when their replies were written.
 """
 
 from __future__ import annotations
@@ -97,6 +98,14 @@ class Scheduler:
         if self.regroup > 0:
             now = time.monotonic() if now is None else now
             self._awaited[kind] = (set(sessions), now + self.regroup)
+
+    def replied(self, kind: str, now: Optional[float] = None) -> None:
+        """The replies of that batch are written: the sessions have regroup_ms from now."""
+        awaited = self._awaited.get(kind)
+        if awaited is not None:
+            now = time.monotonic() if now is None else now
+            self._awaited[kind] = (awaited[0], max(awaited[1], now + self.regroup))
+            self._changed.set()
 
     def _ready_at(self, kind: str, now: float) -> float:
         q = self.queues[kind]

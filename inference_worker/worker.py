@@ -314,6 +314,8 @@ class Worker:
                 log.warning("writing %d replies failed (%s); retrying", len(outcomes), exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+        if items:
+            self.scheduler.replied(items[0].request.kind)
         if fenced:
             self.stats["fenced"] += fenced
             log.warning("%d result(s) dropped: their messages were taken over by another worker", fenced)

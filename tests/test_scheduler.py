@@ -115,3 +115,12 @@ def test_regroup_gives_up_after_regroup_ms_and_is_off_by_default():
     off.answered("text_action", ["gone"], now=100.0)
     off.add(item(session="c", arrived=100.0))
     assert len(off.take(now=100.001)[0].items) == 1
+
+
+def test_regroup_counts_from_when_the_replies_were_written():
+    s = Scheduler(lambda kind: 4, max_wait_ms=1.0, regroup_ms=20.0)
+    s.answered("text_action", ["a"], now=100.0)
+    s.replied("text_action", now=100.015)  # writing the replies took 15 ms
+    s.add(item(session="c", arrived=100.0))
+    batch, ready_at = s.take(now=100.025)
+    assert batch is None and abs(ready_at - 100.035) < 1e-9
