@@ -217,6 +217,24 @@ def test_vision_encoder_matches_the_stock_image_features(engine):
         assert torch.allclose(ours, ref, atol=1e-4, rtol=1e-4)
 
 
+def test_fused_projections_are_slices_of_one_weight(engine):
+    """q/k/v and gate/up run as one GEMM each; the model's modules now hold row slices of
+    those weights (nothing held twice) and compute what they computed before."""
+    layer, fused = engine.stack.layers[0], engine.stack.fused[0]
+    attn, mlp = layer.self_attn, layer.mlp
+    assert fused is not None and fused.gate_up_weight is not None
+    assert attn.q_proj.weight.data_ptr() == fused.qkv_weight.data_ptr()
+    assert attn.v_proj.weight.data_ptr() == fused.qkv_weight[-attn.v_proj.out_features :].data_ptr()
+    assert mlp.up_proj.weight.data_ptr() == fused.gate_up_weight[mlp.gate_proj.out_features :].data_ptr()
+    x = torch.randn(3, attn.q_proj.in_features)
+    with torch.no_grad():
+        ref = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], dim=-1)
+        ours = torch.nn.functional.linear(x, fused.qkv_weight, fused.qkv_bias)
+        assert torch.allclose(ours, ref)
+        gu = torch.nn.functional.linear(x, fused.gate_up_weight)
+        assert torch.allclose(gu, torch.cat([mlp.gate_proj(x), mlp.up_proj(x)], dim=-1))
+
+
 def test_linear_patch_embedding_matches_the_conv(engine):
     embed = engine.model.model.visual.patch_embed
     values, _ = pixel_values(frames()[:2], engine.policy)

@@ -4,7 +4,8 @@ transformers' own forward builds masks and cache updates with Python logic per c
 here every step is a fixed sequence of tensor ops on fixed shapes, so it can be captured
 in a CUDA graph (decode, the VLA feature pass) and batched over candidates (scoring). It
 uses the model's own weights, projections and rotary embedding; norms, rope and SwiGLU
-are the fused.py functions (transformers' arithmetic, fewer kernels), and the attention
+are the fused.py functions (transformers' arithmetic, fewer kernels), the q/k/v and
+gate/up projections run as one GEMM each (fused_linear.py), and the attention
 plumbing is here. The prompt pass (`prefill`) takes input embeddings with the image
 features already in place and writes the decode cache directly. New tokens are text,
 so the three M-RoPE axes share one position. Deepstack models (Qwen3-VL) add vision
@@ -17,6 +18,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from inference_worker.engines.fused import Kernels
+from inference_worker.engines.fused_linear import fuse_layer
 from inference_worker.engines.kv_cache import KVCache
 
 
@@ -34,6 +36,7 @@ class TextStack:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.swiglu = getattr(cfg, "hidden_act", "silu") == "silu"
         self.k = Kernels(compile)
+        self.fused = [fuse_layer(layer) for layer in self.layers]
         self.dtype = self.embed.weight.dtype
         self.device = self.embed.weight.device
 
@@ -87,6 +90,8 @@ class TextStack:
         """The decoder layers over hidden states h (B, T, D): keys and values go to cache
         columns `cols`, attention reads the first `span` columns under `allowed`. Returns
         (h, the last sublayer's output still to be added to it)."""
+        import torch.nn.functional as F
+
         k_ = self.k
         b, t = h.shape[:2]
         cos, sin = self.rotary(h, positions)
@@ -98,9 +103,14 @@ class TextStack:
                 x = k_.rms_norm(h, norm.weight, norm.variance_epsilon)
             else:
                 h, x = k_.add_rms_norm(h, pending, norm.weight, norm.variance_epsilon)
-            q = attn.q_proj(x).view(b, t, -1, self.head_dim)
-            k = attn.k_proj(x).view(b, t, -1, self.head_dim)
-            v = attn.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+            fused = self.fused[i]
+            if fused is not None:
+                q, k, v = F.linear(x, fused.qkv_weight, fused.qkv_bias).split(fused.qkv_sizes, dim=-1)
+            else:
+                q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+            q = q.view(b, t, -1, self.head_dim)
+            k = k.view(b, t, -1, self.head_dim)
+            v = v.view(b, t, -1, self.head_dim).transpose(1, 2)
             if hasattr(attn, "q_norm"):  # Qwen3: per-head RMSNorm before the rotary embedding
                 q = k_.rms_norm(q, attn.q_norm.weight, attn.q_norm.variance_epsilon)
                 k = k_.rms_norm(k, attn.k_norm.weight, attn.k_norm.variance_epsilon)
@@ -113,7 +123,13 @@ class TextStack:
             h, x = k_.add_rms_norm(
                 h, attn.o_proj(o.transpose(1, 2).reshape(b, t, -1)), post.weight, post.variance_epsilon
             )
-            pending = mlp.down_proj(k_.silu_mul(mlp.gate_proj(x), mlp.up_proj(x))) if self.swiglu else mlp(x)
+            if not self.swiglu:
+                pending = mlp(x)
+            elif fused is not None and fused.gate_up_weight is not None:
+                gate, up = F.linear(x, fused.gate_up_weight).chunk(2, dim=-1)
+                pending = mlp.down_proj(k_.silu_mul(gate, up))
+            else:
+                pending = mlp.down_proj(k_.silu_mul(mlp.gate_proj(x), mlp.up_proj(x)))
         return h, pending
 
 
