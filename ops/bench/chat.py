@@ -55,7 +55,7 @@ def add_args(p) -> None:
         "(%(default)s)",
     )
     p.add_argument("--max-wait-ms", type=float, default=50.0, help="worker --max-wait-ms (%(default)s)")
-    p.add_argument("--regroup-ms", type=float, default=30.0, help="worker --regroup-ms (%(default)s)")
+    p.add_argument("--regroup-ms", type=float, default=50.0, help="worker --regroup-ms (%(default)s)")
     p.add_argument(
         "--option", action="append", default=[], metavar="KEY=VALUE", help="extra worker --option, repeatable"
     )
@@ -399,7 +399,7 @@ def run(args) -> int:
     where = (
         f"{card}; {args.arch} {args.preset if not args.model else 'checkpoint'}, {args.image_size}-px image, "
         f"{int(a['prompt_tokens'])} prompt tokens, {args.max_tokens} new tokens; {args.sessions} sessions in "
-        f"{args.procs} processes; worker --max-batch {best} --max-wait-ms {args.max_wait_ms:g}; "
+        f"{args.procs} processes; worker --max-batch {best} --max-wait-ms {args.max_wait_ms:g} --regroup-ms {args.regroup_ms:g}; "
         f"{machine_description()}"
     )
     n = args.sessions
