@@ -40,10 +40,10 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--regroup-ms",
         type=float,
-        default=env("REGROUP_MS", 0.0),
-        help="after a batch, wait up to this long for its sessions' next requests before "
-        "running a partial batch, so closed-loop clients keep full batches; 0 = off "
-        "[VLMQ_REGROUP_MS] (%(default)s)",
+        default=env("REGROUP_MS", 50.0),
+        help="after a model batch, a partial batch waits up to this long (from when the "
+        "replies are written) for the sessions of that batch that usually come back this "
+        "fast, so closed-loop clients keep full batches; 0 = off [VLMQ_REGROUP_MS] (%(default)s)",
     )
     g.add_argument(
         "--prefetch",

@@ -5,14 +5,8 @@ A kind is ready when it holds `max_batch` requests or its oldest request has wai
 kind starves); within it the requests with the earliest deadlines are taken (requests
 without a deadline come after, in arrival order). Expired requests are handed back to be
 answered `expired` without reaching the model. Batches are plain data.
-
-Regrouping (`regroup_ms` > 0): closed-loop clients send their next request as soon as a
-reply arrives. Sessions answered while others waited come back a few ms after the next
-batch has started, and from then on a kind's sessions run in two half-size batches that
-alternate for good, which costs a model whose step time hardly depends on batch size
-(decoding) much of its throughput (docs/BENCHMARKS.md, issue 4). So after a batch, a kind whose queue is not full
-waits for the sessions of that batch to come back before it runs: at most `regroup_ms`
-from when their replies were written.
+With `regroup_ms` > 0, a partial batch also waits for the closed-loop sessions of the
+kind's last batch to come back (regroup.py).
 """
 
 from __future__ import annotations
@@ -22,9 +16,10 @@ import itertools
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 from broker.consumer import Delivery
+from inference_worker.regroup import Regrouper
 from schemas.messages import Request
 
 
@@ -57,8 +52,7 @@ class Scheduler:
     ) -> None:
         self.batch_limit = batch_limit
         self.max_wait = max_wait_ms / 1000.0
-        self.regroup = regroup_ms / 1000.0
-        self._awaited: Dict[str, Tuple[Set[str], float]] = {}  # kind -> (sessions, wait until)
+        self.regroup = Regrouper(regroup_ms / 1000.0) if regroup_ms > 0 else None
         self.queues: Dict[str, List[Item]] = {}
         self._seq = itertools.count()
         self._changed = asyncio.Event()
@@ -87,24 +81,20 @@ class Scheduler:
                     return item
             self._latest[key] = item
         self.queues.setdefault(req.kind, []).append(item)
-        awaited = self._awaited.get(req.kind)
-        if awaited is not None:
-            awaited[0].discard(req.session_id)
+        if self.regroup is not None:
+            self.regroup.arrived(req.kind, req.session_id, item.arrived)
         self._changed.set()
         return superseded
 
     def answered(self, kind: str, sessions: Iterable[str], now: Optional[float] = None) -> None:
-        """A batch of `kind` finished: expect these sessions back within regroup_ms."""
-        if self.regroup > 0:
-            now = time.monotonic() if now is None else now
-            self._awaited[kind] = (set(sessions), now + self.regroup)
+        """A batch of `kind` finished (its replies are being written)."""
+        if self.regroup is not None:
+            self.regroup.answered(kind, sessions, time.monotonic() if now is None else now)
 
-    def replied(self, kind: str, now: Optional[float] = None) -> None:
-        """The replies of that batch are written: the sessions have regroup_ms from now."""
-        awaited = self._awaited.get(kind)
-        if awaited is not None:
-            now = time.monotonic() if now is None else now
-            self._awaited[kind] = (awaited[0], max(awaited[1], now + self.regroup))
+    def replied(self, kind: str, sessions: Iterable[str], now: Optional[float] = None) -> None:
+        """The replies of that batch are written."""
+        if self.regroup is not None:
+            self.regroup.replied(kind, sessions, time.monotonic() if now is None else now)
             self._changed.set()
 
     def _ready_at(self, kind: str, now: float) -> float:
@@ -112,14 +102,8 @@ class Scheduler:
         if len(q) >= self.batch_limit(kind):
             return now
         ready = min(i.arrived for i in q) + self.max_wait
-        awaited = self._awaited.get(kind)
-        if awaited is not None:
-            sessions, until = awaited
-            if not sessions or now >= until:
-                del self._awaited[kind]
-            else:
-                ready = max(ready, until)
-        return ready
+        hold = self.regroup.hold_until(kind, now) if self.regroup is not None else None
+        return ready if hold is None else max(ready, hold)
 
     def take(
         self, now: Optional[float] = None, wall: Optional[float] = None

@@ -238,7 +238,8 @@ class Worker:
         else:
             output = _run_safely(handler, batch.requests)
         finished = time.time()
-        self.scheduler.answered(batch.kind, (i.request.session_id for i in batch.items))
+        if handler.blocking:  # regrouping is for batches that cost the model a pass
+            self.scheduler.answered(batch.kind, (i.request.session_id for i in batch.items))
         self.stats["batches"] += 1
         self.stats["requests"] += len(batch.items)
         self.events.on_batch(batch, output.timings, started, finished)
@@ -314,8 +315,8 @@ class Worker:
                 log.warning("writing %d replies failed (%s); retrying", len(outcomes), exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
-        if items:
-            self.scheduler.replied(items[0].request.kind)
+        if items and self.handlers[items[0].request.kind].blocking:
+            self.scheduler.replied(items[0].request.kind, (i.request.session_id for i in items))
         if fenced:
             self.stats["fenced"] += fenced
             log.warning("%d result(s) dropped: their messages were taken over by another worker", fenced)

@@ -89,15 +89,28 @@ def test_latest_only_supersedes_the_older_waiting_request_of_the_session():
     assert sorted((i.request.session_id, i.request.step) for i in batch.items) == [("a", 2), ("b", 1)]
 
 
+def _regrouping(window_ms=20.0) -> Scheduler:
+    """A scheduler whose sessions a and b have come back 5 ms after their replies before."""
+    s = Scheduler(lambda kind: 4, max_wait_ms=1.0, regroup_ms=window_ms)
+    s.answered("text_action", ["a", "b"], now=90.0)
+    s.replied("text_action", ["a", "b"], now=90.0)
+    s.add(item(session="a", arrived=90.005))
+    s.add(item(session="b", arrived=90.005))
+    assert len(s.take(now=90.006)[0].items) == 2
+    return s
+
+
 def test_regroup_waits_for_the_sessions_of_the_last_batch():
-    """After a batch, a partial queue waits (up to regroup_ms) for the answered sessions
-    to come back, so closed-loop clients form one full batch, not two alternating halves."""
-    s = Scheduler(lambda kind: 4, max_wait_ms=1.0, regroup_ms=20.0)
+    """After a batch, a partial queue waits (up to regroup_ms from the replies) for the
+    answered sessions to come back, so closed-loop clients form one full batch, not two
+    alternating halves."""
+    s = _regrouping()
     s.answered("text_action", ["a", "b"], now=100.0)
     s.add(item(session="c", arrived=100.0))
     s.add(item(session="d", arrived=100.0))
+    s.replied("text_action", ["a", "b"], now=100.001)
     batch, ready_at = s.take(now=100.005)
-    assert batch is None and abs(ready_at - 100.020) < 1e-9  # a and b are still out
+    assert batch is None and abs(ready_at - 100.021) < 1e-9  # a and b are still out
     s.add(item(session="a", arrived=100.006))
     assert s.take(now=100.007)[0] is None
     s.add(item(session="b", arrived=100.008))  # everyone is back: no reason to wait
@@ -105,22 +118,28 @@ def test_regroup_waits_for_the_sessions_of_the_last_batch():
     assert sorted(i.request.session_id for i in batch.items) == ["a", "b", "c", "d"]
 
 
-def test_regroup_gives_up_after_regroup_ms_and_is_off_by_default():
-    s = Scheduler(lambda kind: 4, max_wait_ms=1.0, regroup_ms=20.0)
-    s.answered("text_action", ["gone"], now=100.0)
+def test_regroup_gives_up_after_regroup_ms_and_can_be_off():
+    s = _regrouping()
+    s.answered("text_action", ["a"], now=100.0)
+    s.replied("text_action", ["a"], now=100.0)
     s.add(item(session="c", arrived=100.0))
     assert s.take(now=100.010)[0] is None
     assert len(s.take(now=100.020)[0].items) == 1
     off = sched(max_batch=4, max_wait_ms=1.0)
-    off.answered("text_action", ["gone"], now=100.0)
+    off.answered("text_action", ["a"], now=100.0)
     off.add(item(session="c", arrived=100.0))
     assert len(off.take(now=100.001)[0].items) == 1
 
 
-def test_regroup_counts_from_when_the_replies_were_written():
+def test_regroup_ignores_sessions_that_come_back_slowly_or_never_came_back():
+    """An agent that sends at its own pace (a gap above the window) or a session not seen
+    returning yet never holds a batch back."""
     s = Scheduler(lambda kind: 4, max_wait_ms=1.0, regroup_ms=20.0)
-    s.answered("text_action", ["a"], now=100.0)
-    s.replied("text_action", now=100.015)  # writing the replies took 15 ms
+    s.answered("text_action", ["slow"], now=90.0)
+    s.replied("text_action", ["slow"], now=90.0)
+    s.add(item(session="slow", arrived=90.5))  # came back after 500 ms
+    assert len(s.take(now=91.0)[0].items) == 1
+    s.answered("text_action", ["slow", "new"], now=100.0)
+    s.replied("text_action", ["slow", "new"], now=100.0)
     s.add(item(session="c", arrived=100.0))
-    batch, ready_at = s.take(now=100.025)
-    assert batch is None and abs(ready_at - 100.035) < 1e-9
+    assert len(s.take(now=100.001)[0].items) == 1
