@@ -22,6 +22,21 @@ def env(name: str, default: Any) -> Any:
     return raw
 
 
+def flag(
+    group: Any,
+    *names: str,
+    var: str,
+    default: Any,
+    help: str,
+    shown: Optional[str] = "%(default)s",
+    **kwargs: Any,
+) -> Any:
+    """`group.add_argument(*names)` whose default is VLMQ_<var> when set, else `default`,
+    and whose help ends with the variable's name and `(shown)` (the default, unless given)."""
+    suffix = f" [VLMQ_{var}]" + (f" ({shown})" if shown else "")
+    return group.add_argument(*names, default=env(var, default), help=help + suffix, **kwargs)
+
+
 @dataclass(frozen=True)
 class BrokerSettings:
     url: str = "redis://127.0.0.1:6379/0"  # redis://, rediss:// (TLS) or unix://; user:password@ allowed

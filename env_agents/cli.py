@@ -14,7 +14,7 @@ import os
 import time
 from typing import Any, Dict
 
-from broker.settings import add_broker_args, broker_settings_from_args, env
+from broker.settings import add_broker_args, broker_settings_from_args, env, flag
 from env_agents.control.merge import MERGES
 from schemas.messages import KINDS
 
@@ -34,49 +34,49 @@ def _kv(pairs) -> Dict[str, Any]:
 def add_agent_args(p: argparse.ArgumentParser) -> None:
     add_broker_args(p)
     r = p.add_argument_group("run")
-    r.add_argument(
+    flag(
+        r,
         "--env",
-        default=env("AGENTS_ENV", "MiniWorld-OneRoom-v0"),
-        help="env id: MiniWorld-*-v0, textworld, alfworld, crafter [VLMQ_AGENTS_ENV] (%(default)s)",
+        var="AGENTS_ENV",
+        default="MiniWorld-OneRoom-v0",
+        help="env id: MiniWorld-*-v0, textworld, alfworld, crafter",
     )
-    r.add_argument(
+    flag(
+        r,
         "--task",
-        default=env("AGENTS_TASK", "action_chunk"),
+        var="AGENTS_TASK",
+        default="action_chunk",
         choices=KINDS,
-        help="task kind each step asks for [VLMQ_AGENTS_TASK] (%(default)s)",
+        help="task kind each step asks for",
     )
-    r.add_argument(
-        "--n", type=int, default=env("AGENTS_N", 4), help="agent sessions [VLMQ_AGENTS_N] (%(default)s)"
-    )
-    r.add_argument(
+    flag(r, "--n", var="AGENTS_N", default=4, type=int, help="agent sessions")
+    flag(
+        r,
         "--procs",
+        var="AGENTS_PROCS",
+        default=1,
         type=int,
-        default=env("AGENTS_PROCS", 1),
-        help="processes the sessions are spread over, each one event loop [VLMQ_AGENTS_PROCS] (%(default)s)",
+        help="processes the sessions are spread over, each one event loop",
     )
-    r.add_argument(
-        "--episodes",
-        type=int,
-        default=env("AGENTS_EPISODES", 1),
-        help="episodes per session [VLMQ_AGENTS_EPISODES] (%(default)s)",
+    flag(r, "--episodes", var="AGENTS_EPISODES", default=1, type=int, help="episodes per session")
+    flag(
+        r, "--max-steps", var="AGENTS_MAX_STEPS", default=500, type=int, help="env steps per episode at most"
     )
-    r.add_argument(
-        "--max-steps",
-        type=int,
-        default=env("AGENTS_MAX_STEPS", 500),
-        help="env steps per episode at most [VLMQ_AGENTS_MAX_STEPS] (%(default)s)",
-    )
-    r.add_argument(
+    flag(
+        r,
         "--seed",
+        var="AGENTS_SEED",
+        default=0,
         type=int,
-        default=env("AGENTS_SEED", 0),
-        help="session i, episode e uses seed + 1000 i + e [VLMQ_AGENTS_SEED] (%(default)s)",
+        help="session i, episode e uses seed + 1000 i + e",
     )
-    r.add_argument(
+    flag(
+        r,
         "--size",
+        var="AGENTS_SIZE",
+        default=224,
         type=int,
-        default=env("AGENTS_SIZE", 224),
-        help="observation side in pixels for image envs [VLMQ_AGENTS_SIZE] (%(default)s)",
+        help="observation side in pixels for image envs",
     )
     r.add_argument(
         "--env-arg",
@@ -85,113 +85,135 @@ def add_agent_args(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="adapter option, repeatable (textworld: game=PATH, games=N, rooms=N; alfworld: split=...)",
     )
-    r.add_argument(
+    flag(
+        r,
         "--session-prefix",
-        default=env("AGENTS_SESSION_PREFIX", ""),
-        help="session ids are PREFIX-i [VLMQ_AGENTS_SESSION_PREFIX] (agent-<time>)",
+        var="AGENTS_SESSION_PREFIX",
+        default="",
+        help="session ids are PREFIX-i",
+        shown="agent-<time>",
     )
     c = p.add_argument_group("control")
-    c.add_argument(
+    flag(
+        c,
         "--mode",
-        default=env("AGENTS_MODE", "async"),
+        var="AGENTS_MODE",
+        default="async",
         choices=["async", "sync"],
-        help="async: act from the queue while the next chunk is computed; sync: wait for "
-        "every reply [VLMQ_AGENTS_MODE] (%(default)s)",
+        help="async: act from the queue while the next chunk is computed; sync: wait for every reply",
     )
-    c.add_argument(
+    flag(
+        c,
         "--rate-hz",
+        var="AGENTS_RATE_HZ",
+        default=-1.0,
         type=float,
-        default=env("AGENTS_RATE_HZ", -1.0),
-        help="control rate; 0 = step as soon as an action is there [VLMQ_AGENTS_RATE_HZ] "
-        "(30 for MiniWorld, 0 for the turn-based games)",
+        help="control rate; 0 = step as soon as an action is there",
+        shown="30 for MiniWorld, 0 for the turn-based games",
     )
-    c.add_argument(
+    flag(
+        c,
         "--threshold",
         "-g",
+        var="AGENTS_THRESHOLD",
+        default=0.5,
         type=float,
-        default=env("AGENTS_THRESHOLD", 0.5),
-        help="g: ask for the next chunk when the queue holds <= g x chunk actions "
-        "[VLMQ_AGENTS_THRESHOLD] (%(default)s)",
+        help="g: ask for the next chunk when the queue holds <= g x chunk actions",
     )
-    c.add_argument(
+    flag(
+        c,
         "--merge",
-        default=env("AGENTS_MERGE", ""),
+        var="AGENTS_MERGE",
+        default="",
         choices=["", *MERGES],
-        help="how overlapping actions merge [VLMQ_AGENTS_MERGE] (weighted_average for "
-        "action_chunk, replace otherwise)",
+        help="how overlapping actions merge",
+        shown="weighted_average for action_chunk, replace otherwise",
     )
-    c.add_argument(
+    flag(
+        c,
         "--similarity",
+        var="AGENTS_SIMILARITY",
+        default=0.0,
         type=float,
-        default=env("AGENTS_SIMILARITY", 0.0),
-        help="skip frames closer than this to the last one sent (mean abs diff in [0,1]), "
-        "never below the must-go queue level; 0 = off [VLMQ_AGENTS_SIMILARITY] (%(default)s)",
+        help="skip frames closer than this to the last one sent (mean abs diff in [0,1]), never below the "
+        "must-go queue level; 0 = off",
     )
-    c.add_argument(
+    flag(
+        c,
         "--rtc",
+        var="AGENTS_RTC",
+        default=False,
         action="store_true",
-        default=env("AGENTS_RTC", False),
-        help="send the queued actions as prev_chunk (real-time chunking) [VLMQ_AGENTS_RTC]",
+        help="send the queued actions as prev_chunk (real-time chunking)",
+        shown=None,
     )
-    c.add_argument(
+    flag(
+        c,
         "--timeout",
+        var="AGENTS_TIMEOUT",
+        default=30.0,
         type=float,
-        default=env("AGENTS_TIMEOUT", 30.0),
-        help="seconds a request may take (also its deadline) [VLMQ_AGENTS_TIMEOUT] (%(default)s)",
+        help="seconds a request may take (also its deadline)",
     )
-    c.add_argument(
+    flag(
+        c,
         "--model",
-        default=env("AGENTS_MODEL", ""),
-        help="ask for this model by name (model-specific streams) [VLMQ_AGENTS_MODEL]",
+        var="AGENTS_MODEL",
+        default="",
+        help="ask for this model by name (model-specific streams)",
+        shown=None,
     )
-    c.add_argument(
+    flag(
+        c,
         "--max-tokens",
+        var="AGENTS_MAX_TOKENS",
+        default=0,
         type=int,
-        default=env("AGENTS_MAX_TOKENS", 0),
-        help="max_tokens of chat requests; 0 = the kind's default [VLMQ_AGENTS_MAX_TOKENS]",
+        help="max_tokens of chat requests; 0 = the kind's default",
+        shown=None,
     )
-    c.add_argument(
+    flag(
+        c,
         "--temperature",
+        var="AGENTS_TEMPERATURE",
+        default=0.0,
         type=float,
-        default=env("AGENTS_TEMPERATURE", 0.0),
-        help="sampling temperature of chat requests [VLMQ_AGENTS_TEMPERATURE] (%(default)s)",
+        help="sampling temperature of chat requests",
     )
     f = p.add_argument_group("preference (--task preference)")
-    f.add_argument(
-        "--pairs",
-        type=int,
-        default=env("AGENTS_PAIRS", 16),
-        help="frame pairs labelled per episode [VLMQ_AGENTS_PAIRS] (%(default)s)",
-    )
-    f.add_argument(
+    flag(f, "--pairs", var="AGENTS_PAIRS", default=16, type=int, help="frame pairs labelled per episode")
+    flag(
+        f,
         "--pref-mode",
-        default=env("AGENTS_PREF_MODE", "two_step"),
+        var="AGENTS_PREF_MODE",
+        default="two_step",
         choices=["two_step", "one_pass"],
-        help="RL-VLM-F two-step (analysis, then label) or one pass [VLMQ_AGENTS_PREF_MODE] (%(default)s)",
+        help="RL-VLM-F two-step (analysis, then label) or one pass",
     )
-    f.add_argument(
+    flag(
+        f,
         "--min-gap",
+        var="AGENTS_MIN_GAP",
+        default=0.0,
         type=float,
-        default=env("AGENTS_MIN_GAP", 0.0),
-        help="skip pairs whose ground-truth scores differ by less [VLMQ_AGENTS_MIN_GAP] (%(default)s)",
+        help="skip pairs whose ground-truth scores differ by less",
     )
     o = p.add_argument_group("output")
-    o.add_argument(
-        "--out",
-        default=env("AGENTS_OUT", ""),
-        help="results JSON [VLMQ_AGENTS_OUT] (runs/agents-<task>-<time>.json)",
+    flag(
+        o, "--out", var="AGENTS_OUT", default="", help="results JSON", shown="runs/agents-<task>-<time>.json"
     )
     o.add_argument(
         "--traces",
         default=env("AGENTS_TRACES", "") or None,
         help="record episodes to this SQLite file (then: vlmq traces export) [VLMQ_AGENTS_TRACES]",
     )
-    o.add_argument(
+    flag(
+        o,
         "--metrics-port",
+        var="AGENTS_METRICS_PORT",
+        default=0,
         type=int,
-        default=env("AGENTS_METRICS_PORT", 0),
-        help="serve Prometheus /metrics of every agent process on this port, 0 = off; needs the `ops` extra "
-        "[VLMQ_AGENTS_METRICS_PORT] (%(default)s)",
+        help="serve Prometheus /metrics of every agent process on this port, 0 = off; needs the `ops` extra",
     )
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -7,7 +7,7 @@ import asyncio
 import signal
 
 from broker import eventloop
-from broker.settings import add_broker_args, broker_settings_from_args, env
+from broker.settings import add_broker_args, broker_settings_from_args, env, flag
 from schemas.limits import Limits
 from schemas.messages import KINDS
 
@@ -15,108 +15,112 @@ from schemas.messages import KINDS
 def add_worker_args(p: argparse.ArgumentParser) -> None:
     add_broker_args(p)
     g = p.add_argument_group("serving")
-    g.add_argument(
-        "--name",
-        default=env("WORKER_NAME", ""),
-        help="consumer name, unique per worker [VLMQ_WORKER_NAME] (host-pid)",
+    flag(
+        g, "--name", var="WORKER_NAME", default="", help="consumer name, unique per worker", shown="host-pid"
     )
-    g.add_argument(
-        "--kinds",
-        default=env("KINDS", ",".join(KINDS)),
-        help="comma-separated task kinds to serve [VLMQ_KINDS] (%(default)s)",
-    )
-    g.add_argument(
-        "--max-batch",
-        type=int,
-        default=env("MAX_BATCH", 32),
-        help="largest batch [VLMQ_MAX_BATCH] (%(default)s)",
-    )
-    g.add_argument(
+    flag(g, "--kinds", var="KINDS", default=",".join(KINDS), help="comma-separated task kinds to serve")
+    flag(g, "--max-batch", var="MAX_BATCH", default=32, type=int, help="largest batch")
+    flag(
+        g,
         "--max-wait-ms",
+        var="MAX_WAIT_MS",
+        default=2.0,
         type=float,
-        default=env("MAX_WAIT_MS", 2.0),
-        help="longest wait for a batch to fill after its first request [VLMQ_MAX_WAIT_MS] (%(default)s)",
+        help="longest wait for a batch to fill after its first request",
     )
-    g.add_argument(
+    flag(
+        g,
         "--regroup-ms",
+        var="REGROUP_MS",
+        default=50.0,
         type=float,
-        default=env("REGROUP_MS", 50.0),
-        help="after a model batch, a partial batch waits up to this long (from when the "
-        "replies are written) for the sessions of that batch that usually come back this "
-        "fast, so closed-loop clients keep full batches; 0 = off [VLMQ_REGROUP_MS] (%(default)s)",
+        help="after a model batch, a partial batch waits up to this long (from when the replies "
+        "are written) for the sessions of that batch that usually come back this fast, so "
+        "closed-loop clients keep full batches; 0 = off",
     )
-    g.add_argument(
+    flag(
+        g,
         "--prefetch",
+        var="PREFETCH",
+        default=0,
         type=int,
-        default=env("PREFETCH", 0),
-        help="requests read ahead of the model; 0 = 2 x max-batch [VLMQ_PREFETCH]",
+        help="requests read ahead of the model; 0 = 2 x max-batch",
+        shown=None,
     )
-    g.add_argument(
+    flag(
+        g,
         "--max-deliveries",
+        var="MAX_DELIVERIES",
+        default=3,
         type=int,
-        default=env("MAX_DELIVERIES", 3),
-        help="deliveries before a message is dead-lettered [VLMQ_MAX_DELIVERIES] (%(default)s)",
+        help="deliveries before a message is dead-lettered",
     )
-    g.add_argument(
+    flag(
+        g,
         "--claim-min-idle-ms",
+        var="CLAIM_MIN_IDLE_MS",
+        default=15000,
         type=int,
-        default=env("CLAIM_MIN_IDLE_MS", 15000),
-        help="idle time after which a dead consumer's message is reclaimed [VLMQ_CLAIM_MIN_IDLE_MS] (%(default)s)",
+        help="idle time after which a dead consumer's message is reclaimed",
     )
     o = p.add_argument_group("metrics")
-    o.add_argument(
+    flag(
+        o,
         "--metrics-port",
+        var="METRICS_PORT",
+        default=0,
         type=int,
-        default=env("METRICS_PORT", 0),
-        help="serve Prometheus /metrics on this port, 0 = off; needs the ops extra [VLMQ_METRICS_PORT] (%(default)s)",
+        help="serve Prometheus /metrics on this port, 0 = off; needs the ops extra",
     )
-    o.add_argument(
-        "--metrics-addr",
-        default=env("METRICS_ADDR", "0.0.0.0"),
-        help="address the /metrics server binds [VLMQ_METRICS_ADDR] (%(default)s)",
-    )
+    flag(o, "--metrics-addr", var="METRICS_ADDR", default="0.0.0.0", help="address the /metrics server binds")
     m = p.add_argument_group("model")
-    m.add_argument(
+    flag(
+        m,
         "--backend",
-        default=env("BACKEND", "hf"),
+        var="BACKEND",
+        default="hf",
         choices=["hf", "vllm", "synthetic"],
-        help="hf (transformers), vllm, or synthetic (no model, fixed latency) [VLMQ_BACKEND] (%(default)s)",
+        help="hf (transformers), vllm, or synthetic (no model, fixed latency)",
     )
-    m.add_argument(
+    flag(
+        m,
         "--model",
-        default=env("MODEL", ""),
-        help="local Hugging Face folder of a Qwen2-VL / Qwen3-VL checkpoint [VLMQ_MODEL]",
+        var="MODEL",
+        default="",
+        help="local Hugging Face folder of a Qwen2-VL / Qwen3-VL checkpoint",
+        shown=None,
     )
-    m.add_argument(
+    flag(
+        m,
         "--model-name",
-        default=env("MODEL_NAME", ""),
-        help="also serve the streams of requests that name this model [VLMQ_MODEL_NAME]",
+        var="MODEL_NAME",
+        default="",
+        help="also serve the streams of requests that name this model",
+        shown=None,
     )
-    m.add_argument(
-        "--device", default=env("DEVICE", "cpu"), help="cpu, cuda, cuda:N [VLMQ_DEVICE] (%(default)s)"
-    )
-    m.add_argument(
-        "--dtype",
-        default=env("DTYPE", "auto"),
-        help="auto, float32, bfloat16, float16 [VLMQ_DTYPE] (%(default)s)",
-    )
+    flag(m, "--device", var="DEVICE", default="cpu", help="cpu, cuda, cuda:N")
+    flag(m, "--dtype", var="DTYPE", default="auto", help="auto, float32, bfloat16, float16")
     m.add_argument(
         "--quantize",
         default=env("QUANTIZE", "") or None,
         choices=[None, "nf4"],
         help="nf4 through bitsandbytes, CUDA only [VLMQ_QUANTIZE]",
     )
-    m.add_argument(
+    flag(
+        m,
         "--synthetic-latency-ms",
+        var="SYNTHETIC_LATENCY_MS",
+        default=0.0,
         type=float,
-        default=env("SYNTHETIC_LATENCY_MS", 0.0),
-        help="batch latency of the synthetic backend [VLMQ_SYNTHETIC_LATENCY_MS] (%(default)s)",
+        help="batch latency of the synthetic backend",
     )
-    m.add_argument(
+    flag(
+        m,
         "--synthetic-chunk",
-        default=env("SYNTHETIC_CHUNK", "50x7"),
+        var="SYNTHETIC_CHUNK",
+        default="50x7",
         metavar="ROWSxDIM",
-        help="action_chunk shape of the synthetic backend [VLMQ_SYNTHETIC_CHUNK] (%(default)s)",
+        help="action_chunk shape of the synthetic backend",
     )
     m.add_argument(
         "--option",

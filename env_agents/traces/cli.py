@@ -6,7 +6,7 @@ import argparse
 import json
 from dataclasses import asdict
 
-from broker.settings import env
+from broker.settings import flag
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -39,21 +39,16 @@ def register(sub) -> None:
     )
     e.add_argument("--db", required=True, help="trace database (vlmq agents --traces PATH)")
     e.add_argument("--out-dir", required=True, help="writes train.jsonl and val.jsonl here")
-    e.add_argument(
+    flag(
+        e,
         "--val-fraction",
+        var="SFT_VAL_FRACTION",
+        default=0.1,
         type=float,
-        default=env("SFT_VAL_FRACTION", 0.1),
-        help="share of episodes for validation [VLMQ_SFT_VAL_FRACTION] (%(default)s)",
+        help="share of episodes for validation",
     )
-    e.add_argument(
-        "--min-steps",
-        type=int,
-        default=env("SFT_MIN_STEPS", 1),
-        help="skip episodes shorter than this [VLMQ_SFT_MIN_STEPS] (%(default)s)",
-    )
+    flag(e, "--min-steps", var="SFT_MIN_STEPS", default=1, type=int, help="skip episodes shorter than this")
     e.add_argument("--success-only", action="store_true", help="keep successful episodes only")
-    e.add_argument(
-        "--seed", type=int, default=env("SFT_SEED", 0), help="split seed [VLMQ_SFT_SEED] (%(default)s)"
-    )
+    flag(e, "--seed", var="SFT_SEED", default=0, type=int, help="split seed")
     e.set_defaults(func=run_export)
     p.set_defaults(func=lambda args: p.print_help() or 2)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from broker.settings import env
+from broker.settings import flag
 
 ARCH_CHOICES = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
 PRESET_CHOICES = ("tiny", "2b")
@@ -40,9 +40,5 @@ def register(sub) -> None:
     )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, default=0, help="weight seed (%(default)s)")
-    p.add_argument(
-        "--device",
-        default=env("MAKE_MODEL_DEVICE", "cpu"),
-        help="where the weights are initialised [VLMQ_MAKE_MODEL_DEVICE] (%(default)s)",
-    )
+    flag(p, "--device", var="MAKE_MODEL_DEVICE", default="cpu", help="where the weights are initialised")
     p.set_defaults(func=run)

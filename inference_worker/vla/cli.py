@@ -7,7 +7,7 @@ import argparse
 import json
 import os
 
-from broker.settings import env
+from broker.settings import env, flag
 
 
 def _record(args: argparse.Namespace) -> int:
@@ -156,14 +156,8 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--device", default=env("DEVICE", "cpu"), help="cpu, cuda, cuda:N [VLMQ_DEVICE] (%(default)s)"
-    )
-    p.add_argument(
-        "--dtype",
-        default=env("DTYPE", "auto"),
-        help="VLM dtype: auto, float32, bfloat16 [VLMQ_DTYPE] (%(default)s)",
-    )
+    flag(p, "--device", var="DEVICE", default="cpu", help="cpu, cuda, cuda:N")
+    flag(p, "--dtype", var="DTYPE", default="auto", help="VLM dtype: auto, float32, bfloat16")
     p.add_argument(
         "--quantize",
         default=env("QUANTIZE", "") or None,
@@ -184,11 +178,7 @@ def register(sub) -> None:
     r = vsub.add_parser(
         "record", help="record MiniWorld episodes of a scripted expert (the seed's capture format)"
     )
-    r.add_argument(
-        "--env",
-        default=env("VLA_ENV", "MiniWorld-OneRoom-v0"),
-        help="MiniWorld env id [VLMQ_VLA_ENV] (%(default)s)",
-    )
+    flag(r, "--env", var="VLA_ENV", default="MiniWorld-OneRoom-v0", help="MiniWorld env id")
     r.add_argument("--out", required=True, help="folder for episode_NNNNN/ folders")
     r.add_argument("--episodes", type=int, default=100, help="episodes to record (%(default)s)")
     r.add_argument("--size", type=int, default=384, help="canvas size in pixels (%(default)s)")
@@ -219,7 +209,7 @@ def register(sub) -> None:
     t = vsub.add_parser("train", help="train the action expert on converted shards (VLM frozen)")
     t.add_argument("--data", required=True, help="converted shards (vlmq vla convert)")
     t.add_argument("--out", required=True, help="the VLA folder to write")
-    t.add_argument("--vlm", default=env("MODEL", ""), help="Qwen-VL folder for a new VLA [VLMQ_MODEL]")
+    flag(t, "--vlm", var="MODEL", default="", help="Qwen-VL folder for a new VLA", shown=None)
     t.add_argument("--init-from", default=None, help="start from this VLA folder's weights")
     t.add_argument("--resume", action="store_true", help="continue training --out from its train_state.pt")
     _config_args(t)

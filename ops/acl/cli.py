@@ -7,7 +7,7 @@ import os
 import re
 import sys
 
-from broker.settings import env
+from broker.settings import flag
 from ops.acl.rules import render, users
 
 
@@ -45,7 +45,7 @@ def register(sub) -> None:
         "stored as SHA-256 hashes; a user without one is written 'off'. Tenant T's agents must "
         "use session ids that start with 'T.'.",
     )
-    p.add_argument("--prefix", default=env("PREFIX", "vlmq"), help="key prefix [VLMQ_PREFIX] (%(default)s)")
+    flag(p, "--prefix", var="PREFIX", default="vlmq", help="key prefix")
     p.add_argument(
         "--tenant",
         action="append",

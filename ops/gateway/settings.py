@@ -9,7 +9,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
-from broker.settings import BrokerSettings, add_broker_args, broker_settings_from_args, env
+from broker.settings import BrokerSettings, add_broker_args, broker_settings_from_args, env, flag
 from schemas.limits import Limits
 from schemas.messages import MODEL_PATTERN
 
@@ -60,12 +60,8 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
     add_broker_args(p)
     d = GatewaySettings()
     g = p.add_argument_group("gateway")
-    g.add_argument(
-        "--host", default=env("GATEWAY_HOST", d.host), help="bind address [VLMQ_GATEWAY_HOST] (%(default)s)"
-    )
-    g.add_argument(
-        "--port", type=int, default=env("GATEWAY_PORT", d.port), help="port [VLMQ_GATEWAY_PORT] (%(default)s)"
-    )
+    flag(g, "--host", var="GATEWAY_HOST", default=d.host, help="bind address")
+    flag(g, "--port", var="GATEWAY_PORT", default=d.port, type=int, help="port")
     g.add_argument(
         "--api-key",
         action="append",
@@ -74,46 +70,61 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
         help="require this API key (repeatable); unset: no authentication "
         "[VLMQ_GATEWAY_API_KEYS, comma-separated]",
     )
-    g.add_argument(
+    flag(
+        g,
         "--models",
-        default=env("GATEWAY_MODELS", ",".join(d.models)),
-        help="comma-separated model names served; the first goes to the shared streams, the others "
-        "to the streams of workers started with --model-name NAME [VLMQ_GATEWAY_MODELS] (%(default)s)",
+        var="GATEWAY_MODELS",
+        default=",".join(d.models),
+        help="comma-separated model names served; the first goes to the shared streams, the others to the "
+        "streams of workers started with --model-name NAME",
     )
-    g.add_argument(
+    flag(
+        g,
         "--timeout-s",
+        var="GATEWAY_TIMEOUT_S",
+        default=d.timeout_s,
         type=float,
-        default=env("GATEWAY_TIMEOUT_S", d.timeout_s),
-        help="longest wait for a reply, also sent as the request deadline [VLMQ_GATEWAY_TIMEOUT_S] (%(default)s)",
+        help="longest wait for a reply, also sent as the request deadline",
     )
-    g.add_argument(
+    flag(
+        g,
         "--default-max-tokens",
+        var="GATEWAY_DEFAULT_MAX_TOKENS",
+        default=d.default_max_tokens,
         type=int,
-        default=env("GATEWAY_DEFAULT_MAX_TOKENS", d.default_max_tokens),
-        help="max_tokens of OpenAI requests that give none [VLMQ_GATEWAY_DEFAULT_MAX_TOKENS] (%(default)s)",
+        help="max_tokens of OpenAI requests that give none",
     )
-    g.add_argument(
+    flag(
+        g,
         "--sessions",
+        var="GATEWAY_SESSIONS",
+        default=d.sessions,
         type=int,
-        default=env("GATEWAY_SESSIONS", d.sessions),
-        help="pooled sessions for requests without X-Session-Id [VLMQ_GATEWAY_SESSIONS] (%(default)s)",
+        help="pooled sessions for requests without X-Session-Id",
     )
-    g.add_argument(
+    flag(
+        g,
         "--max-sessions",
+        var="GATEWAY_MAX_SESSIONS",
+        default=d.max_sessions,
         type=int,
-        default=env("GATEWAY_MAX_SESSIONS", d.max_sessions),
-        help="named sessions kept open at once [VLMQ_GATEWAY_MAX_SESSIONS] (%(default)s)",
+        help="named sessions kept open at once",
     )
-    g.add_argument(
+    flag(
+        g,
         "--ws-max-in-flight",
+        var="GATEWAY_WS_MAX_IN_FLIGHT",
+        default=d.ws_max_in_flight,
         type=int,
-        default=env("GATEWAY_WS_MAX_IN_FLIGHT", d.ws_max_in_flight),
-        help="requests one WebSocket may have waiting [VLMQ_GATEWAY_WS_MAX_IN_FLIGHT] (%(default)s)",
+        help="requests one WebSocket may have waiting",
     )
-    g.add_argument(
+    flag(
+        g,
         "--name",
-        default=env("GATEWAY_NAME", ""),
-        help="gateway name, unique per gateway; pooled session ids derive from it [VLMQ_GATEWAY_NAME] (gw-host-pid)",
+        var="GATEWAY_NAME",
+        default="",
+        help="gateway name, unique per gateway; pooled session ids derive from it",
+        shown="gw-host-pid",
     )
 
 
