@@ -27,22 +27,18 @@ class VisionEncoder:
 
         # cu_seqlens stays on the CPU, which only our attention function accepts (real
         # flash-attention kernels want it on the GPU)
-        self.precompute = (
+        self.sync_free = (
             type(self.visual).__name__ in PRECOMPUTABLE and self.visual.config._attn_implementation == NAME
         )
         self.merge = int(self.visual.spatial_merge_size)
         self.max_plans = max_plans
         self._plans: OrderedDict[Tuple[Grid, ...], Dict[str, Any]] = OrderedDict()
 
-    @property
-    def sync_free(self) -> bool:
-        return self.precompute
-
     def __call__(self, pixel_values: Any, grids: Sequence[Grid], grid_thw: Any) -> Any:
         """(sum of image tokens, hidden) for images with patch grids `grids` (t, h, w), in order."""
         visual = self.visual
         pixel_values = pixel_values.type(visual.dtype)
-        if not self.precompute:
+        if not self.sync_free:
             return self._stock(pixel_values, grid_thw)
         import torch
 
