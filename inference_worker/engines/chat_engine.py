@@ -142,13 +142,10 @@ class ChatEngine:
     def embed(self, batch) -> Any:
         """Input embeddings (B, S, hidden): token embeddings, image features in place of
         the image placeholders."""
-        h = self.stack.embed(batch.input_ids)
-        if batch.pixel_values is not None:
-            feats = batch.image_features
-            if feats is None:
-                feats = self.vision(batch.pixel_values, batch.grids, batch.image_grid_thw)
-            h.view(-1, h.shape[-1]).index_copy_(0, batch.image_index, feats.to(h.dtype))
-        return h
+        feats = batch.image_features
+        if feats is None and batch.pixel_values is not None:
+            feats = self.vision(batch.pixel_values, batch.grids, batch.image_grid_thw)
+        return self.stack.input_embeddings(batch.input_ids, feats, batch.image_index)
 
     def _decode(
         self, cache: KVCache, batch, first, samplings: Sequence[Sampling], max_new: int

@@ -155,10 +155,11 @@ class InputBuilder:
         input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
         mm = (input_ids == self.image_token_id).int()
+        mm_np = mm.numpy()
         if images is None:
             images = self.images(prompts)
         grids = images.grids if images is not None else []
-        pos, nxt = mrope_positions(mm.numpy(), mask.numpy(), grids, self.policy.merge_size)
+        pos, nxt = mrope_positions(mm_np, mask.numpy(), grids, self.policy.merge_size)
         dev = self.device
         return BatchInputs(
             input_ids=input_ids.to(dev),
@@ -169,5 +170,5 @@ class InputBuilder:
             pixel_values=images.pixel_values if images is not None else None,
             image_grid_thw=images.image_grid_thw if images is not None else None,
             grids=grids,
-            image_index=torch.from_numpy(np.flatnonzero(mm.numpy())).to(dev) if images is not None else None,
+            image_index=torch.from_numpy(np.flatnonzero(mm_np)).to(dev) if images is not None else None,
         )

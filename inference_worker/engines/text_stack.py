@@ -45,6 +45,14 @@ class TextStack:
             len(self.layers[:layers]), batch, self.kv_heads, capacity, self.head_dim, self.dtype, self.device
         )
 
+    def input_embeddings(self, tokens, image_features=None, image_index=None) -> Any:
+        """Token embeddings (B, S, hidden), with image features (one row per image token)
+        written at the flat positions `image_index` of their placeholders."""
+        h = self.embed(tokens)
+        if image_features is not None:
+            h.view(-1, h.shape[-1]).index_copy_(0, image_index, image_features.to(h.dtype))
+        return h
+
     def forward(self, cache: KVCache, tokens, positions, start) -> Any:
         """Run `tokens` (B, T) at rope `positions` (B, T), writing cache columns start..start+T-1
         (`start`: 0-dim long tensor); returns logits (B, T, vocab) in float32."""

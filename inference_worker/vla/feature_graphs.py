@@ -34,9 +34,8 @@ class _Graph:
         self.load(batch)
 
         def run() -> torch.Tensor:
-            h = stack.embed(self.ids)
             feats = extractor.vision(self.pixels, self.grids, None)
-            h.view(-1, h.shape[-1]).index_copy_(0, self.index, feats.to(h.dtype))
+            h = stack.input_embeddings(self.ids, feats, self.index)
             return stack.prefill(self.cache, h, self.pos, self.mask, layers=extractor.layer)
 
         side = torch.cuda.Stream()

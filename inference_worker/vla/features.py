@@ -131,9 +131,8 @@ class FeatureExtractor:
             out = self.graphs(batch)
             if out is not None:
                 return out
-        h = self.stack.embed(batch.input_ids)
         feats = self.vision(batch.pixel_values, batch.grids, batch.image_grid_thw)
-        h.view(-1, h.shape[-1]).index_copy_(0, batch.image_index, feats.to(h.dtype))
+        h = self.stack.input_embeddings(batch.input_ids, feats, batch.image_index)
         cache = self.stack.new_cache(batch.batch, batch.length, layers=self.layer)
         return self.stack.prefill(cache, h, batch.position_ids, batch.attention_mask, layers=self.layer)
 
