@@ -205,6 +205,11 @@ def test_own_prefill_matches_the_full_forward(engine):
     assert torch.allclose(ours, ref, atol=1e-4, rtol=1e-4)
 
 
+def test_own_prefill_is_refused_for_deepstack_models(tiny_qwen3_vl):
+    with pytest.raises(ValueError, match="deepstack"):
+        ChatEngine(load_vlm(tiny_qwen3_vl), EngineOptions(prefill="stack"))
+
+
 def test_vision_encoder_matches_the_stock_image_features(engine):
     """Mixed sizes (packed attention per length) and one size (a view, no cu_seqlens read)."""
     for imgs in (frames(), [frames()[0]] * 3):

@@ -62,9 +62,10 @@ class ChatEngine:
         self.vision = VisionEncoder(self.model)
         # our prefill covers towers whose features enter the text model only as input
         # embeddings; Qwen3-VL's deepstack also adds them inside early layers
-        self.own_prefill = self.options.prefill == "stack" or (
-            self.options.prefill == "auto" and not has_deepstack(self.model)
-        )
+        deepstack = has_deepstack(self.model)
+        if self.options.prefill == "stack" and deepstack:
+            raise ValueError("option prefill=stack: this model's deepstack features need prefill=hf or auto")
+        self.own_prefill = self.options.prefill != "hf" and not deepstack
         eos = self.model.generation_config.eos_token_id
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         if self.tokenizer.eos_token_id is not None:

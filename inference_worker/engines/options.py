@@ -20,7 +20,8 @@ class EngineOptions:
     fuse: str = "auto"
     # The prompt pass: stack = the engine's own layer loop (text_stack.py), writing the
     # decode cache directly; hf = transformers' forward; auto = stack where the model
-    # allows it (not Qwen3-VL, whose deepstack features enter inside the text layers).
+    # allows it (not Qwen3-VL, whose deepstack features enter inside the text layers;
+    # stack is refused there).
     prefill: str = "auto"
     capacity_step: int = 256  # KV-cache columns are allocated in multiples of this (graphs)
     max_graphs: int = 6  # captured (batch, capacity) shapes kept on the GPU
