@@ -148,3 +148,30 @@ def test_worker_fails_fast_on_a_missing_model_folder(settings, tmp_path):
         stop_process(proc)
     assert proc.returncode not in (0, None)
     assert "does not exist" in out and "Traceback" not in out
+
+
+def test_prepared_ahead_answers_as_without(worker, tiny_qwen2_vl):
+    """The chat handlers' prepare() (prompt built, images through the vision tower) changes
+    nothing in the answers; a request that fails to build keeps its error; the worker of
+    these tests prepared the requests it served while their batches filled."""
+    from inference_worker.engines.chat_engine import ChatEngine
+    from inference_worker.handlers.structured_action import StructuredActionHandler
+    from inference_worker.handlers.text_action import TextActionHandler
+    from inference_worker.models import load_vlm
+    from schemas.errors import ProtocolError
+
+    engine = ChatEngine(load_vlm(tiny_qwen2_vl))
+    text = TextActionHandler(engine)
+    reqs = [chat(FRAME, "Next?", max_tokens=6), chat(OTHER, "Then?", max_tokens=6), chat("<|image_pad|>")]
+    prepared = text.prepare(reqs)
+    assert prepared[0].image_features is not None and isinstance(prepared[2], ProtocolError)
+    ahead, plain = text.run(reqs, prepared).results, text.run(reqs).results
+    assert ahead[:2] == plain[:2] and str(ahead[2]) == str(plain[2])
+    minerl = StructuredActionHandler(engine)
+    acts = [
+        StructuredActionRequest(image=FRAME, max_tokens=6),
+        StructuredActionRequest(image=OTHER, max_tokens=6),
+    ]
+    assert text.prepares and minerl.prepares
+    assert minerl.run(acts, minerl.prepare(acts)).results == minerl.run(acts).results
+    assert worker.worker.stats["prepared"] > 0

@@ -90,7 +90,9 @@ class ActionChunkHandler(Handler):
         self.run([req])
         self.cache.reset("vlmq-warmup")
 
-    def run(self, requests: Sequence[ActionChunkRequest]) -> HandlerOutput:
+    def run(
+        self, requests: Sequence[ActionChunkRequest], prepared: Optional[Sequence[Any]] = None
+    ) -> HandlerOutput:
         sw = Stopwatch()
         results: List[Any] = [None] * len(requests)
         frames: Dict[int, np.ndarray] = {}

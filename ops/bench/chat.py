@@ -57,6 +57,11 @@ def add_args(p) -> None:
     p.add_argument("--max-wait-ms", type=float, default=50.0, help="worker --max-wait-ms (%(default)s)")
     p.add_argument("--regroup-ms", type=float, default=50.0, help="worker --regroup-ms (%(default)s)")
     p.add_argument(
+        "--prepare-ahead",
+        default="on",
+        help="worker --prepare-ahead; 'on,off' runs (b) both ways, side by side (%(default)s)",
+    )
+    p.add_argument(
         "--option", action="append", default=[], metavar="KEY=VALUE", help="extra worker --option, repeatable"
     )
     p.add_argument("--skip-check", action="store_true", help="skip the in-process engine runs")
@@ -250,7 +255,7 @@ def _sessions(url, prefix, first, count, text, size, max_tokens, t_end, queue) -
 
     broker = BrokerSettings(url=url, prefix=prefix)
     frame = frames(1, size)[0]
-    done: List[Tuple[float, float, int]] = []
+    done: List[Tuple[float, float, int, int, float]] = []
 
     async def session(i: int) -> None:
         async with AsyncAgentClient(f"bench-{i}", settings=broker) as client:
@@ -268,7 +273,16 @@ def _sessions(url, prefix, first, count, text, size, max_tokens, t_end, queue) -
                 )
                 t0 = time.time()
                 reply = await client.request(req, timeout=300)
-                done.append((time.time(), time.time() - t0, reply.result.completion_tokens))
+                model_ms = sum(v for k, v in reply.timings.items() if k != "queue_ms")
+                done.append(
+                    (
+                        time.time(),
+                        time.time() - t0,
+                        reply.result.completion_tokens,
+                        reply.batch_size,
+                        model_ms,
+                    )
+                )
                 step += 1
 
     async def main() -> None:
@@ -279,7 +293,7 @@ def _sessions(url, prefix, first, count, text, size, max_tokens, t_end, queue) -
 
 
 def served(
-    folder: str, args, text: str, max_batch: int, devices: Optional[List[str]] = None
+    folder: str, args, text: str, max_batch: int, devices: Optional[List[str]] = None, prepare: str = "on"
 ) -> Dict[str, float]:
     """(b): one `vlmq worker` per entry of `devices` (default: --device), all in one
     consumer group of one Redis, and --sessions closed-loop agent sessions."""
@@ -298,7 +312,7 @@ def served(
                 "--name", f"bench-worker-{i}", "--backend", "hf", "--model", folder, "--device", device,
                 "--dtype", args.dtype, "--kinds", "text_action", "--max-batch", str(max_batch),
                 "--max-wait-ms", str(args.max_wait_ms), "--regroup-ms", str(args.regroup_ms),
-                "--option", "ignore_eos=1",
+                "--prepare-ahead", prepare, "--option", "ignore_eos=1",
             )  # fmt: skip
             for o in args.option:
                 cmd += ["--option", o]
@@ -359,6 +373,9 @@ def served(
         "latency_p50_s": statistics.median(lat) if lat else 0.0,
         "latency_p95_s": lat[int(0.95 * (len(lat) - 1))] if lat else 0.0,
         "replies": float(len(window)),
+        "batch_size_mean": statistics.mean(d[3] for d in window) if window else 0.0,
+        # each reply carries its batch's model time: summed once per batch, over the window
+        "model_busy_fraction": sum(d[4] / d[3] for d in window) / 1000 / args.seconds / len(devices),
         "gpu_memory_mib": mib,
         "card": card,  # type: ignore[dict-item]
     }
@@ -387,9 +404,12 @@ def run(args) -> int:
         _free(args.device)
         log.info("(a) %s", a)
         runs = {}
+        prepare_off = {}
         for mb in (int(x) for x in str(args.max_batch).split(",")):
-            runs[mb] = served(folder, args, text, mb)
-            log.info("(b) max_batch %d: %s", mb, runs[mb])
+            for prepare in args.prepare_ahead.split(","):
+                r = served(folder, args, text, mb, prepare=prepare)
+                log.info("(b) max_batch %d, prepare-ahead %s: %s", mb, prepare, r)
+                (prepare_off if prepare == "off" and "on" in args.prepare_ahead else runs)[mb] = r
         best = max(runs, key=lambda mb: runs[mb]["rps"])
         b = runs[best]
     finally:
@@ -399,7 +419,8 @@ def run(args) -> int:
     where = (
         f"{card}; {args.arch} {args.preset if not args.model else 'checkpoint'}, {args.image_size}-px image, "
         f"{int(a['prompt_tokens'])} prompt tokens, {args.max_tokens} new tokens; {args.sessions} sessions in "
-        f"{args.procs} processes; worker --max-batch {best} --max-wait-ms {args.max_wait_ms:g} --regroup-ms {args.regroup_ms:g}; "
+        f"{args.procs} processes; worker --max-batch {best} --max-wait-ms {args.max_wait_ms:g} --regroup-ms {args.regroup_ms:g} "
+        f"--prepare-ahead {args.prepare_ahead.split(',')[0]}; "
         f"{machine_description()}"
     )
     n = args.sessions
@@ -417,6 +438,34 @@ def run(args) -> int:
                 f"throughput_rps_{n}_sessions_max_batch_{mb}", r["rps"], "requests/s", a["rps"], machine=where
             )
         )
+    recs.append(record(f"batch_size_mean_{n}_sessions", b["batch_size_mean"], "requests", machine=where))
+    recs.append(
+        record(f"model_busy_fraction_{n}_sessions", b["model_busy_fraction"], "fraction", machine=where)
+    )
+    for mb, r in sorted(prepare_off.items()):
+        # the same served run with --prepare-ahead off: the ratio is on / off, side by side
+        off = where.replace("--prepare-ahead on", "--prepare-ahead off")
+        recs.append(
+            record(f"throughput_rps_{n}_sessions_prepare_ahead_off", r["rps"], "requests/s", machine=off)
+        )
+        if mb in runs:
+            recs.append(
+                record(
+                    f"prepare_ahead_speedup_{n}_sessions",
+                    runs[mb]["rps"],
+                    "requests/s",
+                    r["rps"],
+                    machine=where,
+                )
+            )
+            recs.append(
+                record(
+                    f"model_busy_fraction_{n}_sessions_prepare_ahead_off",
+                    r["model_busy_fraction"],
+                    "fraction",
+                    machine=off,
+                )
+            )
     for k, v in a.items():
         if k.startswith(("engine_", "graph_", "probe_")):
             unit = "ms" if k.endswith("_ms") else ("requests/s" if k.endswith("rps") else "fraction")
