@@ -272,20 +272,29 @@ class Preparing(SyntheticHandler):
 
 @pytest.mark.parametrize("ahead", [True, False])
 def test_requests_are_prepared_while_their_batch_fills(settings, ahead):
-    """With prepare_ahead the handler starts on queued requests while the model thread idles,
-    and each batch gets every state it made, for its own requests; a batch taken while a
-    prepare runs waits for it. Off, run() gets nothing prepared."""
+    """With prepare_ahead the handler starts on queued requests while the model thread idles
+    (once a quarter of a batch is waiting), and each batch gets every state it made, for its
+    own requests; a batch taken while a prepare runs waits for it. Off, run() gets nothing
+    prepared."""
     handler = Preparing()
     ws = synthetic_settings(
-        settings, kinds=("text_action",), max_batch=64, max_wait_ms=300.0, prepare_ahead=ahead
+        settings, kinds=("text_action",), max_batch=16, max_wait_ms=600.0, prepare_ahead=ahead
     )
+
+    async def two_waves():
+        async with AsyncAgentClient("prep", settings=settings) as client:
+            futs = [await client.submit(text(i)) for i in range(4)]
+            await asyncio.sleep(0.15)
+            futs += [await client.submit(text(i)) for i in range(4, 8)]
+            return await asyncio.wait_for(asyncio.gather(*futs), 30)
+
     with WorkerThread(ws, {"text_action": handler}) as w:
-        replies, _ = asyncio.run(gather_requests(settings, "prep", [text(i) for i in range(6)]))
+        replies = asyncio.run(two_waves())
         stats = dict(w.worker.stats)
     assert all(r.ok for r in replies)
     handed = [x for b in handler.handed for x in b]
-    assert len(handed) == 6
+    assert sorted(rid for rid, _ in handed) == sorted(r.request_id for r in replies)
     if ahead:
-        assert all(p == f"ready:{rid}" for rid, p in handed) and stats["prepared"] == 6
+        assert all(p == f"ready:{rid}" for rid, p in handed) and stats["prepared"] == 8
     else:
         assert handler.handed == [[(rid, None) for rid, _ in handed]] and stats["prepared"] == 0

@@ -4,6 +4,7 @@ and a tiny random-weight Qwen2-VL (a real architecture; its answers are noise) -
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 
 import numpy as np
@@ -150,10 +151,10 @@ def test_worker_fails_fast_on_a_missing_model_folder(settings, tmp_path):
     assert "does not exist" in out and "Traceback" not in out
 
 
-def test_prepared_ahead_answers_as_without(worker, tiny_qwen2_vl):
+def test_prepared_ahead_answers_as_without(broker, tiny_qwen2_vl):
     """The chat handlers' prepare() (prompt built, images through the vision tower) changes
-    nothing in the answers; a request that fails to build keeps its error; the worker of
-    these tests prepared the requests it served while their batches filled."""
+    nothing in the answers; a request that fails to build keeps its error; a worker
+    prepares requests while their batch fills."""
     from inference_worker.engines.chat_engine import ChatEngine
     from inference_worker.handlers.structured_action import StructuredActionHandler
     from inference_worker.handlers.text_action import TextActionHandler
@@ -174,4 +175,12 @@ def test_prepared_ahead_answers_as_without(worker, tiny_qwen2_vl):
     ]
     assert text.prepares and minerl.prepares
     assert minerl.run(acts, minerl.prepare(acts)).results == minerl.run(acts).results
-    assert worker.worker.stats["prepared"] > 0
+    own = dataclasses.replace(broker, prefix=broker.prefix + "p")  # not the module's worker
+    settings = synthetic_settings(
+        own, backend="hf", model_path=tiny_qwen2_vl, kinds=("text_action",), max_wait_ms=300.0, max_batch=4
+    )
+    with WorkerThread(settings) as w:
+        with AgentClient("prep", settings=own) as c:
+            futs = [c.submit(chat(FRAME, f"q{i}", max_tokens=3, step=i)) for i in range(3)]
+            assert all(f.result(120).ok for f in futs)
+        assert w.worker.stats["prepared"] == 3
