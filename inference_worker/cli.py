@@ -40,15 +40,6 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     )
     flag(
         g,
-        "--prepare-ahead",
-        var="PREPARE_AHEAD",
-        default="on",
-        choices=["on", "off"],
-        help="while a batch fills and the model is idle, start on its requests (chat kinds: "
-        "build the prompts, run their images through the vision tower)",
-    )
-    flag(
-        g,
         "--prefetch",
         var="PREFETCH",
         default=0,
@@ -160,7 +151,6 @@ def settings_from_args(args: argparse.Namespace):
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
         regroup_ms=args.regroup_ms,
-        prepare_ahead=args.prepare_ahead == "on",
         prefetch=args.prefetch,
         backend=args.backend,
         model_path=args.model or None,

@@ -16,7 +16,7 @@ import itertools
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Container, Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 from broker.consumer import Delivery
 from inference_worker.regroup import Regrouper
@@ -29,8 +29,6 @@ class Item:
     request: Request
     arrived: float = field(default_factory=time.monotonic)
     seq: int = 0
-    prepared: Any = None  # what the handler's prepare() made of it, if it ran
-    prepare_tried: bool = False
 
     @property
     def order(self) -> Tuple[float, int]:
@@ -65,22 +63,6 @@ class Scheduler:
 
     def items(self) -> List[Item]:
         return [i for q in self.queues.values() for i in q]
-
-    def to_prepare(self, kinds: Container[str], share: int = 4) -> List[Item]:
-        """Up to a batch of queued items of one of `kinds` not handed to prepare() yet, of
-        the kind whose oldest such item came first; none until there are a `share`-th of a
-        batch of them: each prepare() pays a fixed cost in the model thread (launching the
-        vision tower is ~10-20 ms of Python), so a trickle of small ones costs more than
-        it saves."""
-        best: List[Item] = []
-        for kind, q in self.queues.items():
-            if kind not in kinds:
-                continue
-            todo = [i for i in q if not i.prepare_tried]
-            enough = len(todo) >= max(1, self.batch_limit(kind) // share)
-            if enough and (not best or todo[0].seq < best[0].seq):
-                best = todo[: self.batch_limit(kind)]
-        return best
 
     def add(self, item: Item) -> Optional[Item]:
         """Queue an item; returns an older item it supersedes (latest_only), if any."""

@@ -27,7 +27,6 @@ class WorkerSettings:
     max_batch_by_kind: Dict[str, int] = field(default_factory=dict)
     max_wait_ms: float = 2.0  # after the first request of a batch arrives
     regroup_ms: float = 50.0  # wait for quick-returning sessions of the last batch (regroup.py)
-    prepare_ahead: bool = True  # handlers start on queued requests while the model thread idles
     prefetch: int = 0  # requests read ahead of the model; 0 = 2 x max_batch
     block_ms: int = 500  # XREADGROUP block; bounds how long shutdown waits for the reader
     heartbeat_s: float = 2.0

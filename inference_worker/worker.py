@@ -53,11 +53,6 @@ class Worker:
         self._room = asyncio.Event()
         self._commits: Set[asyncio.Task] = set()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlmq-model")
-        self._model = asyncio.Lock()  # held while the model thread runs a batch or a prepare
-        self._prepare_wake = asyncio.Event()
-        self._preparing = {k for k, h in handlers.items() if h.prepares and h.blocking}
-        if not settings.prepare_ahead:
-            self._preparing.clear()
         self.stats = {
             "batches": 0,
             "requests": 0,
@@ -65,7 +60,6 @@ class Worker:
             "dead_letters": 0,
             "reclaimed": 0,
             "fenced": 0,  # results dropped: another consumer had taken their messages over
-            "prepared": 0,  # requests whose handler started on them while their batch filled
         }
         self.started_at = time.time()
 
@@ -106,8 +100,6 @@ class Worker:
             asyncio.create_task(self._keep_alive(), name="keep-alive"),
             asyncio.create_task(self._heartbeat(), name="heartbeat"),
         ]
-        if self._preparing:
-            side.append(asyncio.create_task(self._prepare_ahead(), name="prepare"))
         log.info(
             "worker %s serving %s on %d streams", self.name, ",".join(self.handlers), len(self.reader.streams)
         )
@@ -205,36 +197,8 @@ class Worker:
                     ErrorCode.SUPERSEDED, f"superseded by a newer request of session {req.session_id}"
                 )
                 rejected.append(self._error(old.delivery, old.request, exc, dead=False))
-        self._prepare_wake.set()
         if rejected:
             await self._commit(rejected)
-
-    async def _prepare_ahead(self) -> None:
-        """While no batch runs, hand queued requests to their handler's prepare(): the batch
-        they join then starts with that part done (the chat kinds: prompts built, images
-        through the vision tower while the batch is still filling)."""
-        loop = asyncio.get_running_loop()
-        while not self.stopping:
-            await self._prepare_wake.wait()
-            self._prepare_wake.clear()
-            while not self._model.locked() and not self.stopping:
-                async with self._model:  # a batch taken meanwhile waits for these states
-                    items = self.scheduler.to_prepare(self._preparing)  # still queued
-                    if not items:
-                        break
-                    handler = self.handlers[items[0].request.kind]
-                    for i in items:
-                        i.prepare_tried = True
-                    try:
-                        states = await loop.run_in_executor(
-                            self._executor, handler.prepare, [i.request for i in items]
-                        )
-                    except Exception:  # the batch does the work itself
-                        log.exception("preparing %d %s request(s) failed", len(items), handler.kind)
-                        continue
-                    for i, state in zip(items, states):
-                        i.prepared = state
-                    self.stats["prepared"] += len(items)
 
     def _decode(self, d: Delivery) -> Request:
         body = d.body
@@ -270,12 +234,7 @@ class Worker:
         handler = self.handlers[batch.kind]
         started = time.time()
         if handler.blocking:
-            async with self._model:
-                prepared = [i.prepared for i in batch.items] if batch.kind in self._preparing else None
-                output = await loop.run_in_executor(
-                    self._executor, _run_safely, handler, batch.requests, prepared
-                )
-            self._prepare_wake.set()
+            output = await loop.run_in_executor(self._executor, _run_safely, handler, batch.requests)
         else:
             output = _run_safely(handler, batch.requests)
         finished = time.time()
@@ -418,10 +377,10 @@ class Worker:
             await asyncio.sleep(self.settings.heartbeat_s)
 
 
-def _run_safely(handler: Handler, requests: List[Request], prepared: Optional[List] = None) -> HandlerOutput:
+def _run_safely(handler: Handler, requests: List[Request]) -> HandlerOutput:
     """Run a batch; if it raises, run its requests one by one so one bad request fails alone."""
     try:
-        out = handler.run(requests, prepared)
+        out = handler.run(requests)
         if len(out.results) != len(requests):
             raise RuntimeError(f"handler returned {len(out.results)} results for {len(requests)} requests")
         return out
@@ -431,8 +390,8 @@ def _run_safely(handler: Handler, requests: List[Request], prepared: Optional[Li
             return HandlerOutput([ProtocolError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")])
     results = []
     timings: Dict[str, float] = {}
-    for k, r in enumerate(requests):
-        one = _run_safely(handler, [r], None if prepared is None else [prepared[k]])
+    for r in requests:
+        one = _run_safely(handler, [r])
         results += one.results
         for k, v in one.timings.items():
             timings[k] = timings.get(k, 0.0) + v

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 from broker.settings import BrokerSettings
 from inference_worker.handlers import build_handlers
@@ -68,7 +68,7 @@ class GatedHandler(SyntheticHandler):
         self.running = threading.Event()  # set once the first batch is in the model
         self.seen: List[Request] = []
 
-    def run(self, requests: Sequence[Request], prepared: Optional[Sequence[Any]] = None) -> HandlerOutput:
+    def run(self, requests: Sequence[Request]) -> HandlerOutput:
         self.seen += list(requests)
         self.running.set()
         assert self.gate.wait(120), "the test never opened the gate"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from typing import Any, List, Optional, Sequence
+from typing import List, Sequence
 
 import numpy as np
 import pytest
@@ -39,7 +39,7 @@ class Recording(Handler):
         self.gate.set()
         self.entered = threading.Event()
 
-    def run(self, requests: Sequence[Request], prepared: Optional[Sequence[Any]] = None) -> HandlerOutput:
+    def run(self, requests: Sequence[Request]) -> HandlerOutput:
         self.entered.set()
         self.gate.wait(30)
         self.batches.append(len(requests))
@@ -248,53 +248,3 @@ def test_stale_replies_of_an_earlier_life_are_ignored(settings):
         with AgentClient("phoenix", settings=settings) as second:  # same session, new process
             reply = second.request(text(2), timeout=20)
             assert reply.step == 2 and second.stale == 0
-
-
-class Preparing(SyntheticHandler):
-    """Synthetic text_action whose prepare() takes 50 ms in the model thread and tags each
-    request; run() records what it was handed."""
-
-    prepares = True
-
-    def __init__(self) -> None:
-        super().__init__("text_action")
-        self.blocking = True
-        self.handed: List[List[Any]] = []
-
-    def prepare(self, requests: Sequence[Request]) -> List[Any]:
-        time.sleep(0.05)
-        return [f"ready:{r.request_id}" for r in requests]
-
-    def run(self, requests: Sequence[Request], prepared: Optional[Sequence[Any]] = None) -> HandlerOutput:
-        self.handed.append([(r.request_id, p) for r, p in zip(requests, prepared or [None] * len(requests))])
-        return super().run(requests)
-
-
-@pytest.mark.parametrize("ahead", [True, False])
-def test_requests_are_prepared_while_their_batch_fills(settings, ahead):
-    """With prepare_ahead the handler starts on queued requests while the model thread idles
-    (once a quarter of a batch is waiting), and each batch gets every state it made, for its
-    own requests; a batch taken while a prepare runs waits for it. Off, run() gets nothing
-    prepared."""
-    handler = Preparing()
-    ws = synthetic_settings(
-        settings, kinds=("text_action",), max_batch=16, max_wait_ms=600.0, prepare_ahead=ahead
-    )
-
-    async def two_waves():
-        async with AsyncAgentClient("prep", settings=settings) as client:
-            futs = [await client.submit(text(i)) for i in range(4)]
-            await asyncio.sleep(0.15)
-            futs += [await client.submit(text(i)) for i in range(4, 8)]
-            return await asyncio.wait_for(asyncio.gather(*futs), 30)
-
-    with WorkerThread(ws, {"text_action": handler}) as w:
-        replies = asyncio.run(two_waves())
-        stats = dict(w.worker.stats)
-    assert all(r.ok for r in replies)
-    handed = [x for b in handler.handed for x in b]
-    assert sorted(rid for rid, _ in handed) == sorted(r.request_id for r in replies)
-    if ahead:
-        assert all(p == f"ready:{rid}" for rid, p in handed) and stats["prepared"] == 8
-    else:
-        assert handler.handed == [[(rid, None) for rid, _ in handed]] and stats["prepared"] == 0

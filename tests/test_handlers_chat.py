@@ -4,7 +4,6 @@ and a tiny random-weight Qwen2-VL (a real architecture; its answers are noise) -
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import uuid
 
 import numpy as np
@@ -149,38 +148,3 @@ def test_worker_fails_fast_on_a_missing_model_folder(settings, tmp_path):
         stop_process(proc)
     assert proc.returncode not in (0, None)
     assert "does not exist" in out and "Traceback" not in out
-
-
-def test_prepared_ahead_answers_as_without(broker, tiny_qwen2_vl):
-    """The chat handlers' prepare() (prompt built, images through the vision tower) changes
-    nothing in the answers; a request that fails to build keeps its error; a worker
-    prepares requests while their batch fills."""
-    from inference_worker.engines.chat_engine import ChatEngine
-    from inference_worker.handlers.structured_action import StructuredActionHandler
-    from inference_worker.handlers.text_action import TextActionHandler
-    from inference_worker.models import load_vlm
-    from schemas.errors import ProtocolError
-
-    engine = ChatEngine(load_vlm(tiny_qwen2_vl))
-    text = TextActionHandler(engine)
-    reqs = [chat(FRAME, "Next?", max_tokens=6), chat(OTHER, "Then?", max_tokens=6), chat("<|image_pad|>")]
-    prepared = text.prepare(reqs)
-    assert prepared[0].image_features is not None and isinstance(prepared[2], ProtocolError)
-    ahead, plain = text.run(reqs, prepared).results, text.run(reqs).results
-    assert ahead[:2] == plain[:2] and str(ahead[2]) == str(plain[2])
-    minerl = StructuredActionHandler(engine)
-    acts = [
-        StructuredActionRequest(image=FRAME, max_tokens=6),
-        StructuredActionRequest(image=OTHER, max_tokens=6),
-    ]
-    assert text.prepares and minerl.prepares
-    assert minerl.run(acts, minerl.prepare(acts)).results == minerl.run(acts).results
-    own = dataclasses.replace(broker, prefix=broker.prefix + "p")  # not the module's worker
-    settings = synthetic_settings(
-        own, backend="hf", model_path=tiny_qwen2_vl, kinds=("text_action",), max_wait_ms=300.0, max_batch=4
-    )
-    with WorkerThread(settings) as w:
-        with AgentClient("prep", settings=own) as c:
-            futs = [c.submit(chat(FRAME, f"q{i}", max_tokens=3, step=i)) for i in range(3)]
-            assert all(f.result(120).ok for f in futs)
-        assert w.worker.stats["prepared"] == 3

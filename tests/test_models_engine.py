@@ -248,19 +248,3 @@ def test_linear_patch_embedding_matches_the_conv(engine):
             values.view(-1, 3, engine.policy.temporal_patch_size, embed.patch_size, embed.patch_size)
         )
         assert torch.allclose(embed(values), conv.view(values.shape[0], -1), atol=1e-4, rtol=1e-4)
-
-
-def test_images_encoded_ahead_give_the_same_tokens(engine):
-    """The worker encodes queued prompts' images while their batch fills (ChatEngine.encode);
-    a batch mixing prompts encoded ahead and not gives the tokens of one without."""
-    samp = [Sampling(max_tokens=8)] * 8
-    plain = engine.generate(mixed_prompts(), samp)
-    prompts = mixed_prompts()
-    engine.encode(prompts[1:6:2] + prompts[7:])
-    ahead = [p.image_features is not None for p in prompts]
-    assert ahead == (
-        [False, True, False, True, False, True, False, True] if engine.own_prefill else [False] * 8
-    )
-    out = engine.generate(prompts, samp)
-    assert [c.token_ids for c in out] == [c.token_ids for c in plain]
-    assert all(p.image_features is None for p in prompts)  # used once

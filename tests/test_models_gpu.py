@@ -56,26 +56,6 @@ def test_graph_decoding_equals_eager_and_generate(request, fixture):
     assert g[0].token_ids == ref[: len(g[0].token_ids)]
 
 
-def test_images_encoded_ahead_on_cuda(tiny_qwen2_vl):
-    """Encoding ahead queues pinned copies and the vision tower without waiting for the GPU;
-    while a long batch still runs, prompts encoded ahead give the tokens of prompts not."""
-    from inference_worker.engines.chat_engine import ChatEngine
-    from inference_worker.engines.options import EngineOptions
-    from inference_worker.engines.sampling import Sampling
-    from inference_worker.models import load_vlm
-
-    engine = ChatEngine(load_vlm(tiny_qwen2_vl, device="cuda", dtype="float32"), EngineOptions(fuse="on"))
-    samp = [Sampling(max_tokens=10)] * 6
-    plain = engine.generate(_prompts(), samp)
-    prompts = _prompts()
-    busy = torch.randn(4096, 4096, device="cuda")
-    for _ in range(20):  # keep the GPU busy: the copies below must not wait for it, nor race it
-        busy = busy @ busy / 64
-    engine.encode(prompts[:3])
-    ahead = engine.generate(prompts, samp)
-    assert [c.token_ids for c in ahead] == [c.token_ids for c in plain]
-
-
 def test_nf4_loads_on_cuda(tiny_qwen2_vl):
     pytest.importorskip("bitsandbytes")
     from inference_worker.models import load_vlm

@@ -143,21 +143,3 @@ def test_regroup_ignores_sessions_that_come_back_slowly_or_never_came_back():
     s.replied("text_action", ["slow", "new"], now=100.0)
     s.add(item(session="c", arrived=100.0))
     assert len(s.take(now=100.001)[0].items) == 1
-
-
-def test_prepare_takes_a_quarter_batch_or_more_of_the_oldest_kind():
-    s = sched(max_batch=16, max_wait_ms=1000.0)
-    both = {"text_action", "structured_action"}
-    for i in range(3):
-        s.add(item("text_action", step=i))
-    assert s.to_prepare(both) == []  # 3 of 16: not worth a prepare yet
-    for i in range(3, 7):
-        s.add(item("structured_action", step=i))
-    assert [i.request.step for i in s.to_prepare(both)] == [3, 4, 5, 6]
-    s.add(item("text_action", step=7))
-    got = s.to_prepare(both)
-    assert [i.request.step for i in got] == [0, 1, 2, 7]  # its oldest came first
-    for i in got:
-        i.prepare_tried = True
-    assert [i.request.step for i in s.to_prepare(both)] == [3, 4, 5, 6]
-    assert s.to_prepare({"text_action"}) == []

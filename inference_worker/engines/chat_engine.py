@@ -129,41 +129,16 @@ class ChatEngine:
         return out.logits[:, -1].float()
 
     def _build(self, prompts: Sequence[ChatPrompt]):
-        """Model inputs. With our prefill the vision tower is queued on the GPU first for the
-        images not encoded ahead (its pass does not wait on the CPU), and the text side --
-        chat template, tokens, positions, ~0.3 ms a prompt -- is built while it runs."""
-        if not self.own_prefill:
-            return self.inputs.build(prompts)
-        import torch
-
-        self.encode(prompts)
-        batch = self.inputs.build(prompts, pixels=False)
-        feats = [p.image_features for p in prompts if p.images]
-        batch.image_features = torch.cat(feats) if feats else None
-        for p in prompts:
-            p.image_features = None  # used once: a prompt object sent again is encoded again
-        return batch
-
-    def encode(self, prompts: Sequence[ChatPrompt]) -> None:
-        """Queue the vision tower on the images of the prompts not encoded yet; each prompt
-        keeps its features. The worker calls this ahead (Handler.prepare) for requests
-        waiting for their batch to fill, so their tower pass runs while the GPU would idle.
-        Only our prefill takes features from outside; transformers' forward encodes itself."""
-        todo = [p for p in prompts if p.images and p.image_features is None]
-        if not todo or not self.own_prefill:
-            return
-        import torch
-
-        with torch.inference_mode():
-            images = self.inputs.images(todo)
+        """Model inputs. With our prefill the vision tower is queued on the GPU first (its
+        pass does not wait on the CPU), and the text side -- chat template, tokens,
+        positions, ~0.3 ms a prompt -- is built while it runs."""
+        images = self.inputs.images(prompts)
+        feats = None
+        if images is not None and self.own_prefill:
             feats = self.vision(images.pixel_values, images.grids, images.image_grid_thw)
-        per_image = [t * h * w // self.policy.merge_size**2 for t, h, w in images.grids]
-        counts, k = [], 0
-        for p in todo:
-            counts.append(sum(per_image[k : k + len(p.images)]))
-            k += len(p.images)
-        for p, f in zip(todo, feats.split(counts)):
-            p.image_features = f
+        batch = self.inputs.build(prompts, images)
+        batch.image_features = feats
+        return batch
 
     def embed(self, batch) -> Any:
         """Input embeddings (B, S, hidden): token embeddings, image features in place of

@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from inference_worker.engines.pixels import ImagePolicy, pixel_values, to_device
+from inference_worker.engines.pixels import ImagePolicy, pixel_values
 from inference_worker.engines.positions import mrope_positions
 from inference_worker.engines.prompt import ChatPrompt
 from schemas.errors import ErrorCode, ProtocolError
@@ -138,18 +138,12 @@ class InputBuilder:
         if not images:
             return None
         pv, grid = pixel_values(images, self.policy, self.device, self.dtype)
-        return ImageInputs(pv, grid, self.grids(prompts))
+        grids = [(1, img_h, img_w) for img_h, img_w in self.policy.grids(images)]
+        return ImageInputs(pv, grid, grids)
 
-    def grids(self, prompts: Sequence[ChatPrompt]) -> List[Any]:
-        """(t, h, w) patch grid of each image of the prompts, in order (CPU only)."""
-        images = [img for p in prompts for img in p.images]
-        return [(1, img_h, img_w) for img_h, img_w in self.policy.grids(images)]
-
-    def build(
-        self, prompts: Sequence[ChatPrompt], images: Optional[ImageInputs] = None, pixels: bool = True
-    ) -> BatchInputs:
-        """The batch; `images` if `self.images(prompts)` was called already. pixels=False
-        leaves the pixel values out (the engine has the image features already)."""
+    def build(self, prompts: Sequence[ChatPrompt], images: Optional[ImageInputs] = None) -> BatchInputs:
+        """The batch; `images` if `self.images(prompts)` was called already (the engine starts
+        the vision tower on them before the text side is built)."""
         import torch
 
         texts = [self.render(p) for p in prompts]
@@ -162,19 +156,19 @@ class InputBuilder:
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
         mm = (input_ids == self.image_token_id).int()
         mm_np = mm.numpy()
-        if images is None and pixels:
+        if images is None:
             images = self.images(prompts)
-        grids = images.grids if images is not None else self.grids(prompts)
+        grids = images.grids if images is not None else []
         pos, nxt = mrope_positions(mm_np, mask.numpy(), grids, self.policy.merge_size)
         dev = self.device
         return BatchInputs(
-            input_ids=to_device(input_ids, dev),
-            attention_mask=to_device(mask, dev),
-            mm_token_type_ids=to_device(mm, dev),
-            position_ids=to_device(torch.from_numpy(pos), dev),
-            next_positions=to_device(torch.from_numpy(nxt), dev),
+            input_ids=input_ids.to(dev),
+            attention_mask=mask.to(dev),
+            mm_token_type_ids=mm.to(dev),
+            position_ids=torch.from_numpy(pos).to(dev),
+            next_positions=torch.from_numpy(nxt).to(dev),
             pixel_values=images.pixel_values if images is not None else None,
             image_grid_thw=images.image_grid_thw if images is not None else None,
             grids=grids,
-            image_index=to_device(torch.from_numpy(np.flatnonzero(mm_np)), dev) if grids else None,
+            image_index=torch.from_numpy(np.flatnonzero(mm_np)).to(dev) if images is not None else None,
         )

@@ -82,11 +82,11 @@ def pixel_values(images: Sequence[np.ndarray], policy: ImagePolicy, device="cpu"
     for i, img in enumerate(sized):
         groups.setdefault(img.shape[:2], []).append(i)
     p, m, t = policy.patch_size, policy.merge_size, policy.temporal_patch_size
-    mean = to_device(torch.tensor(policy.mean), device).view(1, 3, 1, 1)
-    std = to_device(torch.tensor(policy.std), device).view(1, 3, 1, 1)
+    mean = torch.tensor(policy.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(policy.std, device=device).view(1, 3, 1, 1)
     per_image: List = [None] * len(sized)
     for (h, w), idx in groups.items():
-        batch = to_device(torch.from_numpy(np.stack([sized[i] for i in idx])), device)
+        batch = torch.from_numpy(np.stack([sized[i] for i in idx])).to(device, non_blocking=True)
         x = batch.permute(0, 3, 1, 2).float() * policy.rescale
         x = (x - mean) / std  # (n, C, H, W) float32, as the processor computes it
         n, c = x.shape[:2]
@@ -98,16 +98,5 @@ def pixel_values(images: Sequence[np.ndarray], policy: ImagePolicy, device="cpu"
         for j, i in enumerate(idx):
             per_image[i] = (x[j], (1, gh, gw))
     values = torch.cat([v for v, _ in per_image], dim=0)
-    grid = to_device(torch.tensor([g for _, g in per_image], dtype=torch.long), device)
+    grid = torch.tensor([g for _, g in per_image], dtype=torch.long, device=device)
     return values, grid
-
-
-def to_device(host, device):
-    """A CPU tensor onto `device` without waiting for the GPU: a copy from pageable memory
-    first synchronises the stream (the CPU would wait for all the work queued before it, a
-    vision pass queued ahead by ChatEngine.encode say); from pinned memory it does not."""
-    import torch
-
-    if torch.device(device).type != "cuda":
-        return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)

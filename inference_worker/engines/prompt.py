@@ -18,9 +18,6 @@ class ChatPrompt:
     messages: List[Dict[str, Any]]
     images: List[np.ndarray] = field(default_factory=list)
     rendered: Optional[str] = None  # the chat template applied, once checked (InputBuilder.check)
-    # (image tokens, hidden) on the model's device once the vision tower has run on `images`
-    # (ChatEngine.encode, called ahead of the batch while it fills)
-    image_features: Optional[Any] = None
 
 
 def text_part(text: str) -> Dict[str, str]:

@@ -3,7 +3,7 @@
 transformers' vision forward derives `cu_seqlens`, the longest segment and the patch
 positions from `image_grid_thw` on every call, reading it back from the GPU; it also
 accepts them precomputed. For the Qwen2-VL tower this module computes them on the CPU
-from the grids the input builder already knows (positions once per distinct grid), so a
+from the grids the input builder already knows (once per distinct set of grids), so a
 batch of frames runs as one stream of kernels: the CPU can queue the whole tower ahead
 of the GPU, and the pass can be captured in a CUDA graph (vla/feature_graphs.py). Other
 towers (Qwen2.5-VL windows, Qwen3-VL deepstack) take transformers' path unchanged.
@@ -20,7 +20,7 @@ PRECOMPUTABLE = ("Qwen2VisionTransformerPretrainedModel",)
 
 
 class VisionEncoder:
-    def __init__(self, model: Any, max_grids: int = 32) -> None:
+    def __init__(self, model: Any, max_plans: int = 32) -> None:
         self.model = model
         self.visual = model.model.visual
         from inference_worker.engines.vision_attention import NAME
@@ -31,8 +31,8 @@ class VisionEncoder:
             type(self.visual).__name__ in PRECOMPUTABLE and self.visual.config._attn_implementation == NAME
         )
         self.merge = int(self.visual.spatial_merge_size)
-        self.max_grids = max_grids
-        self._by_grid: OrderedDict[Grid, Any] = OrderedDict()  # grid -> its patch positions
+        self.max_plans = max_plans
+        self._plans: OrderedDict[Tuple[Grid, ...], Dict[str, Any]] = OrderedDict()
 
     def __call__(self, pixel_values: Any, grids: Sequence[Grid], grid_thw: Any) -> Any:
         """(sum of image tokens, hidden) for images with patch grids `grids` (t, h, w), in order."""
@@ -57,31 +57,27 @@ class VisionEncoder:
 
     def plan(self, grids: Sequence[Grid], device: Any) -> Dict[str, Any]:
         """cu_seqlens (on the CPU: the attention function reads only its shape when every
-        frame has one size), the longest segment, and the rotary patch positions (per
-        distinct grid, kept on the device: no copy, so no stream sync, per call)."""
-        import torch
-        import torch.nn.functional as F
-
-        grids = [tuple(int(x) for x in g) for g in grids]
-        lengths = torch.tensor([h * w for t, h, w in grids for _ in range(t)], dtype=torch.int32)
-        return dict(
-            cu_seqlens=F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0)),
-            max_seqlen=int(lengths.max()),
-            position_ids=torch.cat([self._positions(g, device) for g in grids]),
-        )
-
-    def _positions(self, grid: Grid, device: Any) -> Any:
-        pos = self._by_grid.get(grid)
-        if pos is None:
+        frame has one size), the longest segment, and the rotary patch positions."""
+        grids = tuple(tuple(int(x) for x in g) for g in grids)
+        plan = self._plans.get(grids)
+        if plan is None:
             import torch
+            import torch.nn.functional as F
             from transformers.vision_utils import get_vision_position_ids
 
-            pos = get_vision_position_ids(torch.tensor([grid], dtype=torch.long), self.merge).to(device)
-            self._by_grid[grid] = pos
-            while len(self._by_grid) > self.max_grids:
-                self._by_grid.popitem(last=False)
-        self._by_grid.move_to_end(grid)
-        return pos
+            grid = torch.tensor(grids, dtype=torch.long)
+            lengths = torch.repeat_interleave(grid[:, 1] * grid[:, 2], grid[:, 0])
+            cu = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+            plan = dict(
+                cu_seqlens=cu,
+                max_seqlen=int(lengths.max()),
+                position_ids=get_vision_position_ids(grid, self.merge).to(device),
+            )
+            self._plans[grids] = plan
+            while len(self._plans) > self.max_plans:
+                self._plans.popitem(last=False)
+        self._plans.move_to_end(grids)
+        return dict(plan)  # the forward pops what it uses
 
 
 def has_deepstack(model: Any) -> bool:

@@ -90,9 +90,7 @@ class ActionChunkHandler(Handler):
         self.run([req])
         self.cache.reset("vlmq-warmup")
 
-    def run(
-        self, requests: Sequence[ActionChunkRequest], prepared: Optional[Sequence[Any]] = None
-    ) -> HandlerOutput:
+    def run(self, requests: Sequence[ActionChunkRequest]) -> HandlerOutput:
         sw = Stopwatch()
         results: List[Any] = [None] * len(requests)
         frames: Dict[int, np.ndarray] = {}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Dict, Iterator, List, Sequence, Union
 
 from pydantic import BaseModel
 
@@ -46,20 +46,11 @@ class Handler:
     # A handler whose run() returns in microseconds and never blocks (no model, no sleep)
     # runs on the event loop; everything else runs in the worker's model thread.
     blocking: bool = True
-    # A handler that can start on requests before their batch is formed (the chat kinds:
-    # the prompt built, its images through the vision tower) sets this; the worker then
-    # calls prepare() on queued requests while the model thread is idle.
-    prepares: bool = False
 
     def warmup(self) -> None:
         """Run once before serving (compile, allocate, fill caches)."""
 
-    def prepare(self, requests: Sequence[Request]) -> List[Any]:
-        """One state per request, handed back to run() as `prepared` (model thread)."""
-        return [None] * len(requests)
-
-    def run(self, requests: Sequence[Request], prepared: Optional[Sequence[Any]] = None) -> HandlerOutput:
-        """`prepared`: prepare()'s state per request (None where it did not run)."""
+    def run(self, requests: Sequence[Request]) -> HandlerOutput:
         raise NotImplementedError
 
     def close(self) -> None:

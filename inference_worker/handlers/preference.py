@@ -10,7 +10,7 @@ the requests of a batch.
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 from inference_worker.engines.prompt import ChatPrompt, user_prompt
 from inference_worker.engines.sampling import Sampling
@@ -60,7 +60,7 @@ def image_pair_prompt(req: PreferenceRequest, text: str, limits) -> ChatPrompt:
 class PreferenceHandler(ChatHandler):
     kind = "preference"
 
-    def run(self, requests: Sequence[Request], prepared: Optional[Sequence[Any]] = None) -> HandlerOutput:
+    def run(self, requests: Sequence[Request]) -> HandlerOutput:
         sw = Stopwatch()
         results: List[Optional[Outcome]] = [None] * len(requests)
         two = [i for i, r in enumerate(requests) if r.mode == "two_step"]

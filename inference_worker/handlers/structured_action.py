@@ -5,7 +5,7 @@ A malformed answer gives the default action with parse_ok False, never an error 
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 from inference_worker.engines.prompt import ChatPrompt, from_chat_messages, image_part, user_prompt
 from inference_worker.engines.sampling import Sampling
@@ -52,13 +52,10 @@ def minerl_prompt(req: StructuredActionRequest, limits) -> ChatPrompt:
 class StructuredActionHandler(ChatHandler):
     kind = "structured_action"
 
-    def prompt(self, request: Request) -> ChatPrompt:
-        return minerl_prompt(request, self.limits)
-
-    def run(self, requests: Sequence[Request], prepared: Optional[Sequence[Any]] = None) -> HandlerOutput:
+    def run(self, requests: Sequence[Request]) -> HandlerOutput:
         sw = Stopwatch()
         results: List[Optional[Outcome]] = [None] * len(requests)
-        prompts = self.build_prompts(requests, self.prompt, results, prepared=prepared)
+        prompts = self.build_prompts(requests, lambda r: minerl_prompt(r, self.limits), results)
         order = list(prompts)
         if order:
             done = self.engine.generate(

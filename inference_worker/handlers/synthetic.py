@@ -9,7 +9,7 @@ known model latency, not a model.
 from __future__ import annotations
 
 import time
-from typing import Any, Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import numpy as np
 
@@ -45,7 +45,7 @@ class SyntheticHandler(Handler):
             return StructuredActionResult(action=default_action(), reasoning="synthetic", parse_ok=True)
         return PreferenceResult(label=-1, texts=["synthetic"], mode=req.mode)
 
-    def run(self, requests: Sequence[Request], prepared: Optional[Sequence[Any]] = None) -> HandlerOutput:
+    def run(self, requests: Sequence[Request]) -> HandlerOutput:
         sw = Stopwatch()
         with sw("model"):
             if self.latency_s:

@@ -7,9 +7,9 @@ returned with all scores; without, the model's free text (reasoning stripped).
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
-from inference_worker.engines.prompt import ChatPrompt, from_chat_messages
+from inference_worker.engines.prompt import from_chat_messages
 from inference_worker.engines.sampling import Sampling
 from inference_worker.handlers.base import HandlerOutput, Outcome, Stopwatch
 from inference_worker.handlers.chat_base import ChatHandler
@@ -19,13 +19,10 @@ from schemas.messages import Request, TextActionResult
 class TextActionHandler(ChatHandler):
     kind = "text_action"
 
-    def prompt(self, request: Request) -> ChatPrompt:
-        return from_chat_messages(request.messages, self.limits)
-
-    def run(self, requests: Sequence[Request], prepared: Optional[Sequence[Any]] = None) -> HandlerOutput:
+    def run(self, requests: Sequence[Request]) -> HandlerOutput:
         sw = Stopwatch()
         results: List[Optional[Outcome]] = [None] * len(requests)
-        prompts = self.build_prompts(requests, self.prompt, results, prepared=prepared)
+        prompts = self.build_prompts(requests, lambda r: from_chat_messages(r.messages, self.limits), results)
         choose = [i for i in prompts if requests[i].admissible_commands]
         free = [i for i in prompts if not requests[i].admissible_commands]
         if choose:

@@ -57,11 +57,6 @@ def add_args(p) -> None:
     p.add_argument("--max-wait-ms", type=float, default=50.0, help="worker --max-wait-ms (%(default)s)")
     p.add_argument("--regroup-ms", type=float, default=50.0, help="worker --regroup-ms (%(default)s)")
     p.add_argument(
-        "--prepare-ahead",
-        default="on",
-        help="worker --prepare-ahead; 'on,off' runs (b) both ways, side by side (%(default)s)",
-    )
-    p.add_argument(
         "--option", action="append", default=[], metavar="KEY=VALUE", help="extra worker --option, repeatable"
     )
     p.add_argument("--skip-check", action="store_true", help="skip the in-process engine runs")
@@ -296,7 +291,7 @@ def _sessions(url, prefix, first, count, text, size, max_tokens, t_end, queue) -
 
 
 def served(
-    folder: str, args, text: str, max_batch: int, devices: Optional[List[str]] = None, prepare: str = "on"
+    folder: str, args, text: str, max_batch: int, devices: Optional[List[str]] = None
 ) -> Dict[str, float]:
     """(b): one `vlmq worker` per entry of `devices` (default: --device), all in one
     consumer group of one Redis, and --sessions closed-loop agent sessions."""
@@ -315,7 +310,7 @@ def served(
                 "--name", f"bench-worker-{i}", "--backend", "hf", "--model", folder, "--device", device,
                 "--dtype", args.dtype, "--kinds", "text_action", "--max-batch", str(max_batch),
                 "--max-wait-ms", str(args.max_wait_ms), "--regroup-ms", str(args.regroup_ms),
-                "--prepare-ahead", prepare, "--option", "ignore_eos=1",
+                "--option", "ignore_eos=1",
             )  # fmt: skip
             for o in args.option:
                 cmd += ["--option", o]
@@ -407,12 +402,9 @@ def run(args) -> int:
         _free(args.device)
         log.info("(a) %s", a)
         runs = {}
-        prepare_off = {}
         for mb in (int(x) for x in str(args.max_batch).split(",")):
-            for prepare in args.prepare_ahead.split(","):
-                r = served(folder, args, text, mb, prepare=prepare)
-                log.info("(b) max_batch %d, prepare-ahead %s: %s", mb, prepare, r)
-                (prepare_off if prepare == "off" and "on" in args.prepare_ahead else runs)[mb] = r
+            runs[mb] = served(folder, args, text, mb)
+            log.info("(b) max_batch %d: %s", mb, runs[mb])
         best = max(runs, key=lambda mb: runs[mb]["rps"])
         b = runs[best]
     finally:
@@ -422,8 +414,7 @@ def run(args) -> int:
     where = (
         f"{card}; {args.arch} {args.preset if not args.model else 'checkpoint'}, {args.image_size}-px image, "
         f"{int(a['prompt_tokens'])} prompt tokens, {args.max_tokens} new tokens; {args.sessions} sessions in "
-        f"{args.procs} processes; worker --max-batch {best} --max-wait-ms {args.max_wait_ms:g} --regroup-ms {args.regroup_ms:g} "
-        f"--prepare-ahead {args.prepare_ahead.split(',')[0]}; "
+        f"{args.procs} processes; worker --max-batch {best} --max-wait-ms {args.max_wait_ms:g} --regroup-ms {args.regroup_ms:g}; "
         f"{machine_description()}"
     )
     n = args.sessions
@@ -445,30 +436,6 @@ def run(args) -> int:
     recs.append(
         record(f"model_busy_fraction_{n}_sessions", b["model_busy_fraction"], "fraction", machine=where)
     )
-    for mb, r in sorted(prepare_off.items()):
-        # the same served run with --prepare-ahead off: the ratio is on / off, side by side
-        off = where.replace("--prepare-ahead on", "--prepare-ahead off")
-        recs.append(
-            record(f"throughput_rps_{n}_sessions_prepare_ahead_off", r["rps"], "requests/s", machine=off)
-        )
-        if mb in runs:
-            recs.append(
-                record(
-                    f"prepare_ahead_speedup_{n}_sessions",
-                    runs[mb]["rps"],
-                    "requests/s",
-                    r["rps"],
-                    machine=where,
-                )
-            )
-            recs.append(
-                record(
-                    f"model_busy_fraction_{n}_sessions_prepare_ahead_off",
-                    r["model_busy_fraction"],
-                    "fraction",
-                    machine=off,
-                )
-            )
     for k, v in a.items():
         if k.startswith(("engine_", "graph_", "probe_")):
             unit = "ms" if k.endswith("_ms") else ("requests/s" if k.endswith("rps") else "fraction")
