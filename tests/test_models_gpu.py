@@ -56,6 +56,72 @@ def test_graph_decoding_equals_eager_and_generate(request, fixture):
     assert g[0].token_ids == ref[: len(g[0].token_ids)]
 
 
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_kernels_match_the_reference_ops(dtype):
+    """QuickGELU, SiLU(gate)*up on the halves of one tensor, and the vision rotary embedding
+    on the strided q/k views of a qkv projection, at sizes that are and are not multiples
+    of the block: as transformers' ops computed in float32 and rounded once."""
+    from inference_worker.engines import triton_kernels as tk
+
+    if not tk.available():
+        pytest.skip("triton is not installed")
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for rows in (1, 37, 2048):
+        x = torch.randn(rows, 5120, device="cuda", generator=g).to(dtype)
+        xf = x.float()
+        assert torch.allclose(
+            tk.quick_gelu(x).float(), (xf * torch.sigmoid(1.702 * xf)).to(dtype).float(), **tol
+        )
+        gu = torch.randn(rows, 3, 2 * 136, device="cuda", generator=g).to(dtype)
+        gate, up = gu.chunk(2, dim=-1)
+        want = (torch.nn.functional.silu(gate.float()) * up.float()).to(dtype)
+        assert torch.allclose(tk.silu_mul(gate, up).float(), want.float(), **tol)
+        heads, dim = 16, 80
+        qkv = torch.randn(rows, 3, heads, dim, device="cuda", generator=g).to(dtype)
+        q, k, _ = qkv.permute(1, 0, 2, 3).unbind(0)
+        angles = torch.randn(rows, dim // 2, device="cuda", generator=g)
+        emb = torch.cat((angles, angles), dim=-1)
+        cos, sin = emb.cos(), emb.sin()
+        qo, ko = tk.rotary_vision(q, k, cos, sin)
+        c, s = cos.unsqueeze(-2), sin.unsqueeze(-2)
+        for got, x in ((qo, q), (ko, k)):
+            want = (x.float() * c + _rotate_half(x.float()) * s).to(dtype)
+            assert got.shape == x.shape and torch.allclose(got.float(), want.float(), **tol)
+
+
+def test_fused_vision_tower_equals_the_plain_one(tiny_qwen2_vl):
+    """The tower with the Triton rotary and QuickGELU gives the plain tower's features."""
+    import transformers.models.qwen2_vl.modeling_qwen2_vl as modeling
+
+    from inference_worker.engines.chat_engine import ChatEngine
+    from inference_worker.engines.options import EngineOptions
+    from inference_worker.models import load_vlm
+
+    prompts = _prompts()[:4]
+
+    def features(fuse: str):
+        engine = ChatEngine(load_vlm(tiny_qwen2_vl, device="cuda", dtype="float32"), EngineOptions(fuse=fuse))
+        batch = engine.inputs.build(prompts)
+        with torch.inference_mode():
+            return engine.vision(batch.pixel_values, batch.grids, batch.image_grid_thw)
+
+    swapped = modeling.apply_rotary_pos_emb_vision  # module-wide once any engine fused it
+    modeling.apply_rotary_pos_emb_vision = getattr(swapped, "original", swapped)
+    try:
+        plain = features("off")
+    finally:
+        modeling.apply_rotary_pos_emb_vision = swapped
+    fused = features("on")
+    assert getattr(modeling.apply_rotary_pos_emb_vision, "vlmq_fused", False)
+    assert torch.allclose(plain, fused, atol=1e-4, rtol=1e-4)
+
+
 def test_nf4_loads_on_cuda(tiny_qwen2_vl):
     pytest.importorskip("bitsandbytes")
     from inference_worker.models import load_vlm

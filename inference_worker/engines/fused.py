@@ -48,13 +48,19 @@ def silu_mul(gate, up):
 
 
 class Kernels:
-    """The functions above, compiled or not."""
+    """The functions above, compiled or not; SwiGLU as a Triton kernel where it can be
+    (triton_kernels.py: the compiled one runs at ~1.6 TB/s on the prompt pass)."""
 
-    def __init__(self, compile: bool) -> None:
+    def __init__(self, compile: bool, cuda: bool = False) -> None:
+        from inference_worker.engines import triton_kernels
+
         self.rms_norm = _maybe_compiled(rms_norm, compile)
         self.add_rms_norm = _maybe_compiled(add_rms_norm, compile)
         self.rope = _maybe_compiled(rope, compile)
-        self.silu_mul = _maybe_compiled(silu_mul, compile)
+        if compile and cuda and triton_kernels.available():
+            self.silu_mul = triton_kernels.silu_mul
+        else:
+            self.silu_mul = _maybe_compiled(silu_mul, compile)
 
 
 def _maybe_compiled(fn: Callable, compile: bool) -> Callable:

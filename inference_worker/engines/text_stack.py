@@ -35,10 +35,10 @@ class TextStack:
         self.kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.swiglu = getattr(cfg, "hidden_act", "silu") == "silu"
-        self.k = Kernels(compile)
-        self.fused = [fuse_layer(layer) for layer in self.layers]
         self.dtype = self.embed.weight.dtype
         self.device = self.embed.weight.device
+        self.k = Kernels(compile, cuda=self.device.type == "cuda")
+        self.fused = [fuse_layer(layer) for layer in self.layers]
 
     def new_cache(self, batch: int, capacity: int, layers: Optional[int] = None) -> KVCache:
         return KVCache.empty(

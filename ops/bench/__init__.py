@@ -13,6 +13,7 @@ BENCHMARKS = {
     "vla": "ops.bench.vla",
     "ops": "ops.bench.ops_overhead",
     "multigpu": "ops.bench.multigpu",
+    "kernels": "ops.bench.kernels",
 }
 
 

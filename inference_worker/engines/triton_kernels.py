@@ -1,0 +1,129 @@
+"""Three elementwise ops of the prompt pass as hand-written Triton kernels (CUDA).
+
+A kernel profile of a 128-frame batch on an H100 (docs/BENCHMARKS.md) showed the
+torch.compile'd versions of these ops running at 1.2-1.6 TB/s: compiled with dynamic
+shapes, their kernels cannot assume sizes divisible by 16 and do not vectorise their
+loads. Together they took ~58 ms of a ~250 ms prompt pass. Triton specialises on the
+launch sizes, so these simple kernels vectorise:
+- QuickGELU, the Qwen2-VL vision MLP's activation;
+- the vision tower's rotary embedding, applied to q and k in one pass, read straight
+  from the strided q/k views of the qkv projection;
+- SiLU(gate) * up of the language model's MLP, reading gate and up as the two halves of
+  the fused gate/up projection.
+Each one computes in float32 and rounds once to the input dtype, like the compiled
+functions it replaces (transformers' eager ops round after every step). Where Triton is
+missing (the CPU machines), `available()` is False and callers keep their other path.
+tests/test_models_gpu.py checks each kernel against the reference ops.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Tuple
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs
+    triton = None
+
+BLOCK = 1024
+
+
+def available() -> bool:
+    return triton is not None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _quick_gelu(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < n
+        x = tl.load(x_ptr + offs, mask=m).to(tl.float32)
+        y = x * tl.sigmoid(1.702 * x)
+        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _silu_mul(g_ptr, u_ptr, y_ptr, n, g_row, u_row, F: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < n
+        r = offs // F
+        c = offs % F
+        g = tl.load(g_ptr + r * g_row + c, mask=m).to(tl.float32)
+        u = tl.load(u_ptr + r * u_row + c, mask=m).to(tl.float32)
+        tl.store(y_ptr + offs, (g * tl.sigmoid(g) * u).to(y_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _rotary_qk(
+        q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, n,
+        q_row, q_head, k_row, k_head,
+        H: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < n
+        s = offs // (H * D)
+        h = (offs // D) % H
+        d = offs % D
+        half: tl.constexpr = D // 2
+        first = d < half
+        partner = tl.where(first, d + half, d - half)
+        sign = tl.where(first, -1.0, 1.0)
+        cos = tl.load(cos_ptr + s * D + d, mask=m)
+        sin = tl.load(sin_ptr + s * D + d, mask=m) * sign
+        q = tl.load(q_ptr + s * q_row + h * q_head + d, mask=m).to(tl.float32)
+        qp = tl.load(q_ptr + s * q_row + h * q_head + partner, mask=m).to(tl.float32)
+        tl.store(qo_ptr + offs, (q * cos + qp * sin).to(qo_ptr.dtype.element_ty), mask=m)
+        k = tl.load(k_ptr + s * k_row + h * k_head + d, mask=m).to(tl.float32)
+        kp = tl.load(k_ptr + s * k_row + h * k_head + partner, mask=m).to(tl.float32)
+        tl.store(ko_ptr + offs, (k * cos + kp * sin).to(ko_ptr.dtype.element_ty), mask=m)
+
+
+def _grid(n: int) -> Tuple[int]:
+    return ((n + BLOCK - 1) // BLOCK,)
+
+
+def quick_gelu(x: Any) -> Any:
+    """x * sigmoid(1.702 x) (transformers' QuickGELUActivation)."""
+    x = x.contiguous()
+    y = x.new_empty(x.shape)
+    _quick_gelu[_grid(x.numel())](x, y, x.numel(), BLOCK=BLOCK)
+    return y
+
+
+def silu_mul(gate: Any, up: Any) -> Any:
+    """silu(gate) * up for (..., F) views whose rows may be strided (halves of one tensor)."""
+    f = gate.shape[-1]
+    g, u = gate.reshape(-1, f), up.reshape(-1, f)  # views: the leading dims merge
+    if g.stride(-1) != 1 or u.stride(-1) != 1:
+        g, u = g.contiguous(), u.contiguous()
+    y = gate.new_empty(gate.shape)
+    n = y.numel()
+    _silu_mul[_grid(n)](g, u, y, n, g.stride(0), u.stride(0), F=f, BLOCK=BLOCK)
+    return y
+
+
+def rotary_vision(q: Any, k: Any, cos: Any, sin: Any) -> Tuple[Any, Any]:
+    """transformers' apply_rotary_pos_emb_vision: q, k (seq, heads, dim), cos/sin (seq, dim)."""
+    heads, dim = q.shape[1:]
+    if q.stride(-1) != 1 or k.stride(-1) != 1:
+        q, k = q.contiguous(), k.contiguous()
+    cos, sin = cos.float().contiguous(), sin.float().contiguous()
+    qo, ko = q.new_empty(q.shape), k.new_empty(k.shape)
+    n = qo.numel()
+    _rotary_qk[_grid(n)](
+        q,
+        k,
+        cos,
+        sin,
+        qo,
+        ko,
+        n,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        H=heads,
+        D=dim,
+        BLOCK=BLOCK,
+    )
+    return qo, ko
