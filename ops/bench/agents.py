@@ -15,14 +15,13 @@ use --redis-url and whatever workers serve it (the VLA worker on the GPU machine
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 from typing import Any, Dict, List, Optional
 
 from broker.settings import BrokerSettings
 from ops.bench.records import Record, machine_description, record, write_results
-from ops.cli import argv
+from ops.bench.workers import synthetic_worker
 
 SHOWN = (
     "steps",
@@ -66,12 +65,11 @@ def add_args(p) -> None:
 
 
 def _start_synthetic(url: str, prefix: str, latency_ms: float, chunk: str) -> subprocess.Popen:
-    cmd = argv(
-        "worker", BrokerSettings(url=url, prefix=prefix), "--backend", "synthetic", "--kinds", "action_chunk",
+    return synthetic_worker(
+        BrokerSettings(url=url, prefix=prefix), "action_chunk",
         "--synthetic-latency-ms", str(latency_ms), "--synthetic-chunk", chunk, "--max-batch", "64",
-        "--max-wait-ms", "2", log_level="WARNING",
+        max_wait_ms=2,
     )  # fmt: skip
-    return subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
 def _run_mode(args, broker: BrokerSettings, sessions: int, mode: str) -> Dict[str, Any]:

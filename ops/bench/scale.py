@@ -33,7 +33,7 @@ from broker.embedded import EmbeddedRedis
 from broker.embedded_cluster import EmbeddedCluster
 from broker.settings import BrokerSettings
 from ops.bench.records import Record, record, write_results
-from ops.cli import argv
+from ops.bench.workers import synthetic_worker
 
 log = logging.getLogger("vlmq.bench.scale")
 
@@ -172,23 +172,7 @@ def _median(runs: List[Dict[str, float]]) -> Dict[str, float]:
 
 
 def _start_workers(settings: BrokerSettings, n: int, kind: str) -> List[subprocess.Popen]:
-    cmd = argv(
-        "worker",
-        settings,
-        "--backend",
-        "synthetic",
-        "--kinds",
-        kind,
-        "--max-wait-ms",
-        "0",
-        log_level="WARNING",
-    )
-    return [
-        subprocess.Popen(
-            [*cmd, "--name", f"{settings.prefix}-w{i}"], env={**os.environ, "PYTHONUNBUFFERED": "1"}
-        )
-        for i in range(n)
-    ]
+    return [synthetic_worker(settings, kind, "--name", f"{settings.prefix}-w{i}") for i in range(n)]
 
 
 def _wait_for_workers(settings: BrokerSettings, n: int, timeout: float = 300.0) -> None:

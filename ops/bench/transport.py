@@ -30,7 +30,7 @@ from broker import eventloop
 from broker.embedded import EmbeddedRedis, free_port
 from broker.settings import BrokerSettings
 from ops.bench.records import record, write_results
-from ops.cli import argv
+from ops.bench.workers import synthetic_worker
 from schemas.messages import ActionChunkRequest
 
 
@@ -234,19 +234,7 @@ def _in_process_ms(size: int, n: int = 2000) -> float:
 
 
 def _start_worker(url: str, prefix: str, max_wait_ms: float) -> subprocess.Popen:
-    settings = BrokerSettings(url=url, prefix=prefix)
-    cmd = argv(
-        "worker",
-        settings,
-        "--backend",
-        "synthetic",
-        "--kinds",
-        "action_chunk",
-        "--max-wait-ms",
-        str(max_wait_ms),
-        log_level="WARNING",
-    )
-    return subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return synthetic_worker(BrokerSettings(url=url, prefix=prefix), "action_chunk", max_wait_ms=max_wait_ms)
 
 
 def _measure_vlmq(url: str, args: argparse.Namespace) -> Dict[str, Dict[str, float]]:
