@@ -29,6 +29,9 @@ class Item:
     request: Request
     arrived: float = field(default_factory=time.monotonic)
     seq: int = 0
+    # delivered again after its worker died: it may be what killed it, so it runs in a
+    # batch of its own (a poison request then takes no batch-mates down with it)
+    suspect: bool = False
 
     @property
     def order(self) -> Tuple[float, int]:
@@ -134,7 +137,12 @@ class Scheduler:
             return None, min(self._ready_at(k, now) for k in candidates)
         kind = min(ready, key=lambda k: min(i.seq for i in self.queues[k]))
         q = sorted(self.queues[kind], key=lambda i: i.order)
-        chosen, rest = q[: self.batch_limit(kind)], q[self.batch_limit(kind) :]
+        suspects = [i for i in q if i.suspect]
+        if suspects:
+            chosen = suspects[:1]
+            rest = [i for i in q if i is not chosen[0]]
+        else:
+            chosen, rest = q[: self.batch_limit(kind)], q[self.batch_limit(kind) :]
         self.queues[kind] = sorted(rest, key=lambda i: i.seq)
         for i in chosen:
             if i.request.latest_only:

@@ -1,5 +1,10 @@
 """Benchmark result records: benchmarks/results/NAME.json, a list of
-{"metric", "value", "unit", "baseline", "ratio", "machine", "date", "command"}."""
+{"metric", "value", "unit", "baseline", "ratio", "machine", "date", "command", "commit",
+"runs", "min", "max"}.
+
+A figure measured several times is recorded as the median of its runs (never the best),
+with the number of runs and their min and max; `baseline` is measured in the same run.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,12 @@ import json
 import os
 import platform
 import shlex
+import statistics
+import subprocess
 import sys
 from dataclasses import asdict, dataclass
-from typing import List, Optional
+from functools import lru_cache
+from typing import List, Optional, Sequence, Union
 
 
 def machine_description() -> str:
@@ -30,6 +38,30 @@ def machine_description() -> str:
     return desc
 
 
+@lru_cache(maxsize=1)
+def current_commit() -> str:
+    """The git SHA of the code that ran (VLMQ_BENCH_COMMIT where there is no checkout, e.g.
+    a copied tree on the GPU machine), with "+dirty" when the tree had uncommitted changes."""
+    env = os.environ.get("VLMQ_BENCH_COMMIT")
+    if env:
+        return env
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return sha + ("+dirty" if dirty else "")
+
+
 @dataclass
 class Record:
     metric: str
@@ -40,23 +72,43 @@ class Record:
     machine: str = ""
     date: str = ""
     command: str = ""
+    commit: str = ""
+    runs: int = 1
+    min: Optional[float] = None
+    max: Optional[float] = None
 
 
 def record(
-    metric: str, value: float, unit: str, baseline: Optional[float] = None, machine: str = ""
+    metric: str,
+    value: Union[float, Sequence[float]],
+    unit: str,
+    baseline: Optional[Union[float, Sequence[float]]] = None,
+    machine: str = "",
 ) -> Record:
+    """One record. `value` (and `baseline`) may be the list of every run's figure: the
+    record holds its median, the number of runs and their min and max."""
+    runs = [float(v) for v in value] if isinstance(value, (list, tuple)) else [float(value)]
+    if not runs:
+        raise ValueError(f"{metric}: no runs")
+    if isinstance(baseline, (list, tuple)):
+        baseline = statistics.median(float(b) for b in baseline) if baseline else None
+    mid = statistics.median(runs)
     ratio = None
     if baseline not in (None, 0):
-        ratio = round(value / baseline, 4)
+        ratio = round(mid / baseline, 4)
     return Record(
         metric=metric,
-        value=round(float(value), 4),
+        value=round(mid, 4),
         unit=unit,
         baseline=None if baseline is None else round(float(baseline), 4),
         ratio=ratio,
         machine=machine or machine_description(),
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
         command=" ".join(shlex.quote(a) for a in ["vlmq", *sys.argv[1:]]) if sys.argv else "",
+        commit=current_commit(),
+        runs=len(runs),
+        min=round(min(runs), 4),
+        max=round(max(runs), 4),
     )
 
 
