@@ -45,6 +45,34 @@ def _kwargs(settings: BrokerSettings, asyncio: bool) -> Dict[str, Any]:
     return kw
 
 
+def safe_url(url: str) -> str:
+    """The URL without its password, for messages."""
+    if "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+
+
+def check_reachable(settings: BrokerSettings, timeout_s: float = 3.0) -> None:
+    """One PING without the retries of `connect_sync`: one-shot commands (inspect, top)
+    fail within `timeout_s` when Redis is down instead of backing off for ~30 s. Raises
+    redis' ConnectionError / TimeoutError."""
+    from redis.retry import Retry
+
+    kw = {
+        **_kwargs(settings, asyncio=False),
+        "socket_connect_timeout": timeout_s,
+        "socket_timeout": timeout_s,
+    }
+    kw["retry"] = Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.1), 0)
+    cls = redis.RedisCluster if settings.cluster else redis.Redis
+    client = cls.from_url(settings.url, **kw)  # a cluster client connects here
+    try:
+        client.ping()
+    finally:
+        client.close()
+
+
 def connect_async(settings: BrokerSettings) -> AsyncRedis:
     kw = _kwargs(settings, asyncio=True)
     if settings.cluster:

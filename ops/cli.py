@@ -6,8 +6,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
+import re
 import sys
-from typing import List, Optional
+from typing import Any, List, Optional, Sequence
 
 from broker.settings import BrokerSettings
 
@@ -28,6 +30,10 @@ COMMANDS = [
     "env_agents.traces.cli",  # traces
 ]
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+_VAR = re.compile(r"\[(VLMQ_[A-Z0-9_]+)")
+_DEFAULT_NOTE = re.compile(r"\s*\([^()]*%\(default\)s[^()]*\)\s*$")
+
 
 def argv(command: str, settings: BrokerSettings, *extra: str, log_level: Optional[str] = None) -> List[str]:
     """The command line that runs `vlmq COMMAND` in a new process on these broker settings
@@ -40,6 +46,76 @@ def argv(command: str, settings: BrokerSettings, *extra: str, log_level: Optiona
     return cmd + list(extra)
 
 
+def env_var(path: Sequence[str], action: argparse.Action) -> str:
+    """The variable of a flag that `flag()` did not name: VLMQ_<SUBCOMMANDS>_<FLAG>, e.g.
+    `vlmq bench scale --procs` reads VLMQ_BENCH_SCALE_PROCS."""
+    name = max(action.option_strings, key=len).lstrip("-")
+    return "VLMQ_" + re.sub(r"[^A-Z0-9]+", "_", "_".join([*path, name]).upper())
+
+
+def flag_var(action: argparse.Action) -> Optional[str]:
+    """The VLMQ_* variable a flag's help names, if any."""
+    m = _VAR.search(action.help or "")
+    return m.group(1) if m else None
+
+
+def _truthy(parser: argparse.ArgumentParser, var: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value not in _TRUE + _FALSE:
+        parser.error(f"{var}={raw!r}: expected 1/0, true/false, yes/no or on/off")
+    return value in _TRUE
+
+
+def _value(parser: argparse.ArgumentParser, action: argparse.Action, var: str, raw: str) -> Any:
+    try:
+        value = action.type(raw) if callable(action.type) else raw
+    except (TypeError, ValueError) as exc:
+        parser.error(f"{var}={raw!r}: {exc}")
+    if action.choices is not None and value not in action.choices:
+        choices = ", ".join(map(str, action.choices))
+        parser.error(f"{var}={raw!r}: choose from {choices}")
+    return value
+
+
+def _env_default(parser: argparse.ArgumentParser, action: argparse.Action, var: str, raw: str) -> Any:
+    if isinstance(action, argparse._StoreConstAction):  # store_true / store_false too
+        return action.const if _truthy(parser, var, raw) else action.default
+    if isinstance(action, argparse._AppendAction) or action.nargs in ("*", "+"):
+        return [_value(parser, action, var, item.strip()) for item in raw.split(",") if item.strip()]
+    if isinstance(action, argparse._StoreAction):
+        return _value(parser, action, var, raw)
+    raise TypeError(f"{var}: no environment reading for {type(action).__name__}")
+
+
+def add_env_vars(parser: argparse.ArgumentParser, path: Sequence[str] = ()) -> None:
+    """Give every flag a VLMQ_* variable: flags declared through `broker.settings.flag()`
+    (or whose help names a variable) keep theirs; every other flag reads `env_var()`,
+    shown in its help. A variable set in the environment becomes the flag's default;
+    repeatable flags take comma-separated values, switches 1/0 (true/false, yes/no)."""
+    seen = set()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                if id(sub) not in seen:  # aliases share one parser
+                    seen.add(id(sub))
+                    add_env_vars(sub, (*path, name))
+            continue
+        if not action.option_strings or isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+            continue
+        if flag_var(action):
+            continue
+        var = env_var(path, action)
+        raw = os.environ.get(var)
+        if raw is not None:
+            action.default = _env_default(parser, action, var, raw)
+            action.required = False
+        if action.help != argparse.SUPPRESS:
+            text = action.help or ""
+            note = _DEFAULT_NOTE.search(text)
+            cut = note.start() if note else len(text)
+            action.help = f"{text[:cut]} [{var}]{text[cut:]}".lstrip()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vlmq",
@@ -50,7 +126,29 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in COMMANDS:
         importlib.import_module(module).register(sub)
+    add_env_vars(parser)
     return parser
+
+
+def _user_errors() -> tuple:
+    """Failures that are the user's setup, not a bug: one line, no traceback."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    from broker.embedded import EmbeddedRedisError
+
+    return (RedisConnectionError, RedisTimeoutError, EmbeddedRedisError)
+
+
+def _describe(exc: BaseException, args: argparse.Namespace) -> str:
+    from broker.connection import safe_url
+    from broker.embedded import EmbeddedRedisError
+
+    if isinstance(exc, EmbeddedRedisError):
+        return str(exc)
+    url = getattr(args, "redis_url", None)
+    where = f" at {safe_url(url)}" if url else ""
+    return f"cannot reach Redis{where}: {exc}"
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -63,7 +161,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except BrokenPipeError:  # `vlmq inspect --json | head`: the reader has seen enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
+    except _user_errors() as exc:
+        if logging.getLogger().isEnabledFor(logging.DEBUG):
+            raise
+        print(f"vlmq {args.command}: {_describe(exc, args)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

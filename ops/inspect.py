@@ -7,7 +7,7 @@ import json
 import time
 from typing import Any, Dict, List
 
-from broker.connection import connect_sync
+from broker.connection import check_reachable, connect_sync
 from broker.keys import Keys
 from broker.meta import read_meta
 from broker.settings import BrokerSettings, add_broker_args, broker_settings_from_args
@@ -119,6 +119,7 @@ def render(snap: Dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     settings = broker_settings_from_args(args)
+    check_reachable(settings)
     r = connect_sync(settings)
     snap = snapshot(r, settings, args.dead_letters)
     print(json.dumps(snap, indent=2) if args.json else render(snap))

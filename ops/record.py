@@ -15,10 +15,10 @@ import time
 from typing import Callable, List, Optional
 
 from broker import eventloop
-from broker.connection import connect_async
+from broker.connection import check_reachable, connect_async, safe_url
 from broker.settings import BrokerSettings, add_broker_args, broker_settings_from_args
 from ops.recording import RecordingWriter
-from ops.tail import add_filter_args, filter_from_args, safe_url
+from ops.tail import add_filter_args, filter_from_args
 from ops.tap import StreamTap, TapEvent, TapFilter
 
 
@@ -79,6 +79,7 @@ async def _main(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_reachable(broker_settings_from_args(args))
     eventloop.run(_main(args))
     return 0
 

@@ -20,14 +20,13 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from broker import eventloop
-from broker.connection import connect_async, connect_sync
+from broker.connection import check_reachable, connect_async, connect_sync, safe_url
 from broker.settings import BrokerSettings, add_broker_args, broker_settings_from_args
 from env_agents.client import AsyncAgentClient
 from ops import summary
 from ops.diff import Difference, Tolerance, compare_replies, not_comparable
 from ops.inspect import snapshot
 from ops.recording import Entry, Recording, read_recording
-from ops.tail import safe_url
 from schemas.errors import ProtocolError
 from schemas.limits import Limits
 from schemas.messages import Reply, Request, decode_reply, decode_request
@@ -267,6 +266,7 @@ def run(args: argparse.Namespace) -> int:
     if not rec.requests():
         print(f"{args.file}: no requests recorded", file=sys.stderr)
         return 2
+    check_reachable(settings)
     live = snapshot(connect_sync(settings), settings)["workers"]
     if not live:
         print(

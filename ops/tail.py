@@ -9,14 +9,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import signal
 import sys
 import time
 from typing import Any, Dict, List, TextIO
 
 from broker import eventloop
-from broker.connection import connect_async
+from broker.connection import check_reachable, connect_async, safe_url
 from broker.settings import add_broker_args, broker_settings_from_args
 from ops import summary
 from ops.tap import StreamTap, TapEvent, TapFilter
@@ -112,14 +111,6 @@ def filter_from_args(args: argparse.Namespace) -> TapFilter:
     return TapFilter(not args.replies_only, not args.requests_only, kinds, args.sessions)
 
 
-def safe_url(url: str) -> str:
-    """The URL without its password, for messages."""
-    if "@" not in url:
-        return url
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
-
-
 def add_filter_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kinds", default="", help="comma-separated task kinds to include (all)")
     p.add_argument(
@@ -132,14 +123,11 @@ def add_filter_args(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     printer = Printer(sys.stdout, args.json, Limits.from_env())
-    try:
-        if args.file:
-            tail_file(args, printer)
-            return 0
-
-        eventloop.run(tail_live(args, printer))
-    except BrokenPipeError:  # `vlmq tail | head`: the reader has seen enough
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+    if args.file:
+        tail_file(args, printer)
+        return 0
+    check_reachable(broker_settings_from_args(args))
+    eventloop.run(tail_live(args, printer))
     return 0
 
 

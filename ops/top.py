@@ -16,12 +16,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-from broker.connection import connect_sync
+from broker.connection import check_reachable, connect_sync, safe_url
 from broker.settings import BrokerSettings, add_broker_args, broker_settings_from_args
 from ops.inspect import snapshot
 from ops.metrics import names as n
 from ops.metrics.scrape import Scrape, delta, fetch, merge, quantile
-from ops.tail import safe_url
 
 
 @dataclass
@@ -331,6 +330,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.live import Live
 
     settings = broker_settings_from_args(args)
+    check_reachable(settings)
     top = Top(settings, args.metrics, scrape=not args.no_scrape)
     console = Console()
     try:

@@ -90,4 +90,16 @@ def make_model(arch: str, out_dir: str, *, preset: str = "tiny", seed: int = 0, 
             f,
             indent=2,
         )
+    readable_by_umask(out_dir)
     return out_dir
+
+
+def readable_by_umask(folder: str) -> None:
+    """Give every file the mode a plain `open()` would (0666 less the umask): transformers
+    writes model.safetensors 0600 through a temporary file, and a checkpoint is read by
+    other users, such as the containers' uid 10001 mounting the folder."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
