@@ -9,16 +9,21 @@ from typing import Any, Dict, Optional
 
 
 def env(name: str, default: Any) -> Any:
-    """Read VLMQ_<NAME> from the environment, typed like `default`."""
+    """Read VLMQ_<NAME> from the environment, typed like `default` (a list: comma-separated)."""
     raw = os.environ.get(f"VLMQ_{name.upper()}")
     if raw is None:
         return default
+    if isinstance(default, (list, tuple)):
+        return [item.strip() for item in raw.split(",") if item.strip()]
     if isinstance(default, bool):
         return raw.strip().lower() in ("1", "true", "yes", "on")
-    if isinstance(default, int):
-        return int(raw)
-    if isinstance(default, float):
-        return float(raw)
+    try:
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+    except ValueError:
+        raise ValueError(f"VLMQ_{name.upper()}={raw!r}: expected {type(default).__name__}") from None
     return raw
 
 

@@ -11,6 +11,8 @@ import argparse
 import json
 import logging
 import os
+import re
+import socket
 import time
 from typing import Any, Dict
 
@@ -29,6 +31,13 @@ def _kv(pairs) -> Dict[str, Any]:
         k, v = item.split("=", 1)
         out[k.strip().replace("-", "_")] = v
     return out
+
+
+def default_session_prefix() -> str:
+    """agent-<host>-<pid>-<time>: replicas started in the same second (`docker compose
+    --scale agents=4`) still get distinct session ids, hence distinct reply streams."""
+    host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname().split(".")[0])[:32] or "host"
+    return f"agent-{host}-{os.getpid()}-{int(time.time())}"
 
 
 def add_agent_args(p: argparse.ArgumentParser) -> None:
@@ -90,8 +99,8 @@ def add_agent_args(p: argparse.ArgumentParser) -> None:
         "--session-prefix",
         var="AGENTS_SESSION_PREFIX",
         default="",
-        help="session ids are PREFIX-i",
-        shown="agent-<time>",
+        help="session ids are PREFIX-i; unique per run, also across containers started together",
+        shown="agent-<host>-<pid>-<time>",
     )
     c = p.add_argument_group("control")
     flag(
@@ -251,7 +260,7 @@ def spec_from_args(args: argparse.Namespace):
         seed=args.seed,
         size=args.size,
         env_options=_kv(args.env_arg),
-        session_prefix=args.session_prefix or f"agent-{int(time.time())}",
+        session_prefix=args.session_prefix or default_session_prefix(),
         traces=args.traces,
         metrics=bool(args.metrics_port),
         preference=PreferenceConfig(pairs=args.pairs, mode=args.pref_mode, min_gap=args.min_gap),

@@ -122,12 +122,16 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
         metavar="ROWSxDIM",
         help="action_chunk shape of the synthetic backend",
     )
-    m.add_argument(
+    flag(
+        m,
         "--option",
-        action="append",
+        var="OPTION",
         default=[],
+        action="append",
         metavar="KEY=VALUE",
-        help="backend-specific option, repeatable",
+        help="backend-specific option, repeatable, e.g. vla=DIR to serve action_chunk (the variable: "
+        "comma-separated; each KEY is also read from VLMQ_<KEY>)",
+        shown=None,
     )
 
 
@@ -141,6 +145,9 @@ def settings_from_args(args: argparse.Namespace):
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
         raise SystemExit(f"unknown kind(s) {unknown}; choose from {', '.join(KINDS)}")
+    bad = [o for o in args.option if "=" not in o]
+    if bad:
+        raise SystemExit(f"--option wants KEY=VALUE, got {bad[0]!r}")
     options = dict(o.split("=", 1) for o in args.option)
     return WorkerSettings(
         broker=broker,

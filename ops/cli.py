@@ -59,10 +59,14 @@ def flag_var(action: argparse.Action) -> Optional[str]:
     return m.group(1) if m else None
 
 
+def _env_error(parser: argparse.ArgumentParser, message: str) -> None:
+    parser.exit(2, f"{parser.prog}: error: {message}\n")  # the usage would not help here
+
+
 def _truthy(parser: argparse.ArgumentParser, var: str, raw: str) -> bool:
     value = raw.strip().lower()
     if value not in _TRUE + _FALSE:
-        parser.error(f"{var}={raw!r}: expected 1/0, true/false, yes/no or on/off")
+        _env_error(parser, f"{var}={raw!r}: expected 1/0, true/false, yes/no or on/off")
     return value in _TRUE
 
 
@@ -70,10 +74,10 @@ def _value(parser: argparse.ArgumentParser, action: argparse.Action, var: str, r
     try:
         value = action.type(raw) if callable(action.type) else raw
     except (TypeError, ValueError) as exc:
-        parser.error(f"{var}={raw!r}: {exc}")
+        _env_error(parser, f"{var}={raw!r}: {exc}")
     if action.choices is not None and value not in action.choices:
         choices = ", ".join(map(str, action.choices))
-        parser.error(f"{var}={raw!r}: choose from {choices}")
+        _env_error(parser, f"{var}={raw!r}: choose from {choices}")
     return value
 
 
@@ -102,7 +106,11 @@ def add_env_vars(parser: argparse.ArgumentParser, path: Sequence[str] = ()) -> N
             continue
         if not action.option_strings or isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
             continue
-        if flag_var(action):
+        named = flag_var(action)
+        if named:
+            raw = os.environ.get(named)
+            if raw is not None and action.choices is not None and isinstance(action.default, str):
+                _value(parser, action, named, raw)  # flag() does not check choices
             continue
         var = env_var(path, action)
         raw = os.environ.get(var)
@@ -152,7 +160,11 @@ def _describe(exc: BaseException, args: argparse.Namespace) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()
+    except ValueError as exc:  # a VLMQ_* variable of the wrong type (broker.settings.env)
+        print(f"vlmq: error: {exc}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),

@@ -21,7 +21,7 @@ import numpy as np
 
 from broker import eventloop
 from broker.embedded import EmbeddedRedis
-from broker.settings import BrokerSettings, env
+from broker.settings import BrokerSettings, flag
 from ops.cli import argv
 from schemas.messages import (
     ActionChunkRequest,
@@ -259,7 +259,7 @@ def register(sub) -> None:
         default=os.environ.get("VLMQ_REDIS_URL"),
         help="use this Redis instead of an embedded one [VLMQ_REDIS_URL]",
     )
-    p.add_argument("--prefix", default=env("PREFIX", "vlmq-demo"), help="key prefix (%(default)s)")
+    flag(p, "--prefix", var="PREFIX", default="vlmq-demo", help="key prefix")
     p.add_argument("--agents", type=int, default=8, help="concurrent agent sessions (%(default)s)")
     p.add_argument("--requests", type=int, default=12, help="requests per agent (%(default)s)")
     p.add_argument("--kinds", default=",".join(DEMO_KINDS), help="task kinds to exercise (%(default)s)")
@@ -275,7 +275,7 @@ def register(sub) -> None:
     p.add_argument(
         "--vla", default=None, help="a VLA folder for action_chunk (default: an untrained tiny one)"
     )
-    p.add_argument("--device", default=env("DEVICE", "cpu"), help="cpu or cuda (%(default)s)")
+    flag(p, "--device", var="DEVICE", default="cpu", help="cpu or cuda")
     p.add_argument("--max-batch", type=int, default=8, help="worker batch size (%(default)s)")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="worker batching wait (%(default)s)")
     p.add_argument("--image-size", type=int, default=64, help="observation side in pixels (%(default)s)")

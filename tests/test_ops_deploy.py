@@ -200,3 +200,97 @@ def test_every_metric_is_documented():
         doc = f.read()
     missing = [name for name in names.ALL if f"`{name}`" not in doc]
     assert not missing, f"docs/OPS.md lacks {missing}"
+
+
+# ----------------------------------------------------------------------------- compose as documented
+
+_DEFAULT = re.compile(r"\$\{([A-Z0-9_]+)(?::?-([^}]*))?\}")
+
+
+def _defaults(value) -> str:
+    """A compose value with every ${VAR:-default} replaced by its default (no .env, no shell)."""
+    return _DEFAULT.sub(lambda m: m.group(2) or "", str(value))
+
+
+def _env_of(svc: dict) -> dict:
+    return {k: _defaults(v) for k, v in (svc.get("environment") or {}).items()}
+
+
+def _parsed(svc: dict, monkeypatch):
+    """The service's `vlmq` command parsed as its container would: its environment set."""
+    with monkeypatch.context() as m:
+        for k in [k for k in os.environ if k.startswith("VLMQ_")]:
+            m.delenv(k)
+        for k, v in _env_of(svc).items():
+            m.setenv(k, v)
+        return build_parser().parse_args(svc["command"][1:])
+
+
+def _dockerfile_uid(svc: dict) -> str:
+    build = svc["build"]
+    with open(os.path.normpath(os.path.join(OPS, build["context"], build["dockerfile"]))) as f:
+        text = f.read()
+    stage = text.split(f" AS {build['target']}")[1] if "target" in build else text
+    stage = stage.split("\nFROM ")[0]
+    assert re.search(r"^USER vlmq$", stage, re.M), "the image runs as root"
+    return re.search(r"useradd .*--uid (\d+) vlmq", stage).group(1)
+
+
+def test_compose_defaults_parse_as_the_commands_their_containers_run(monkeypatch):
+    """Every service that runs `vlmq ...`, with the compose defaults of its variables, is a
+    command line the CLI accepts (subcommand, flags, choices, types)."""
+    for name, svc in _compose()["services"].items():
+        if svc.get("command", [None])[0] == "vlmq":
+            try:
+                _parsed(svc, monkeypatch)
+            except SystemExit as exc:
+                pytest.fail(f"{name}: `{' '.join(svc['command'])}` rejected its defaults ({exc})")
+
+
+def test_compose_model_step_kinds_users_and_ports(monkeypatch, tiny_qwen2_vl):
+    services = _compose()["services"]
+    workers = {n: services[n] for n in ("worker", "worker-cpu")}
+
+    # The model step writes the folder the workers serve, through the same host folder.
+    make = services["make-model"]
+    assert make["profiles"] == ["setup"] and make["command"][:2] == ["vlmq", "make-model"]
+    made = _parsed(make, monkeypatch)
+    (host_dir,) = [v.rsplit(":/models", 1)[0] for v in make["volumes"] if v.endswith(":/models")]
+    for name, svc in workers.items():
+        args = _parsed(svc, monkeypatch)
+        assert args.model == made.out, f"{name} serves {args.model}, make-model writes {made.out}"
+        assert f"{host_dir}:/models:ro" in svc["volumes"], name
+    # ... which `vlmq make-model` run on the host from the repository root writes as well.
+    from inference_worker.models.cli import default_out
+
+    assert os.path.join(_defaults(host_dir), made.out.split("/models/")[1]) == os.path.join(
+        "..", default_out(made.arch, made.preset)
+    )
+
+    # Users: the workers run as uid 10001; make-model as root or that uid, writing files
+    # readable by others (transformers alone writes model.safetensors 0600).
+    uids = {_dockerfile_uid(svc) for svc in workers.values()}
+    assert uids == {"10001"}
+    assert str(make.get("user", _dockerfile_uid(make))) in ("root", "0", "0:0", "10001")
+    for f in os.listdir(tiny_qwen2_vl):
+        mode = os.stat(os.path.join(tiny_qwen2_vl, f)).st_mode
+        assert mode & 0o004, f"{f} is {oct(mode & 0o777)}: uid 10001 could not read it"
+
+    # Agents ask only for kinds the compose workers serve.
+    agents = _parsed(services["agents"], monkeypatch)
+    for name, svc in workers.items():
+        args = _parsed(svc, monkeypatch)
+        kinds = args.kinds.split(",")
+        assert agents.task in kinds, f"agents ask for {agents.task}; {name} serves {kinds}"
+        if "action_chunk" in kinds:
+            assert any(o.startswith("vla=") for o in args.option), f"{name}: action_chunk without a VLA"
+
+    # Published ports: host address and port overridable, and documented.
+    with open(os.path.join(REPO, "docs", "OPS.md")) as f:
+        ops_doc = f.read()
+    for name, svc in services.items():
+        for port in svc.get("ports", []):
+            variables = _DEFAULT.findall(port)
+            assert len(variables) == 2, f"{name}: {port} needs an overridable address and port"
+            for var, _ in variables:
+                assert f"`{var}`" in ops_doc, f"docs/OPS.md does not mention {var} ({name})"

@@ -10,16 +10,19 @@ from broker.settings import flag
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from env_agents.traces.sft import export_sft
+    from env_agents.traces.sft import NothingToExport, export_sft
 
-    counts = export_sft(
-        args.db,
-        args.out_dir,
-        val_fraction=args.val_fraction,
-        min_steps=args.min_steps,
-        success_only=args.success_only,
-        seed=args.seed,
-    )
+    try:
+        counts = export_sft(
+            args.db,
+            args.out_dir,
+            val_fraction=args.val_fraction,
+            min_steps=args.min_steps,
+            success_only=args.success_only,
+            seed=args.seed,
+        )
+    except (NothingToExport, FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"vlmq traces export: {exc}") from None
     print(json.dumps({"out_dir": args.out_dir, **asdict(counts)}, indent=2))
     return 0
 
@@ -35,7 +38,9 @@ def register(sub) -> None:
         "export",
         help="export SFT JSONL (OpenAI-style messages, images as data URLs) with a train/val split",
         description="One sample per answered text_action / structured_action request: its messages "
-        "plus the answer as the assistant turn. Episodes go wholly to train or to val.",
+        "plus the answer as the assistant turn. Episodes go wholly to train or to val. Other kinds "
+        "(action_chunk, preference) are counted as skipped; a database with none of these kinds "
+        "is an error (exit 1), not empty files.",
     )
     e.add_argument("--db", required=True, help="trace database (vlmq agents --traces PATH)")
     e.add_argument("--out-dir", required=True, help="writes train.jsonl and val.jsonl here")

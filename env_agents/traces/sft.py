@@ -11,7 +11,7 @@ import json
 import os
 import random
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 CHAT_KINDS = ("text_action", "structured_action")
@@ -24,6 +24,23 @@ class ExportCounts:
     val_episodes: int = 0
     train_samples: int = 0
     val_samples: int = 0
+    # answered requests of kinds SFT does not take (action_chunk, preference), by kind
+    skipped: Dict[str, int] = field(default_factory=dict)
+
+
+class NothingToExport(ValueError):
+    """The database holds no answered chat request to turn into an SFT sample."""
+
+
+def _answered_by_kind(db: sqlite3.Connection, episode_ids: Sequence[int]) -> Dict[str, int]:
+    if not episode_ids:
+        return {}
+    marks = ",".join("?" * len(episode_ids))
+    rows = db.execute(
+        f"SELECT kind, COUNT(*) FROM requests WHERE ok = 1 AND episode_id IN ({marks}) GROUP BY kind",
+        list(episode_ids),
+    )
+    return {kind: n for kind, n in rows}
 
 
 def answer_text(kind: str, result: Dict[str, Any]) -> str:
@@ -96,17 +113,27 @@ def export_sft(
     seed: int = 0,
     kinds: Sequence[str] = CHAT_KINDS,
 ) -> ExportCounts:
-    """Write out_dir/train.jsonl and out_dir/val.jsonl; returns what went where."""
+    """Write out_dir/train.jsonl and out_dir/val.jsonl; returns what went where. Raises
+    NothingToExport, writing nothing, when no selected episode has an answered request
+    of `kinds` (e.g. a database of action_chunk traces)."""
     if not os.path.exists(db_path):
         raise FileNotFoundError(f"no trace database at {db_path}")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError("val_fraction must be in [0, 1)")
-    os.makedirs(out_dir, exist_ok=True)
     db = sqlite3.connect(db_path)
     try:
         episodes = _episodes(db, min_steps, success_only)
+        answered = _answered_by_kind(db, [e["id"] for e in episodes])
+        if not any(answered.get(k) for k in kinds):
+            held = ", ".join(f"{n} {k}" for k, n in sorted(answered.items())) or "no answered requests"
+            raise NothingToExport(
+                f"{db_path}: nothing to export: SFT samples come from answered {' / '.join(kinds)} "
+                f"requests, and the {len(episodes)} selected episode(s) hold {held}"
+            )
+        os.makedirs(out_dir, exist_ok=True)
         where = split_episodes(episodes, val_fraction, seed)
         counts = ExportCounts(episodes=len(episodes))
+        counts.skipped = {k: n for k, n in sorted(answered.items()) if k not in kinds}
         with (
             open(os.path.join(out_dir, "train.jsonl"), "w") as train,
             open(os.path.join(out_dir, "val.jsonl"), "w") as val,

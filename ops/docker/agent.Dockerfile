@@ -22,5 +22,7 @@ COPY ops ops
 RUN if [ -n "${EXTRAS}" ]; then pip install ".[${EXTRAS}]"; else pip install .; fi
 RUN useradd --create-home --uid 10001 vlmq
 USER vlmq
+# `vlmq agents` writes its report under runs/: the user's home is writable, /app is not.
+WORKDIR /home/vlmq
 EXPOSE 9101
 CMD ["vlmq", "agents"]
