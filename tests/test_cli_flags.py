@@ -65,7 +65,9 @@ def test_every_flag_has_a_vlmq_variable_shown_in_help_that_sets_it(monkeypatch):
     for path, _, action in _flags(build_parser()):
         want = expected.get((path, action.dest), action.default)
         if (path, action.dest) in expected and action.default != want:
-            wrong.append(f"{' '.join(path)} {action.option_strings[-1]}: {flag_var(action)} -> {action.default!r}")
+            wrong.append(
+                f"{' '.join(path)} {action.option_strings[-1]}: {flag_var(action)} -> {action.default!r}"
+            )
     assert not wrong, f"the variable does not set the flag's default: {wrong}"
 
 
