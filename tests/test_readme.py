@@ -29,6 +29,19 @@ def test_readme_demo_command_installs_and_runs_the_demo():
     assert "pip install" in demo_cmd and demo_cmd.endswith("vlmq demo")
 
 
+def test_readme_commands_take_the_cpu_torch_wheel_from_the_public_cpu_index():
+    """On the public index `torch==2.13.0` is the multi-GB CUDA build: both commands name
+    PyTorch's CPU index for torch, before anything else could pull torch in."""
+    for section in ("Run the demo", "Run the tests"):
+        (cmd,) = _commands(section)
+        steps = [s.strip() for s in cmd.split("&&")]
+        (torch_step,) = [s for s in steps if re.search(r"pip install .*torch==", s)]
+        assert "--index-url https://download.pytorch.org/whl/cpu" in torch_step, section
+        assert steps.index(torch_step) < next(
+            i for i, s in enumerate(steps) if re.search(r"pip install .*-e \S", s)
+        )
+
+
 def test_readme_agent_example_runs_against_a_worker(settings):
     from tests.helpers import WorkerThread, synthetic_settings
 
