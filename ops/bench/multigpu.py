@@ -6,6 +6,8 @@ driven by --sessions-per-worker closed-loop sessions per worker. The first set i
 baseline. With distinct GPUs the records are scaling_efficiency_<k>_gpus = rps(k) / (k x
 rps(1)); a set that repeats a device (several workers on one GPU, what a one-GPU machine
 can run) is recorded as ..._<k>_workers_<g>_gpus instead, so the two are never confused.
+Every set runs --repeats times, interleaved with the others; each record is the median of
+its runs with min/max, and each efficiency is taken within one repeat.
 """
 
 from __future__ import annotations
@@ -33,6 +35,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--sessions-per-worker", type=int, default=128, help="agent sessions per worker (%(default)s)"
     )
+    if "--repeats" not in p._option_string_actions:  # the chat benchmark may have its own
+        p.add_argument(
+            "--repeats",
+            type=int,
+            default=3,
+            help="runs of every device set, interleaved; records are the median with min/max (%(default)s)",
+        )
 
 
 def _label(devices: List[str]) -> str:
@@ -56,36 +65,39 @@ def run(args: argparse.Namespace) -> int:
         folder = make_model(args.arch, tmp.name, preset=args.preset, seed=0, device=sets[0][0])
         log.info("built %s %s in %.1f s", args.arch, args.preset, time.perf_counter() - t0)
     max_batch = int(str(args.max_batch).split(",")[0])
-    results = []
+    results: List[List[dict]] = [[] for _ in sets]
     try:
         text = chat.prompt_text(AutoTokenizer.from_pretrained(folder), args.prompt_tokens)
-        for devices in sets:
-            args.sessions = args.sessions_per_worker * len(devices)
-            args.procs = max(args.procs, len(devices))
-            r = chat.served(folder, args, text, max_batch, devices=devices)
-            log.info("%s: %s", ",".join(devices), r)
-            print(
-                f"{','.join(devices):<40} {r['rps']:8.1f} req/s  p50 {r['latency_p50_s']:.2f} s", flush=True
-            )
-            results.append((devices, r))
+        for rep in range(args.repeats):
+            for i, devices in enumerate(sets):
+                args.sessions = args.sessions_per_worker * len(devices)
+                args.procs = max(args.procs, len(devices))
+                r = chat.served(folder, args, text, max_batch, devices=devices)
+                log.info("%s: %s", ",".join(devices), r)
+                print(
+                    f"repeat {rep} {','.join(devices):<40} {r['rps']:8.1f} req/s  p50 {r['latency_p50_s']:.2f} s",
+                    flush=True,
+                )
+                results[i].append(r)
     finally:
         if tmp is not None:
             tmp.cleanup()
-    base = results[0][1]["rps"]
-    card = results[0][1].get("card") or os.environ.get("VLMQ_BENCH_GPU", "")
+    base = [r["rps"] for r in results[0]]
+    card = results[0][0].get("card") or os.environ.get("VLMQ_BENCH_GPU", "")
     where = (
         f"{card}; {args.arch} {args.preset if not args.model else 'checkpoint'}, {args.image_size}-px image, "
         f"{args.prompt_tokens}-token prompt, {args.max_tokens} new tokens; {args.sessions_per_worker} sessions "
         f"per worker; worker --max-batch {max_batch}; {machine_description()}"
     )
     recs = []
-    for devices, r in results:
+    for devices, runs in zip(sets, results):
         label = _label(devices)
-        recs.append(record(f"throughput_rps_{label}", r["rps"], "requests/s", base, machine=where))
+        rps = [r["rps"] for r in runs]
+        recs.append(record(f"throughput_rps_{label}", rps, "requests/s", base, machine=where))
         if len(devices) > 1:
-            eff = r["rps"] / (len(devices) * base) if base else 0.0
+            eff = [x / (len(devices) * b) if b else 0.0 for x, b in zip(rps, base)]
             recs.append(record(f"scaling_efficiency_{label}", eff, "fraction", machine=where))
     write_results(args.out, recs)
     for r in recs:
-        print(f"{r.metric:45s} {r.value:>10} {r.unit}")
+        print(f"{r.metric:45s} {r.value:>10} {r.unit} ({r.min}-{r.max}, {r.runs} runs)")
     return 0

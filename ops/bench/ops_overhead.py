@@ -8,6 +8,7 @@ case for both: per-request overhead is not hidden behind model time. The recordi
 share of the requests sent is reported too (the tap can miss a request that lives less
 than its read turnaround; see ops/tap.py). On a shared machine the throughput difference
 is noisy; the CPU time the metrics hooks add per request is measured in process as well.
+Every figure is the median of --rounds runs, with min and max in the record.
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--rounds",
         type=int,
-        default=2,
-        help="rounds of the three configurations, order alternating (%(default)s)",
+        default=3,
+        help="rounds of the three configurations, order alternating; records are the median (%(default)s)",
     )
     p.add_argument(
         "--model-latency-ms",
@@ -201,33 +202,42 @@ def run(args: argparse.Namespace) -> int:
                     f"round {r} {name:<15} {result['rps']:8.0f} req/s  p50 {result['p50_ms']:.2f} ms",
                     flush=True,
                 )
-        path = os.path.join(tmp, "model.vlmqrec")
-        settings = BrokerSettings(url=server.url, prefix="benchmodel")
-        model_run = _measure(settings, args, True, path, args.model_latency_ms)
-        captured_model = _captured(path, model_run, args.sessions)
+        captured_model: List[float] = []
+        for r in range(args.rounds):
+            path = os.path.join(tmp, f"model{r}.vlmqrec")
+            settings = BrokerSettings(url=server.url, prefix=f"benchmodel{r}")
+            model_run = _measure(settings, args, True, path, args.model_latency_ms)
+            captured_model.append(_captured(path, model_run, args.sessions))
 
-    def med(name: str, key: str) -> float:
-        return statistics.median(x[key] for x in runs[name])
+    def each(name: str, key: str) -> List[float]:
+        return [x[key] for x in runs[name]]
 
-    base_rps, base_p50 = med("plain", "rps"), med("plain", "p50_ms")
+    base_rps, base_p50 = each("plain", "rps"), each("plain", "p50_ms")
     records: List[Record] = [
         record("throughput_rps_plain", base_rps, "req/s"),
-        record("throughput_rps_with_metrics", med("metrics", "rps"), "req/s", baseline=base_rps),
+        record("throughput_rps_with_metrics", each("metrics", "rps"), "req/s", baseline=base_rps),
         record(
-            "throughput_rps_with_metrics_and_record", med("metrics_record", "rps"), "req/s", baseline=base_rps
+            "throughput_rps_with_metrics_and_record",
+            each("metrics_record", "rps"),
+            "req/s",
+            baseline=base_rps,
         ),
         record("latency_p50_ms_plain", base_p50, "ms"),
-        record("latency_p50_ms_with_metrics", med("metrics", "p50_ms"), "ms", baseline=base_p50),
+        record("latency_p50_ms_with_metrics", each("metrics", "p50_ms"), "ms", baseline=base_p50),
         record(
-            "latency_p50_ms_with_metrics_and_record", med("metrics_record", "p50_ms"), "ms", baseline=base_p50
+            "latency_p50_ms_with_metrics_and_record",
+            each("metrics_record", "p50_ms"),
+            "ms",
+            baseline=base_p50,
         ),
-        record("record_captured_fraction_noop_handler", min(captured), "fraction"),
+        record("record_captured_fraction_noop_handler", captured, "fraction"),
         record(f"record_captured_fraction_{args.model_latency_ms:g}ms_handler", captured_model, "fraction"),
-        record("metrics_hooks_cpu_us_per_request", hook_cost_us(), "us"),
+        record("metrics_hooks_cpu_us_per_request", [hook_cost_us() for _ in range(3)], "us"),
     ]
     write_results(args.out, records)
     print(
-        f"recorded {min(captured):.1%} of the requests (no-op handler, worst round), "
-        f"{captured_model:.1%} with a {args.model_latency_ms:g} ms handler; results in {args.out}"
+        f"recorded {statistics.median(captured):.1%} of the requests (no-op handler; rounds "
+        f"{min(captured):.1%}-{max(captured):.1%}), {statistics.median(captured_model):.1%} with a "
+        f"{args.model_latency_ms:g} ms handler; results in {args.out}"
     )
     return 0
