@@ -1,4 +1,6 @@
-"""Every committed benchmark result follows the record format of the developers' guide."""
+"""Every committed benchmark result follows the record format of the developers' guide:
+the median of its runs with their number, min and max, the commit that ran, and one
+meaning per metric name in a file."""
 
 from __future__ import annotations
 
@@ -11,7 +13,28 @@ import pytest
 from tests.helpers import REPO
 
 FILES = sorted(glob.glob(os.path.join(REPO, "benchmarks", "results", "*.json")))
-KEYS = {"metric", "value", "unit", "baseline", "ratio", "machine", "date", "command"}
+KEYS = {
+    "metric",
+    "value",
+    "unit",
+    "baseline",
+    "ratio",
+    "machine",
+    "date",
+    "command",
+    "commit",
+    "runs",
+    "min",
+    "max",
+}
+# Files whose every figure is a repeated measurement (counts and single evaluations live elsewhere).
+ALL_REPEATED = ("transport", "scale", "ops", "gpu_kernels")
+# The issues' headline figures in the other files, each the median of >= 3 runs.
+REPEATED = {
+    "gpu_chat.json": ["throughput_rps_128_sessions"],
+    "vla.json": ["chunk_latency_p50_ms_batch1", "cache_speedup"],
+    "multiworker_1gpu.json": ["throughput_rps_"],
+}
 
 
 def _load(path: str) -> list:
@@ -19,14 +42,27 @@ def _load(path: str) -> list:
         return json.load(f)
 
 
+def _needs_runs(name: str, metric: str) -> bool:
+    if name.split(".")[0].startswith(ALL_REPEATED):
+        return True
+    return any(metric.startswith(m) for m in REPEATED.get(name, ()))
+
+
 @pytest.mark.parametrize("path", FILES, ids=[os.path.basename(p) for p in FILES])
 def test_result_records(path):
+    name = os.path.basename(path)
     records = _load(path)
     assert isinstance(records, list) and records
+    metrics = [r.get("metric") for r in records]
+    assert len(metrics) == len(set(metrics)), f"{name}: a metric name twice: one meaning per name"
     for r in records:
-        assert set(r) == KEYS, r
+        assert set(r) == KEYS, f"{name}: {r.get('metric')} has {sorted(set(r) ^ KEYS)} (regenerate it)"
         assert isinstance(r["metric"], str) and isinstance(r["value"], (int, float))
-        assert r["machine"] and r["date"] and r["command"] and r["unit"]
+        assert r["machine"] and r["date"] and r["command"] and r["unit"] and r["commit"]
+        assert isinstance(r["runs"], int) and r["runs"] >= 1
+        assert r["min"] <= r["value"] + 1e-3 and r["value"] <= r["max"] + 1e-3, r
+        if _needs_runs(name, r["metric"]):
+            assert r["runs"] >= 3, f"{name}: {r['metric']} is one run, not the median of >= 3"
         if r["baseline"] is None:
             assert r["ratio"] is None
         elif r["baseline"]:
@@ -35,8 +71,12 @@ def test_result_records(path):
 
 
 def test_the_issues_metrics_are_recorded():
-    metrics = {os.path.basename(p): {r["metric"] for r in _load(p)} for p in FILES}
+    records = {os.path.basename(p): {r["metric"]: r for r in _load(p)} for p in FILES}
+    metrics = {name: set(recs) for name, recs in records.items()}
     assert {"overhead_p50_ms", "throughput_rps_16_clients"} <= metrics["transport.json"]
+    # against the same raw bytes over HTTP, and the seeds' PNG JSON beside it
+    assert records["transport.json"]["throughput_rps_16_clients"]["baseline"]
+    assert records["transport.json"]["throughput_rps_16_clients_vs_png_json"]["baseline"]
     assert "throughput_rps_128_sessions" in metrics["gpu_chat.json"]
     assert {"chunk_latency_p50_ms_batch1", "cache_speedup", "success_rate"} <= metrics["vla.json"]
     assert "starvation_fraction_30hz_64_sessions" in metrics["agents.json"]

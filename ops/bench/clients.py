@@ -11,12 +11,18 @@ from __future__ import annotations
 import multiprocessing as mp
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, wait
 from typing import Any, Callable, List, Optional, Sequence
 
 # Time from submitting a window to its start: each process sets up its clients and warms
-# them up before the start, not inside the measurement.
-LEAD_S = 1.5
+# them up before the start, not inside the measurement. A window that a client reaches late
+# is run again with twice the lead (a loaded machine warms up slower).
+LEAD_S = 1.0
+MAX_LEAD_S = 16.0
+
+
+class LateStart(RuntimeError):
+    """A client was not ready when its window opened; its figures would be short."""
 
 
 def _ready(imports: Sequence[str], hold_s: float) -> None:
@@ -33,6 +39,7 @@ class ClientPool:
 
     def __init__(self, procs: int, imports: Sequence[str] = ()) -> None:
         self.procs = procs
+        self.lead_s = LEAD_S
         self._pool = ProcessPoolExecutor(procs, mp_context=mp.get_context("spawn"))
         for f in [self._pool.submit(_ready, list(imports), 1.0) for _ in range(procs)]:
             f.result(timeout=300)
@@ -43,18 +50,24 @@ class ClientPool:
         args: Sequence[Sequence[Any]],
         duration: float,
         during: Optional[Callable[[float, float], None]] = None,
-        lead_s: float = LEAD_S,
     ) -> List[Any]:
         """`during(start, stop)`, if given, runs here while the clients run (e.g. to sample
         the server's CPU over the window)."""
         if len(args) > self.procs:
             raise ValueError(f"{len(args)} clients for a pool of {self.procs} processes")
-        start = time.time() + lead_s
-        stop = start + duration
-        futures = [self._pool.submit(fn, *a, start, stop) for a in args]
-        if during is not None:
-            during(start, stop)
-        return [f.result(timeout=lead_s + duration + 120) for f in futures]
+        while True:
+            start = time.time() + self.lead_s
+            stop = start + duration
+            futures = [self._pool.submit(fn, *a, start, stop) for a in args]
+            if during is not None:
+                during(start, stop)
+            try:
+                return [f.result(timeout=self.lead_s + duration + 120) for f in futures]
+            except LateStart:
+                wait(futures, timeout=self.lead_s + duration + 120)  # the others finish their window
+                if self.lead_s >= MAX_LEAD_S:
+                    raise
+                self.lead_s *= 2
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -66,7 +79,11 @@ class ClientPool:
         self.close()
 
 
-def wait_until(t: float) -> None:
+def wait_until(t: float, client: bool = False) -> None:
+    """Sleep until wall-clock time t. A client (`client=True`) already past t raises
+    LateStart: it would measure less than the window."""
+    if client and time.time() > t + 0.01:
+        raise LateStart(f"a client was ready {time.time() - t:.2f} s after its window opened")
     while True:
         left = t - time.time()
         if left <= 0:

@@ -21,6 +21,20 @@ from functools import lru_cache
 from typing import List, Optional, Sequence, Union
 
 
+def usable_cores() -> float:
+    """Cores this process may use: its CPU affinity, capped by a cgroup CPU quota (a
+    container may see the host's cores but be allowed a few of them)."""
+    cores: float = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()
+        if quota != "max":
+            cores = min(cores, int(quota) / int(period))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
 def machine_description() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -31,10 +45,14 @@ def machine_description() -> str:
                     break
     except OSError:
         pass
-    desc = f"{os.cpu_count()} cores {cpu}, {platform.system()} {platform.release()}, Python {platform.python_version()}"
-    gpu = os.environ.get("VLMQ_BENCH_GPU")
-    if gpu:
-        desc = f"{gpu}; {desc}"
+    cores = usable_cores()
+    desc = (
+        f"{cores:g} cores {cpu}, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+    )
+    # VLMQ_BENCH_MACHINE names the machine (e.g. which lent host); VLMQ_BENCH_GPU the card.
+    for label in (os.environ.get("VLMQ_BENCH_GPU"), os.environ.get("VLMQ_BENCH_MACHINE")):
+        if label:
+            desc = f"{label}; {desc}"
     return desc
 
 

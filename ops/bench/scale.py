@@ -98,10 +98,19 @@ async def _agent(
     frame = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
     redis = connect_async(settings)
     clients = [await AsyncAgentClient(s, redis=redis, settings=settings).start() for s in sessions]
+    try:
+        return await _closed_loop(clients, kind, frame, start, stop)
+    finally:
+        for c in clients:
+            await c.close()
+        await redis.aclose()
+
+
+async def _closed_loop(clients, kind: str, frame: np.ndarray, start: float, stop: float) -> List[float]:
     for c in clients:  # warm up connections and code paths
         for step in range(20):
             await c.request(_request(kind, step, frame), timeout=60)
-    await asyncio.get_running_loop().run_in_executor(None, wait_until, start)
+    await asyncio.get_running_loop().run_in_executor(None, wait_until, start, True)
     latencies: List[float] = []
 
     async def loop(c) -> None:
@@ -117,9 +126,6 @@ async def _agent(
             step += 1
 
     await asyncio.gather(*(loop(c) for c in clients))
-    for c in clients:
-        await c.close()
-    await redis.aclose()
     return latencies
 
 

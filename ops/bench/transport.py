@@ -201,7 +201,7 @@ def _on_loop(setup, once, teardown, start: float, stop: float) -> List[float]:
 async def _timed(sessions: Sequence[Any], once, start: float, stop: float) -> List[float]:
     for step in range(WARMUP):  # warm up connections and code paths before the window
         await asyncio.gather(*(once(s, step) for s in sessions))
-    await asyncio.get_running_loop().run_in_executor(None, wait_until, start)
+    await asyncio.get_running_loop().run_in_executor(None, wait_until, start, True)
 
     async def loop(session: Any) -> List[float]:
         lat: List[float] = []
