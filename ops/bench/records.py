@@ -59,7 +59,8 @@ def machine_description() -> str:
 @lru_cache(maxsize=1)
 def current_commit() -> str:
     """The git SHA of the code that ran (VLMQ_BENCH_COMMIT where there is no checkout, e.g.
-    a copied tree on the GPU machine), with "+dirty" when the tree had uncommitted changes."""
+    a copied tree on the GPU machine), with "+dirty" when the code had uncommitted changes
+    (benchmarks/results/ aside)."""
     env = os.environ.get("VLMQ_BENCH_COMMIT")
     if env:
         return env
@@ -68,8 +69,8 @@ def current_commit() -> str:
         sha = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10, check=True
         ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run(  # results written by earlier benchmarks are not code changes
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ":/", ":!/benchmarks/results"],
             cwd=here,
             capture_output=True,
             text=True,
