@@ -8,11 +8,14 @@ start and stop, and returns what each call returned.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor, wait
 from typing import Any, Callable, List, Optional, Sequence
+
+log = logging.getLogger("vlmq.bench")
 
 # Time from submitting a window to its start: each process sets up its clients and warms
 # them up before the start, not inside the measurement. A window that a client reaches late
@@ -68,6 +71,7 @@ class ClientPool:
                 if self.lead_s >= MAX_LEAD_S:
                     raise
                 self.lead_s *= 2
+                log.warning("a client was not ready when its window opened: again, %.0f s ahead", self.lead_s)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

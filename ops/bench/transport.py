@@ -297,7 +297,10 @@ def _in_process_ms(size: int, n: int = 2000) -> float:
 def _uvicorn(app: str) -> Tuple[subprocess.Popen, int]:
     port = free_port()
     cmd = [sys.executable, "-m", "uvicorn", f"ops.bench.http_baseline:{app}", "--port", str(port)]
-    server = subprocess.Popen([*cmd, "--log-level", "warning", "--no-access-log"])
+    # Keep-alive connections may idle while a window's lead grows (clients.py): keep them.
+    server = subprocess.Popen(
+        [*cmd, "--log-level", "warning", "--no-access-log", "--timeout-keep-alive", "300"]
+    )
     give_up = time.time() + 60
     while True:
         try:
