@@ -13,7 +13,7 @@ import multiprocessing as mp
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor, wait
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 log = logging.getLogger("vlmq.bench")
 
@@ -42,7 +42,7 @@ class ClientPool:
 
     def __init__(self, procs: int, imports: Sequence[str] = ()) -> None:
         self.procs = procs
-        self.lead_s = LEAD_S
+        self._leads: Dict[str, float] = {}
         self._pool = ProcessPoolExecutor(procs, mp_context=mp.get_context("spawn"))
         for f in [self._pool.submit(_ready, list(imports), 1.0) for _ in range(procs)]:
             f.result(timeout=300)
@@ -53,25 +53,30 @@ class ClientPool:
         args: Sequence[Sequence[Any]],
         duration: float,
         during: Optional[Callable[[float, float], None]] = None,
+        key: str = "",
     ) -> List[Any]:
         """`during(start, stop)`, if given, runs here while the clients run (e.g. to sample
-        the server's CPU over the window)."""
+        the server's CPU over the window). Windows of one `key` share their lead."""
         if len(args) > self.procs:
             raise ValueError(f"{len(args)} clients for a pool of {self.procs} processes")
+        key = key or fn.__name__
         while True:
-            start = time.time() + self.lead_s
+            lead = self._leads.setdefault(key, LEAD_S)
+            start = time.time() + lead
             stop = start + duration
             futures = [self._pool.submit(fn, *a, start, stop) for a in args]
             if during is not None:
                 during(start, stop)
             try:
-                return [f.result(timeout=self.lead_s + duration + 120) for f in futures]
+                return [f.result(timeout=lead + duration + 120) for f in futures]
             except LateStart:
-                wait(futures, timeout=self.lead_s + duration + 120)  # the others finish their window
-                if self.lead_s >= MAX_LEAD_S:
+                wait(futures, timeout=lead + duration + 120)  # the others finish their window
+                if lead >= MAX_LEAD_S:
                     raise
-                self.lead_s *= 2
-                log.warning("a client was not ready when its window opened: again, %.0f s ahead", self.lead_s)
+                self._leads[key] = 2 * lead
+                log.warning(
+                    "a %s client was not ready when its window opened: again, %.0f s ahead", key, 2 * lead
+                )
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -168,6 +168,7 @@ def _measure(
         [(settings, s, args.kind, args.image_side) for s in sessions],
         args.duration,
         during=sample,
+        key=f"{procs} processes",
     )
     out = summary([x for lat in per_proc for x in lat], args.duration)
     out["redis_cpu"] = (cpu["stop"] - cpu["start"]) / args.duration

@@ -49,7 +49,7 @@ from ops.bench.records import Record, record, write_results
 from ops.bench.workers import synthetic_worker
 from schemas.messages import ActionChunkRequest
 
-WARMUP = 20  # requests per session before the window opens
+WARMUP = 5  # requests per session before the window opens: connections made, code paths run
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -416,7 +416,7 @@ def run(args: argparse.Namespace) -> int:
         with ClientPool(procs, imports=["ops.bench.transport", "env_agents.client", "PIL.Image"]) as pool:
             for r in range(args.rounds):
                 for name, fn, per_proc in configs if r % 2 == 0 else configs[::-1]:
-                    lat = [x for part in pool.window(fn, per_proc, args.duration) for x in part]
+                    lat = [x for part in pool.window(fn, per_proc, args.duration, key=name) for x in part]
                     results.setdefault(name, []).append(summary(lat, args.duration))
                     s = results[name][-1]
                     print(
