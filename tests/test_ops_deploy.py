@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 
@@ -89,7 +90,19 @@ def test_compose_validates_with_docker_compose():
     if cmd is None:
         pytest.skip("neither docker-compose nor the docker compose plugin is installed")
     out = subprocess.run(
-        [*cmd, "-f", COMPOSE, "--profile", "cpu", "--profile", "agents", "config", "-q"],
+        [
+            *cmd,
+            "-f",
+            COMPOSE,
+            "--profile",
+            "cpu",
+            "--profile",
+            "agents",
+            "--profile",
+            "setup",
+            "config",
+            "-q",
+        ],
         capture_output=True,
         text=True,
         cwd=OPS,
@@ -294,3 +307,42 @@ def test_compose_model_step_kinds_users_and_ports(monkeypatch, tiny_qwen2_vl):
             assert len(variables) == 2, f"{name}: {port} needs an overridable address and port"
             for var, _ in variables:
                 assert f"`{var}`" in ops_doc, f"docs/OPS.md does not mention {var} ({name})"
+
+
+def _compose_commands(text: str) -> list:
+    lines = re.findall(r"(?:^|#\s+|\$ )(docker compose [^\n#]*)", text, re.M)
+    return [shlex.split(line) for line in lines]
+
+
+def test_documented_docker_compose_commands_name_services_and_profiles_that_exist():
+    services = _compose()["services"]
+    profiles = {p for svc in services.values() for p in svc.get("profiles", [])}
+    with open(COMPOSE) as f:
+        commands = _compose_commands(f.read())
+    for doc in ("README.md", os.path.join("docs", "OPS.md")):
+        with open(os.path.join(REPO, doc)) as f:
+            commands += _compose_commands(f.read())
+    assert len(commands) >= 8
+    for cmd in commands:
+        args = cmd[2:]
+        for i, a in enumerate(args):
+            if a == "--profile":
+                assert args[i + 1] in profiles, f"{' '.join(cmd)}: no profile {args[i + 1]}"
+            if a == "--scale":
+                assert args[i + 1].split("=")[0] in services, f"{' '.join(cmd)}: no service to scale"
+        verb = next((a for a in args if a in ("up", "run", "exec", "build", "stop", "logs")), None)
+        if verb is None:
+            continue
+        rest = args[args.index(verb) + 1 :]
+        names, skip = [], False
+        for a in rest:
+            if skip:
+                skip = False
+            elif a in ("--scale", "-p", "--profile"):
+                skip = True
+            elif not a.startswith("-"):
+                names.append(a)
+        if verb in ("run", "exec"):
+            names = names[:1]  # then the command the container runs
+        missing = [n for n in names if n not in services]
+        assert not missing, f"{' '.join(cmd)}: no service {missing}"
