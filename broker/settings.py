@@ -37,7 +37,9 @@ def flag(
     **kwargs: Any,
 ) -> Any:
     """`group.add_argument(*names)` whose default is VLMQ_<var> when set, else `default`,
-    and whose help ends with the variable's name and `(shown)` (the default, unless given)."""
+    and whose help ends with the variable's name and `(shown)` (the default, unless given).
+    For a variable with a name of its own (shared by commands, set by the compose file);
+    a flag added with plain `add_argument` reads VLMQ_<COMMAND>_<FLAG> (ops.cli.add_env_vars)."""
     suffix = f" [VLMQ_{var}]" + (f" ({shown})" if shown else "")
     return group.add_argument(*names, default=env(var, default), help=help + suffix, **kwargs)
 
