@@ -149,7 +149,7 @@ def engine_checks(vlm, args, text: str) -> Dict[str, float]:
     from inference_worker.engines.options import EngineOptions
     from inference_worker.engines.prompt import user_prompt
     from inference_worker.engines.sampling import Sampling
-    from inference_worker.handlers.base import Stopwatch
+    from inference_worker.timing import Stopwatch
 
     n = args.sessions
     prompts = [user_prompt(f, text) for f in frames(n, args.image_size)]
