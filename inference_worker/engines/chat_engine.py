@@ -84,6 +84,7 @@ class ChatEngine:
             span_step=self.options.span_step,
             max_graphs=self.options.max_graphs,
             ignore_eos=self.options.ignore_eos,
+            bucketed=self.options.decode == "eager-bucketed",
         )
         self._warm = False
 

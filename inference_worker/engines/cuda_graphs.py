@@ -25,12 +25,12 @@ class Graph:
         # first requests must not happen inside the capture
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), torch.inference_mode():
+        with torch.cuda.stream(side), torch.no_grad():
             for _ in range(warmup):
                 fn()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool), torch.inference_mode():
+        with torch.cuda.graph(self.graph, pool=pool), torch.no_grad():
             self.output = fn()
 
     def replay(self) -> Any:

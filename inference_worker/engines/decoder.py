@@ -67,6 +67,7 @@ class Decoder:
         span_step: int = 256,
         max_graphs: int = 48,
         ignore_eos: bool = False,
+        bucketed: bool = False,
     ) -> None:
         import torch
 
@@ -85,6 +86,9 @@ class Decoder:
         self.rows = torch.arange(slots, device=dev)
         self.seqs: List[Running] = []  # seqs[i] owns slot i
         self.graphs: Optional[GraphCache] = GraphCache(max_graphs) if graphs else None
+        # eager steps at the graphs' padded shapes: the same kernels on the same shapes as a
+        # replay, which is what a bitwise graph-vs-eager check compares
+        self.bucketed = graphs or bucketed
         self.steps = 0
 
     # ------------------------------------------------------------------ state
@@ -155,12 +159,14 @@ class Decoder:
         return self._collect(range(n))
 
     def _forward(self, n: int, span: int) -> Any:
+        b, s = n, span
+        if self.bucketed:
+            b = min(bucket(n), self.slots)
+            s = min(-(-span // self.span_step) * self.span_step, self.capacity)
         if self.graphs is None:
             return self.stack.decode(
-                self.cache.rows(n), self.tok[:n], self.pos[:n], self.col[:n], self.rows[:n], span
-            )
-        b = min(bucket(n), self.slots)
-        s = min(-(-span // self.span_step) * self.span_step, self.capacity)
+                self.cache.rows(b), self.tok[:b], self.pos[:b], self.col[:b], self.rows[:b], s
+            )[:n]
         return self.graphs.get((b, s), self._capture(b, s)).replay()[:n]
 
     def _capture(self, b: int, span: int) -> Callable[[Any], Graph]:

@@ -38,6 +38,7 @@ class BatchInputs:
     grids: List[Any] = field(default_factory=list)  # (t, h, w) per image, on the CPU
     image_index: Optional[Any] = None  # (image tokens,) flat positions in (B*S) of the image tokens
     image_features: Optional[Any] = None  # (image tokens, hidden) if the vision tower already ran
+    row_lengths: List[int] = field(default_factory=list)  # real (unpadded) tokens of each row
 
     @property
     def batch(self) -> int:
@@ -48,7 +49,7 @@ class BatchInputs:
         return self.input_ids.shape[1]
 
     def prompt_tokens(self) -> List[int]:
-        return self.attention_mask.sum(dim=1).tolist()
+        return list(self.row_lengths)
 
     def model_kwargs(self) -> Dict[str, Any]:
         kw = dict(
@@ -139,16 +140,18 @@ class InputBuilder:
 
         for p in prompts:
             self.check(p)
-        rows = [self._expand(p.short_ids, self._counts(p)) for p in prompts]
+        if images is None:
+            images = self.images(prompts)
+        grids = images.grids if images is not None else []
+        # image tokens per image from the grids the tower gets (merge x merge patches a token)
+        per_image = iter([t * h * w // self.policy.merge_size**2 for t, h, w in grids])
+        rows = [self._expand(p.short_ids, [next(per_image) for _ in p.images]) for p in prompts]
         width = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id or 0
         input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
         mm = (input_ids == self.image_token_id).int()
         mm_np = mm.numpy()
-        if images is None:
-            images = self.images(prompts)
-        grids = images.grids if images is not None else []
         pos, nxt = mrope_positions(mm_np, mask.numpy(), grids, self.policy.merge_size)
         dev = self.device
         return BatchInputs(
@@ -161,4 +164,5 @@ class InputBuilder:
             image_grid_thw=images.image_grid_thw if images is not None else None,
             grids=grids,
             image_index=torch.from_numpy(np.flatnonzero(mm_np)).to(dev) if images is not None else None,
+            row_lengths=[len(r) for r in rows],
         )

@@ -14,7 +14,8 @@ class EngineOptions:
     min_pixels: int = 0
     max_pixels: int = 0
     # eager: plain PyTorch steps; graphs: one CUDA graph per decode step (CUDA only);
-    # auto: graphs on CUDA, eager elsewhere.
+    # auto: graphs on CUDA, eager elsewhere; eager-bucketed: eager steps at the graphs'
+    # padded shapes (to compare the two bit for bit).
     decode: str = "auto"
     # torch.compile the per-token ops of the decode step (fused.py): auto = on CUDA
     fuse: str = "auto"
@@ -55,8 +56,8 @@ class EngineOptions:
                 continue
             values[name] = _convert(name, raw, known[name].default)
         opts = cls(**values)  # type: ignore[arg-type]
-        if opts.decode not in ("auto", "eager", "graphs"):
-            raise ValueError(f"option decode={opts.decode!r}: choose auto, eager or graphs")
+        if opts.decode not in ("auto", "eager", "graphs", "eager-bucketed"):
+            raise ValueError(f"option decode={opts.decode!r}: choose auto, eager, eager-bucketed or graphs")
         if opts.prefill not in ("auto", "stack", "hf"):
             raise ValueError(f"option prefill={opts.prefill!r}: choose auto, stack or hf")
         if opts.fuse not in ("auto", "on", "off"):
