@@ -133,6 +133,7 @@ def add_agent_args(p: argparse.ArgumentParser) -> None:
         var="AGENTS_THRESHOLD",
         default="0.5",
         type=threshold_arg,
+        metavar="G|adaptive",
         help="g: ask for the next chunk when the queue holds <= g x chunk actions; 'adaptive': g from "
         "the p90 of the session's recent round trips, so the queue never runs dry (--g-min, --g-max, "
         "--g-margin)",

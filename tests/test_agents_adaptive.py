@@ -203,3 +203,27 @@ def test_a_timeout_is_an_error_a_failure_for_the_tracers_and_a_latency_sample():
     assert client.futures[1].cancelled()  # the client's slot for it is free again
     assert len(ctl.threshold.window) == s.replies + 1  # every round trip, the timeout too
     assert max(ctl.threshold.window._samples) > 2.0
+
+
+def test_a_full_backlog_is_an_error_and_the_episode_goes_on():
+    from broker.publisher import BacklogFull
+
+    class Refusing(FakeClient):
+        async def submit(self, req):
+            if not self.refused:
+                self.refused.append(req)
+                raise BacklogFull("req:action_chunk", 100, 100)
+            return await super().submit(req)
+
+    spy = Spy()
+    client = Refusing(lambda i: 0.05)
+    client.refused = []
+    config = ControlConfig(kind="action_chunk", rate_hz=30.0, max_steps=60)
+
+    async def main():
+        return await Controller("s", FramesAdapter(size=8), client, config, spy).run_episode(0, 0)
+
+    stats = run_virtual(main())
+    assert stats.errors == 1 and stats.steps == 60 and spy.failures == ["backlog_full"]
+    assert client.refused[0].reset and client.sent[0].reset  # the retry still starts the episode
+    assert not any(r.reset for r in client.sent[1:])

@@ -17,14 +17,18 @@ def _args(*extra: str) -> argparse.Namespace:
 
 def test_metric_names_carry_everything_that_changes_their_meaning():
     gpu = _args("--worker", "external", "--redis-url", "redis://x")
-    assert agents.metric_name("starvation_fraction", gpu, 64, "fixed") == "starvation_fraction_30hz_64_sessions"
+    assert (
+        agents.metric_name("starvation_fraction", gpu, 64, "fixed") == "starvation_fraction_30hz_64_sessions"
+    )
     assert agents.metric_name("starvation_fraction", gpu, 64, "adaptive").endswith("_64_sessions_adaptive")
     assert agents.metric_name("starvation_fraction", gpu, 64, "sync").endswith("_64_sessions_sync")
     mixed = _args("--worker", "external", "--chat-sessions", "16", "--chat-max-tokens", "256")
     assert agents.metric_name("chunk_latency_p99_ms", mixed, 64, "fixed") == (
         "chunk_latency_p99_ms_30hz_64_sessions_mixed"
     )
-    other = _args("--worker", "external", "--chat-sessions", "8", "--chat-max-tokens", "32", "--threshold", "0.7")
+    other = _args(
+        "--worker", "external", "--chat-sessions", "8", "--chat-max-tokens", "32", "--threshold", "0.7"
+    )
     assert agents.metric_name("chat_rps", other, 64, "fixed") == "chat_rps_30hz_64_sessions_mixed_8x32_g0p7"
     frames = _args("--env", "Frames-v0", "--latency-ms", "100")
     assert agents.metric_name("starvation_fraction", frames, 16, "fixed") == (

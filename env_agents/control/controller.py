@@ -27,6 +27,7 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
+from broker.publisher import BacklogFull
 from env_agents.control.merge import check_merge, get_merge
 from env_agents.control.queue import ActionQueue
 from env_agents.control.similarity import SimilarityFilter
@@ -136,9 +137,17 @@ class Controller:
                 kw["inference_delay"] = min(ahead, len(pending))
         return self.adapter.request(self.config.kind, obs, **kw)
 
-    async def _send(self, obs: Observation, t: int, first: bool, g: float, stats: EpisodeStats) -> _InFlight:
+    async def _send(
+        self, obs: Observation, t: int, first: bool, g: float, stats: EpisodeStats
+    ) -> Optional[_InFlight]:
         req = self._request(obs, t, first)
-        fut = await self.client.submit(req)
+        try:
+            fut = await self.client.submit(req)
+        except BacklogFull as exc:  # the workers are behind: an error, and ask again next tick
+            stats.errors += 1
+            log.warning("session %s step %d: not sent: %s", self.session_id, t, exc)
+            self.tracer.failed(self.session_id, t, req, "backlog_full")
+            return None
         loop = asyncio.get_running_loop()
         flight = _InFlight(fut, t, loop.time(), req)
 
@@ -245,7 +254,7 @@ class Controller:
                     decision = self.filter.decide(obs.frame, len(self.queue), self.latency_s, cfg.rate_hz)
                     if decision.send:
                         flight = await self._send(obs, t, first_request, g, stats)
-                        first_request = False
+                        first_request = first_request and flight is None
                     else:
                         stats.skipped += 1
                         log.debug(

@@ -81,7 +81,7 @@ class AdaptiveThreshold:
         quantile: float = QUANTILE,
     ) -> None:
         if rate_hz <= 0:
-            raise ValueError("an adaptive threshold needs a control rate (rate_hz > 0)")
+            raise ValueError("an adaptive threshold needs a control rate (rate_hz > 0, --rate-hz)")
         if not 0.0 <= g_min <= g_max <= 1.0:
             raise ValueError(f"need 0 <= g_min <= g_max <= 1, got g_min={g_min}, g_max={g_max}")
         if margin < 1.0:
