@@ -138,7 +138,7 @@ def test_threshold_settings_are_checked_before_a_run():
         ControlConfig(adaptive=True, g_margin=0.5)
     assert isinstance(ControlConfig(adaptive=True, mode="sync").make_threshold(), FixedThreshold)
     assert ControlConfig(adaptive=True, mode="sync").make_threshold().g(50) == 0.0
-    assert ControlConfig(adaptive=True).threshold_label.startswith("adaptive [0.1, 0.9]")
+    assert ControlConfig(adaptive=True).threshold_label.startswith("adaptive [0.1, 0.75]")
 
 
 def test_adaptive_threshold_keeps_the_queue_from_running_dry_where_a_low_fixed_g_starves():

@@ -10,9 +10,11 @@ adaptive threshold sets
 from the session's recent round trips (a sliding window; the p90 so a slow batch now and
 then does not starve it, the margin for what the window has not seen yet, the extra action
 because a reply is merged at the tick after it arrives). Asking early costs requests:
-between two requests the agent runs (1 - g) x chunk actions, so g = 0.9 asks five times as
-often as g = 0.5; g_max bounds that, g_min keeps a fast worker from being asked only when
-the queue is nearly empty.
+between two requests the agent runs (1 - g) x chunk actions, so g = 0.75 asks twice as
+often as g = 0.5 and g = 0.9 five times. That load feeds back into the latency every agent
+of the worker measures: g_max bounds the loop (when no g covers the latency, more requests
+only make the worker later), g_min keeps a fast worker from being asked only when the
+queue is nearly empty.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Deque, Optional
 
 # The defaults of `vlmq agents --threshold adaptive` (docs/AGENTS.md explains the choice).
 G_MIN = 0.1
-G_MAX = 0.9
+G_MAX = 0.75
 MARGIN = 1.5
 WINDOW = 32
 QUANTILE = 0.9

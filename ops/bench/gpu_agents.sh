@@ -45,6 +45,9 @@ if [ "$DEVICE" != cpu ]; then
   export VLMQ_BENCH_GPU="${VLMQ_BENCH_GPU:-$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)}"
   if [ -f .devcarry-gl/on-device-gl.sh ]; then
     source .devcarry-gl/on-device-gl.sh || echo "GL libraries / miniworld not installed"
+  elif [ -d /tmp/site-gl/miniworld ]; then  # installed by an earlier call on this warm machine
+    export PYTHONPATH=/tmp/site-gl:$PYTHONPATH
+    export __EGL_VENDOR_LIBRARY_FILENAMES=/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json
   fi
   REDIS=${REDIS:-redis://127.0.0.1:6379/0}
 else
@@ -102,13 +105,13 @@ common=(bench agents --worker external --redis-url "$REDIS" --prefix "$PREFIX" -
         --sessions "$SESSIONS" --procs "$PROCS" --seconds "$RUN_S" --runs "$RUNS" --warmup-s "$WARMUP_S"
         --label "$LABEL" --out "$OUT/agents.json")
 rc=0
-vlmq --log-level WARNING "${common[@]}" --modes sync,fixed,adaptive --fresh 2>&1 | tee "$OUT/bench_vla.log" | grep -v '^ *$' | tail -8
+vlmq --log-level WARNING "${common[@]}" --modes sync,fixed,adaptive --fresh 2>&1 | tee "$OUT/bench_vla.log" | grep -v "^ *$" | tail -15
 [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
 echo "VLA only done after $((SECONDS - t0)) s"
 if [ "$CHAT_SESSIONS" -gt 0 ]; then
   vlmq --log-level WARNING "${common[@]}" --modes fixed,adaptive --chat-sessions "$CHAT_SESSIONS" \
     --chat-max-tokens "$CHAT_TOKENS" --chat-procs "$CHAT_PROCS" --chat-tokenizer "$M" 2>&1 \
-    | tee "$OUT/bench_mixed.log" | grep -v '^ *$' | tail -8
+    | tee "$OUT/bench_mixed.log" | grep -v "^ *$" | tail -15
   [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
   echo "mixed done after $((SECONDS - t0)) s"
 fi
