@@ -60,9 +60,12 @@ def test_sessions_gauge_counts_the_sessions_running(settings):
     assert registry.get_sample_value(n.AGENT_SESSIONS.name) == 0  # and none after
 
 
-def test_timeouts_are_errors_in_the_stats_and_the_metrics(settings):
+def test_timeouts_are_errors_in_the_stats_the_metrics_and_the_traces(settings, tmp_path):
     # No worker serves this prefix: every request times out; after two the episode is abandoned.
+    from env_agents.traces.store import TraceStore
+
     registry, metrics = _metrics()
+    traces = TraceStore(str(tmp_path / "t.db"))
     control = ControlConfig(
         kind="action_chunk", rate_hz=30, max_steps=30, request_timeout_s=0.3, max_errors=2
     )
@@ -72,13 +75,16 @@ def test_timeouts_are_errors_in_the_stats_and_the_metrics(settings):
         from env_agents.envs.frames import FramesAdapter
 
         async with AsyncAgentClient("t-0", settings=settings, raise_on_error=False) as client:
-            ctl = Controller("t-0", FramesAdapter(size=16), client, control, metrics)
+            ctl = Controller("t-0", FramesAdapter(size=16), client, control, Tracers([metrics, traces]))
             return await ctl.run_episode(0, 0)
 
     stats = asyncio.run(main())
     assert stats.timeouts == 2 and stats.errors == 2 and "abandoned" in stats.error
     assert registry.get_sample_value(n.AGENT_ERRORS.name, {"kind": "action_chunk", "code": "timeout"}) == 2
     assert registry.get_sample_value(n.AGENT_REQUESTS.name, {"kind": "action_chunk"}) == 2
+    rows = traces.db.execute("SELECT kind, ok, reply FROM requests").fetchall()
+    assert rows == [("action_chunk", 0, '{"code": "timeout"}')] * 2
+    traces.close()
 
 
 def test_progress_counts_env_steps_while_episodes_run(settings):
