@@ -37,6 +37,21 @@ OUT=${OUT:-/tmp/vlmq-out}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 t0=$SECONDS
+W=""
+RDIR=""
+stop_worker() {  # SIGTERM (finish, reply, exit), SIGKILL after 60 s
+  [ -n "$W" ] || return 0
+  kill -TERM "$W" 2>/dev/null
+  for _ in $(seq 120); do kill -0 "$W" 2>/dev/null || break; sleep 0.5; done
+  kill -KILL "$W" 2>/dev/null
+  wait "$W" 2>/dev/null
+  W=""
+}
+cleanup() {
+  stop_worker
+  [ -n "$RDIR" ] && { kill "$(cat "$RDIR/redis.pid")" 2>/dev/null; rm -rf "$RDIR"; }
+}
+trap cleanup EXIT
 
 if [ "$DEVICE" != cpu ]; then
   source .devcarry/on-device.sh || exit 1
@@ -57,7 +72,6 @@ else
     RDIR=$(mktemp -d)
     redis-server --port "$PORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$RDIR" \
       --daemonize yes --pidfile "$RDIR/redis.pid" --logfile "$RDIR/redis.log" || exit 1
-    trap 'kill "$(cat "$RDIR/redis.pid")" 2>/dev/null; rm -rf "$RDIR"' EXIT
     for _ in $(seq 50); do redis-cli -p "$PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
     REDIS=redis://127.0.0.1:$PORT/0
   fi
@@ -81,11 +95,12 @@ KINDS=action_chunk
 [ "$CHAT_SESSIONS" -gt 0 ] && KINDS=action_chunk,text_action
 PREFIX=agents$$
 # One worker for both parts: while no chat request comes, serving text_action too changes nothing.
-vlmq --log-level WARNING worker --redis-url "$REDIS" --prefix "$PREFIX" --backend hf --model "$M" \
-  --option "vla=$V" --option ignore_eos=1 --device "$DEVICE" --kinds "$KINDS" --max-batch 64 \
-  --max-wait-ms 5 --name vla-worker >"$OUT/worker.log" 2>&1 &
+# (python3 itself in the background, not the vlmq function: $! must be the worker's pid)
+python3 -m ops.cli --log-level WARNING worker --redis-url "$REDIS" --prefix "$PREFIX" --backend hf \
+  --model "$M" --option "vla=$V" --option ignore_eos=1 --device "$DEVICE" --kinds "$KINDS" \
+  --max-batch 64 --max-wait-ms 5 --name vla-worker >"$OUT/worker.log" 2>&1 &
 W=$!
-python3 - "$REDIS" "$PREFIX" "$W" <<'PY' || { tail -20 "$OUT/worker.log"; kill $W 2>/dev/null; exit 1; }
+python3 - "$REDIS" "$PREFIX" "$W" <<'PY' || { tail -20 "$OUT/worker.log"; exit 1; }
 import os, sys, time, redis
 r = redis.Redis.from_url(sys.argv[1])
 for _ in range(2400):
@@ -115,7 +130,7 @@ if [ "$CHAT_SESSIONS" -gt 0 ]; then
   [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
   echo "mixed done after $((SECONDS - t0)) s"
 fi
-kill -TERM $W; wait $W
+stop_worker
 python3 - "$OUT/agents.json" <<'PY'
 import json, sys
 for r in json.load(open(sys.argv[1])):
