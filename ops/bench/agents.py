@@ -503,7 +503,11 @@ def run(args) -> int:
     finally:
         if worker is not None:
             worker.terminate()
-            worker.wait(30)
+            try:
+                worker.wait(30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
         if server is not None:
             server.stop()
     if not args.fresh and os.path.exists(args.out):
