@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sqlite3
 from dataclasses import asdict
 
 from broker.settings import flag
@@ -12,14 +13,17 @@ from broker.settings import flag
 def run_export(args: argparse.Namespace) -> int:
     from env_agents.traces.sft import export_sft
 
-    counts = export_sft(
-        args.db,
-        args.out_dir,
-        val_fraction=args.val_fraction,
-        min_steps=args.min_steps,
-        success_only=args.success_only,
-        seed=args.seed,
-    )
+    try:
+        counts = export_sft(
+            args.db,
+            args.out_dir,
+            val_fraction=args.val_fraction,
+            min_steps=args.min_steps,
+            success_only=args.success_only,
+            seed=args.seed,
+        )
+    except (OSError, ValueError, sqlite3.Error) as exc:  # no database, bad fraction, nothing to export
+        raise SystemExit(f"vlmq traces export: {exc}") from None
     print(json.dumps({"out_dir": args.out_dir, **asdict(counts)}, indent=2))
     return 0
 
@@ -35,7 +39,8 @@ def register(sub) -> None:
         "export",
         help="export SFT JSONL (OpenAI-style messages, images as data URLs) with a train/val split",
         description="One sample per answered text_action / structured_action request: its messages "
-        "plus the answer as the assistant turn. Episodes go wholly to train or to val.",
+        "plus the answer as the assistant turn. Episodes go wholly to train or to val. Traces without "
+        "such a request (action_chunk runs) or filters that leave no sample are an error (exit 1).",
     )
     e.add_argument("--db", required=True, help="trace database (vlmq agents --traces PATH)")
     e.add_argument("--out-dir", required=True, help="writes train.jsonl and val.jsonl here")
