@@ -172,6 +172,12 @@ def settings_from_args(args: argparse.Namespace):
     if bad:
         raise SystemExit(f"--option takes KEY=VALUE, got {bad[0]!r}")
     options = dict(o.split("=", 1) for o in args.option)
+    from inference_worker.option_keys import check_option_keys
+
+    try:
+        check_option_keys(options)
+    except ValueError as exc:
+        raise SystemExit(f"vlmq worker: {exc}") from None
     control = tuple(k.strip() for k in args.control_kinds.split(",") if k.strip())
     unknown = [k for k in control if k not in KINDS]
     if unknown:
