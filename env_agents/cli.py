@@ -1,6 +1,7 @@
 """`vlmq agents`: run N agent sessions over P processes against the workers, then report.
 
 vlmq agents --env MiniWorld-OneRoom-v0 --n 32 --procs 4 --task action_chunk
+vlmq agents --env MiniWorld-OneRoom-v0 --n 32 --procs 4 --threshold adaptive
 vlmq agents --env textworld --n 4 --task text_action --rate-hz 0 --mode sync
 vlmq agents --env MiniWorld-OneRoom-v0 --task preference --pairs 32
 """
@@ -18,6 +19,7 @@ from typing import Any, Dict
 
 from broker.settings import add_broker_args, broker_settings_from_args, env, flag
 from env_agents.control.merge import MERGES
+from env_agents.control.threshold import G_MAX, G_MIN, MARGIN, WINDOW
 from schemas.messages import KINDS
 
 log = logging.getLogger("vlmq.agents")
@@ -38,6 +40,19 @@ def default_session_prefix() -> str:
     --scale agents=4`) still get distinct session ids, hence distinct reply streams."""
     host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname().split(".")[0])[:32] or "host"
     return f"agent-{host}-{os.getpid()}-{int(time.time())}"
+
+
+def threshold_arg(value: str) -> Any:
+    """--threshold: a number g >= 0, or "adaptive"."""
+    if str(value).strip().lower() == "adaptive":
+        return "adaptive"
+    try:
+        g = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"want a number g >= 0 or 'adaptive', got {value!r}") from None
+    if g < 0:
+        raise argparse.ArgumentTypeError(f"g must be >= 0, got {value!r}")
+    return g
 
 
 def add_agent_args(p: argparse.ArgumentParser) -> None:
@@ -125,9 +140,37 @@ def add_agent_args(p: argparse.ArgumentParser) -> None:
         "--threshold",
         "-g",
         var="AGENTS_THRESHOLD",
-        default=0.5,
+        default="0.5",
+        type=threshold_arg,
+        metavar="G|adaptive",
+        help="g: ask for the next chunk when the queue holds <= g x chunk actions; 'adaptive': g from "
+        "the p90 of the session's recent round trips, so the queue never runs dry (--g-min, --g-max, "
+        "--g-margin)",
+    )
+    flag(c, "--g-min", var="AGENTS_G_MIN", default=G_MIN, type=float, help="adaptive g: lowest g")
+    flag(
+        c,
+        "--g-max",
+        var="AGENTS_G_MAX",
+        default=G_MAX,
         type=float,
-        help="g: ask for the next chunk when the queue holds <= g x chunk actions",
+        help="adaptive g: highest g (between requests (1 - g) x chunk actions run: g bounds the requests)",
+    )
+    flag(
+        c,
+        "--g-margin",
+        var="AGENTS_G_MARGIN",
+        default=MARGIN,
+        type=float,
+        help="adaptive g: safety factor on the p90 latency",
+    )
+    flag(
+        c,
+        "--latency-window",
+        var="AGENTS_LATENCY_WINDOW",
+        default=WINDOW,
+        type=int,
+        help="adaptive g: round trips the p90 is taken over",
     )
     flag(
         c,
@@ -228,7 +271,6 @@ def add_agent_args(p: argparse.ArgumentParser) -> None:
 
 
 def spec_from_args(args: argparse.Namespace):
-    from env_agents.control.controller import ControlConfig
     from env_agents.runner.spec import PreferenceConfig, RunSpec
 
     fields: Dict[str, Any] = {}
@@ -238,18 +280,12 @@ def spec_from_args(args: argparse.Namespace):
         if args.max_tokens:
             fields["max_tokens"] = args.max_tokens
         fields["temperature"] = args.temperature
-    control = ControlConfig(
-        kind=args.task,
-        mode=args.mode,
-        rate_hz=args.rate_hz if args.rate_hz >= 0 else (30.0 if args.env.startswith("MiniWorld-") else 0.0),
-        threshold=args.threshold,
-        merge=args.merge,
-        similarity=args.similarity,
-        max_steps=args.max_steps,
-        request_timeout_s=args.timeout,
-        rtc=args.rtc,
-        request_fields=fields,
-    )
+    adaptive = args.threshold == "adaptive"
+    rate_hz = args.rate_hz if args.rate_hz >= 0 else (30.0 if args.env.startswith("MiniWorld-") else 0.0)
+    try:
+        control = _control(args, fields, adaptive, rate_hz)
+    except ValueError as exc:
+        raise SystemExit(f"vlmq agents: {exc}") from None
     return RunSpec(
         env_id=args.env,
         control=control,
@@ -265,6 +301,41 @@ def spec_from_args(args: argparse.Namespace):
         metrics=bool(args.metrics_port),
         preference=PreferenceConfig(pairs=args.pairs, mode=args.pref_mode, min_gap=args.min_gap),
     )
+
+
+def _control(args: argparse.Namespace, fields: Dict[str, Any], adaptive: bool, rate_hz: float):
+    from env_agents.control.controller import ControlConfig
+
+    return ControlConfig(
+        kind=args.task,
+        mode=args.mode,
+        rate_hz=rate_hz,
+        threshold=0.5 if adaptive else args.threshold,
+        adaptive=adaptive,
+        g_min=args.g_min,
+        g_max=args.g_max,
+        g_margin=args.g_margin,
+        latency_window=args.latency_window,
+        merge=args.merge,
+        similarity=args.similarity,
+        max_steps=args.max_steps,
+        request_timeout_s=args.timeout,
+        rtc=args.rtc,
+        request_fields=fields,
+    )
+
+
+def adaptive_cost(summary: Dict[str, Any], episodes) -> Dict[str, Any]:
+    """What the adaptive threshold asked for, against fixed g = 0.5 (the default): a fixed g
+    asks once per (1 - g) x chunk actions once it acts, so the ratio of requests per step
+    to 1 / (0.5 x chunk) is the requests it cost (> 1) or saved (< 1)."""
+    from env_agents.control.stats import fixed_g_requests_per_step
+
+    chunk = max((int(e.get("chunk_size", 0)) for e in episodes), default=0)
+    if not chunk or not summary.get("steps"):
+        return {}
+    fixed = fixed_g_requests_per_step(0.5, chunk)
+    return {"requests_vs_fixed_g_0.5": round(summary["requests_per_step"] / fixed, 4)}
 
 
 def print_summary(summary: Dict[str, Any], title: str) -> None:
@@ -301,12 +372,14 @@ def run(args: argparse.Namespace) -> int:
         if metrics is not None:
             metrics.close()
     summary = result.summary
+    if spec.control.adaptive and spec.control.mode == "async":
+        summary.update(adaptive_cost(summary, result.episodes))
     report: Dict[str, Any] = {
         "env": spec.env_id,
         "task": spec.task,
         "mode": spec.control.mode,
         "rate_hz": spec.control.rate_hz,
-        "threshold": spec.control.g,
+        "threshold": spec.control.threshold_label,
         "merge": spec.control.merge,
         "similarity": spec.control.similarity,
         "sessions": spec.n,

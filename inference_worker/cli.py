@@ -40,6 +40,33 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     )
     flag(
         g,
+        "--serving",
+        var="SERVING",
+        default="continuous",
+        choices=["continuous", "batch"],
+        help="chat kinds: continuous = requests join the running decode and are answered the "
+        "step they finish; batch = one batch at a time to its longest answer (the old path, "
+        "kept to compare)",
+    )
+    flag(
+        g,
+        "--control-kinds",
+        var="CONTROL_KINDS",
+        default="action_chunk",
+        help="comma-separated kinds served as control traffic: a ready batch of them runs "
+        "between any two chat steps, never behind a decode",
+    )
+    flag(
+        g,
+        "--prefill-min",
+        var="PREFILL_MIN",
+        default=32,
+        type=int,
+        help="chat requests start decoding in groups of this many, or once the oldest has "
+        "waited --max-wait-ms",
+    )
+    flag(
+        g,
         "--prefetch",
         var="PREFETCH",
         default=0,
@@ -147,8 +174,18 @@ def settings_from_args(args: argparse.Namespace):
         raise SystemExit(f"unknown kind(s) {unknown}; choose from {', '.join(KINDS)}")
     bad = [o for o in args.option if "=" not in o]
     if bad:
-        raise SystemExit(f"--option wants KEY=VALUE, got {bad[0]!r}")
+        raise SystemExit(f"--option takes KEY=VALUE, got {bad[0]!r}")
     options = dict(o.split("=", 1) for o in args.option)
+    from inference_worker.option_keys import check_option_keys
+
+    try:
+        check_option_keys(options)
+    except ValueError as exc:
+        raise SystemExit(f"vlmq worker: {exc}") from None
+    control = tuple(k.strip() for k in args.control_kinds.split(",") if k.strip())
+    unknown = [k for k in control if k not in KINDS]
+    if unknown:
+        raise SystemExit(f"--control-kinds: unknown kind(s) {unknown}; choose from {', '.join(KINDS)}")
     return WorkerSettings(
         broker=broker,
         limits=Limits.from_env(),
@@ -158,6 +195,9 @@ def settings_from_args(args: argparse.Namespace):
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
         regroup_ms=args.regroup_ms,
+        serving=args.serving,
+        control_kinds=control,
+        prefill_min=args.prefill_min,
         prefetch=args.prefetch,
         backend=args.backend,
         model_path=args.model or None,

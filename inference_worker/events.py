@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, Optional, Sequence
 
 from broker.replies import Outcome
 from inference_worker.scheduler import Batch, Item
+
+if TYPE_CHECKING:
+    from inference_worker.core import StepInfo
 
 
 class WorkerObserver:
@@ -14,6 +17,16 @@ class WorkerObserver:
 
     def on_batch(self, batch: Batch, timings: Dict[str, float], started: float, finished: float) -> None:
         """The model ran a batch; timings are ms per stage, started/finished wall clock."""
+
+    def on_engine_step(self, info: StepInfo) -> None:
+        """The chat engine ran a step (a prefill group and a decode step, or a score batch)."""
+
+    def on_step(self, info: StepInfo) -> None:
+        """The engine core ran a step: a batch (on_batch) or engine work (on_engine_step)."""
+        if info.plan.batch is not None:
+            self.on_batch(info.plan.batch, info.timings, info.started, info.finished)
+        else:
+            self.on_engine_step(info)
 
     def on_reply(self, kind: str, error: Optional[str]) -> None:
         """A reply was committed: error is its error code, None for a result."""

@@ -26,7 +26,10 @@ class WorkerSettings:
     max_batch: int = 32
     max_batch_by_kind: Dict[str, int] = field(default_factory=dict)
     max_wait_ms: float = 2.0  # after the first request of a batch arrives
-    regroup_ms: float = 50.0  # wait for quick-returning sessions of the last batch (regroup.py)
+    regroup_ms: float = 50.0  # batch kinds: wait for quick-returning sessions of the last batch (regroup.py)
+    serving: str = "continuous"  # chat kinds: continuous (step-level) or batch (batch at a time)
+    control_kinds: Tuple[str, ...] = ("action_chunk",)  # latency class: run before any chat step
+    prefill_min: int = 32  # chat requests that start decoding together, unless max_wait_ms passed
     prefetch: int = 0  # requests read ahead of the model; 0 = 2 x max_batch
     block_ms: int = 500  # XREADGROUP block; bounds how long shutdown waits for the reader
     heartbeat_s: float = 2.0

@@ -1,30 +1,36 @@
-"""The worker loop: intake -> scheduler -> model thread -> replies, all overlapping.
+"""The worker: intake -> engine core (model thread) -> replies, all overlapping.
 
-Four coroutines share one event loop: the intake reads request streams (XREADGROUP) while
-the model thread runs the current batch; the reclaimer takes over messages of dead
-consumers; the keep-alive re-claims what this worker holds so no one else takes it; the
-heartbeat advertises the worker. The model never waits on Redis and the event loop never
-waits on the model. A request is acked only in the MULTI that writes its reply.
+Coroutines on one event loop: the intake reads request streams (XREADGROUP), validates,
+prepares chat requests (prompt building and tokenizing, on a thread of its own) and hands
+them to the engine core; the reclaimer takes over messages of dead consumers; the
+keep-alive re-claims what this worker holds so no one else takes it; the heartbeat
+advertises the worker. The model thread runs `EngineCore.step()` in a loop (core.py) and
+hands each step's answered requests back to the loop, which commits their replies while
+the next step runs. The model never waits on Redis and the event loop never waits on the
+model. A request is acked only in the call that writes its reply.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Dict, List, Optional, Sequence, Set
+from typing import Dict, List, Optional, Sequence, Set
 
 from broker.connection import connect_async
 from broker.consumer import Delivery, GroupReader
 from broker.keys import Keys
 from broker.meta import agree_partitions
 from broker.replies import Outcome, ReplyWriter
+from inference_worker.core import EngineCore, Output, StepInfo
 from inference_worker.events import Observers, WorkerObserver
 from inference_worker.handlers.base import Handler, HandlerOutput
-from inference_worker.scheduler import Batch, Item, Scheduler
+from inference_worker.scheduler import Item, Policy
 from inference_worker.settings import WorkerSettings
 from schemas.codec import packb
 from schemas.errors import ErrorCode, ProtocolError
@@ -47,12 +53,23 @@ class Worker:
         self.redis = redis
         self.keys = Keys(settings.broker.prefix, settings.broker.partitions)
         self.events = Observers(observers)
-        self.scheduler = Scheduler(settings.batch_limit, settings.max_wait_ms, settings.regroup_ms)
-        self.in_flight: Dict[int, Item] = {}  # by id(): handed to the model or being committed
+        policy = Policy(
+            batch_limit=settings.batch_limit,
+            max_wait_ms=settings.max_wait_ms,
+            control_kinds=settings.control_kinds,
+            prefill_min=settings.prefill_min,
+            prefill_tokens=_prefill_tokens(handlers),
+            regroup_ms=settings.regroup_ms,
+        )
+        self.core = EngineCore(handlers, policy, _run_safely, settings.serving)
+        self.in_flight: Dict[int, Item] = {}  # by id(): answered, reply being committed
         self._stopping = asyncio.Event()
         self._room = asyncio.Event()
         self._commits: Set[asyncio.Task] = set()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlmq-model")
+        self._prep = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlmq-prep")
+        self._flush = False  # shutting down: the core runs what it holds without waiting
+        self._intake_done = False
         self.stats = {
             "batches": 0,
             "requests": 0,
@@ -69,7 +86,7 @@ class Worker:
         """Stop reading; finish what was read; reply; ack; return from run()."""
         self._stopping.set()
         self._room.set()
-        self.scheduler.wake()
+        self.core.wake()
 
     @property
     def stopping(self) -> bool:
@@ -103,12 +120,21 @@ class Worker:
         log.info(
             "worker %s serving %s on %d streams", self.name, ",".join(self.handlers), len(self.reader.streams)
         )
+        inline = not any(h.blocking for h in self.handlers.values())
+        serving = asyncio.create_task(self._drive_inline() if inline else self._drive_thread(), name="serve")
         try:
-            await self._serve(lambda: self.stopping)
-            await side[0]  # the intake finishes its last read and admits it
-            await self._serve(lambda: True)  # what that last read admitted
+            await asyncio.wait([side[0], serving], return_when=asyncio.FIRST_COMPLETED)
+            if serving.done():  # the model thread failed: stop taking work
+                self._stopping.set()
+                serving.result()
+            await side[0]  # the intake finishes its last read and queues it
+            self._flush = self._intake_done = True
+            self.core.wake()
+            await serving  # the core runs what it holds, then returns
         finally:
             self._stopping.set()
+            self._flush = self._intake_done = True
+            self.core.wake()
             for t in side:
                 t.cancel()
             await asyncio.gather(*side, return_exceptions=True)
@@ -120,7 +146,11 @@ class Worker:
                 pass
             if own_redis:
                 await self.redis.aclose()
+            if not serving.done():
+                serving.cancel()
+                await asyncio.gather(serving, return_exceptions=True)
             self._executor.shutdown(wait=True)
+            self._prep.shutdown(wait=True)
             for h in self.handlers.values():
                 h.close()
         log.info("worker %s stopped: %s", self.name, self.stats)
@@ -128,7 +158,7 @@ class Worker:
     # ------------------------------------------------------------------ intake
 
     def _room_left(self) -> int:
-        return self.settings.read_ahead - len(self.scheduler) - len(self.in_flight)
+        return self.settings.read_ahead - len(self.core) - len(self.in_flight)
 
     async def _intake(self) -> None:
         while not self.stopping:
@@ -168,6 +198,7 @@ class Worker:
 
     async def _admit(self, deliveries: List[Delivery]) -> None:
         rejected: List[Outcome] = []
+        valid: List[Item] = []
         for d in deliveries:
             # Before decoding: a message that kills the worker while it is decoded must
             # still stop being retried.
@@ -191,14 +222,30 @@ class Worker:
                 continue
             item = Item(d, req)
             self.events.on_admitted(req.kind, item)
-            old = self.scheduler.add(item)
-            if old is not None:
-                exc = ProtocolError(
-                    ErrorCode.SUPERSEDED, f"superseded by a newer request of session {req.session_id}"
-                )
-                rejected.append(self._error(old.delivery, old.request, exc, dead=False))
+            valid.append(item)
+        if valid:
+            rejected += await self._queue(valid)
         if rejected:
             await self._commit(rejected)
+
+    async def _queue(self, items: List[Item]) -> List[Outcome]:
+        """Hand valid requests to the core (chat requests of stepped kinds prepared first, on
+        the prep thread); returns the replies of those answered at once."""
+        stepped = [i for i in items if self.core.stepped(i.request.kind)]
+        answered: List[Outcome] = []
+        if stepped:
+            loop = asyncio.get_running_loop()
+            for output in await loop.run_in_executor(self._prep, _prepare_all, self.core, stepped):
+                answered.append(self._outcome(output))
+                items = [i for i in items if i is not output.item]
+        for item in items:
+            old = self.core.add_request(item)
+            if old is not None:
+                exc = ProtocolError(
+                    ErrorCode.SUPERSEDED, f"superseded by a newer request of session {old.request.session_id}"
+                )
+                answered.append(self._error(old.delivery, old.request, exc, dead=False))
+        return answered
 
     def _decode(self, d: Delivery) -> Request:
         body = d.body
@@ -215,47 +262,79 @@ class Worker:
 
     # ------------------------------------------------------------------ serving
 
-    async def _serve(self, flush: Callable[[], bool]) -> None:
-        """Run batches until the scheduler is empty with flush() true (then no batch waits
-        for stragglers)."""
+    async def _drive_thread(self) -> None:
+        """Steps of the engine core in the model thread; each step's answers go to the loop."""
         loop = asyncio.get_running_loop()
-        while True:
-            batch = await self.scheduler.next_batch(flush=flush)
-            if batch is None:
-                return
-            if batch.expired:
-                await self._commit([self._expired(i) for i in batch.expired])
-            if batch.items:
-                await self._run_batch(loop, batch)
+        cond = threading.Condition()
+        woken = [False]
 
-    async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: Batch) -> None:
-        for i in batch.items:
-            self.in_flight[id(i)] = i
-        handler = self.handlers[batch.kind]
-        started = time.time()
-        if handler.blocking:
-            output = await loop.run_in_executor(self._executor, _run_safely, handler, batch.requests)
-        else:
-            output = _run_safely(handler, batch.requests)
-        finished = time.time()
-        if handler.blocking:  # regrouping is for batches that cost the model a pass
-            self.scheduler.answered(batch.kind, (i.request.session_id for i in batch.items))
-        self.stats["batches"] += 1
-        self.stats["requests"] += len(batch.items)
-        self.events.on_batch(batch, output.timings, started, finished)
-        outcomes = []
-        for item, result in zip(batch.items, output.results):
-            timings = dict(output.timings)
-            timings["queue_ms"] = (started - item.delivery.received_at) * 1000.0
-            if isinstance(result, ProtocolError):
-                outcomes.append(
-                    self._error(item.delivery, item.request, result, dead=True, batch=batch, timings=timings)
-                )
-            else:
-                outcomes.append(self._ok(item, result, len(batch.items), timings))
-        task = asyncio.create_task(self._commit(outcomes, batch.items))
+        def wake() -> None:
+            with cond:
+                woken[0] = True
+                cond.notify()
+
+        self.core.wake = wake
+
+        def run() -> None:
+            while True:
+                outputs, plan = self.core.step(flush=self._flush)
+                info = None if plan.idle else self.core.last_step
+                if outputs or info is not None:
+                    loop.call_soon_threadsafe(self._on_step, outputs, info)
+                if not plan.idle:
+                    continue
+                if self._intake_done and not len(self.core):
+                    return
+                with cond:
+                    if not woken[0]:
+                        cond.wait(_timeout(plan.ready_at, self._flush))
+                    woken[0] = False
+
+        await loop.run_in_executor(self._executor, run)
+
+    async def _drive_inline(self) -> None:
+        """The same steps on the event loop, for handlers that never block (no model)."""
+        event = asyncio.Event()
+        self.core.wake = event.set
+        while True:
+            event.clear()
+            outputs, plan = self.core.step(flush=self._flush)
+            if outputs or not plan.idle:
+                self._on_step(outputs, None if plan.idle else self.core.last_step)
+            if not plan.idle:
+                await asyncio.sleep(0)  # let the intake and the commits run between steps
+                continue
+            if self._intake_done and not len(self.core):
+                return
+            try:
+                await asyncio.wait_for(event.wait(), _timeout(plan.ready_at, self._flush))
+            except asyncio.TimeoutError:
+                pass
+
+    def _on_step(self, outputs: List[Output], info: Optional[StepInfo]) -> None:
+        """On the loop: observers hear of the step, the answered requests' replies are committed."""
+        if info is not None:
+            self.stats["batches"] += 1
+            self.events.on_step(info)
+            batch = info.plan.batch
+            if batch is not None and self.handlers[batch.kind].blocking:
+                self.core.answered(batch.kind, [i.request.session_id for i in batch.items])
+        if not outputs:
+            return
+        self.stats["requests"] += len(outputs)
+        for o in outputs:
+            self.in_flight[id(o.item)] = o.item
+        task = asyncio.create_task(
+            self._commit([self._outcome(o) for o in outputs], [o.item for o in outputs])
+        )
         self._commits.add(task)
         task.add_done_callback(self._commits.discard)
+
+    def _outcome(self, o: Output) -> Outcome:
+        if isinstance(o.result, ProtocolError):
+            dead = o.result.code not in (ErrorCode.SUPERSEDED, ErrorCode.CANCELLED)
+            return self._error(o.item.delivery, o.item.request, o.result, dead, o.batch_size, o.timings)
+        return self._ok(o.item, o.result, o.batch_size, o.timings)
 
     # ------------------------------------------------------------------ replies
 
@@ -287,22 +366,13 @@ class Worker:
         req: Optional[Request],
         exc: ProtocolError,
         dead: bool,
-        batch: Optional[Batch] = None,
+        batch_size: int = 0,
         timings: Optional[Dict[str, float]] = None,
     ) -> Outcome:
         error = ErrorInfo(code=exc.code, message=exc.message, detail=exc.detail)
-        body = self._reply(
-            d, req, False, error=error, batch_size=len(batch.items) if batch else 0, timings=timings or {}
-        )
+        body = self._reply(d, req, False, error=error, batch_size=batch_size, timings=timings or {})
         reason = {"code": exc.code.value, "reason": exc.message} if dead else None
         return Outcome(d, body, reason, exc.code.value)
-
-    def _expired(self, item: Item) -> Outcome:
-        late = time.time() - (item.request.deadline or 0.0)
-        exc = ProtocolError(
-            ErrorCode.EXPIRED, f"deadline passed {late * 1000:.0f} ms before the model could run it"
-        )
-        return self._error(item.delivery, item.request, exc, dead=True)
 
     async def _commit(self, outcomes: List[Outcome], items: Sequence[Item] = ()) -> None:
         delay = 0.05
@@ -315,8 +385,7 @@ class Worker:
                 log.warning("writing %d replies failed (%s); retrying", len(outcomes), exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
-        if items and self.handlers[items[0].request.kind].blocking:
-            self.scheduler.replied(items[0].request.kind, (i.request.session_id for i in items))
+        self.core.replied(items)
         if fenced:
             self.stats["fenced"] += fenced
             log.warning("%d result(s) dropped: their messages were taken over by another worker", fenced)
@@ -339,9 +408,7 @@ class Worker:
         period = self.settings.broker.claim_min_idle_ms / 3000.0
         while not self.stopping:
             await asyncio.sleep(period)
-            held = [i.delivery for i in self.in_flight.values()] + [
-                i.delivery for i in self.scheduler.items()
-            ]
+            held = [i.delivery for i in self.in_flight.values()] + [i.delivery for i in self.core.held()]
             try:
                 await self.reader.keep_alive(held)
             except Exception as exc:
@@ -361,11 +428,15 @@ class Worker:
                 "metrics_port": self.settings.metrics_port,  # `vlmq top` scrapes host:metrics_port
                 "started_at": f"{self.started_at:.3f}",
                 "seen_at": f"{time.time():.3f}",
-                "queued": len(self.scheduler),
-                "in_flight": len(self.in_flight),
+                "queued": self.core.waiting(),
+                "in_flight": len(self.core) - self.core.waiting() + len(self.in_flight),
                 **{k: v for k, v in self.stats.items()},
             }
-            self.events.on_tick(len(self.scheduler), len(self.in_flight), list(self.handlers))
+            self.events.on_tick(
+                self.core.waiting(),
+                len(self.core) - self.core.waiting() + len(self.in_flight),
+                list(self.handlers),
+            )
             try:
                 pipe = self.redis.pipeline(transaction=False)
                 pipe.hset(key, mapping=info)
@@ -375,6 +446,28 @@ class Worker:
             except Exception as exc:
                 log.warning("heartbeat failed: %s", exc)
             await asyncio.sleep(self.settings.heartbeat_s)
+
+
+def _prepare_all(core: EngineCore, items: List[Item]) -> List[Output]:
+    """Prepare stepped requests (prep thread); the answered ones come back."""
+    return [o for o in (core.prepare(i) for i in items) if o is not None]
+
+
+def _prefill_tokens(handlers: Dict[str, Handler]) -> int:
+    for h in handlers.values():
+        options = getattr(getattr(h, "engine", None), "options", None)
+        if options is not None and hasattr(options, "prefill_tokens"):
+            return int(options.prefill_tokens)
+    return Policy.__dataclass_fields__["prefill_tokens"].default
+
+
+def _timeout(ready_at: float, flush: bool) -> Optional[float]:
+    """How long an idle driver sleeps: until the next batch is ready; while shutting down,
+    briefly, to see the core drain."""
+    wait = None if math.isinf(ready_at) else max(0.0, ready_at - time.monotonic())
+    if flush:
+        wait = 0.05 if wait is None else min(wait, 0.05)
+    return wait
 
 
 def _run_safely(handler: Handler, requests: List[Request]) -> HandlerOutput:

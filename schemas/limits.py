@@ -19,6 +19,8 @@ class Limits:
     max_messages: int = 256  # chat messages in one request
     max_choices: int = 1024  # admissible_commands
     max_new_tokens: int = 4096
+    max_images: int = 16  # images in one request, across its messages
+    max_prompt_tokens: int = 8192  # a chat request's prompt after templating, image tokens included
 
     @classmethod
     def from_env(cls, environ: os._Environ[str] | dict[str, str] | None = None) -> Limits:

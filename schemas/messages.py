@@ -41,6 +41,12 @@ ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 MODEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 
+def _check_image_count(n: int, info: ValidationInfo) -> None:
+    cap = _limits(info).max_images
+    if n > cap:
+        raise ValueError(f"{n} images; the limit is {cap} per request (VLMQ_MAX_IMAGES)")
+
+
 def _limits(info: ValidationInfo) -> Limits:
     ctx = info.context or {}
     return ctx.get("limits", DEFAULT_LIMITS)
@@ -222,6 +228,7 @@ class TextActionRequest(Request, SamplingMixin):
     def _count(cls, v: List[ChatMessage], info: ValidationInfo) -> List[ChatMessage]:
         if len(v) > _limits(info).max_messages:
             raise ValueError(f"{len(v)} messages; the limit is {_limits(info).max_messages}")
+        _check_image_count(sum(len(m.images()) for m in v), info)
         return v
 
     @field_validator("admissible_commands")
@@ -247,9 +254,11 @@ class StructuredActionRequest(Request, SamplingMixin):
     _image = field_validator("image", mode="before")(_image_field)
 
     @model_validator(mode="after")
-    def _needs_input(self) -> StructuredActionRequest:
+    def _needs_input(self, info: ValidationInfo) -> StructuredActionRequest:
         if self.image is None and not self.messages:
             raise ValueError("structured_action needs an image or messages")
+        images = sum(len(m.images()) for m in self.messages or ()) + (self.image is not None)
+        _check_image_count(images, info)
         return self
 
 

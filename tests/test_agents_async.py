@@ -107,3 +107,19 @@ def test_async_chunks_reach_a_real_env(settings, merge):
     finally:
         adapter.close()
     assert stats.steps == 30 and stats.errors == 0 and stats.requests >= 2
+
+
+def test_adaptive_threshold_against_a_real_worker(settings):
+    # 150 ms per chunk at 30 Hz runs 4.5 actions: g = 0.1 of a 30-action chunk leaves 3 and
+    # starves; the adaptive g measures the round trip and asks early enough.
+    fixed = run_controller(
+        settings, ControlConfig(kind="action_chunk", rate_hz=30, threshold=0.1, max_steps=90), 150, 30
+    )
+    cfg = ControlConfig(kind="action_chunk", rate_hz=30, adaptive=True, g_margin=2.0, max_steps=90)
+    adaptive = run_controller(settings, cfg, latency_ms=150, chunk=30)
+    assert fixed.steps == adaptive.steps == 90 and fixed.errors == adaptive.errors == 0
+    assert fixed.starved > 0
+    assert adaptive.starved == 0, adaptive
+    # ceil(2 x ~0.15 s x 30 Hz) + 1 ~ 10-11 actions of 30, well above the fixed 0.1
+    assert 0.25 < adaptive.mean_g < 0.9
+    assert adaptive.requests > fixed.requests  # asking earlier costs requests

@@ -70,6 +70,13 @@ def test_result_records(path):
             assert r["ratio"] == pytest.approx(r["value"] / r["baseline"], rel=1e-2, abs=1e-3)
 
 
+@pytest.mark.parametrize("path", FILES, ids=[os.path.basename(p) for p in FILES])
+def test_one_record_per_metric_name(path):
+    # A name recorded twice in one file would have two meanings (or a stale figure beside a new one).
+    names = [r["metric"] for r in _load(path)]
+    assert sorted(n for n in set(names) if names.count(n) > 1) == []
+
+
 def test_the_issues_metrics_are_recorded():
     records = {os.path.basename(p): {r["metric"]: r for r in _load(p)} for p in FILES}
     metrics = {name: set(recs) for name, recs in records.items()}

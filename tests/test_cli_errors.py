@@ -1,5 +1,5 @@
 """A newcomer's mistakes get one line, not a traceback: Redis down, no redis-server,
-`| head`, traces without chat requests; `make-model` works with no flags."""
+`| head`; `make-model` works with no flags."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import time
 import pytest
 
 from broker.embedded import free_port
-from env_agents.traces.store import connect
 from tests.helpers import REPO
 
 
@@ -77,41 +76,6 @@ def test_inspect_into_a_closed_pipe_is_quiet(settings):
     proc.stdout.close()  # `| head` that has read enough before inspect writes
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0 and b"Error" not in err and b"Traceback" not in err, err
-
-
-def _trace_db(path: str, kinds) -> None:
-    db = connect(path)
-    for i, kind in enumerate(kinds):
-        db.execute(
-            "INSERT INTO episodes (run, session, episode, seed, env_id, kind, task, started_at, stats) "
-            "VALUES ('r', ?, 0, 0, 'MiniWorld-OneRoom-v0', ?, 'go', 0, ?)",
-            (f"s{i}", kind, json.dumps({"steps": 3, "success": True})),
-        )
-        request = {"messages": [{"role": "user", "content": "where?"}]} if kind != "action_chunk" else {}
-        reply = {"choice": "north"} if kind != "action_chunk" else {"chunk": [[0.0] * 7]}
-        for t in range(3):
-            db.execute(
-                "INSERT INTO requests (episode_id, t, request_id, kind, request, reply, ok, rtt_ms) "
-                "VALUES (?, ?, ?, ?, ?, ?, 1, 5.0)",
-                (i + 1, t, f"rid{i}-{t}", kind, json.dumps(request), json.dumps(reply)),
-            )
-    db.commit()
-    db.close()
-
-
-def test_traces_export_of_action_chunk_traces_is_an_error_not_empty_files(tmp_path):
-    db, out = tmp_path / "chunks.db", tmp_path / "sft"
-    _trace_db(str(db), ["action_chunk", "action_chunk"])
-    proc = vlmq("traces", "export", "--db", str(db), "--out-dir", str(out))
-    assert proc.returncode == 1 and not out.exists()
-    _one_line(proc, "nothing to export", "6 action_chunk")
-
-    _trace_db(str(db), ["text_action"])  # one chat episode beside them: exported, the rest counted
-    proc = vlmq("traces", "export", "--db", str(db), "--out-dir", str(out), "--val-fraction", "0")
-    assert proc.returncode == 0, proc.stderr
-    counts = json.loads(proc.stdout)
-    assert counts["train_samples"] == 3 and counts["skipped"] == {"action_chunk": 6}
-    assert len((out / "train.jsonl").read_text().splitlines()) == 3
 
 
 def test_make_model_needs_no_flags(tmp_path, monkeypatch, capsys):

@@ -52,7 +52,7 @@ def _block_the_model(client: AgentClient, gated: GatedHandler):
 
 
 def _queued(worker: WorkerThread, n: int) -> bool:
-    return len(worker.worker.scheduler) == n
+    return worker.worker.core.waiting() == n
 
 
 def test_expired_on_arrival_gets_expired_reply_without_the_model(served) -> None:
@@ -77,7 +77,7 @@ def test_request_expiring_in_the_queue_never_reaches_the_model(served) -> None:
     reply = doomed.result(30)
     assert reply.error.code == ErrorCode.EXPIRED
     assert _texts(gated) == ["blocker"]
-    assert worker.worker.scheduler._latest == {}  # no frame kept for a session that expired
+    assert worker.worker.core.scheduler._latest == {}  # no frame kept for a session that expired
 
 
 def test_batcher_runs_earliest_deadline_first(served) -> None:
@@ -123,4 +123,4 @@ def test_latest_only_skips_stale_frames_even_across_a_running_batch(served, sett
     # superseded is an answer, not a failure: nothing went to dead letters
     r = connect_sync(settings)
     assert r.xlen(Keys(settings.prefix).dead_letters(KIND, 0)) == 0
-    assert worker.worker.scheduler._latest == {}
+    assert worker.worker.core.scheduler._latest == {}

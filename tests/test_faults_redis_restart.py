@@ -131,7 +131,7 @@ def test_redis_restart_without_persistence_answers_what_the_worker_held(fresh_re
             held = [client.submit(_text(f"held {i}")) for i in range(2)]
             waiting = client.submit(_text("waiting"))
             assert gated.running.wait(30)
-            assert wait_for(lambda: len(worker.worker.scheduler) == 1, 30)
+            assert wait_for(lambda: worker.worker.core.waiting() == 1, 30)
             fresh_redis.restart()  # no AOF, no RDB: an empty Redis on the same port
             gated.gate.set()
             assert [f.result(60).result.text for f in held] == ["held 0", "held 1"]

@@ -61,7 +61,7 @@ class HeldCount(WorkerObserver):
 
     def on_admitted(self, kind, item) -> None:
         w = self.worker
-        self.max = max(self.max, len(w.scheduler) + len(w.in_flight) + 1)
+        self.max = max(self.max, len(w.core) + len(w.in_flight) + 1)
 
 
 def _used_memory(r) -> int:

@@ -86,7 +86,8 @@ def test_text_stack_matches_the_full_forward(engine):
     batch = engine.inputs.build(prompts)
     cont = torch.tensor([[5, 9, 11, 4]] * batch.batch)
     with torch.inference_mode():
-        cache, _ = engine._prefill(batch, extra=cont.shape[1])
+        cache = engine.stack.new_cache(batch.batch, batch.length + cont.shape[1])
+        engine._prefill_into(cache, batch)
         pos = batch.next_positions[:, None] + torch.arange(cont.shape[1])
         ours = engine.stack.forward(cache, cont, pos, torch.tensor(batch.length))
         kw = batch.model_kwargs()
@@ -248,3 +249,61 @@ def test_linear_patch_embedding_matches_the_conv(engine):
             values.view(-1, 3, engine.policy.temporal_patch_size, embed.patch_size, embed.patch_size)
         )
         assert torch.allclose(embed(values), conv.view(values.shape[0], -1), atol=1e-4, rtol=1e-4)
+
+
+def _run_continuously(engine, plan):
+    """plan: [(step at which to admit, prompt, sampling)]; returns each one's completion and
+    the step at which it finished."""
+    out, finished_at = {}, {}
+    keys = [object() for _ in plan]
+    step = 0
+
+    def collect(done):
+        for key, completion in done:
+            i = keys.index(key)
+            out[i], finished_at[i] = completion, step
+
+    while len(out) < len(plan):
+        for i, (at, prompt, samp) in enumerate(plan):
+            if at == step:
+                engine.check(prompt)
+                collect(engine.admit([keys[i]], [prompt], [samp]))
+        collect(engine.step())
+        step += 1
+    return [out[i] for i in range(len(plan))], [finished_at[i] for i in range(len(plan))]
+
+
+def test_joining_a_running_decode_gives_the_tokens_of_decoding_alone(engine):
+    """Sequences admitted at different steps of one running decode, with different prompt
+    lengths and max_tokens, each get exactly the greedy tokens they get alone; the short
+    ones leave the pool (and are reported) while the long one is still decoding."""
+    prompts = mixed_prompts()
+    plan = [
+        (0, prompts[0], Sampling(max_tokens=24)),
+        (3, prompts[7], Sampling(max_tokens=5)),  # two images, joins mid-decode
+        (3, prompts[6], Sampling(max_tokens=9)),  # text only, same step
+        (7, prompts[4], Sampling(max_tokens=4)),
+    ]
+    together, finished_at = _run_continuously(engine, plan)
+    alone = [engine.generate([p], [s])[0] for _, p, s in plan]
+    assert [c.token_ids for c in together] == [c.token_ids for c in alone]
+    # each is reported at the step its last token came out (its first comes from the prompt
+    # pass at admission, each later one from one step), whatever else is still decoding
+    assert finished_at == [at + max(0, len(c.token_ids) - 2) for (at, _, _), c in zip(plan, together)]
+    assert engine.running == 0 and engine.free_slots == engine.decoder.slots
+
+
+def test_abort_frees_the_slot_and_others_continue(engine):
+    prompts = mixed_prompts()
+    a, b = object(), object()
+    for p in prompts[:2]:
+        engine.check(p)
+    engine.admit([a, b], prompts[:2], [Sampling(max_tokens=30), Sampling(max_tokens=6)])
+    engine.step()
+    assert engine.abort([a]) == [a]
+    assert engine.running == 1
+    done = []
+    while engine.running:
+        done += engine.step()
+    alone = engine.generate([prompts[1]], [Sampling(max_tokens=6)])[0]
+    assert [k for k, _ in done] == [b] and done[0][1].token_ids == alone.token_ids

@@ -99,21 +99,21 @@ def test_features_of_the_engine_pass_equal_transformers_truncated_forward(vla):
     assert ex.stack is not None and ex.vision.sync_free
     imgs = frames(3, 5)
     texts = ["go to the red box", "go", "turn left then go to the box"]
-    from inference_worker.engines.prompt import ChatPrompt
     from inference_worker.vla.features import VISION_END, VISION_START
 
-    prompts = [
-        ChatPrompt(
-            messages=[], images=[ex._image(f)], rendered=f"{VISION_START}{ex.image_token}{VISION_END}{t}"
-        )
-        for f, t in zip(imgs, texts)
-    ]
-    batch = ex.inputs.build(prompts)
+    prompts = [ex._prompt(f, t) for f, t in zip(imgs, texts)]
+    for p, t in zip(prompts, texts):  # the cached ids are the tokens of the whole prompt string
+        assert p.short_ids == ex.vlm.tokenizer(f"{VISION_START}{ex.image_token}{VISION_END}{t}")["input_ids"]
+    batch = ex.inputs.build(prompts, ex._pixels(imgs))
     with torch.no_grad():
         ours = ex.hidden_states(batch)
         ref = ex.view(**batch.model_kwargs(), use_cache=False).last_hidden_state
     keep = batch.attention_mask.bool()
     assert torch.allclose(ours[keep], ref[keep], atol=1e-4, rtol=1e-4)
+    per_frame = ex.encode(imgs, texts)  # each frame's rows, cut from the padded batch
+    assert [f.shape[0] for f in per_frame] == keep.sum(1).tolist()
+    for i, f in enumerate(per_frame):
+        assert torch.allclose(f, ours[i][keep[i]], atol=1e-4, rtol=1e-4)
 
 
 def test_qwen3_vl_features(tiny_qwen3_vl):

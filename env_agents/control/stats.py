@@ -24,14 +24,18 @@ class EpisodeStats:
     overruns: int = 0  # ticks that started more than one period late (the process was too slow)
     requests: int = 0
     replies: int = 0
-    errors: int = 0  # error replies and timeouts
+    errors: int = 0  # error replies, failed replies and timeouts
+    timeouts: int = 0  # ... of which requests that got no reply within the timeout
     skipped: int = 0  # observations the similarity filter held back
     dropped_rows: int = 0  # chunk rows that arrived after their timestep
     merged_rows: int = 0
+    chunk_size: int = 0  # rows of the last chunk received
+    g_total: float = 0.0  # sum over requests of the threshold g each was sent at
     reward: float = 0.0
     success: bool = False
     terminated: bool = False
     truncated: bool = False
+    started_at: float = 0.0  # wall clock (time.time()) at the episode's start
     wall_s: float = 0.0
     latencies_ms: List[float] = field(default_factory=list)
     error: str = ""
@@ -41,13 +45,24 @@ class EpisodeStats:
         due = self.ticks - self.startup_ticks
         return self.starved / due if due > 0 else 0.0
 
+    @property
+    def mean_g(self) -> float:
+        return self.g_total / self.requests if self.requests else 0.0
+
     def to_dict(self, include_latencies: bool = False) -> Dict[str, Any]:
         d = asdict(self)
         d["starvation_fraction"] = round(self.starvation_fraction, 5)
+        d["mean_g"] = round(self.mean_g, 4)
         d.update(latency_percentiles(self.latencies_ms))
         if not include_latencies:
             del d["latencies_ms"]
         return d
+
+
+def fixed_g_requests_per_step(g: float, chunk: int) -> float:
+    """Requests per env step of a fixed threshold g in steady state without starvation:
+    one request per (1 - g) x chunk actions run (every action, for g near 1)."""
+    return 1.0 / max(1.0, (1.0 - g) * chunk)
 
 
 def latency_percentiles(latencies_ms: Sequence[float]) -> Dict[str, float]:
@@ -69,7 +84,7 @@ def summarize(episodes: Sequence[Dict[str, Any]], wall_s: float) -> Dict[str, An
     def total(key: str) -> int:
         return sum(int(e[key]) for e in episodes)
 
-    steps, starved = total("steps"), total("starved")
+    steps, starved, requests = total("steps"), total("starved"), total("requests")
     episode_s = sum(float(e["wall_s"]) for e in episodes)
     due = total("ticks") - total("startup_ticks")
     lat: List[float] = [x for e in episodes for x in e.get("latencies_ms", ())]
@@ -78,8 +93,15 @@ def summarize(episodes: Sequence[Dict[str, Any]], wall_s: float) -> Dict[str, An
         "sessions": len({e["session"] for e in episodes}),
         "steps": steps,
         "ticks": total("ticks"),
-        "requests": total("requests"),
+        "requests": requests,
+        # What asking early costs: requests per env step (1 / actions run per chunk).
+        "requests_per_step": round(requests / steps, 5) if steps else 0.0,
+        # The threshold the requests were sent at, averaged over requests (adaptive g moves).
+        "mean_g": round(sum(float(e.get("g_total", 0.0)) for e in episodes) / requests, 4)
+        if requests
+        else 0.0,
         "errors": total("errors"),
+        "timeouts": total("timeouts"),
         "skipped": total("skipped"),
         "starved": starved,
         "idle_starved": total("idle_starved"),

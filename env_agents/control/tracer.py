@@ -9,6 +9,12 @@ from schemas.messages import Reply, Request
 
 
 class Tracer:
+    def session_start(self, session: str) -> None:
+        pass
+
+    def session_end(self, session: str) -> None:
+        pass
+
     def episode_start(self, session: str, episode: int, seed: int, obs: Observation) -> None:
         pass
 
@@ -17,6 +23,9 @@ class Tracer:
 
     def reply(self, session: str, t: int, req: Request, reply: Reply, rtt_ms: float) -> None:
         pass
+
+    def failed(self, session: str, t: int, req: Request, code: str) -> None:
+        """A request that got no usable reply: "timeout", or why the reply could not be read."""
 
     def step(self, session: str, t: int, item: Any, env_action: Any, result: StepResult) -> None:
         pass
@@ -34,6 +43,14 @@ class Tracers(Tracer):
     def __init__(self, tracers: List[Tracer]) -> None:
         self.tracers = tracers
 
+    def session_start(self, session: str) -> None:
+        for t in self.tracers:
+            t.session_start(session)
+
+    def session_end(self, session: str) -> None:
+        for t in self.tracers:
+            t.session_end(session)
+
     def episode_start(self, session: str, episode: int, seed: int, obs: Observation) -> None:
         for t in self.tracers:
             t.episode_start(session, episode, seed, obs)
@@ -45,6 +62,10 @@ class Tracers(Tracer):
     def reply(self, session: str, t: int, req: Request, reply: Reply, rtt_ms: float) -> None:
         for tr in self.tracers:
             tr.reply(session, t, req, reply, rtt_ms)
+
+    def failed(self, session: str, t: int, req: Request, code: str) -> None:
+        for tr in self.tracers:
+            tr.failed(session, t, req, code)
 
     def step(self, session: str, t: int, item: Any, env_action: Any, result: StepResult) -> None:
         for tr in self.tracers:

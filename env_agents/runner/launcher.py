@@ -13,6 +13,7 @@ from typing import Any, Callable, Dict, List, Optional
 from broker import eventloop
 from env_agents.control.stats import summarize
 from env_agents.runner.process import process_main, run_sessions
+from env_agents.runner.progress import progress_bar
 from env_agents.runner.spec import RunSpec
 
 log = logging.getLogger("vlmq.agents")
@@ -41,16 +42,6 @@ class RunResult:
             self.failures.append(payload)
 
 
-def _progress(total: int, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, unit="ep", desc="episodes", dynamic_ncols=True)
-
-
 def launch(
     spec: RunSpec,
     progress: bool = True,
@@ -60,15 +51,14 @@ def launch(
     """Run every session of `spec` to the end. `in_process` (default: P == 1) runs the
     sessions on an event loop of this process instead of spawning."""
     result = RunResult(spec)
-    bar = _progress(spec.n * spec.episodes, progress)
+    bar = progress_bar(spec, progress)
 
     def take(what: str, payload: Any) -> None:
         result.add(what, payload)
         if on_event is not None:
             on_event(what, payload)
-        if bar is not None and what == "episode":
-            bar.update(1)
-            bar.set_postfix(steps=payload["steps"], starved=payload["starved"], ok=payload["success"])
+        if bar is not None:
+            bar.take(what, payload)
 
     started = time.perf_counter()
     try:

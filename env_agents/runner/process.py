@@ -10,6 +10,7 @@ from typing import Any, Callable, List
 from broker import eventloop
 from broker.connection import connect_async
 from env_agents.control.tracer import Tracer, Tracers
+from env_agents.runner.progress import StepCounter
 from env_agents.runner.session import make_session_adapter, run_session
 from env_agents.runner.spec import RunSpec
 
@@ -27,7 +28,8 @@ async def run_sessions(spec: RunSpec, proc: int, emit: Callable[[str, Any], None
             log.error("session %s: env %s failed: %s", spec.session_id(i), spec.env_id, exc)
             emit("failed", _failure(spec.session_id(i), exc))
     redis = connect_async(spec.broker)
-    tracers: List[Tracer] = []
+    counter = StepCounter()
+    tracers: List[Tracer] = [counter]
     if spec.traces:
         from env_agents.traces.store import TraceStore
 
@@ -37,7 +39,7 @@ async def run_sessions(spec: RunSpec, proc: int, emit: Callable[[str, Any], None
         from ops.metrics.agents import MetricsTracer
 
         tracers.append(MetricsTracer(spec.env_id))
-    tracer = Tracers(tracers) if tracers else None
+    tracer = Tracers(tracers)
 
     async def one(index: int) -> None:
         try:
@@ -46,9 +48,12 @@ async def run_sessions(spec: RunSpec, proc: int, emit: Callable[[str, Any], None
             log.error("session %s failed: %s", spec.session_id(index), exc)
             emit("failed", _failure(spec.session_id(index), exc))
 
+    reporter = asyncio.ensure_future(counter.report(emit))
     try:
         await asyncio.gather(*(one(i) for i in adapters))
     finally:
+        reporter.cancel()
+        counter.flush(emit)
         for t in tracers:
             t.close()
         await redis.aclose()

@@ -24,7 +24,9 @@ async def run_session(
 ) -> None:
     """Run the session's episodes; closes the adapter at the end."""
     session = spec.session_id(index)
+    tracer = tracer or Tracer()
     client = AsyncAgentClient(session, redis=redis, settings=spec.broker, raise_on_error=False)
+    tracer.session_start(session)
     try:
         await client.start()
         if spec.task == "preference":
@@ -42,5 +44,6 @@ async def run_session(
             stats = await controller.run_episode(ep, spec.episode_seed(index, ep))
             emit("episode", stats.to_dict(include_latencies=True))
     finally:
+        tracer.session_end(session)
         await client.close()
         adapter.close()

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sqlite3
 from dataclasses import asdict
 
 from broker.settings import flag
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from env_agents.traces.sft import NothingToExport, export_sft
+    from env_agents.traces.sft import export_sft
 
     try:
         counts = export_sft(
@@ -21,7 +22,7 @@ def run_export(args: argparse.Namespace) -> int:
             success_only=args.success_only,
             seed=args.seed,
         )
-    except (NothingToExport, FileNotFoundError, ValueError) as exc:
+    except (OSError, ValueError, sqlite3.Error) as exc:  # no database, bad fraction, nothing to export
         raise SystemExit(f"vlmq traces export: {exc}") from None
     print(json.dumps({"out_dir": args.out_dir, **asdict(counts)}, indent=2))
     return 0
@@ -38,9 +39,8 @@ def register(sub) -> None:
         "export",
         help="export SFT JSONL (OpenAI-style messages, images as data URLs) with a train/val split",
         description="One sample per answered text_action / structured_action request: its messages "
-        "plus the answer as the assistant turn. Episodes go wholly to train or to val. Other kinds "
-        "(action_chunk, preference) are counted as skipped; a database with none of these kinds "
-        "is an error (exit 1), not empty files.",
+        "plus the answer as the assistant turn. Episodes go wholly to train or to val. Traces without "
+        "such a request (action_chunk runs) or filters that leave no sample are an error (exit 1).",
     )
     e.add_argument("--db", required=True, help="trace database (vlmq agents --traces PATH)")
     e.add_argument("--out-dir", required=True, help="writes train.jsonl and val.jsonl here")

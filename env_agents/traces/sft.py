@@ -2,7 +2,10 @@
 
 One sample per answered chat request (text_action, structured_action). The split is by
 episode, never inside one (frames of an episode are near-duplicates), seeded, so the same
-database always gives the same train/val files.
+database always gives the same train/val files. Traces with nothing to export (action_chunk
+requests only, or filters that leave no sample) are an error, not empty files: an
+action_chunk request has no text answer to learn from, and its chunks are the model's own
+guesses (VLA training data comes from `vlmq vla record`).
 """
 
 from __future__ import annotations
@@ -11,10 +14,14 @@ import json
 import os
 import random
 import sqlite3
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 CHAT_KINDS = ("text_action", "structured_action")
+
+
+class NothingToExport(ValueError):
+    """The traces hold no sample the export could write."""
 
 
 @dataclass
@@ -24,23 +31,6 @@ class ExportCounts:
     val_episodes: int = 0
     train_samples: int = 0
     val_samples: int = 0
-    # answered requests of kinds SFT does not take (action_chunk, preference), by kind
-    skipped: Dict[str, int] = field(default_factory=dict)
-
-
-class NothingToExport(ValueError):
-    """The database holds no answered chat request to turn into an SFT sample."""
-
-
-def _answered_by_kind(db: sqlite3.Connection, episode_ids: Sequence[int]) -> Dict[str, int]:
-    if not episode_ids:
-        return {}
-    marks = ",".join("?" * len(episode_ids))
-    rows = db.execute(
-        f"SELECT kind, COUNT(*) FROM requests WHERE ok = 1 AND episode_id IN ({marks}) GROUP BY kind",
-        list(episode_ids),
-    )
-    return {kind: n for kind, n in rows}
 
 
 def answer_text(kind: str, result: Dict[str, Any]) -> str:
@@ -113,27 +103,18 @@ def export_sft(
     seed: int = 0,
     kinds: Sequence[str] = CHAT_KINDS,
 ) -> ExportCounts:
-    """Write out_dir/train.jsonl and out_dir/val.jsonl; returns what went where. Raises
-    NothingToExport, writing nothing, when no selected episode has an answered request
-    of `kinds` (e.g. a database of action_chunk traces)."""
+    """Write out_dir/train.jsonl and out_dir/val.jsonl; returns what went where."""
     if not os.path.exists(db_path):
         raise FileNotFoundError(f"no trace database at {db_path}")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError("val_fraction must be in [0, 1)")
     db = sqlite3.connect(db_path)
     try:
+        _check_kinds(db, db_path, kinds)
         episodes = _episodes(db, min_steps, success_only)
-        answered = _answered_by_kind(db, [e["id"] for e in episodes])
-        if not any(answered.get(k) for k in kinds):
-            held = ", ".join(f"{n} {k}" for k, n in sorted(answered.items())) or "no answered requests"
-            raise NothingToExport(
-                f"{db_path}: nothing to export: SFT samples come from answered {' / '.join(kinds)} "
-                f"requests, and the {len(episodes)} selected episode(s) hold {held}"
-            )
         os.makedirs(out_dir, exist_ok=True)
         where = split_episodes(episodes, val_fraction, seed)
         counts = ExportCounts(episodes=len(episodes))
-        counts.skipped = {k: n for k, n in sorted(answered.items()) if k not in kinds}
         with (
             open(os.path.join(out_dir, "train.jsonl"), "w") as train,
             open(os.path.join(out_dir, "val.jsonl"), "w") as val,
@@ -151,9 +132,33 @@ def export_sft(
                 else:
                     counts.train_episodes += 1
                     counts.train_samples += n
+        if counts.train_samples + counts.val_samples == 0:
+            for name in ("train.jsonl", "val.jsonl"):
+                os.remove(os.path.join(out_dir, name))
+            raise NothingToExport(
+                f"{db_path}: no sample left: {counts.episodes} finished episode(s) pass --min-steps "
+                f"{min_steps}{' and --success-only' if success_only else ''}, none with an answered "
+                f"{' or '.join(kinds)} request"
+            )
         return counts
     finally:
         db.close()
+
+
+def _check_kinds(db: sqlite3.Connection, db_path: str, kinds: Sequence[str]) -> None:
+    """Fail before writing anything when no answered request is of an exportable kind."""
+    answered = dict(db.execute("SELECT kind, COUNT(*) FROM requests WHERE ok = 1 GROUP BY kind").fetchall())
+    if any(answered.get(k) for k in kinds):
+        return
+    held = ", ".join(f"{n} {k}" for k, n in sorted(answered.items())) or "no answered requests"
+    hint = (
+        "; action_chunk traces have no text answer to train on (VLA training data: `vlmq vla record`)"
+        if "action_chunk" in answered
+        else ""
+    )
+    raise NothingToExport(
+        f"{db_path} holds {held}; SFT export takes answered {' and '.join(kinds)} requests{hint}"
+    )
 
 
 def read_jsonl(path: str, limit: Optional[int] = None) -> List[dict]:

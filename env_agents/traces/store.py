@@ -111,6 +111,15 @@ class TraceStore(Tracer):
             ),
         )
 
+    def failed(self, session: str, t: int, req: Request, code: str) -> None:
+        """A request without a usable reply: its row says why (ok = 0, reply {"code": ...})."""
+        ep, t0, _frame = self._rows.pop((session, req.request_id), (self._episode.get(session, 0), t, None))
+        self._write(
+            "INSERT INTO requests VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (ep, t0, req.request_id, req.kind, json.dumps(request_json(req)), None,
+             json.dumps({"code": code}), 0, None, "{}"),
+        )  # fmt: skip
+
     def step(self, session: str, t: int, item: Any, env_action: Any, result: StepResult) -> None:
         self._write(
             "INSERT INTO steps VALUES (?, ?, ?, ?, ?, ?, ?, ?)",

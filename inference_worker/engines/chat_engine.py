@@ -1,41 +1,48 @@
-"""The batching chat engine on transformers: one batch of chat prompts -> completions or scores.
+"""The chat engine on transformers: chat prompts -> completions or candidate scores.
 
-One batch, one pass: prompts are templated and left-padded together, all their images go
-through the vision tower in one call, one prefill fills the KV cache, and decode steps
-run for the whole batch until every row is done, each row under its own max_tokens,
-temperature, top_p, seed and stop sequences. Candidate scoring reuses the prefill cache:
-every candidate continuation of every prompt is scored in one forward pass.
+Generation is continuous (decoder.py): prompts are prefilled in groups straight into free
+slots of one pool of KV cache rows, and every step decodes one token for each running
+sequence, each under its own max_tokens, temperature, top_p, seed and stop sequences; a
+sequence leaves the pool the moment it is done. The engine core (inference_worker/core.py)
+calls `admit` and `step` between its other work; `generate` runs a whole list of prompts
+through the same pool (the batch-at-a-time handlers, tests). A prefill group's images go
+through the vision tower in one call, queued before the text side is built. Candidate
+scoring reuses a prompt pass: every candidate continuation of every prompt is scored in
+one forward pass.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, List, Optional, Sequence, Tuple
+from collections import deque
+from typing import Any, Deque, List, Optional, Sequence, Tuple
 
 from inference_worker.engines.completion import Completion, Scored
+from inference_worker.engines.decoder import Decoder, Finished
 from inference_worker.engines.inputs import InputBuilder
 from inference_worker.engines.kv_cache import KVCache
 from inference_worker.engines.options import EngineOptions
 from inference_worker.engines.patch_embedding import use_linear_patch_embedding
 from inference_worker.engines.pixels import ImagePolicy
 from inference_worker.engines.prompt import ChatPrompt
-from inference_worker.engines.sampling import Sampling, TokenSelector
-from inference_worker.engines.steps import EagerSteps, GraphSteps
-from inference_worker.engines.text import cut_at_stop, find_stop, strip_think
+from inference_worker.engines.sampling import Sampling
 from inference_worker.engines.text_stack import TextStack
 from inference_worker.engines.vision_attention import use_packed_vision_attention
 from inference_worker.engines.vision_encoder import VisionEncoder, has_deepstack
 from inference_worker.engines.vision_fusion import fuse_vision_ops
-from inference_worker.handlers.base import Stopwatch
 from inference_worker.models.loading import LoadedVLM
+from inference_worker.timing import Stopwatch
 
-CHECK_EVERY = 4  # decode steps between checks that every row is done
+DEFAULT_MAX_SEQUENCES = 256
 
 
 class ChatEngine:
-    def __init__(self, vlm: LoadedVLM, options: Optional[EngineOptions] = None) -> None:
-        import torch
-
+    def __init__(
+        self,
+        vlm: LoadedVLM,
+        options: Optional[EngineOptions] = None,
+        max_sequences: int = DEFAULT_MAX_SEQUENCES,
+    ) -> None:
         self.vlm = vlm
         self.options = options or EngineOptions()
         self.model = vlm.model
@@ -48,13 +55,8 @@ class ChatEngine:
         fuse = self.options.fuse == "on" or (self.options.fuse == "auto" and on_gpu)
         self.stack = TextStack(self.model, compile=fuse)
         use_graphs = self.options.decode == "graphs" or (self.options.decode == "auto" and on_gpu)
-        if use_graphs and vlm.device.type != "cuda":
+        if use_graphs and not on_gpu:
             raise ValueError("decode=graphs needs a CUDA device")
-        self.steps = (
-            GraphSteps(self.stack, self.options.capacity_step, self.options.max_graphs)
-            if use_graphs
-            else EagerSteps(self.stack)
-        )
         use_packed_vision_attention(self.model)
         use_linear_patch_embedding(self.model)
         if fuse:
@@ -71,11 +73,49 @@ class ChatEngine:
         if self.tokenizer.eos_token_id is not None:
             eos.append(self.tokenizer.eos_token_id)
         self.eos_ids = sorted(set(eos))
-        self.eos = torch.tensor(self.eos_ids or [-1], device=self.device)
+        slots, capacity = self._pool_size(max_sequences)
+        self.decoder = Decoder(
+            self.stack,
+            self.tokenizer,
+            slots,
+            capacity,
+            self.eos_ids,
+            graphs=use_graphs,
+            span_step=self.options.span_step,
+            max_graphs=self.options.max_graphs,
+            ignore_eos=self.options.ignore_eos,
+            bucketed=self.options.decode == "eager-bucketed",
+        )
         self._warm = False
 
+    def _pool_size(self, max_sequences: int) -> Tuple[int, int]:
+        """(slots, columns per slot) of the decode pool, from the options and free memory."""
+        import torch
+
+        cfg = self.model.config.get_text_config()
+        opts = self.options
+        on_gpu = self.device.type == "cuda"
+        capacity = opts.max_context or (8192 if on_gpu else 2048)
+        capacity = min(capacity, int(getattr(cfg, "max_position_embeddings", capacity) or capacity))
+        per_token = (
+            2 * len(self.stack.layers) * self.stack.kv_heads * self.stack.head_dim * self.stack.dtype.itemsize
+        )
+        if opts.kv_slots:
+            return opts.kv_slots, capacity
+        if on_gpu:
+            budget = opts.kv_memory * torch.cuda.mem_get_info(self.device)[0]
+        else:
+            budget = opts.kv_memory_mb * 2**20
+        slots = min(int(budget // (capacity * per_token)), max_sequences)
+        if slots < 1:
+            raise ValueError(
+                f"the decode pool does not fit: one sequence of max_context={capacity} tokens needs "
+                f"{capacity * per_token / 2**20:.0f} MiB; lower max_context or raise kv_memory"
+            )
+        return slots, capacity
+
     def warmup(self) -> None:
-        """One small request through every path (and the first CUDA graph), once."""
+        """One small request through every path, and the decode graphs of every batch size."""
         if self._warm:
             return
         import numpy as np
@@ -86,52 +126,137 @@ class ChatEngine:
         for n in (1, 2):  # batch 1 and batch >1 compile separately (fused.py)
             self.generate([user_prompt(frame, "warm up")] * n, [Sampling(max_tokens=2)] * n)
         self.score([user_prompt("warm up")], [["a", "b c"]])
+        self.decoder.capture_all(self.decoder.slots)
         self._warm = True
 
-    def check(self, prompt: ChatPrompt) -> ChatPrompt:
-        """Raise the ProtocolError this prompt would fail with (one request, not its batch)."""
-        return self.inputs.check(prompt)
+    def check(self, prompt: ChatPrompt, max_tokens: int = 0) -> ChatPrompt:
+        """Raise the ProtocolError this prompt would fail with (one request, not its batch):
+        placeholders that don't match its images, more than `max_tokens` prompt tokens, or
+        a prompt that leaves no room to answer in a decode slot."""
+        from schemas.errors import ErrorCode, ProtocolError
 
-    # ------------------------------------------------------------------ generation
+        prompt = self.inputs.check(prompt, max_tokens)
+        if prompt.tokens >= self.decoder.capacity:
+            raise ProtocolError(
+                ErrorCode.INVALID,
+                f"the prompt has {prompt.tokens} tokens; this worker's context is {self.decoder.capacity} "
+                "(engine option max_context)",
+            )
+        return prompt
 
-    def generate(
-        self, prompts: Sequence[ChatPrompt], samplings: Sequence[Sampling], sw: Optional[Stopwatch] = None
-    ) -> List[Completion]:
+    # ------------------------------------------------------------------ continuous generation
+
+    @property
+    def free_slots(self) -> int:
+        return self.decoder.free
+
+    @property
+    def running(self) -> int:
+        return self.decoder.running
+
+    def admit(
+        self,
+        keys: Sequence[Any],
+        prompts: Sequence[ChatPrompt],
+        samplings: Sequence[Sampling],
+        sw: Optional[Stopwatch] = None,
+    ) -> List[Finished]:
+        """Prefill checked prompts into free decode slots; their sequences start decoding.
+        Returns those already done after their first token."""
         import torch
 
         sw = sw or Stopwatch()
         with torch.inference_mode():
             with sw("preprocess"):
                 batch = self._build(prompts)
-            max_new = max(s.max_tokens for s in samplings)
             with sw("prefill"):
-                cache, first = self._prefill(batch, extra=max_new)
+                first = self._prefill_into(self.decoder.reserve(len(prompts)), batch)
+                return self.decoder.join(
+                    keys, first, samplings, batch.prompt_tokens(), batch.length, batch.next_positions
+                )
+
+    def step(self) -> List[Finished]:
+        """One decode step of every running sequence; returns those that finished."""
+        import torch
+
+        with torch.inference_mode():
+            return self.decoder.step()
+
+    def abort(self, keys: Sequence[Any]) -> List[Any]:
+        return self.decoder.abort(keys)
+
+    def prefill_groups(self, prompts: Sequence[ChatPrompt], free: int) -> List[int]:
+        """How many of `prompts` (in order) to prefill in each step: each group fits the
+        free slots and the step's prompt-token budget (at least one prompt a group)."""
+        groups: List[int] = []
+        i = 0
+        while i < len(prompts) and free > 0:
+            n, tokens = 0, 0
+            while i + n < len(prompts) and n < free:
+                t = prompts[i + n].tokens
+                if n and tokens + t > self.options.prefill_tokens:
+                    break
+                tokens += t
+                n += 1
+            groups.append(n)
+            free -= n
+            i += n
+        return groups
+
+    def generate(
+        self, prompts: Sequence[ChatPrompt], samplings: Sequence[Sampling], sw: Optional[Stopwatch] = None
+    ) -> List[Completion]:
+        """Every prompt through the decode pool until all are done (prompts join as slots
+        free up). For callers that have a whole batch at once; the pool must be idle."""
+        sw = sw or Stopwatch()
+        for p in prompts:
+            self.check(p)
+        keys = [_Key(i) for i in range(len(prompts))]
+        todo: Deque[int] = deque(range(len(prompts)))
+        out: List[Optional[Completion]] = [None] * len(prompts)
+
+        def done(finished: List[Finished]) -> None:
+            for key, completion in finished:
+                out[key.index] = completion
+
+        while todo or self.decoder.running:
+            if todo and self.decoder.free:
+                waiting = [prompts[i] for i in todo]
+                n = self.prefill_groups(waiting, self.decoder.free)[0]
+                group = [todo.popleft() for _ in range(n)]
+                done(
+                    self.admit(
+                        [keys[i] for i in group],
+                        [prompts[i] for i in group],
+                        [samplings[i] for i in group],
+                        sw,
+                    )
+                )
+                continue
             with sw("decode"):
-                tokens = self._decode(cache, batch, first, samplings, max_new)
-        with sw("detokenize"):
-            return [self._finish(t, s, n) for t, s, n in zip(tokens, samplings, batch.prompt_tokens())]
+                done(self.step())
+        return out  # type: ignore[return-value]
 
-    def _prefill(self, batch, extra: int) -> Tuple[KVCache, Any]:
-        cache = self.steps.open(batch.batch, batch.length + extra)
-        first = self._prefill_into(cache, batch)
-        if self.device.type == "cuda":
-            import torch
-
-            torch.cuda.synchronize(self.device)  # stage timings measure the GPU, not the launches
-        return cache, first
+    # ------------------------------------------------------------------ prompt pass
 
     def _prefill_into(self, cache: KVCache, batch) -> Any:
         """The prompts' keys and values into cache rows [0, B); logits of each last token."""
         if self.own_prefill:
-            return self.stack.prefill(cache, self.embed(batch), batch.position_ids, batch.attention_mask)
-        out = self.model(**batch.model_kwargs(), use_cache=True, logits_to_keep=1)
-        cache.load_prefix(getattr(out, "cache", None) or out.past_key_values, batch.attention_mask)
-        return out.logits[:, -1].float()
+            logits = self.stack.prefill(cache, self.embed(batch), batch.position_ids, batch.attention_mask)
+        else:
+            out = self.model(**batch.model_kwargs(), use_cache=True, logits_to_keep=1)
+            cache.load_prefix(getattr(out, "cache", None) or out.past_key_values, batch.attention_mask)
+            logits = out.logits[:, -1].float()
+        if self.device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize(self.device)  # stage timings measure the GPU, not the launches
+        return logits
 
     def _build(self, prompts: Sequence[ChatPrompt]):
         """Model inputs. With our prefill the vision tower is queued on the GPU first (its
-        pass does not wait on the CPU), and the text side -- chat template, tokens,
-        positions, ~0.3 ms a prompt -- is built while it runs."""
+        pass does not wait on the CPU), and the text side -- token rows, positions -- is
+        built while it runs."""
         images = self.inputs.images(prompts)
         feats = None
         if images is not None and self.own_prefill:
@@ -147,62 +272,6 @@ class ChatEngine:
         if feats is None and batch.pixel_values is not None:
             feats = self.vision(batch.pixel_values, batch.grids, batch.image_grid_thw)
         return self.stack.input_embeddings(batch.input_ids, feats, batch.image_index)
-
-    def _decode(
-        self, cache: KVCache, batch, first, samplings: Sequence[Sampling], max_new: int
-    ) -> List[List[int]]:
-        import torch
-
-        select = TokenSelector(samplings, self.device)
-        limits = torch.tensor([s.max_tokens for s in samplings], device=self.device)
-        stop_rows = [i for i, s in enumerate(samplings) if s.stop]
-        ended = torch.zeros(batch.batch, dtype=torch.bool, device=self.device)
-        tok = select(first)
-        generated = [tok]
-        for n in range(1, max_new + 1):
-            if not self.options.ignore_eos:
-                ended |= torch.isin(tok, self.eos)
-            ended |= limits <= n
-            if stop_rows:
-                ended |= self._stopped(generated, stop_rows, samplings)
-            # asking the GPU whether all rows are done waits for it: do it every few steps
-            # (rows that are done meanwhile run on and are cut in _finish)
-            if n == max_new or ((stop_rows or n % CHECK_EVERY == 0) and bool(ended.all())):
-                break
-            logits = self.steps.step(cache, tok, batch.next_positions + (n - 1), batch.length + n - 1)
-            tok = select(logits)
-            generated.append(tok)
-        return torch.stack(generated, dim=1).tolist()
-
-    def _stopped(self, generated: List[Any], rows: List[int], samplings: Sequence[Sampling]) -> Any:
-        import torch
-
-        so_far = torch.stack(generated, dim=1)[rows].tolist()
-        hit = torch.zeros(len(samplings), dtype=torch.bool)
-        for r, toks in zip(rows, so_far):
-            text = self.tokenizer.decode(toks, skip_special_tokens=True)
-            hit[r] = find_stop(text, samplings[r].stop) is not None
-        return hit.to(self.device)
-
-    def _finish(self, tokens: List[int], s: Sampling, prompt_tokens: int) -> Completion:
-        tokens = tokens[: s.max_tokens]
-        reason = "length"
-        if not self.options.ignore_eos:
-            ends = [i for i, t in enumerate(tokens) if t in self.eos_ids]
-            if ends:
-                tokens, reason = tokens[: ends[0] + 1], "stop"
-        raw = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        text, stopped = cut_at_stop(raw, s.stop)
-        if stopped:
-            reason = "stop"
-            tokens = tokens[: self._tokens_until_stop(tokens, s.stop)]
-        return Completion(strip_think(text), raw, prompt_tokens, len(tokens), reason, tokens)
-
-    def _tokens_until_stop(self, tokens: List[int], stops: Sequence[str]) -> int:
-        for k in range(1, len(tokens) + 1):
-            if find_stop(self.tokenizer.decode(tokens[:k], skip_special_tokens=True), stops) is not None:
-                return k
-        return len(tokens)
 
     # ------------------------------------------------------------------ scoring
 
@@ -269,5 +338,14 @@ class ChatEngine:
         return scores
 
     def close(self) -> None:
-        self.steps = None  # type: ignore[assignment]
+        self.decoder = None  # type: ignore[assignment]
         self.stack = None  # type: ignore[assignment]
+
+
+class _Key:
+    """A sequence handle of `generate`: compared by identity, carries its prompt's index."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int) -> None:
+        self.index = index

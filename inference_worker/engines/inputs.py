@@ -38,6 +38,7 @@ class BatchInputs:
     grids: List[Any] = field(default_factory=list)  # (t, h, w) per image, on the CPU
     image_index: Optional[Any] = None  # (image tokens,) flat positions in (B*S) of the image tokens
     image_features: Optional[Any] = None  # (image tokens, hidden) if the vision tower already ran
+    row_lengths: List[int] = field(default_factory=list)  # real (unpadded) tokens of each row
 
     @property
     def batch(self) -> int:
@@ -48,7 +49,7 @@ class BatchInputs:
         return self.input_ids.shape[1]
 
     def prompt_tokens(self) -> List[int]:
-        return self.attention_mask.sum(dim=1).tolist()
+        return list(self.row_lengths)
 
     def model_kwargs(self) -> Dict[str, Any]:
         kw = dict(
@@ -81,31 +82,19 @@ class InputBuilder:
             )
         return prompt.rendered
 
-    def check(self, prompt: ChatPrompt) -> ChatPrompt:
-        """Raise the ProtocolError a prompt would fail with, before it joins a batch.
-
-        Messages built by prompt.py hold one image part per image, and the chat template
-        writes one placeholder per image part; so unless a text smuggles in a placeholder,
-        the counts agree without rendering here: the template runs in `build`, where the
-        engine overlaps it with the vision tower. Pre-rendered prompts are counted."""
-        if prompt.rendered is not None:
-            self.image_tokens(prompt.rendered, prompt)
+    def check(self, prompt: ChatPrompt, max_tokens: int = 0) -> ChatPrompt:
+        """Render and tokenize one prompt, raising the ProtocolError it would fail with (one
+        request, not its batch): placeholders that don't match the images, or more than
+        `max_tokens` tokens (0: no limit). `build` reuses the tokens."""
+        if prompt.short_ids is not None:
             return prompt
-        parts = 0
-        for m in prompt.messages:
-            content = m.get("content")
-            for p in [{"type": "text", "text": content}] if isinstance(content, str) else content or []:
-                if p.get("type") == "image":
-                    parts += 1
-                elif self.image_token in str(p.get("text", "")):
-                    raise ProtocolError(
-                        ErrorCode.INVALID, f"a text part contains the image placeholder {self.image_token}"
-                    )
-        if parts != len(prompt.images):
-            raise ProtocolError(
-                ErrorCode.INVALID,
-                f"the prompt has {parts} image placeholder(s) but {len(prompt.images)} image(s)",
-            )
+        text = self.render(prompt)
+        counts = self.image_tokens(text, prompt)
+        ids = self.tokenizer(text)["input_ids"]
+        n = len(ids) + sum(c - 1 for c in counts)
+        if max_tokens and n > max_tokens:
+            raise ProtocolError(ErrorCode.INVALID, f"the prompt has {n} tokens; the limit is {max_tokens}")
+        prompt.short_ids, prompt.tokens = ids, n
         return prompt
 
     def image_tokens(self, text: str, prompt: ChatPrompt) -> List[int]:
@@ -116,6 +105,9 @@ class InputBuilder:
                 ErrorCode.INVALID,
                 f"the prompt has {placeholders} image placeholder(s) but {len(prompt.images)} image(s)",
             )
+        return self._counts(prompt)
+
+    def _counts(self, prompt: ChatPrompt) -> List[int]:
         return [self.policy.num_tokens(img.shape[0], img.shape[1]) for img in prompt.images]
 
     def _expand(self, ids: List[int], counts: List[int]) -> List[int]:
@@ -146,19 +138,20 @@ class InputBuilder:
         the vision tower on them before the text side is built)."""
         import torch
 
-        texts = [self.render(p) for p in prompts]
-        counts = [self.image_tokens(t, p) for t, p in zip(texts, prompts)]
-        short = self.tokenizer(texts)["input_ids"]
-        rows = [self._expand(ids, c) for ids, c in zip(short, counts)]
+        for p in prompts:
+            self.check(p)
+        if images is None:
+            images = self.images(prompts)
+        grids = images.grids if images is not None else []
+        # image tokens per image from the grids the tower gets (merge x merge patches a token)
+        per_image = iter([t * h * w // self.policy.merge_size**2 for t, h, w in grids])
+        rows = [self._expand(p.short_ids, [next(per_image) for _ in p.images]) for p in prompts]
         width = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id or 0
         input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
         mm = (input_ids == self.image_token_id).int()
         mm_np = mm.numpy()
-        if images is None:
-            images = self.images(prompts)
-        grids = images.grids if images is not None else []
         pos, nxt = mrope_positions(mm_np, mask.numpy(), grids, self.policy.merge_size)
         dev = self.device
         return BatchInputs(
@@ -171,4 +164,5 @@ class InputBuilder:
             image_grid_thw=images.image_grid_thw if images is not None else None,
             grids=grids,
             image_index=torch.from_numpy(np.flatnonzero(mm_np)).to(dev) if images is not None else None,
+            row_lengths=[len(r) for r in rows],
         )

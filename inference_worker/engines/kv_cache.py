@@ -1,8 +1,10 @@
-"""A static KV cache: one preallocated (batch, kv_heads, capacity, head_dim) tensor per layer.
+"""A static KV cache: one preallocated (rows, kv_heads, capacity, head_dim) tensor per layer.
 
-Fixed shapes are what lets a decode step be captured in a CUDA graph, and what lets one
-prompt's cache be repeated across its candidate continuations. Columns are shared by all
-rows (prompts are left-padded), and `mask` says which columns each row may attend to.
+Fixed shapes and addresses are what lets a decode step be captured in a CUDA graph, and
+what lets one prompt's cache be repeated across its candidate continuations. Each row is
+one sequence; `mask` says which columns of its row a sequence may attend to (a prompt
+prefilled in a left-padded group starts with masked padding columns). The decode pool
+(decoder.py) is one such cache with a row per slot.
 """
 
 from __future__ import annotations
@@ -40,9 +42,20 @@ class KVCache:
 
     def rows(self, n: int) -> KVCache:
         """A view of the first n rows (writes go to this cache)."""
-        if n == self.batch:
+        return self.slice(0, n)
+
+    def slice(self, lo: int, hi: int) -> KVCache:
+        """A view of rows [lo, hi) (writes go to this cache)."""
+        if lo == 0 and hi == self.batch:
             return self
-        return KVCache([k[:n] for k in self.keys], [v[:n] for v in self.values], self.mask[:n])
+        return KVCache([k[lo:hi] for k in self.keys], [v[lo:hi] for v in self.values], self.mask[lo:hi])
+
+    def move_rows(self, dst: Any, src: Any, span: int) -> None:
+        """Copy the first `span` columns of rows `src` onto rows `dst` (index tensors of equal
+        length; no row is both), with their masks."""
+        for x in (*self.keys, *self.values):
+            x[dst, :, :span] = x[src, :, :span]
+        self.mask[dst] = self.mask[src]
 
     def load_prefix(self, hf_cache: Any, attention_mask: Any) -> None:
         """Copy a prefill's transformers cache (B, kv_heads, S, D per layer) into columns [0, S)."""

@@ -14,7 +14,8 @@ class EngineOptions:
     min_pixels: int = 0
     max_pixels: int = 0
     # eager: plain PyTorch steps; graphs: one CUDA graph per decode step (CUDA only);
-    # auto: graphs on CUDA, eager elsewhere.
+    # auto: graphs on CUDA, eager elsewhere; eager-bucketed: eager steps at the graphs'
+    # padded shapes (to compare the two bit for bit).
     decode: str = "auto"
     # torch.compile the per-token ops of the decode step (fused.py): auto = on CUDA
     fuse: str = "auto"
@@ -23,8 +24,16 @@ class EngineOptions:
     # allows it (not Qwen3-VL, whose deepstack features enter inside the text layers;
     # stack is refused there).
     prefill: str = "auto"
-    capacity_step: int = 256  # KV-cache columns are allocated in multiples of this (graphs)
-    max_graphs: int = 6  # captured (batch, capacity) shapes kept on the GPU
+    # The decode pool (decoder.py): `kv_slots` sequences decode at once, each with room for
+    # `max_context` tokens (prompt + answer); 0 = sized from memory: on CUDA, `kv_memory`
+    # of the free GPU memory once the model is loaded; on CPU, `kv_memory_mb`.
+    max_context: int = 0  # 0 = 8192 on CUDA, 2048 on CPU (and never past the model's own)
+    kv_slots: int = 0
+    kv_memory: float = 0.5
+    kv_memory_mb: int = 1024
+    span_step: int = 256  # attention reads cache columns in multiples of this (a graph per span)
+    max_graphs: int = 48  # captured decode-step shapes kept on the GPU
+    prefill_tokens: int = 8192  # prompt tokens prefilled in one step (bounds a step's length)
     score_rows: int = 256  # candidate rows scored per forward pass (bounds cache memory)
     # Benchmarks only: decode every request to its max_tokens even past end-of-sequence
     # (random weights end at arbitrary points; a benchmark must decode a fixed length).
@@ -47,8 +56,8 @@ class EngineOptions:
                 continue
             values[name] = _convert(name, raw, known[name].default)
         opts = cls(**values)  # type: ignore[arg-type]
-        if opts.decode not in ("auto", "eager", "graphs"):
-            raise ValueError(f"option decode={opts.decode!r}: choose auto, eager or graphs")
+        if opts.decode not in ("auto", "eager", "graphs", "eager-bucketed"):
+            raise ValueError(f"option decode={opts.decode!r}: choose auto, eager, eager-bucketed or graphs")
         if opts.prefill not in ("auto", "stack", "hf"):
             raise ValueError(f"option prefill={opts.prefill!r}: choose auto, stack or hf")
         if opts.fuse not in ("auto", "on", "off"):
@@ -62,6 +71,8 @@ def _convert(name: str, raw: str, default: object) -> object:
             return str(raw).strip().lower() in ("1", "true", "yes", "on")
         if isinstance(default, int):
             return int(raw)
+        if isinstance(default, float):
+            return float(raw)
         return str(raw)
     except ValueError:
         raise ValueError(f"engine option {name}={raw!r}: expected {type(default).__name__}") from None

@@ -72,6 +72,27 @@ def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((width, height), Image.BICUBIC))
 
 
+def normalize(x, policy: ImagePolicy):
+    """uint8 (n, C, H, W) -> float32, rescaled and normalised as the processor does it."""
+    import torch
+
+    mean = torch.tensor(policy.mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(policy.std, device=x.device).view(1, 3, 1, 1)
+    return (x.float() * policy.rescale - mean) / std
+
+
+def patchify(x, policy: ImagePolicy, dtype):
+    """Normalised images (n, C, H, W) of one size -> (n, patches, C*T*p*p) in the vision
+    tower's patch order (merge windows together), and their grid (1, H/p, W/p)."""
+    p, m, t = policy.patch_size, policy.merge_size, policy.temporal_patch_size
+    n, c, h, w = x.shape
+    gh, gw = h // p, w // p
+    x = x.reshape(n, c, gh // m, m, p, gw // m, m, p)
+    x = x.permute(0, 2, 5, 3, 6, 1, 4, 7)  # (n, gh/m, gw/m, m, m, C, p, p)
+    x = x.unsqueeze(6).expand(*x.shape[:6], t, p, p)  # a still image fills the temporal patch
+    return x.reshape(n, gh * gw, c * t * p * p).to(dtype), (1, gh, gw)
+
+
 def pixel_values(images: Sequence[np.ndarray], policy: ImagePolicy, device="cpu", dtype=None):
     """uint8 HxWx3 images -> (pixel_values [sum patches, C*T*p*p], image_grid_thw [n, 3]), in order."""
     import torch
@@ -81,22 +102,12 @@ def pixel_values(images: Sequence[np.ndarray], policy: ImagePolicy, device="cpu"
     groups: Dict[Tuple[int, int], List[int]] = {}
     for i, img in enumerate(sized):
         groups.setdefault(img.shape[:2], []).append(i)
-    p, m, t = policy.patch_size, policy.merge_size, policy.temporal_patch_size
-    mean = torch.tensor(policy.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(policy.std, device=device).view(1, 3, 1, 1)
     per_image: List = [None] * len(sized)
-    for (h, w), idx in groups.items():
+    for idx in groups.values():
         batch = torch.from_numpy(np.stack([sized[i] for i in idx])).to(device, non_blocking=True)
-        x = batch.permute(0, 3, 1, 2).float() * policy.rescale
-        x = (x - mean) / std  # (n, C, H, W) float32, as the processor computes it
-        n, c = x.shape[:2]
-        gh, gw = h // p, w // p
-        x = x.reshape(n, c, gh // m, m, p, gw // m, m, p)
-        x = x.permute(0, 2, 5, 3, 6, 1, 4, 7)  # (n, gh/m, gw/m, m, m, C, p, p)
-        x = x.unsqueeze(6).expand(*x.shape[:6], t, p, p)  # a still image fills the temporal patch
-        x = x.reshape(n, gh * gw, c * t * p * p).to(dtype)
+        x, grid = patchify(normalize(batch.permute(0, 3, 1, 2), policy), policy, dtype)
         for j, i in enumerate(idx):
-            per_image[i] = (x[j], (1, gh, gw))
+            per_image[i] = (x[j], grid)
     values = torch.cat([v for v, _ in per_image], dim=0)
     grid = torch.tensor([g for _, g in per_image], dtype=torch.long, device=device)
     return values, grid

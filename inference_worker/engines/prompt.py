@@ -17,7 +17,11 @@ class ChatPrompt:
     # `images` holds the frames in the order the placeholders appear.
     messages: List[Dict[str, Any]]
     images: List[np.ndarray] = field(default_factory=list)
-    rendered: Optional[str] = None  # the chat template applied, once checked (InputBuilder.check)
+    rendered: Optional[str] = None  # the chat template applied (InputBuilder.render)
+    # filled by InputBuilder.check: the token ids with one placeholder per image (the short
+    # form the tokenizer produces), and the prompt's length with every image token counted
+    short_ids: Optional[List[int]] = None
+    tokens: int = 0
 
 
 def text_part(text: str) -> Dict[str, str]:

@@ -1,14 +1,14 @@
 """Per-request decoding settings, and picking each row's next token under its own settings.
 
-One batch mixes greedy and sampled requests: greedy rows take the argmax; each sampled row
-applies its temperature and top-p and draws from its own seeded generator, so a request's
-tokens do not depend on what else was in its batch.
+One decode step mixes greedy and sampled requests: greedy rows take the argmax; each
+sampled row applies its temperature and top-p and draws from its own seeded generator,
+so a request's tokens do not depend on what else is decoding with it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 
 @dataclass(frozen=True)
@@ -37,32 +37,34 @@ class Sampling:
         return cls(**values)
 
 
-class TokenSelector:
-    def __init__(self, samplings: Sequence[Sampling], device: Any) -> None:
-        import torch
+def new_generator(sampling: Sampling, device: Any) -> Optional[Any]:
+    """The seeded generator of a sampled request (None for greedy): a request's draws
+    depend on its seed alone, not on its batch-mates."""
+    if sampling.greedy:
+        return None
+    import torch
 
-        self.samplings = list(samplings)
-        self.sampled_rows: List[int] = [i for i, s in enumerate(samplings) if not s.greedy]
-        self.generators = {}
-        for i in self.sampled_rows:
-            g = torch.Generator(device=device)
-            seed = self.samplings[i].seed
-            g.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
-            self.generators[i] = g
+    g = torch.Generator(device=device)
+    seed = sampling.seed
+    g.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
+    return g
 
-    def __call__(self, logits: Any) -> Any:
-        """logits (B, vocab) float -> token ids (B,)."""
-        import torch
 
-        tokens = logits.argmax(dim=-1)
-        for i in self.sampled_rows:
-            s = self.samplings[i]
-            probs = torch.softmax(logits[i] / s.temperature, dim=-1)
-            if s.top_p < 1.0:
-                sorted_p, order = probs.sort(descending=True)
-                # keep the smallest prefix whose mass reaches top_p (always the top token)
-                drop = sorted_p.cumsum(0) - sorted_p >= s.top_p
-                sorted_p[drop] = 0.0
-                probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-            tokens[i] = torch.multinomial(probs, 1, generator=self.generators[i])[0]
-        return tokens
+def select_tokens(logits: Any, samplings: Sequence[Sampling], generators: Sequence[Optional[Any]]) -> Any:
+    """logits (B, vocab) float -> token ids (B,): argmax for greedy rows; each sampled row
+    draws under its temperature and top-p from its own generator."""
+    import torch
+
+    tokens = logits.argmax(dim=-1)
+    for i, s in enumerate(samplings):
+        if s.greedy:
+            continue
+        probs = torch.softmax(logits[i] / s.temperature, dim=-1)
+        if s.top_p < 1.0:
+            sorted_p, order = probs.sort(descending=True)
+            # keep the smallest prefix whose mass reaches top_p (always the top token)
+            drop = sorted_p.cumsum(0) - sorted_p >= s.top_p
+            sorted_p[drop] = 0.0
+            probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+        tokens[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
+    return tokens

@@ -69,6 +69,20 @@ class TextStack:
         )
         return self.lm_head(self._final_norm(h, pending)).float()
 
+    def decode(self, cache: KVCache, tokens, positions, cols, rows, span: int) -> Any:
+        """One new token per row, each at its own place: row r's token `tokens[r]` at rope
+        position `positions[r]` goes to cache column `cols[r]` of row r (`rows` is
+        arange(B)), and attends to the first `span` columns its mask allows. `cache` holds
+        exactly these B rows. Returns logits (B, vocab) in float32."""
+        b = tokens.shape[0]
+        cache.mask[rows, cols] = True
+        allowed = cache.mask[:, None, None, :span]  # (B, 1, 1, span)
+        h = self.embed(tokens[:, None])
+        h, pending = self._layers(
+            cache, h, positions[None, :, None].expand(3, b, 1), (rows, cols), allowed, span
+        )
+        return self.lm_head(self._final_norm(h, pending))[:, 0].float()
+
     def prefill(self, cache: KVCache, embeds, positions, attention_mask, layers: Optional[int] = None) -> Any:
         """A whole left-padded prompt from its input embeddings (B, T, D) at M-RoPE `positions`
         (3, B, T), into cache columns [0, T) of rows [0, B). With `layers`, only the first
@@ -96,8 +110,9 @@ class TextStack:
 
     def _layers(self, cache: KVCache, h, positions, cols, allowed, span: int, layers: Optional[int] = None):
         """The decoder layers over hidden states h (B, T, D): keys and values go to cache
-        columns `cols`, attention reads the first `span` columns under `allowed`. Returns
-        (h, the last sublayer's output still to be added to it)."""
+        columns `cols` (T,) of every row, or with `cols` = (rows, columns) to one column per
+        row; attention reads the first `span` columns under `allowed`. Returns (h, the last
+        sublayer's output still to be added to it)."""
         import torch.nn.functional as F
 
         k_ = self.k
@@ -123,8 +138,13 @@ class TextStack:
                 q = k_.rms_norm(q, attn.q_norm.weight, attn.q_norm.variance_epsilon)
                 k = k_.rms_norm(k, attn.k_norm.weight, attn.k_norm.variance_epsilon)
             q, k = k_.rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
-            cache.keys[i].index_copy_(2, cols, k)
-            cache.values[i].index_copy_(2, cols, v)
+            if isinstance(cols, tuple):  # one column per row (decode)
+                rows_, cols_ = cols
+                cache.keys[i][rows_, :, cols_] = k[:, :, 0]
+                cache.values[i][rows_, :, cols_] = v[:, :, 0]
+            else:  # the same columns for every row
+                cache.keys[i].index_copy_(2, cols, k)
+                cache.values[i].index_copy_(2, cols, v)
             keys, values = cache.keys[i][:, :, :span], cache.values[i][:, :, :span]
             o = grouped_attention(q, keys, values, allowed, attn.scaling)
             post = layer.post_attention_layernorm

@@ -22,8 +22,8 @@ from inference_worker.engines.options import EngineOptions
 from inference_worker.engines.prompt import ChatPrompt
 from inference_worker.engines.sampling import Sampling
 from inference_worker.engines.text import strip_think
-from inference_worker.handlers.base import Stopwatch
 from inference_worker.models.errors import ModelLoadError
+from inference_worker.timing import Stopwatch
 from schemas.errors import ErrorCode, ProtocolError
 
 IMAGE_PLACEHOLDER = "<|image_pad|>"

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Dict
 
-from inference_worker.handlers.base import Handler, HandlerOutput, Stopwatch
+from inference_worker.handlers.base import Handler, HandlerOutput
 from inference_worker.settings import WorkerSettings
 
-__all__ = ["Handler", "HandlerOutput", "Stopwatch", "build_handlers"]
+__all__ = ["Handler", "HandlerOutput", "build_handlers"]
 
 
 def build_handlers(settings: WorkerSettings) -> Dict[str, Handler]:

@@ -30,7 +30,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from inference_worker.handlers.base import Handler, HandlerOutput, Stopwatch
+from inference_worker.handlers.base import Handler, HandlerOutput
+from inference_worker.timing import Stopwatch
 from inference_worker.vla.cache import FeatureCache
 from inference_worker.vla.config import VLAConfig
 from inference_worker.vla.graphs import GraphedSampler

@@ -1,16 +1,17 @@
-"""The handler interface: one per task kind, all fed by the same batching path.
+"""The handler interface: one per task kind; handlers know nothing about Redis.
 
 A handler turns a batch of validated requests of its kind into one result (or one
-ProtocolError) per request, in order. It runs in the worker's model thread, never on the
-event loop, and knows nothing about Redis.
+ProtocolError) per request, in order (`run`). It runs in the worker's model thread, never
+on the event loop. A chat handler is also a set of per-request programs (`program`): a
+generator that yields engine ops -- `Generate` (a completion) and `Score` (candidate
+log-probabilities) -- and returns the request's result, so the engine core can run each
+request's ops as part of its continuous decode instead of batch by batch.
 """
 
 from __future__ import annotations
 
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Sequence, Union
+from typing import Any, Dict, Generator, List, Sequence, Union
 
 from pydantic import BaseModel
 
@@ -20,25 +21,31 @@ from schemas.messages import Request
 Outcome = Union[BaseModel, ProtocolError]
 
 
+@dataclass(eq=False)
+class Generate:
+    """Engine op: one completion of `prompt` (a checked ChatPrompt) under `sampling`."""
+
+    prompt: Any
+    sampling: Any
+    candidates: None = None
+
+
+@dataclass(eq=False)
+class Score:
+    """Engine op: the summed log-probability of each candidate as the answer to `prompt`."""
+
+    prompt: Any
+    candidates: Sequence[str]
+
+
+Op = Union[Generate, Score]
+Program = Generator[Op, Any, Outcome]
+
+
 @dataclass
 class HandlerOutput:
     results: List[Outcome]
     timings: Dict[str, float] = field(default_factory=dict)  # ms per stage, for the whole batch
-
-
-class Stopwatch:
-    """Collects per-stage milliseconds: `with sw("model"): ...`."""
-
-    def __init__(self) -> None:
-        self.timings: Dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, stage: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.timings[stage] = self.timings.get(stage, 0.0) + (time.perf_counter() - t0) * 1000.0
 
 
 class Handler:

@@ -1,19 +1,26 @@
-"""What the three chat kinds share: one engine, prompts built per request.
+"""What the three chat kinds share: one engine, and each request as a program of engine ops.
 
 A request whose prompt cannot be built (an image that does not decode, more image
-placeholders than images) fails alone with its ProtocolError; the rest of the batch
-still runs.
+placeholders than images, a prompt over the token limit) fails alone with its
+ProtocolError, raised from its program before any op; the rest still run. `run` drives a
+whole batch of programs in lockstep (each round: one `score` call for the Score ops, one
+`generate` call for the Generate ops) for the batch-at-a-time path; the engine core
+drives the same programs one op at a time.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Sequence
+import logging
+from typing import Any, Dict, List, Optional, Sequence
 
 from inference_worker.engines.prompt import ChatPrompt
-from inference_worker.handlers.base import Handler, Outcome
-from schemas.errors import ProtocolError
+from inference_worker.handlers.base import Generate, Handler, HandlerOutput, Op, Outcome, Program, Score
+from inference_worker.timing import Stopwatch
+from schemas.errors import ErrorCode, ProtocolError
 from schemas.limits import DEFAULT_LIMITS, Limits
 from schemas.messages import Request
+
+log = logging.getLogger("vlmq.handlers")
 
 
 class ChatHandler(Handler):
@@ -24,18 +31,55 @@ class ChatHandler(Handler):
     def warmup(self) -> None:
         self.engine.warmup()
 
-    def build_prompts(
-        self,
-        requests: Sequence[Request],
-        build: Callable[[Any], ChatPrompt],
-        results: List[Optional[Outcome]],
-        indices: Optional[Sequence[int]] = None,
-    ) -> Dict[int, ChatPrompt]:
-        """index -> prompt for each request (of `indices`) that builds; failures go into `results`."""
-        prompts: Dict[int, ChatPrompt] = {}
-        for i in range(len(requests)) if indices is None else indices:
-            try:
-                prompts[i] = self.engine.check(build(requests[i]))
-            except ProtocolError as exc:
-                results[i] = exc
-        return prompts
+    def check(self, prompt: ChatPrompt) -> ChatPrompt:
+        """The prompt, checked and tokenized; raises the ProtocolError it fails with."""
+        return self.engine.check(prompt, self.limits.max_prompt_tokens)
+
+    def program(self, request: Request) -> Program:
+        raise NotImplementedError
+
+    def run(self, requests: Sequence[Request]) -> HandlerOutput:
+        sw = Stopwatch()
+        results: List[Optional[Outcome]] = [None] * len(requests)
+        ops: Dict[int, Op] = {}
+        programs = [self.program(r) for r in requests]
+        for i, p in enumerate(programs):
+            advance(p, None, lambda op, i=i: ops.__setitem__(i, op), lambda r, i=i: results.__setitem__(i, r))
+        while ops:
+            now = dict(ops)
+            ops.clear()
+            answers: Dict[int, Any] = {}
+            scores = [i for i, op in now.items() if isinstance(op, Score)]
+            gens = [i for i, op in now.items() if isinstance(op, Generate)]
+            if scores:
+                got = self.engine.score(
+                    [now[i].prompt for i in scores], [now[i].candidates for i in scores], sw
+                )
+                answers.update(zip(scores, got))
+            if gens:
+                got = self.engine.generate([now[i].prompt for i in gens], [now[i].sampling for i in gens], sw)
+                answers.update(zip(gens, got))
+            for i, answer in answers.items():
+                advance(
+                    programs[i],
+                    answer,
+                    lambda op, i=i: ops.__setitem__(i, op),
+                    lambda r, i=i: results.__setitem__(i, r),
+                )
+        return HandlerOutput(results, sw.timings)  # type: ignore[arg-type]
+
+
+def advance(program: Program, answer: Any, on_op, on_result) -> None:
+    """Send `answer` (None to start) into a request's program: its next op goes to
+    `on_op`, its result (or the ProtocolError it failed with) to `on_result`."""
+    try:
+        op = program.send(answer)
+    except StopIteration as stop:
+        on_result(stop.value)
+    except ProtocolError as exc:
+        on_result(exc)
+    except Exception as exc:  # a bug in one request's handling must not take its batch down
+        log.exception("request program failed")
+        on_result(ProtocolError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"))
+    else:
+        on_op(op)

@@ -46,7 +46,12 @@ class Shared:
             from inference_worker.engines.chat_engine import ChatEngine
             from inference_worker.engines.options import EngineOptions
 
-            self._engine = ChatEngine(self.vlm, EngineOptions.parse(self.settings.options))
+            # as many sequences decode at once as the largest chat batch the worker allows
+            chat = [k for k in self.settings.kinds if k != "action_chunk"] or ["text_action"]
+            most = max(self.settings.batch_limit(k) for k in chat)
+            self._engine = ChatEngine(
+                self.vlm, EngineOptions.parse(self.settings.options), max_sequences=most
+            )
         return self._engine
 
 

@@ -4,21 +4,17 @@ two_step (the seed's `gemini_query_2`): the model describes and compares the ima
 (analysis prompt, answer concise), then a text-only call with the summary prompt and
 max_tokens 16 yields the label, parsed by parsing/preference_label.py. one_pass: one
 prompt with the images and the label question; the label is the best-scoring of "0",
-"1" and "-1" by summed log-probability (scores returned). Both steps are batched across
-the requests of a batch.
+"1" and "-1" by summed log-probability (scores returned).
 """
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
-
 from inference_worker.engines.prompt import ChatPrompt, user_prompt
 from inference_worker.engines.sampling import Sampling
-from inference_worker.handlers.base import HandlerOutput, Outcome, Stopwatch
+from inference_worker.handlers.base import Generate, Program, Score
 from inference_worker.handlers.chat_base import ChatHandler
 from inference_worker.parsing.preference_label import parse_preference
-from schemas.errors import ProtocolError
-from schemas.messages import PreferenceRequest, PreferenceResult, Request
+from schemas.messages import PreferenceRequest, PreferenceResult
 
 QUESTIONS = (
     "1. What is shown in Image 1?\n"
@@ -60,75 +56,31 @@ def image_pair_prompt(req: PreferenceRequest, text: str, limits) -> ChatPrompt:
 class PreferenceHandler(ChatHandler):
     kind = "preference"
 
-    def run(self, requests: Sequence[Request]) -> HandlerOutput:
-        sw = Stopwatch()
-        results: List[Optional[Outcome]] = [None] * len(requests)
-        two = [i for i, r in enumerate(requests) if r.mode == "two_step"]
-        one = [i for i, r in enumerate(requests) if r.mode == "one_pass"]
-        if two:
-            self._two_step(requests, two, results, sw)
-        if one:
-            self._one_pass(requests, one, results, sw)
-        return HandlerOutput(results, sw.timings)  # type: ignore[arg-type]
-
-    def _two_step(self, requests, idx: List[int], results, sw: Stopwatch) -> None:
-        prompts = self.build_prompts(
-            requests,
-            lambda r: image_pair_prompt(r, fill(r.prompt or ANALYSIS_PROMPT, r.task), self.limits),
-            results,
-            idx,
-        )
-        order = list(prompts)
-        if not order:
-            return
-        done = self.engine.generate(
-            [prompts[i] for i in order], [Sampling.of(requests[i]) for i in order], sw
-        )
-        analyses = dict(zip(order, done))
-        summaries = {}
-        for i in order:  # a caller's summary_prompt can be as wrong as any prompt: it fails alone
-            r = requests[i]
-            try:
-                summaries[i] = self.engine.check(
-                    user_prompt(fill(r.summary_prompt or SUMMARY_PROMPT, r.task, analyses[i].text))
-                )
-            except ProtocolError as exc:
-                results[i] = exc
-        order = list(summaries)
-        if not order:
-            return
-        labels = self.engine.generate(
-            [summaries[i] for i in order],
-            [Sampling.of(requests[i], max_tokens=SUMMARY_MAX_TOKENS) for i in order],
-            sw,
-        )
-        for i, lab in zip(order, labels):
-            a = analyses[i]
-            label, _ = parse_preference(lab.raw_text)
-            results[i] = PreferenceResult(
-                label=label,
-                texts=[a.raw_text, lab.raw_text],
-                mode="two_step",
-                prompt_tokens=a.prompt_tokens + lab.prompt_tokens,
-                completion_tokens=a.completion_tokens + lab.completion_tokens,
+    def program(self, req: PreferenceRequest) -> Program:
+        if req.mode == "one_pass":
+            prompt = self.check(
+                image_pair_prompt(req, fill(req.prompt or ONE_PASS_PROMPT, req.task), self.limits)
             )
-
-    def _one_pass(self, requests, idx: List[int], results, sw: Stopwatch) -> None:
-        prompts = self.build_prompts(
-            requests,
-            lambda r: image_pair_prompt(r, fill(r.prompt or ONE_PASS_PROMPT, r.task), self.limits),
-            results,
-            idx,
-        )
-        order = list(prompts)
-        if not order:
-            return
-        scored = self.engine.score([prompts[i] for i in order], [LABELS] * len(order), sw)
-        for i, s in zip(order, scored):
-            results[i] = PreferenceResult(
-                label=int(LABELS[s.best]),
+            scored = yield Score(prompt, LABELS)
+            return PreferenceResult(
+                label=int(LABELS[scored.best]),
                 texts=[],
-                scores=dict(zip(LABELS, s.scores)),
+                scores=dict(zip(LABELS, scored.scores)),
                 mode="one_pass",
-                prompt_tokens=s.prompt_tokens,
+                prompt_tokens=scored.prompt_tokens,
             )
+        prompt = self.check(
+            image_pair_prompt(req, fill(req.prompt or ANALYSIS_PROMPT, req.task), self.limits)
+        )
+        a = yield Generate(prompt, Sampling.of(req))
+        # a caller's summary_prompt can be as wrong as any prompt: it fails this request alone
+        summary = self.check(user_prompt(fill(req.summary_prompt or SUMMARY_PROMPT, req.task, a.text)))
+        lab = yield Generate(summary, Sampling.of(req, max_tokens=SUMMARY_MAX_TOKENS))
+        label, _ = parse_preference(lab.raw_text)
+        return PreferenceResult(
+            label=label,
+            texts=[a.raw_text, lab.raw_text],
+            mode="two_step",
+            prompt_tokens=a.prompt_tokens + lab.prompt_tokens,
+            completion_tokens=a.completion_tokens + lab.completion_tokens,
+        )

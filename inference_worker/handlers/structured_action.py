@@ -5,15 +5,13 @@ A malformed answer gives the default action with parse_ok False, never an error 
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
-
 from inference_worker.engines.prompt import ChatPrompt, from_chat_messages, image_part, user_prompt
 from inference_worker.engines.sampling import Sampling
-from inference_worker.handlers.base import HandlerOutput, Outcome, Stopwatch
+from inference_worker.handlers.base import Generate, Program
 from inference_worker.handlers.chat_base import ChatHandler
 from inference_worker.parsing.minerl_action import parse_minerl_action
 from schemas.images import decode_image
-from schemas.messages import Request, StructuredActionRequest, StructuredActionResult
+from schemas.messages import StructuredActionRequest, StructuredActionResult
 
 MINERL_PROMPT = (
     "You are playing Minecraft. Task: {task}. Step {step}.\n"
@@ -52,24 +50,15 @@ def minerl_prompt(req: StructuredActionRequest, limits) -> ChatPrompt:
 class StructuredActionHandler(ChatHandler):
     kind = "structured_action"
 
-    def run(self, requests: Sequence[Request]) -> HandlerOutput:
-        sw = Stopwatch()
-        results: List[Optional[Outcome]] = [None] * len(requests)
-        prompts = self.build_prompts(requests, lambda r: minerl_prompt(r, self.limits), results)
-        order = list(prompts)
-        if order:
-            done = self.engine.generate(
-                [prompts[i] for i in order], [Sampling.of(requests[i]) for i in order], sw
-            )
-            with sw("parse"):
-                for i, c in zip(order, done):
-                    parsed = parse_minerl_action(c.raw_text)
-                    results[i] = StructuredActionResult(
-                        action=parsed.action,
-                        reasoning=parsed.reasoning,
-                        text=c.raw_text,
-                        parse_ok=parsed.ok,
-                        prompt_tokens=c.prompt_tokens,
-                        completion_tokens=c.completion_tokens,
-                    )
-        return HandlerOutput(results, sw.timings)  # type: ignore[arg-type]
+    def program(self, req: StructuredActionRequest) -> Program:
+        prompt = self.check(minerl_prompt(req, self.limits))
+        c = yield Generate(prompt, Sampling.of(req))
+        parsed = parse_minerl_action(c.raw_text)
+        return StructuredActionResult(
+            action=parsed.action,
+            reasoning=parsed.reasoning,
+            text=c.raw_text,
+            parse_ok=parsed.ok,
+            prompt_tokens=c.prompt_tokens,
+            completion_tokens=c.completion_tokens,
+        )

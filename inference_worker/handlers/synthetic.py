@@ -13,8 +13,9 @@ from typing import Sequence, Tuple
 
 import numpy as np
 
-from inference_worker.handlers.base import Handler, HandlerOutput, Stopwatch
+from inference_worker.handlers.base import Handler, HandlerOutput
 from inference_worker.parsing.minerl_action import default_action
+from inference_worker.timing import Stopwatch
 from schemas.messages import (
     ActionChunkResult,
     PreferenceResult,

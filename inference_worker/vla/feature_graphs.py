@@ -6,15 +6,16 @@ for it is a few ms. The pass has no GPU->CPU sync (engines/vision_encoder.py), s
 captured once per (batch, padded prompt length, image grids) and replayed with one
 launch. Prompts are left-padded to a multiple of `length_step` tokens so instructions
 of slightly different lengths share a graph; padding is masked, so features are equal.
-Batches above `max_batch` run eagerly: there the GPU, not the launches, sets the time.
+Batches above `max_batch` run eagerly. Capture and replay go through engines/cuda_graphs.py.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from typing import Any, Optional, Tuple
+from typing import Any, Optional
 
 import torch
+
+from inference_worker.engines.cuda_graphs import Graph, GraphCache
 
 
 class _Graph:
@@ -38,15 +39,7 @@ class _Graph:
             h = stack.input_embeddings(self.ids, feats, self.index)
             return stack.prefill(self.cache, h, self.pos, self.mask, layers=extractor.layer)
 
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), torch.no_grad():
-            for _ in range(2):  # compile, plan and allocate outside the capture
-                run()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool), torch.no_grad():
-            self.out = run()
+        self.graph = Graph(run, pool)
 
     def load(self, batch: Any) -> None:
         s = batch.length
@@ -63,21 +56,22 @@ class _Graph:
 
     def run(self, batch: Any) -> torch.Tensor:
         self.load(batch)
-        self.graph.replay()
-        return self.out[:, self.width - batch.length :].clone()
+        return self.graph.replay()[:, self.width - batch.length :].clone()
 
 
 class FeatureGraphs:
     def __init__(
-        self, extractor: Any, max_batch: int = 32, length_step: int = 16, max_graphs: int = 8
+        self, extractor: Any, max_batch: int = 64, length_step: int = 16, max_graphs: int = 8
     ) -> None:
         self.extractor = extractor
+        self.max_batch, self.length_step = max_batch, length_step
         # one memory pool for all graphs: they never run at once, and each result is
         # copied out before the next replay
-        self.pool = torch.cuda.graph_pool_handle()
-        self.max_batch, self.length_step, self.max_graphs = max_batch, length_step, max_graphs
-        self.graphs: OrderedDict[Tuple[Any, ...], _Graph] = OrderedDict()
-        self.captured = 0
+        self.graphs = GraphCache(max_graphs)
+
+    @property
+    def captured(self) -> int:
+        return self.graphs.captured
 
     def __call__(self, batch: Any) -> Optional[torch.Tensor]:
         """Hidden states (B, S, hidden) by graph replay, or None where a graph does not apply."""
@@ -85,12 +79,5 @@ class FeatureGraphs:
             return None
         width = -(-batch.length // self.length_step) * self.length_step
         key = (batch.batch, width, tuple(tuple(g) for g in batch.grids))
-        g = self.graphs.get(key)
-        if g is None:
-            g = _Graph(self.extractor, batch, width, self.pool)
-            self.captured += 1
-            self.graphs[key] = g
-            while len(self.graphs) > self.max_graphs:
-                self.graphs.popitem(last=False)
-        self.graphs.move_to_end(key)
+        g = self.graphs.get(key, lambda pool: _Graph(self.extractor, batch, width, pool))
         return g.run(batch)

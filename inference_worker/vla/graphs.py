@@ -5,22 +5,24 @@ the GPU waits on the launches, not on arithmetic. A graph per (batch, context le
 shape replays them with one launch. Context lengths are padded up to a multiple of
 `bucket` tokens (masked, so the result is the same) to keep the number of graphs small;
 the least recently used graph is dropped past `max_graphs`. Guided (RTC) sampling needs
-autograd and stays eager.
+autograd and stays eager. Capture and replay go through engines/cuda_graphs.py.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional
 
 import torch
 
+from inference_worker.engines.cuda_graphs import Graph, GraphCache
 from inference_worker.vla.expert import FlowMatchingExpert
 from inference_worker.vla.flow import euler_sample
 
 
 class _Graph:
-    def __init__(self, expert: FlowMatchingExpert, steps: int, B: int, L: int, D: int, dtype, device) -> None:
+    def __init__(
+        self, expert: FlowMatchingExpert, steps: int, B: int, L: int, D: int, dtype, device, pool
+    ) -> None:
         cfg = expert.cfg
         self.feats = torch.zeros(B, L, D, dtype=dtype, device=device)
         self.ids = torch.zeros(B, L, dtype=torch.long, device=device)
@@ -30,20 +32,11 @@ class _Graph:
         self.state = torch.zeros(B, max(cfg.state_dim, 1), device=device)
 
         def fn() -> torch.Tensor:
-            with torch.no_grad():
-                state = self.state if cfg.state_dim else None
-                ctx = expert.prepare(self.feats, self.ids, self.mask, state)
-                return euler_sample(expert, ctx, self.noise, steps)
+            state = self.state if cfg.state_dim else None
+            ctx = expert.prepare(self.feats, self.ids, self.mask, state)
+            return euler_sample(expert, ctx, self.noise, steps)
 
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = fn()
+        self.graph = Graph(fn, pool)
 
     def run(self, feats, ids, mask, noise, state) -> torch.Tensor:
         L = feats.shape[1]
@@ -56,8 +49,7 @@ class _Graph:
         self.noise.copy_(noise)
         if state is not None:
             self.state.copy_(state)
-        self.graph.replay()
-        return self.out.clone()
+        return self.graph.replay().clone()
 
 
 class GraphedSampler:
@@ -65,9 +57,9 @@ class GraphedSampler:
         self, expert: FlowMatchingExpert, steps: int, bucket: int = 64, max_graphs: int = 16
     ) -> None:
         self.expert, self.steps = expert, steps
-        self.bucket, self.max_graphs = bucket, max_graphs
-        self.graphs: OrderedDict[Tuple[int, int], _Graph] = OrderedDict()
-        self.stats: Dict[str, int] = {"captured": 0, "replayed": 0}
+        self.bucket = bucket
+        self.graphs = GraphCache(max_graphs)
+        self.stats: Dict[str, int] = {"replayed": 0}
 
     def __call__(
         self,
@@ -79,14 +71,8 @@ class GraphedSampler:
     ) -> torch.Tensor:
         B, L, D = feats.shape
         Lb = -(-L // self.bucket) * self.bucket
-        key = (B, Lb)
-        g = self.graphs.get(key)
-        if g is None:
-            g = _Graph(self.expert, self.steps, B, Lb, D, feats.dtype, feats.device)
-            self.graphs[key] = g
-            self.stats["captured"] += 1
-            while len(self.graphs) > self.max_graphs:
-                self.graphs.popitem(last=False)
-        self.graphs.move_to_end(key)
+        g = self.graphs.get(
+            (B, Lb), lambda pool: _Graph(self.expert, self.steps, B, Lb, D, feats.dtype, feats.device, pool)
+        )
         self.stats["replayed"] += 1
         return g.run(feats, ids, mask, noise, state)

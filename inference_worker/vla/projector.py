@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -38,21 +38,27 @@ def pack_frames(
     samples: Sequence[Sequence[torch.Tensor]], device: Optional[torch.device] = None
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per sample, its frames' features (oldest first) -> padded (feats [B, L, D],
-    frame ids [B, L], mask [B, L] True where real)."""
-    lengths = [sum(f.shape[0] for f in frames) for frames in samples]
+    frame ids [B, L], mask [B, L] True where real). The layout is worked out on the CPU
+    and the features move with one gather: a few kernels, whatever the batch size."""
+    import numpy as np
+
     first = samples[0][0]
     device = device or first.device
+    sizes = [[f.shape[0] for f in frames] for frames in samples]
+    lengths = [sum(s) for s in sizes]
     B, L, D = len(samples), max(lengths), first.shape[-1]
-    feats = torch.zeros(B, L, D, dtype=first.dtype, device=device)
-    ids = torch.zeros(B, L, dtype=torch.long, device=device)
-    mask = torch.zeros(B, L, dtype=torch.bool, device=device)
-    for b, frames in enumerate(samples):
-        pos = 0
-        parts: List[torch.Tensor] = []
-        for j, f in enumerate(frames):
-            ids[b, pos : pos + f.shape[0]] = j
-            pos += f.shape[0]
-            parts.append(f)
-        feats[b, :pos] = torch.cat(parts).to(device=device, dtype=first.dtype)
-        mask[b, :pos] = True
-    return feats, ids, mask
+    ids = np.zeros((B, L), dtype=np.int64)
+    mask = np.zeros((B, L), dtype=bool)
+    dst = []
+    for b, s in enumerate(sizes):
+        ids[b, : lengths[b]] = np.repeat(np.arange(len(s)), s)
+        mask[b, : lengths[b]] = True
+        dst.append(b * L + np.arange(lengths[b]))
+    flat = torch.cat([f.to(device=device, dtype=first.dtype) for frames in samples for f in frames])
+    feats = torch.zeros(B * L, D, dtype=first.dtype, device=device)
+    feats.index_copy_(0, torch.from_numpy(np.concatenate(dst)).to(device), flat)
+    return (
+        feats.view(B, L, D),
+        torch.from_numpy(ids).to(device),
+        torch.from_numpy(mask).to(device),
+    )

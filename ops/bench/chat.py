@@ -1,18 +1,23 @@
-"""Chat throughput: the vlmq worker serving many sessions through Redis vs one-at-a-time `generate`.
+"""Chat throughput: the vlmq worker serving many sessions through Redis vs transformers' `generate`.
 
-(a) baseline, the seed's style: one request at a time, batch 1, the processor and plain
-`model.generate` (greedy, exactly --max-tokens new tokens). (b) vlmq: a `vlmq worker
+Baselines, same checkpoint, card and run: the strongest thing a user could run instead,
+batched `generate` (--sessions requests per call: the processor and plain `generate`,
+left-padded), and the seeds' style, one request at a time (batch 1). vlmq: a `vlmq worker
 --backend hf` process and --sessions concurrent agent sessions (in --procs processes),
 each sending a text_action request (one --image-size frame, a ~--prompt-tokens prompt,
---max-tokens new tokens) and the next as soon as its reply arrives. Same checkpoint,
-same card, same run. Records throughput_rps_<N>_sessions (baseline (a), ratio), tokens/s,
-latency, the engine's own batch throughput and stage times without Redis, the agreement
-of CUDA-graph decoding with eager decoding, and GPU memory.
+--max-tokens new tokens) and the next as soon as its reply arrives. Each served figure is
+the median of --runs measurement windows of --seconds after one warm-up.
+
+Records throughput_rps_<N>_sessions (baseline: batched generate), the same against batch
+1 (`_vs_seed`), tokens/s and latency; with mixed lengths (max_tokens drawn from
+--mixed-lengths per request) the continuous core against `--serving batch`, the
+batch-at-a-time path; the engine's own throughput and stage times without Redis; whether
+graph and eager decoding agree token for token at the same shapes; and GPU memory.
 
 The checkpoint is --model, or one built here with `make_model --preset 2b` (random
 weights: the shapes and costs of the release, not its answers). Random weights end at
-arbitrary tokens, so both sides decode exactly --max-tokens (the worker with
-`--option ignore_eos=1`, the baseline with min_new_tokens).
+arbitrary tokens, so every side decodes exactly max_tokens (the worker with
+`--option ignore_eos=1`, the baselines with min_new_tokens).
 """
 
 from __future__ import annotations
@@ -45,24 +50,36 @@ def add_args(p) -> None:
     p.add_argument("--max-tokens", type=int, default=32, help="new tokens per request (%(default)s)")
     p.add_argument("--image-size", type=int, default=224, help="frame side in pixels (%(default)s)")
     p.add_argument("--prompt-tokens", type=int, default=100, help="text tokens in the prompt (%(default)s)")
-    p.add_argument("--baseline-requests", type=int, default=8, help="timed requests of (a) (%(default)s)")
-    p.add_argument("--warmup-s", type=float, default=20.0, help="(b) time before measuring (%(default)s)")
-    p.add_argument("--seconds", type=float, default=30.0, help="(b) measured time (%(default)s)")
     p.add_argument(
-        "--max-batch",
-        default="128",
-        help="worker --max-batch; a comma-separated list runs (b) once per value and reports the best "
-        "(%(default)s)",
+        "--baseline-requests", type=int, default=4, help="requests per run of batch 1 (%(default)s)"
     )
-    p.add_argument("--max-wait-ms", type=float, default=50.0, help="worker --max-wait-ms (%(default)s)")
-    p.add_argument("--regroup-ms", type=float, default=50.0, help="worker --regroup-ms (%(default)s)")
+    p.add_argument("--runs", type=int, default=3, help="measured runs of every figure (%(default)s)")
+    p.add_argument(
+        "--warmup-s", type=float, default=10.0, help="served: time before the first window (%(default)s)"
+    )
+    p.add_argument("--seconds", type=float, default=8.0, help="served: length of one window (%(default)s)")
+    p.add_argument("--max-batch", type=int, default=128, help="worker --max-batch (%(default)s)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="worker --max-wait-ms (%(default)s)")
+    p.add_argument("--prefill-min", type=int, default=32, help="worker --prefill-min (%(default)s)")
+    p.add_argument(
+        "--batch-serving-wait-ms",
+        type=float,
+        default=50.0,
+        help="--serving batch: its --max-wait-ms and --regroup-ms, as it was tuned (%(default)s)",
+    )
+    p.add_argument(
+        "--mixed-lengths",
+        default="16,64,256",
+        help="max_tokens choices of the mixed-length runs; empty: skip them (%(default)s)",
+    )
+    p.add_argument(
+        "--parts",
+        default="baseline,engine,served,mixed",
+        help="what to run, comma-separated from baseline, engine, served, mixed (%(default)s)",
+    )
     p.add_argument(
         "--option", action="append", default=[], metavar="KEY=VALUE", help="extra worker --option, repeatable"
     )
-    p.add_argument("--skip-check", action="store_true", help="skip the in-process engine runs")
-
-
-# ---------------------------------------------------------------------------- inputs
 
 
 def prompt_text(tokenizer: Any, tokens: int) -> str:
@@ -100,103 +117,115 @@ def gpu_memory() -> Tuple[str, float]:
         return "", 0.0
 
 
-# ---------------------------------------------------------------------------- (a) and checks
+# ---------------------------------------------------------------------------- baselines and checks
 
 
-def baseline(folder: str, args, text: str, frame) -> Dict[str, float]:
-    """One request at a time through the processor and plain generate."""
+def baselines(vlm, args, text: str, frame) -> Dict[str, Any]:
+    """transformers' processor and plain `generate`: batch 1 (the seeds' style) and a batch of
+    --sessions (left-padded); each the list of --runs runs' requests/s."""
     import torch
 
-    from inference_worker.models.loading import load_vlm
-
-    vlm = load_vlm(folder, device=args.device, dtype=args.dtype)
     proc = vlm.processor
+    proc.tokenizer.padding_side = "left"
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    prompt = proc.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    out: Dict[str, Any] = {}
 
-    prompt_tokens = 0
-
-    def one() -> int:
-        nonlocal prompt_tokens
-        prompt = proc.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        inputs = proc(text=[prompt], images=[frame], return_tensors="pt").to(vlm.device)
-        prompt_tokens = inputs["input_ids"].shape[1]
-        out = vlm.model.generate(
+    def call(n: int) -> int:
+        inputs = proc(text=[prompt] * n, images=[frame] * n, padding=True, return_tensors="pt").to(vlm.device)
+        out["prompt_tokens"] = float(inputs["input_ids"].shape[1])
+        gen = vlm.model.generate(
             **inputs, max_new_tokens=args.max_tokens, min_new_tokens=args.max_tokens, do_sample=False
         )
-        return out.shape[1] - inputs["input_ids"].shape[1]
+        return n * (gen.shape[1] - inputs["input_ids"].shape[1])
 
     with torch.inference_mode():
-        for _ in range(2):
-            one()
-        _sync(vlm.device)
-        t0 = time.perf_counter()
-        new = sum(one() for _ in range(args.baseline_requests))
-        _sync(vlm.device)
-        dt = time.perf_counter() - t0
-    result = {
-        "rps": args.baseline_requests / dt,
-        "tokens_per_s": new / dt,
-        "prompt_tokens": float(prompt_tokens),
-    }
-    if not args.skip_check:
-        result.update(engine_checks(vlm, args, text))
-    return result  # the model goes with this frame; run() frees the GPU memory
+        for name, n, calls in (("batch1", 1, args.baseline_requests), ("batched", args.sessions, 1)):
+            call(n)  # warm-up
+            rps, tps = [], []
+            for _ in range(args.runs):
+                _sync(vlm.device)
+                t0 = time.perf_counter()
+                new = sum(call(n) for _ in range(calls))
+                _sync(vlm.device)
+                dt = time.perf_counter() - t0
+                rps.append(n * calls / dt)
+                tps.append(new / dt)
+            out[f"{name}_rps"], out[f"{name}_tokens_per_s"] = rps, tps
+    return out
 
 
-def engine_checks(vlm, args, text: str) -> Dict[str, float]:
-    """The engine alone (no Redis): batch throughput and stages; graphs vs eager tokens."""
+def engine_checks(vlm, args, text: str) -> Dict[str, Any]:
+    """The engine alone (no Redis): --sessions prompts through `generate` (per-run
+    requests/s and stages), a stage probe, and graph vs eager decoding at the same shapes."""
     from inference_worker.engines.chat_engine import ChatEngine
     from inference_worker.engines.options import EngineOptions
     from inference_worker.engines.prompt import user_prompt
     from inference_worker.engines.sampling import Sampling
-    from inference_worker.handlers.base import Stopwatch
+    from inference_worker.timing import Stopwatch
 
     n = args.sessions
     prompts = [user_prompt(f, text) for f in frames(n, args.image_size)]
     samp = [Sampling(max_tokens=args.max_tokens)] * n
-    out: Dict[str, float] = {}
-    decode = "graphs" if vlm.device.type == "cuda" else "eager"
-    engine = ChatEngine(vlm, EngineOptions(ignore_eos=True, decode=decode))
+    out: Dict[str, Any] = {}
+    on_gpu = vlm.device.type == "cuda"
+    engine = ChatEngine(vlm, EngineOptions(ignore_eos=True, kv_slots=n, max_context=1024), max_sequences=n)
     engine.warmup()
-    engine.generate(prompts, samp)  # first batch of this shape: captures its graph
-    timed = []
-    for _ in range(3):  # the median of three batches
+    engine.generate(prompts, samp)
+    rps, stages = [], {}
+    for _ in range(args.runs):
         _sync(vlm.device)
         sw = Stopwatch()
         t0 = time.perf_counter()
         fast = engine.generate(prompts, samp, sw)
         _sync(vlm.device)
-        timed.append((time.perf_counter() - t0, sw.timings))
-    dt, timings = sorted(timed, key=lambda x: x[0])[1]
-    out["engine_batch_rps"] = n / dt
-    out.update({f"engine_{k}_ms": v for k, v in timings.items()})
-    out.update(stage_probe(engine, prompts, args.max_tokens))
-    if decode == "graphs":
+        rps.append(n / (time.perf_counter() - t0))
+        for k, v in sw.timings.items():
+            stages.setdefault(f"engine_{k}_ms", []).append(v)
+    out["engine_batch_rps"] = rps
+    out.update(stages)
+    out.update(stage_probe(engine, prompts, args.max_tokens, args.runs))
+    if on_gpu:
         k = min(16, n)
-        eager = ChatEngine(vlm, EngineOptions(ignore_eos=True, decode="eager")).generate(
-            prompts[:k], samp[:k]
-        )
-        same = sum(a.token_ids == b.token_ids for a, b in zip(fast[:k], eager))
-        out["graph_vs_eager_identical_fraction"] = same / k
+        opts = dict(ignore_eos=True, kv_slots=k, max_context=1024)
+        graphs = ChatEngine(vlm, EngineOptions(decode="graphs", **opts), max_sequences=k)
+        eager = ChatEngine(vlm, EngineOptions(decode="eager-bucketed", **opts), max_sequences=k)
+        a = graphs.generate(prompts[:k], samp[:k])
+        b = eager.generate(prompts[:k], samp[:k])
+        out["graph_eager_identical_fraction_same_shape"] = [
+            sum(x.token_ids == y.token_ids for x, y in zip(a, b)) / k
+        ]
+        del graphs, eager
+    del engine, fast
     return out
 
 
-def stage_probe(engine, prompts, max_tokens: int) -> Dict[str, float]:
-    """Where a batch's time goes: the vision tower alone (the engine's path and
-    transformers'), the prompt pass (the engine's and transformers'), one decode step."""
+def stage_probe(engine, prompts, max_tokens: int, runs: int) -> Dict[str, List[float]]:
+    """Where the time goes, each the list of `runs` timings: the vision tower (the engine's
+    path and transformers'), the prompt pass with vision (the engine's and
+    transformers'), one decode step of the whole batch (mean over max_tokens steps)."""
     import torch
 
-    batch = engine.inputs.build(prompts)
-    out: Dict[str, float] = {}
+    from inference_worker.engines.sampling import Sampling
 
-    def timed(name: str, fn) -> Any:
+    batch = engine.inputs.build(prompts)
+    out: Dict[str, List[float]] = {}
+
+    def timed(name: str, fn) -> None:
         fn()
-        _sync(engine.device)
-        t0 = time.perf_counter()
-        res = fn()
-        _sync(engine.device)
-        out[name] = (time.perf_counter() - t0) * 1000
-        return res
+        for _ in range(runs):
+            _sync(engine.device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(engine.device)
+            out.setdefault(name, []).append((time.perf_counter() - t0) * 1000)
+
+    def prefill(own: bool) -> None:
+        engine.own_prefill, was = own, engine.own_prefill
+        try:
+            engine._prefill_into(engine.stack.new_cache(batch.batch, batch.length), batch)
+        finally:
+            engine.own_prefill = was
 
     with torch.inference_mode():
         if batch.pixel_values is not None:
@@ -208,20 +237,20 @@ def stage_probe(engine, prompts, max_tokens: int) -> Dict[str, float]:
                 "probe_vision_stock_ms",
                 lambda: engine.model.model.get_image_features(batch.pixel_values, batch.image_grid_thw),
             )
-        own = engine.own_prefill
-        timed("probe_prefill_ms", lambda: engine._prefill(batch, extra=max_tokens))
-        engine.own_prefill = False
-        timed("probe_prefill_transformers_ms", lambda: engine._prefill(batch, extra=max_tokens))
-        engine.own_prefill = own
-        cache, first = engine._prefill(batch, extra=max_tokens)
-        tok = first.argmax(-1)
-        steps = max(1, max_tokens - 1)
-        _sync(engine.device)
-        t0 = time.perf_counter()
-        for i in range(steps):
-            tok = engine.steps.step(cache, tok, batch.next_positions + i, batch.length + i).argmax(-1)
-        _sync(engine.device)
-        out["probe_decode_step_ms"] = (time.perf_counter() - t0) * 1000 / steps
+        timed("probe_prefill_ms", lambda: prefill(True))
+        timed("probe_prefill_transformers_ms", lambda: prefill(False))
+        keys = [object() for _ in prompts]
+        for _ in range(runs):
+            engine.admit(keys, prompts, [Sampling(max_tokens=max_tokens + 1)] * len(prompts))
+            _sync(engine.device)
+            t0 = time.perf_counter()
+            for _ in range(max_tokens - 1):
+                engine.step()
+            _sync(engine.device)
+            out.setdefault("probe_decode_step_ms", []).append(
+                (time.perf_counter() - t0) * 1000 / (max_tokens - 1)
+            )
+            engine.abort(keys)
     return out
 
 
@@ -245,17 +274,21 @@ def _free(device: str) -> None:
 # ---------------------------------------------------------------------------- (b)
 
 
-def _sessions(url, prefix, first, count, text, size, max_tokens, t_end, queue) -> None:
-    """One agent process: `count` sessions, each a closed loop of requests until t_end."""
+def _sessions(url, prefix, first, count, text, size, lengths, t_end, queue) -> None:
+    """One agent process: `count` sessions, each a closed loop of requests until t_end;
+    each request's max_tokens is drawn from `lengths` (seeded by the session)."""
+    import random
+
     from broker.settings import BrokerSettings
     from env_agents.client import AsyncAgentClient
     from schemas.messages import TextActionRequest
 
     broker = BrokerSettings(url=url, prefix=prefix)
     frame = frames(1, size)[0]
-    done: List[Tuple[float, float, int, int, float]] = []
+    done: List[Tuple[float, float, int, int]] = []
 
     async def session(i: int) -> None:
+        pick = random.Random(i)
         async with AsyncAgentClient(f"bench-{i}", settings=broker) as client:
             step = 0
             while time.time() < t_end:
@@ -266,21 +299,12 @@ def _sessions(url, prefix, first, count, text, size, max_tokens, t_end, queue) -
                             "content": [{"type": "image", "image": frame}, {"type": "text", "text": text}],
                         }
                     ],
-                    max_tokens=max_tokens,
+                    max_tokens=pick.choice(lengths),
                     step=step,
                 )
                 t0 = time.time()
                 reply = await client.request(req, timeout=300)
-                model_ms = sum(v for k, v in reply.timings.items() if k != "queue_ms")
-                done.append(
-                    (
-                        time.time(),
-                        time.time() - t0,
-                        reply.result.completion_tokens,
-                        reply.batch_size,
-                        model_ms,
-                    )
-                )
+                done.append((time.time(), time.time() - t0, reply.result.completion_tokens, reply.batch_size))
                 step += 1
 
     async def main() -> None:
@@ -290,61 +314,46 @@ def _sessions(url, prefix, first, count, text, size, max_tokens, t_end, queue) -
     queue.put(done)
 
 
-def served(
-    folder: str, args, text: str, max_batch: int, devices: Optional[List[str]] = None
-) -> Dict[str, float]:
-    """(b): one `vlmq worker` per entry of `devices` (default: --device), all in one
-    consumer group of one Redis, and --sessions closed-loop agent sessions."""
+def served(folder: str, args, text: str, serving: str, lengths: List[int]) -> List[Dict[str, float]]:
+    """One `vlmq worker` and --sessions closed-loop agent sessions; after --warmup-s, --runs
+    windows of --seconds, each summarised on its own."""
     from broker.connection import connect_sync
     from broker.embedded import EmbeddedRedis
     from broker.keys import Keys
     from broker.settings import BrokerSettings
 
-    prefix = f"bench{os.getpid()}"
-    devices = devices or [args.device]
+    prefix = f"bench{os.getpid()}{serving}"
+    wait = args.batch_serving_wait_ms if serving == "batch" else args.max_wait_ms
     with EmbeddedRedis() as server:
-        workers = []
-        for i, device in enumerate(devices):
-            cmd = argv(
-                "worker", BrokerSettings(url=server.url, prefix=prefix),
-                "--name", f"bench-worker-{i}", "--backend", "hf", "--model", folder, "--device", device,
-                "--dtype", args.dtype, "--kinds", "text_action", "--max-batch", str(max_batch),
-                "--max-wait-ms", str(args.max_wait_ms), "--regroup-ms", str(args.regroup_ms),
-                "--option", "ignore_eos=1",
-            )  # fmt: skip
-            for o in args.option:
-                cmd += ["--option", o]
-            workers.append(subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}))
+        cmd = argv(
+            "worker", BrokerSettings(url=server.url, prefix=prefix),
+            "--name", "bench-worker", "--backend", "hf", "--model", folder, "--device", args.device,
+            "--dtype", args.dtype, "--kinds", "text_action", "--max-batch", str(args.max_batch),
+            "--serving", serving, "--max-wait-ms", str(wait), "--prefill-min", str(args.prefill_min),
+            "--regroup-ms", str(args.batch_serving_wait_ms if serving == "batch" else 0),
+            "--option", "ignore_eos=1", "--option", f"kv_slots={args.max_batch}",
+        )  # fmt: skip
+        for o in args.option:
+            cmd += ["--option", o]
+        worker = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         try:
             redis = connect_sync(BrokerSettings(url=server.url, prefix=prefix))
-            keys = [Keys(prefix).worker(f"bench-worker-{i}") for i in range(len(devices))]
             give_up = time.time() + 900
-            while not all(redis.exists(k) for k in keys):
-                if any(w.poll() is not None for w in workers) or time.time() > give_up:
-                    raise RuntimeError("a worker did not start (see its output above)")
+            while not redis.exists(Keys(prefix).worker("bench-worker")):
+                if worker.poll() is not None or time.time() > give_up:
+                    raise RuntimeError("the worker did not start (see its output above)")
                 time.sleep(0.5)
             start = time.time() + args.warmup_s
-            end = start + args.seconds
+            end = start + args.runs * args.seconds
             ctx = mp.get_context("spawn")
             queue = ctx.Queue()
             per = [args.sessions // args.procs + (i < args.sessions % args.procs) for i in range(args.procs)]
-            procs = []
-            first = 0
+            procs, first = [], 0
             for n in per:
                 procs.append(
                     ctx.Process(
                         target=_sessions,
-                        args=(
-                            server.url,
-                            prefix,
-                            first,
-                            n,
-                            text,
-                            args.image_size,
-                            args.max_tokens,
-                            end,
-                            queue,
-                        ),
+                        args=(server.url, prefix, first, n, text, args.image_size, lengths, end, queue),
                     )
                 )
                 first += n
@@ -352,40 +361,47 @@ def served(
                 p.start()
             time.sleep(max(0.0, start + args.seconds / 2 - time.time()))
             card, mib = gpu_memory()
-            done = [x for _ in procs for x in queue.get(timeout=args.warmup_s + args.seconds + 600)]
+            done = [
+                x for _ in procs for x in queue.get(timeout=args.warmup_s + args.runs * args.seconds + 600)
+            ]
             for p in procs:
                 p.join(60)
         finally:
-            for w in workers:
-                w.terminate()
-            for w in workers:
-                try:
-                    w.wait(60)
-                except subprocess.TimeoutExpired:
-                    w.kill()
-    window = [d for d in done if start <= d[0] <= end]
-    lat = sorted(d[1] for d in window)
-    return {
-        "rps": len(window) / args.seconds,
-        "tokens_per_s": sum(d[2] for d in window) / args.seconds,
-        "latency_p50_s": statistics.median(lat) if lat else 0.0,
-        "latency_p95_s": lat[int(0.95 * (len(lat) - 1))] if lat else 0.0,
-        "replies": float(len(window)),
-        "batch_size_mean": statistics.mean(d[3] for d in window) if window else 0.0,
-        # each reply carries its batch's model time: summed once per batch, over the window
-        "model_busy_fraction": sum(d[4] / d[3] for d in window) / 1000 / args.seconds / len(devices),
-        "gpu_memory_mib": mib,
-        "card": card,  # type: ignore[dict-item]
-    }
+            worker.terminate()
+            try:
+                worker.wait(60)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+    runs = []
+    for k in range(args.runs):
+        lo, hi = start + k * args.seconds, start + (k + 1) * args.seconds
+        window = [d for d in done if lo <= d[0] < hi]
+        lat = sorted(d[1] for d in window)
+        runs.append(
+            {
+                "rps": len(window) / args.seconds,
+                "tokens_per_s": sum(d[2] for d in window) / args.seconds,
+                "latency_p50_s": statistics.median(lat) if lat else 0.0,
+                "latency_p95_s": lat[int(0.95 * (len(lat) - 1))] if lat else 0.0,
+                "batch_size_mean": statistics.mean(d[3] for d in window) if window else 0.0,
+                "gpu_memory_mib": mib,
+                "card": card,  # type: ignore[dict-item]
+            }
+        )
+    return runs
 
 
 # ---------------------------------------------------------------------------- run
 
 
 def run(args) -> int:
-    from inference_worker.models.make import make_model
-    from ops.bench.records import machine_description, record, write_results
+    import torch
 
+    from inference_worker.models.loading import load_vlm
+    from inference_worker.models.make import make_model
+    from ops.bench.records import Record, machine_description, record, write_results
+
+    parts = {p.strip() for p in args.parts.split(",") if p.strip()}
     folder = args.model
     tmp: Optional[tempfile.TemporaryDirectory] = None
     if not folder:
@@ -393,55 +409,113 @@ def run(args) -> int:
         t0 = time.perf_counter()
         folder = make_model(args.arch, tmp.name, preset=args.preset, seed=0, device=args.device)
         log.info("built %s %s in %.1f s", args.arch, args.preset, time.perf_counter() - t0)
+    a: Dict[str, Any] = {}
+    served_runs: Dict[str, List[Dict[str, float]]] = {}
     try:
         from transformers import AutoTokenizer
 
         text = prompt_text(AutoTokenizer.from_pretrained(folder), args.prompt_tokens)
         frame = frames(1, args.image_size)[0]
-        a = baseline(folder, args, text, frame)
-        _free(args.device)
-        log.info("(a) %s", a)
-        runs = {}
-        for mb in (int(x) for x in str(args.max_batch).split(",")):
-            runs[mb] = served(folder, args, text, mb)
-            log.info("(b) max_batch %d: %s", mb, runs[mb])
-        best = max(runs, key=lambda mb: runs[mb]["rps"])
-        b = runs[best]
+        if parts & {"baseline", "engine"}:
+            vlm = load_vlm(folder, device=args.device, dtype=args.dtype)
+            if "baseline" in parts:
+                a.update(baselines(vlm, args, text, frame))
+                log.info("baselines %s", a)
+            if "engine" in parts:
+                a.update(engine_checks(vlm, args, text))
+            del vlm
+            _free(args.device)
+        lengths = [int(x) for x in args.mixed_lengths.split(",") if x]
+        if "served" in parts:
+            served_runs["uniform"] = served(folder, args, text, "continuous", [args.max_tokens])
+            log.info("served %s", served_runs["uniform"])
+        if "mixed" in parts and lengths:
+            for serving in ("continuous", "batch"):
+                served_runs[serving] = served(folder, args, text, serving, lengths)
+                log.info("mixed lengths, %s: %s", serving, served_runs[serving])
     finally:
         if tmp is not None:
             tmp.cleanup()
-    card = b.pop("card") or os.environ.get("VLMQ_BENCH_GPU", "")
+    card = next((r["card"] for rs in served_runs.values() for r in rs if r.get("card")), "")
+    card = card or (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
+    n = args.sessions
     where = (
         f"{card}; {args.arch} {args.preset if not args.model else 'checkpoint'}, {args.image_size}-px image, "
-        f"{int(a['prompt_tokens'])} prompt tokens, {args.max_tokens} new tokens; {args.sessions} sessions in "
-        f"{args.procs} processes; worker --max-batch {best} --max-wait-ms {args.max_wait_ms:g} --regroup-ms {args.regroup_ms:g}; "
-        f"{machine_description()}"
+        f"{int(a.get('prompt_tokens', 0))} prompt tokens, {args.max_tokens} new tokens; {n} sessions in "
+        f"{args.procs} processes; worker --max-batch {args.max_batch} --max-wait-ms {args.max_wait_ms:g} "
+        f"--prefill-min {args.prefill_min}; {machine_description()}"
     )
-    n = args.sessions
-    recs = [
-        record(f"throughput_rps_{n}_sessions", b["rps"], "requests/s", a["rps"], machine=where),
-        record(f"tokens_per_s_{n}_sessions", b["tokens_per_s"], "tokens/s", a["tokens_per_s"], machine=where),
-        record(f"latency_p50_{n}_sessions", b["latency_p50_s"], "s", machine=where),
-        record(f"latency_p95_{n}_sessions", b["latency_p95_s"], "s", machine=where),
-        record("gpu_memory_used_mib", b["gpu_memory_mib"], "MiB", machine=where),
-        record("baseline_generate_rps_batch1", a["rps"], "requests/s", machine=where),
-    ]
-    for mb, r in sorted(runs.items()):
+
+    def col(runs: List[Dict[str, float]], key: str) -> List[float]:
+        return [r[key] for r in runs]
+
+    recs: List[Record] = []
+    batched, seed = a.get("batched_rps"), a.get("batch1_rps")
+    u = served_runs.get("uniform")
+    if u:
+        recs += [
+            record(f"throughput_rps_{n}_sessions", col(u, "rps"), "requests/s", batched, machine=where),
+            record(f"throughput_rps_{n}_sessions_vs_seed", col(u, "rps"), "requests/s", seed, machine=where),
+            record(
+                f"tokens_per_s_{n}_sessions",
+                col(u, "tokens_per_s"),
+                "tokens/s",
+                a.get("batched_tokens_per_s"),
+                machine=where,
+            ),
+            record(f"latency_p50_{n}_sessions", col(u, "latency_p50_s"), "s", machine=where),
+            record(f"latency_p95_{n}_sessions", col(u, "latency_p95_s"), "s", machine=where),
+            record(f"decode_rows_mean_{n}_sessions", col(u, "batch_size_mean"), "sequences", machine=where),
+            record("gpu_memory_used_mib", col(u, "gpu_memory_mib"), "MiB", machine=where),
+        ]
+    cont, batch = served_runs.get("continuous"), served_runs.get("batch")
+    mixed = f"max_tokens from {{{args.mixed_lengths}}}"
+    if cont:
+        base = statistics.median(col(batch, "rps")) if batch else None
         recs.append(
             record(
-                f"throughput_rps_{n}_sessions_max_batch_{mb}", r["rps"], "requests/s", a["rps"], machine=where
+                f"throughput_rps_{n}_sessions_mixed_lengths",
+                col(cont, "rps"),
+                "requests/s",
+                base,
+                machine=f"{mixed}; {where}",
             )
         )
-    recs.append(record(f"batch_size_mean_{n}_sessions", b["batch_size_mean"], "requests", machine=where))
-    recs.append(
-        record(f"model_busy_fraction_{n}_sessions", b["model_busy_fraction"], "fraction", machine=where)
-    )
+        recs.append(
+            record(
+                f"latency_p95_{n}_sessions_mixed_lengths",
+                col(cont, "latency_p95_s"),
+                "s",
+                machine=f"{mixed}; {where}",
+            )
+        )
+    if batch:
+        recs.append(
+            record(
+                f"throughput_rps_{n}_sessions_mixed_lengths_batch_serving",
+                col(batch, "rps"),
+                "requests/s",
+                machine=f"{mixed}; --serving batch --max-wait-ms/--regroup-ms {args.batch_serving_wait_ms:g}; {where}",
+            )
+        )
+        recs.append(
+            record(
+                f"latency_p95_{n}_sessions_mixed_lengths_batch_serving",
+                col(batch, "latency_p95_s"),
+                "s",
+                machine=f"{mixed}; {where}",
+            )
+        )
+    if batched:
+        recs.append(record(f"baseline_generate_rps_batch{n}", batched, "requests/s", machine=where))
+    if seed:
+        recs.append(record("baseline_generate_rps_batch1", seed, "requests/s", machine=where))
     for k, v in a.items():
         if k.startswith(("engine_", "graph_", "probe_")):
             unit = "ms" if k.endswith("_ms") else ("requests/s" if k.endswith("rps") else "fraction")
-            recs.append(record(k, v, unit, a["rps"] if k == "engine_batch_rps" else None, machine=where))
+            recs.append(record(k, v, unit, batched if k == "engine_batch_rps" else None, machine=where))
     write_results(args.out, recs)
     for r in recs:
         ratio = f" ({r.ratio}x)" if r.ratio else ""
-        print(f"{r.metric:45s} {r.value:>12} {r.unit}{ratio}")
+        print(f"{r.metric:55s} {r.value:>12} {r.unit}{ratio}  [{r.min}..{r.max}, {r.runs} runs]")
     return 0

@@ -27,7 +27,8 @@ vlmq make-model --arch qwen2-vl --preset "$PRESET" --out "$M" --device "$DEVICE"
 vlmq vla init --vlm "$M" --out "$V" --device "$DEVICE" 2>&1 | tail -1
 echo "models ready after $((SECONDS - t0)) s"
 
-vlmq --log-level WARNING worker --redis-url "$REDIS" --prefix gpuagents --backend hf --model "$M" \
+# python3 itself in the background (not the vlmq function): $! must be the worker's pid
+python3 -m ops.cli --log-level WARNING worker --redis-url "$REDIS" --prefix gpuagents --backend hf --model "$M" \
   --option "vla=$V" --device "$DEVICE" --kinds action_chunk --max-batch 64 --max-wait-ms 5 \
   --name vla-worker >"$OUT/vla_worker.log" 2>&1 &
 W=$!

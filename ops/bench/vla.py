@@ -32,7 +32,13 @@ def add_args(p) -> None:
     p.add_argument("--device", default="cuda", help="(%(default)s)")
     p.add_argument("--dtype", default="auto", help="(%(default)s)")
     p.add_argument("--image-size", type=int, default=384, help="frame size into the VLM (%(default)s)")
-    p.add_argument("--batches", default="1,8,32", help="batch sizes (%(default)s)")
+    p.add_argument("--frame-size", type=int, default=224, help="side of the frames agents send (%(default)s)")
+    p.add_argument("--batches", default="1,8,32,64", help="batch sizes (%(default)s)")
+    p.add_argument(
+        "--profile-dir",
+        default="",
+        help="write a stage breakdown and a kernel table of the largest batch here",
+    )
     p.add_argument("--iters", type=int, default=30, help="timed batches per point (%(default)s)")
     p.add_argument("--warmup", type=int, default=6, help="untimed batches per point (%(default)s)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="run the expert eagerly")
@@ -44,7 +50,7 @@ def add_args(p) -> None:
 
 def _latency(
     vla, mode: str, batch: int, iters: int, warmup: int, size: int, graphs: bool
-) -> Dict[str, float]:
+) -> Dict[str, List[float]]:
     from inference_worker.handlers.action_chunk import ActionChunkHandler
     from schemas.messages import ActionChunkRequest
 
@@ -75,9 +81,78 @@ def _latency(
         bad = [r for r in out.results if isinstance(r, Exception)]
         if bad:
             raise RuntimeError(f"handler failed: {bad[0]}")
-    res = {"p50": statistics.median(walls), "p90": float(np.percentile(walls, 90))}
-    res.update({f"{k}_p50": statistics.median(v) for k, v in stages.items()})
-    return res
+    return {"wall": walls, **stages}
+
+
+def _runs(values: List[float], runs: int = 3) -> List[float]:
+    """The p50 of each of `runs` consecutive slices of the timed batches: one figure per run."""
+    k = max(1, len(values) // runs)
+    return [statistics.median(values[i * k : (i + 1) * k]) for i in range(runs)]
+
+
+def _profile(vla, batch: int, size: int, out_dir: str) -> None:
+    """Stage times of the feature pass at `batch` (each stage synchronised) and a kernel
+    table of one batch, into out_dir."""
+    import torch
+
+    ex = vla.extractor
+    rng = np.random.default_rng(1)
+    frames = [rng.integers(0, 255, (size, size, 3), dtype=np.uint8) for _ in range(batch)]
+    texts = ["go to the red box"] * batch
+    lines = []
+
+    def sync():
+        if vla.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(3):
+        ex.encode(frames, texts)
+    times: Dict[str, List[float]] = {}
+    for _ in range(10):
+        sync()
+        t0 = time.perf_counter()
+        images = ex._pixels(frames)
+        sync()
+        t1 = time.perf_counter()
+        prompts = [ex._prompt(f, t) for f, t in zip(frames, texts)]
+        b = ex.inputs.build(prompts, images)
+        sync()
+        t2 = time.perf_counter()
+        with torch.no_grad():
+            feats = ex.vision(b.pixel_values, b.grids, b.image_grid_thw)
+            sync()
+            t3 = time.perf_counter()
+            ex.hidden_states(b)
+            sync()
+            t4 = time.perf_counter()
+        for k, v in (
+            ("pixels", t1 - t0),
+            ("inputs", t2 - t1),
+            ("vision", t3 - t2),
+            ("features_all", t4 - t3),
+        ):
+            times.setdefault(k, []).append(v * 1000)
+        del feats
+    for k, v in times.items():
+        lines.append(f"batch {batch} {k}: p50 {statistics.median(v):.2f} ms (min {min(v):.2f})")
+    if vla.device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            ex.encode(frames, texts)
+            sync()
+        lines.append(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
+    text = "\n".join(lines)
+    print(text, flush=True)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"profile_vla_b{batch}.txt"), "w") as f:
+        f.write(text)
+
+
+def _machine(where: str) -> str:
+    from ops.bench.records import machine_description
+
+    return f"{where}; {machine_description()}"
 
 
 def _build_vlm(args) -> str:
@@ -118,26 +193,48 @@ def run(args) -> int:
         print(vla.describe(), flush=True)
         graphs = not args.no_cuda_graphs
         table = {}
+        where = f"{args.frame_size}-px frames into {args.image_size}-px VLM input"
         for b in batches:
             for mode in ("features", "frames"):
-                r = _latency(vla, mode, b, args.iters, args.warmup, args.image_size, graphs)
+                r = _latency(vla, mode, b, args.iters, args.warmup, args.frame_size, graphs)
                 table[(b, mode)] = r
-                print(f"batch {b:3d} {mode:8s} " + " ".join(f"{k}={v:.1f}" for k, v in r.items()), flush=True)
-            cached, full = table[(b, "features")]["p50"], table[(b, "frames")]["p50"]
-            new.append(record(f"chunk_latency_p50_ms_batch{b}", cached, "ms", baseline=full))
+                print(
+                    f"batch {b:3d} {mode:8s} "
+                    + " ".join(f"{k}={statistics.median(v):.1f}" for k, v in r.items()),
+                    flush=True,
+                )
+            cached, full = table[(b, "features")], table[(b, "frames")]
+            new.append(
+                record(
+                    f"chunk_latency_p50_ms_batch{b}",
+                    _runs(cached["wall"]),
+                    "ms",
+                    baseline=_runs(full["wall"]),
+                    machine=_machine(where),
+                )
+            )
             new.append(
                 record(
                     f"encode_ms_p50_batch{b}",
-                    table[(b, "features")].get("encode_p50", 0.0),
+                    _runs(cached.get("encode", [0.0])),
                     "ms",
-                    baseline=table[(b, "frames")].get("encode_p50"),
+                    baseline=_runs(full.get("encode", [0.0])),
+                    machine=_machine(where),
                 )
             )
-            new.append(record(f"expert_ms_p50_batch{b}", table[(b, "features")].get("expert_p50", 0.0), "ms"))
-        if 8 in batches:
             new.append(
-                record("cache_speedup", table[(8, "frames")]["p50"] / table[(8, "features")]["p50"], "x")
+                record(
+                    f"expert_ms_p50_batch{b}",
+                    _runs(cached.get("expert", [0.0])),
+                    "ms",
+                    machine=_machine(where),
+                )
             )
+        if 8 in batches:
+            f8, c8 = _runs(table[(8, "frames")]["wall"]), _runs(table[(8, "features")]["wall"])
+            new.append(record("cache_speedup", [f / c for f, c in zip(f8, c8)], "x", machine=_machine(where)))
+        if args.profile_dir:
+            _profile(vla, max(batches), args.frame_size, args.profile_dir)
         del vla
     if args.success_vla:
         from inference_worker.handlers.action_chunk import ActionChunkHandler

@@ -106,11 +106,20 @@ class MetricsTracer(Tracer):
         self.env = env
         self.metrics = metrics or AgentMetrics()
 
+    def session_start(self, session: str) -> None:
+        self.metrics.sessions(1)
+
+    def session_end(self, session: str) -> None:
+        self.metrics.sessions(-1)
+
     def request(self, session: str, t: int, obs: Any, req: Request) -> None:
         self.metrics.sent(req.kind)
 
     def reply(self, session: str, t: int, req: Request, reply: Reply, rtt_ms: float) -> None:
         self.metrics.observe(reply)
+
+    def failed(self, session: str, t: int, req: Request, code: str) -> None:
+        self.metrics.failed(req.kind, code)
 
     def step(self, session: str, t: int, item: Any, env_action: Any, result: Any) -> None:
         self.metrics.step(self.env)
