@@ -16,10 +16,14 @@ if [ -z "${SKIP_GPU_TESTS:-}" ]; then
   timeout "${TESTS_S:-150}" python3 -m pytest tests/test_models_gpu.py -q -x -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/gpu_tests.log"
   echo "tests done after $((SECONDS - t0)) s"
 fi
-timeout "${CHAT_S:-330}" python3 -m ops.cli bench chat --model "$M" --runs 3 --warmup-s "${WARMUP_S:-8}" \
-  --seconds "${WINDOW_S:-6}" --out "$OUT/gpu_chat.json" ${CHAT_FLAGS:-} >"$OUT/chat.log" 2>&1
-grep -E "^(throughput|tokens|latency|baseline|engine_batch|probe|graph|decode_rows|gpu_mem)" "$OUT/chat.log"
-echo "chat done after $((SECONDS - t0)) s"
+chat() {  # one part of bench chat into its own file, so a part that runs over loses only itself
+  timeout "$1" python3 -m ops.cli bench chat --model "$M" --runs 3 --warmup-s "${WARMUP_S:-8}" \
+    --seconds "${WINDOW_S:-6}" --parts "$2" --out "$OUT/$3.json" ${CHAT_FLAGS:-} >"$OUT/$3.log" 2>&1
+  grep -E "^(throughput|tokens|latency|baseline|engine_batch|probe|graph|decode_rows|gpu_mem)" "$OUT/$3.log"
+  echo "$2 done after $((SECONDS - t0)) s"
+}
+chat 240 baseline,engine,served gpu_chat
+chat 200 mixed gpu_chat_mixed
 timeout "${VLA_S:-170}" python3 -m ops.cli bench vla --vlm "$M" --batches "${BATCHES:-1,8,32,64}" --iters 15 --warmup 5 \
   --profile-dir "$OUT" --out "$OUT/vla.json" 2>&1 | grep -v -i warn > "$OUT/vla.log"
 grep -E "^batch|wrote" "$OUT/vla.log" | head -30
