@@ -23,7 +23,7 @@ from broker.keys import Keys
 from broker.meta import agree_partitions
 from broker.replies import Outcome, ReplyWriter
 from inference_worker.events import Observers, WorkerObserver
-from inference_worker.handlers.base import Handler, HandlerOutput
+from inference_worker.handlers.base import AsyncHandler, Handler, HandlerOutput
 from inference_worker.scheduler import Batch, Item, Scheduler
 from inference_worker.settings import WorkerSettings
 from schemas.codec import packb
@@ -93,7 +93,10 @@ class Worker:
         await self.reader.ensure_groups()
         loop = asyncio.get_running_loop()
         for h in self.handlers.values():
-            await loop.run_in_executor(self._executor, h.warmup)
+            if isinstance(h, AsyncHandler):
+                await h.warmup_async()
+            else:
+                await loop.run_in_executor(self._executor, h.warmup)
         side = [
             asyncio.create_task(self._intake(), name="intake"),
             asyncio.create_task(self._reclaimer(), name="reclaim"),
@@ -191,6 +194,10 @@ class Worker:
                 continue
             item = Item(d, req)
             self.events.on_admitted(req.kind, item)
+            handler = self.handlers[req.kind]
+            if isinstance(handler, AsyncHandler):
+                self._serve_alone(handler, item)
+                continue
             old = self.scheduler.add(item)
             if old is not None:
                 exc = ProtocolError(
@@ -254,6 +261,35 @@ class Worker:
             else:
                 outcomes.append(self._ok(item, result, len(batch.items), timings))
         task = asyncio.create_task(self._commit(outcomes, batch.items))
+        self._commits.add(task)
+        task.add_done_callback(self._commits.discard)
+
+    def _serve_alone(self, handler: AsyncHandler, item: Item) -> None:
+        """A kind whose backend batches by itself: this request goes to it now, on its own."""
+        self.in_flight[id(item)] = item
+
+        async def serve() -> None:
+            if item.request.expired(time.time()):
+                outcome = self._expired(item)
+            else:
+                started = time.time()
+                try:
+                    result = await handler.serve(item.request)
+                except Exception as exc:  # a backend failure fails this request alone
+                    log.exception("handler %s failed", handler.kind)
+                    result = ProtocolError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+                timings = {
+                    "queue_ms": (started - item.delivery.received_at) * 1000.0,
+                    "serve_ms": (time.time() - started) * 1000.0,
+                }
+                self.stats["requests"] += 1
+                if isinstance(result, ProtocolError):
+                    outcome = self._error(item.delivery, item.request, result, dead=True, timings=timings)
+                else:
+                    outcome = self._ok(item, result, 1, timings)
+            await self._commit([outcome], [item])
+
+        task = asyncio.create_task(serve())
         self._commits.add(task)
         task.add_done_callback(self._commits.discard)
 

@@ -1,8 +1,10 @@
-"""The handler interface: one per task kind, all fed by the same batching path.
+"""The handler interface: one per task kind.
 
-A handler turns a batch of validated requests of its kind into one result (or one
+A `Handler` turns a batch of validated requests of its kind into one result (or one
 ProtocolError) per request, in order. It runs in the worker's model thread, never on the
-event loop, and knows nothing about Redis.
+event loop, and knows nothing about Redis. An `AsyncHandler` serves one request at a time
+on the event loop, for backends that batch by themselves (vLLM): the worker hands it each
+request as it is admitted, without batching it.
 """
 
 from __future__ import annotations
@@ -55,3 +57,20 @@ class Handler:
 
     def close(self) -> None:
         """Release models and memory."""
+
+
+class AsyncHandler(Handler):
+    """A kind served by a backend with its own scheduler: `serve` is awaited once per
+    request, on the worker's event loop, as many at a time as the worker has admitted."""
+
+    blocking = False
+
+    async def warmup_async(self) -> None:
+        """Run once on the worker's event loop before serving."""
+
+    async def serve(self, request: Request) -> Outcome:
+        """The result of one request, or the ProtocolError it fails with."""
+        raise NotImplementedError
+
+    def run(self, requests: Sequence[Request]) -> HandlerOutput:
+        raise TypeError(f"{type(self).__name__} serves one request at a time: await serve()")

@@ -3,7 +3,10 @@
 `FACTORIES` maps a kind to what builds its handler from the shared model; a kind is
 added by adding its factory (the VLA's `action_chunk` reuses `Shared.vlm`, the loaded
 transformers model). The model is loaded before any handler is built, so a wrong folder
-fails the worker at start with the loader's message.
+fails the worker at start with the loader's message. With `vllm` the chat kinds are
+`AsyncHandler`s (vLLM batches); `action_chunk` needs the transformers model, so a vllm
+worker asked to serve it (a VLA folder configured) refuses to start rather than load the
+VLM a second time beside vLLM's.
 """
 
 from __future__ import annotations
@@ -12,9 +15,10 @@ import logging
 from typing import Any, Callable, Dict, Optional
 
 from inference_worker.handlers.base import Handler
-from inference_worker.handlers.preference import PreferenceHandler
-from inference_worker.handlers.structured_action import StructuredActionHandler
-from inference_worker.handlers.text_action import TextActionHandler
+from inference_worker.handlers.preference import AsyncPreferenceHandler, PreferenceHandler
+from inference_worker.handlers.structured_action import AsyncStructuredActionHandler, StructuredActionHandler
+from inference_worker.handlers.text_action import AsyncTextActionHandler, TextActionHandler
+from inference_worker.models.errors import ModelLoadError
 from inference_worker.settings import WorkerSettings
 
 log = logging.getLogger("vlmq.handlers")
@@ -39,7 +43,17 @@ class Shared:
         elif settings.backend == "vllm":
             from inference_worker.engines.vllm_engine import VLLMChatEngine
 
+            if "action_chunk" in settings.kinds and _vla_configured(settings):
+                raise ModelLoadError(
+                    "--backend vllm does not serve action_chunk (the VLA runs on the hf backend's "
+                    "model, which would be a second copy of the VLM beside vLLM's): run it in a worker "
+                    "of its own with --backend hf --kinds action_chunk, and leave it out of this one's --kinds"
+                )
             self._engine = VLLMChatEngine.from_settings(settings)
+
+    @property
+    def serves_async(self) -> bool:
+        return self.settings.backend == "vllm"
 
     def chat_engine(self) -> Any:
         if self._engine is None:
@@ -48,6 +62,19 @@ class Shared:
 
             self._engine = ChatEngine(self.vlm, EngineOptions.parse(self.settings.options))
         return self._engine
+
+
+def _vla_configured(settings: WorkerSettings) -> bool:
+    from inference_worker.handlers.action_chunk import vla_folder
+
+    return bool(vla_folder(settings))
+
+
+def _chat(batched: Callable[..., Handler], one_by_one: Callable[..., Handler]):
+    def build(s: Shared) -> Handler:
+        return (one_by_one if s.serves_async else batched)(s.chat_engine(), s.settings.limits)
+
+    return build
 
 
 def _action_chunk(s: Shared) -> Optional[Handler]:
@@ -61,9 +88,9 @@ def _action_chunk(s: Shared) -> Optional[Handler]:
 
 
 FACTORIES: Dict[str, Callable[[Shared], Optional[Handler]]] = {
-    "text_action": lambda s: TextActionHandler(s.chat_engine(), s.settings.limits),
-    "structured_action": lambda s: StructuredActionHandler(s.chat_engine(), s.settings.limits),
-    "preference": lambda s: PreferenceHandler(s.chat_engine(), s.settings.limits),
+    "text_action": _chat(TextActionHandler, AsyncTextActionHandler),
+    "structured_action": _chat(StructuredActionHandler, AsyncStructuredActionHandler),
+    "preference": _chat(PreferenceHandler, AsyncPreferenceHandler),
     "action_chunk": _action_chunk,
 }
 

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence
 
+from inference_worker.engines.completion import Completion, Scored
 from inference_worker.engines.prompt import ChatPrompt, user_prompt
 from inference_worker.engines.sampling import Sampling
 from inference_worker.handlers.base import HandlerOutput, Outcome, Stopwatch
-from inference_worker.handlers.chat_base import ChatHandler
+from inference_worker.handlers.chat_base import AsyncChatHandler, ChatHandler
 from inference_worker.parsing.preference_label import parse_preference
 from schemas.errors import ProtocolError
 from schemas.messages import PreferenceRequest, PreferenceResult, Request
@@ -54,6 +55,27 @@ def image_pair_prompt(req: PreferenceRequest, text: str, limits) -> ChatPrompt:
         req.image_b,
         "\n" + text,
         limits=limits,
+    )
+
+
+def two_step_result(analysis: Completion, label: Completion) -> PreferenceResult:
+    value, _ = parse_preference(label.raw_text)
+    return PreferenceResult(
+        label=value,
+        texts=[analysis.raw_text, label.raw_text],
+        mode="two_step",
+        prompt_tokens=analysis.prompt_tokens + label.prompt_tokens,
+        completion_tokens=analysis.completion_tokens + label.completion_tokens,
+    )
+
+
+def one_pass_result(scored: Scored) -> PreferenceResult:
+    return PreferenceResult(
+        label=int(LABELS[scored.best]),
+        texts=[],
+        scores=dict(zip(LABELS, scored.scores)),
+        mode="one_pass",
+        prompt_tokens=scored.prompt_tokens,
     )
 
 
@@ -103,15 +125,7 @@ class PreferenceHandler(ChatHandler):
             sw,
         )
         for i, lab in zip(order, labels):
-            a = analyses[i]
-            label, _ = parse_preference(lab.raw_text)
-            results[i] = PreferenceResult(
-                label=label,
-                texts=[a.raw_text, lab.raw_text],
-                mode="two_step",
-                prompt_tokens=a.prompt_tokens + lab.prompt_tokens,
-                completion_tokens=a.completion_tokens + lab.completion_tokens,
-            )
+            results[i] = two_step_result(analyses[i], lab)
 
     def _one_pass(self, requests, idx: List[int], results, sw: Stopwatch) -> None:
         prompts = self.build_prompts(
@@ -125,10 +139,28 @@ class PreferenceHandler(ChatHandler):
             return
         scored = self.engine.score([prompts[i] for i in order], [LABELS] * len(order), sw)
         for i, s in zip(order, scored):
-            results[i] = PreferenceResult(
-                label=int(LABELS[s.best]),
-                texts=[],
-                scores=dict(zip(LABELS, s.scores)),
-                mode="one_pass",
-                prompt_tokens=s.prompt_tokens,
+            results[i] = one_pass_result(s)
+
+
+class AsyncPreferenceHandler(AsyncChatHandler):
+    kind = "preference"
+
+    async def serve(self, request: Request) -> Outcome:
+        r = request
+        try:
+            if r.mode == "one_pass":
+                prompt = self.engine.check(
+                    image_pair_prompt(r, fill(r.prompt or ONE_PASS_PROMPT, r.task), self.limits)
+                )
+                return one_pass_result(await self.engine.score(prompt, LABELS))
+            prompt = self.engine.check(
+                image_pair_prompt(r, fill(r.prompt or ANALYSIS_PROMPT, r.task), self.limits)
             )
+            analysis = await self.engine.generate(prompt, Sampling.of(r))
+            summary = self.engine.check(
+                user_prompt(fill(r.summary_prompt or SUMMARY_PROMPT, r.task, analysis.text))
+            )
+            label = await self.engine.generate(summary, Sampling.of(r, max_tokens=SUMMARY_MAX_TOKENS))
+            return two_step_result(analysis, label)
+        except ProtocolError as exc:
+            return exc

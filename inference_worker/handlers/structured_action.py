@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence
 
+from inference_worker.engines.completion import Completion
 from inference_worker.engines.prompt import ChatPrompt, from_chat_messages, image_part, user_prompt
 from inference_worker.engines.sampling import Sampling
 from inference_worker.handlers.base import HandlerOutput, Outcome, Stopwatch
-from inference_worker.handlers.chat_base import ChatHandler
+from inference_worker.handlers.chat_base import AsyncChatHandler, ChatHandler
 from inference_worker.parsing.minerl_action import parse_minerl_action
+from schemas.errors import ProtocolError
 from schemas.images import decode_image
 from schemas.messages import Request, StructuredActionRequest, StructuredActionResult
 
@@ -49,6 +51,18 @@ def minerl_prompt(req: StructuredActionRequest, limits) -> ChatPrompt:
     return prompt
 
 
+def structured_result(c: Completion) -> StructuredActionResult:
+    parsed = parse_minerl_action(c.raw_text)
+    return StructuredActionResult(
+        action=parsed.action,
+        reasoning=parsed.reasoning,
+        text=c.raw_text,
+        parse_ok=parsed.ok,
+        prompt_tokens=c.prompt_tokens,
+        completion_tokens=c.completion_tokens,
+    )
+
+
 class StructuredActionHandler(ChatHandler):
     kind = "structured_action"
 
@@ -63,13 +77,16 @@ class StructuredActionHandler(ChatHandler):
             )
             with sw("parse"):
                 for i, c in zip(order, done):
-                    parsed = parse_minerl_action(c.raw_text)
-                    results[i] = StructuredActionResult(
-                        action=parsed.action,
-                        reasoning=parsed.reasoning,
-                        text=c.raw_text,
-                        parse_ok=parsed.ok,
-                        prompt_tokens=c.prompt_tokens,
-                        completion_tokens=c.completion_tokens,
-                    )
+                    results[i] = structured_result(c)
         return HandlerOutput(results, sw.timings)  # type: ignore[arg-type]
+
+
+class AsyncStructuredActionHandler(AsyncChatHandler):
+    kind = "structured_action"
+
+    async def serve(self, request: Request) -> Outcome:
+        try:
+            prompt = self.engine.check(minerl_prompt(request, self.limits))
+            return structured_result(await self.engine.generate(prompt, Sampling.of(request)))
+        except ProtocolError as exc:
+            return exc

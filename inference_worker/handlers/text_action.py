@@ -9,11 +9,33 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence
 
+from inference_worker.engines.completion import Completion, Scored
 from inference_worker.engines.prompt import from_chat_messages
 from inference_worker.engines.sampling import Sampling
 from inference_worker.handlers.base import HandlerOutput, Outcome, Stopwatch
-from inference_worker.handlers.chat_base import ChatHandler
+from inference_worker.handlers.chat_base import AsyncChatHandler, ChatHandler
+from schemas.errors import ProtocolError
 from schemas.messages import Request, TextActionResult
+
+
+def choice_result(req: Request, scored: Scored) -> TextActionResult:
+    choice = req.admissible_commands[scored.best]
+    return TextActionResult(
+        text=choice,
+        choice=choice,
+        choice_index=scored.best,
+        scores=scored.scores,
+        prompt_tokens=scored.prompt_tokens,
+    )
+
+
+def free_text_result(c: Completion) -> TextActionResult:
+    return TextActionResult(
+        text=c.text,
+        prompt_tokens=c.prompt_tokens,
+        completion_tokens=c.completion_tokens,
+        finish_reason=c.finish_reason,
+    )
 
 
 class TextActionHandler(ChatHandler):
@@ -30,24 +52,24 @@ class TextActionHandler(ChatHandler):
                 [prompts[i] for i in choose], [requests[i].admissible_commands for i in choose], sw
             )
             for i, s in zip(choose, scored):
-                best = s.best
-                choice = requests[i].admissible_commands[best]
-                results[i] = TextActionResult(
-                    text=choice,
-                    choice=choice,
-                    choice_index=best,
-                    scores=s.scores,
-                    prompt_tokens=s.prompt_tokens,
-                )
+                results[i] = choice_result(requests[i], s)
         if free:
             done = self.engine.generate(
                 [prompts[i] for i in free], [Sampling.of(requests[i]) for i in free], sw
             )
             for i, c in zip(free, done):
-                results[i] = TextActionResult(
-                    text=c.text,
-                    prompt_tokens=c.prompt_tokens,
-                    completion_tokens=c.completion_tokens,
-                    finish_reason=c.finish_reason,
-                )
+                results[i] = free_text_result(c)
         return HandlerOutput(results, sw.timings)  # type: ignore[arg-type]
+
+
+class AsyncTextActionHandler(AsyncChatHandler):
+    kind = "text_action"
+
+    async def serve(self, request: Request) -> Outcome:
+        try:
+            prompt = self.engine.check(from_chat_messages(request.messages, self.limits))
+            if request.admissible_commands:
+                return choice_result(request, await self.engine.score(prompt, request.admissible_commands))
+            return free_text_result(await self.engine.generate(prompt, Sampling.of(request)))
+        except ProtocolError as exc:
+            return exc

@@ -143,16 +143,9 @@ def _chat_template(path: str, tokenizer: Any) -> str:
     raise ModelLoadError(f"{path!r} has no chat template (chat_template.jinja or tokenizer_config.json)")
 
 
-def load_vlm(
-    path: str, *, device: str = "cpu", dtype: str = "auto", quantize: Optional[str] = None
-) -> LoadedVLM:
-    """Load a local Qwen-VL folder for serving; raises ModelLoadError with the reason."""
-    arch = read_arch(path)
-    quiet_transformers()
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
-    quant = _quantization_config(quantize, dev, dt)
-
+def load_processor(path: str, arch: str) -> Any:
+    """The folder's image-only processor (processor.py): chat template, tokenizer (left
+    padding) and image processor, no model."""
     from transformers import AutoImageProcessor, AutoTokenizer
 
     from inference_worker.models.processor import image_only_processor
@@ -163,7 +156,21 @@ def load_vlm(
     except Exception as exc:
         raise ModelLoadError(f"{path!r}: tokenizer or image processor failed to load: {exc}") from exc
     tokenizer.padding_side = "left"
-    processor = image_only_processor(arch, image_processor, tokenizer, _chat_template(path, tokenizer))
+    return image_only_processor(arch, image_processor, tokenizer, _chat_template(path, tokenizer))
+
+
+def load_vlm(
+    path: str, *, device: str = "cpu", dtype: str = "auto", quantize: Optional[str] = None
+) -> LoadedVLM:
+    """Load a local Qwen-VL folder for serving; raises ModelLoadError with the reason."""
+    arch = read_arch(path)
+    quiet_transformers()
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    quant = _quantization_config(quantize, dev, dt)
+
+    processor = load_processor(path, arch)
+    tokenizer = processor.tokenizer
 
     _, model_cls = classes(arch)
     kwargs: dict = {"dtype": dt, "local_files_only": True}
