@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 pytest.importorskip(
-    "vllm", reason="vllm is not installed here: `bash ops/vllm_cpu/setup.sh` runs this module in a venv with it"
+    "vllm",
+    reason="vllm is not installed here: `bash ops/vllm_cpu/setup.sh` runs this module in a venv with it",
 )
 torch = pytest.importorskip("torch")
 
@@ -34,7 +35,9 @@ from tests.helpers import WorkerThread, synthetic_settings  # noqa: E402
 pytestmark = pytest.mark.slow
 CHAT_KINDS = ("text_action", "structured_action", "preference")
 RS = np.random.RandomState(5)
-FRAMES = [RS.randint(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((64, 64), (100, 37), (224, 224), (48, 80))]
+FRAMES = [
+    RS.randint(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((64, 64), (100, 37), (224, 224), (48, 80))
+]
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +130,8 @@ def test_concurrent_requests_are_batched_by_vllm(worker, engine):
 def test_the_three_kinds_through_redis(worker, broker):
     def chat(*parts, **kw):
         content = [
-            {"type": "text", "text": p} if isinstance(p, str) else {"type": "image", "image": p} for p in parts
+            {"type": "text", "text": p} if isinstance(p, str) else {"type": "image", "image": p}
+            for p in parts
         ]
         return TextActionRequest(messages=[{"role": "user", "content": content}], **kw)
 
@@ -139,7 +143,8 @@ def test_the_three_kinds_through_redis(worker, broker):
         pick = client.request(chat(FRAMES[1], "Choose.", admissible_commands=commands), timeout=120).result
         assert pick.choice == commands[int(np.argmax(pick.scores))] and all(s < 0 for s in pick.scores)
         act = client.request(
-            StructuredActionRequest(image=encode_jpeg(FRAMES[2]), task_name="FindCave", max_tokens=8), timeout=120
+            StructuredActionRequest(image=encode_jpeg(FRAMES[2]), task_name="FindCave", max_tokens=8),
+            timeout=120,
         ).result
         assert act.parse_ok is False and "camera" in act.action
         two = client.request(
