@@ -55,8 +55,9 @@ class ChatEngine:
             if use_graphs
             else EagerSteps(self.stack)
         )
-        use_packed_vision_attention(self.model)
-        use_linear_patch_embedding(self.model)
+        if self.options.vision == "fast":
+            use_packed_vision_attention(self.model)
+            use_linear_patch_embedding(self.model)
         if fuse:
             fuse_vision_ops(self.model)
         self.vision = VisionEncoder(self.model)

@@ -12,6 +12,7 @@ VLM a second time beside vLLM's.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Callable, Dict, Optional
 
 from inference_worker.handlers.base import Handler
@@ -22,6 +23,7 @@ from inference_worker.models.errors import ModelLoadError
 from inference_worker.settings import WorkerSettings
 
 log = logging.getLogger("vlmq.handlers")
+CHAT_KINDS = ("text_action", "structured_action", "preference")
 
 
 class Shared:
@@ -32,14 +34,11 @@ class Shared:
         self.vlm: Optional[Any] = None  # LoadedVLM (hf backend)
         self._engine: Optional[Any] = None
         if settings.backend == "hf":
-            from inference_worker.models.loading import load_vlm
-
-            self.vlm = load_vlm(
-                settings.model_path or "",
-                device=settings.device,
-                dtype=settings.dtype,
-                quantize=settings.quantize,
-            )
+            self.vlm = self._load()
+            if any(k in CHAT_KINDS for k in settings.kinds):
+                # the engine is built (and self-checked, before anything patches the model)
+                # ahead of the handlers: a fallback reloads the model the VLA then shares
+                self._engine = self._build_engine()
         elif settings.backend == "vllm":
             from inference_worker.engines.vllm_engine import VLLMChatEngine
 
@@ -55,12 +54,39 @@ class Shared:
     def serves_async(self) -> bool:
         return self.settings.backend == "vllm"
 
+    def _load(self) -> Any:
+        from inference_worker.models.loading import load_vlm
+
+        s = self.settings
+        return load_vlm(s.model_path or "", device=s.device, dtype=s.dtype, quantize=s.quantize)
+
+    def _build_engine(self) -> Any:
+        from inference_worker.engines.chat_engine import ChatEngine
+        from inference_worker.engines.options import EngineOptions
+        from inference_worker.engines.self_check import checked_engine
+
+        options = EngineOptions.parse(self.settings.options)
+        opts = self.settings.options
+        if opts.get("self_check", os.environ.get("VLMQ_SELF_CHECK", "1")).lower() in (
+            "0",
+            "false",
+            "no",
+            "off",
+        ):
+            return ChatEngine(self.vlm, options)
+        tol = opts.get("self_check_tol", os.environ.get("VLMQ_SELF_CHECK_TOL"))
+        engine, self.vlm = checked_engine(
+            self.vlm,
+            options,
+            reload=self._load,
+            strict=self.settings.strict,
+            tol=float(tol) if tol else None,
+        )
+        return engine
+
     def chat_engine(self) -> Any:
         if self._engine is None:
-            from inference_worker.engines.chat_engine import ChatEngine
-            from inference_worker.engines.options import EngineOptions
-
-            self._engine = ChatEngine(self.vlm, EngineOptions.parse(self.settings.options))
+            self._engine = self._build_engine()
         return self._engine
 
 
