@@ -152,7 +152,10 @@ def load_processor(path: str, arch: str) -> Any:
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
+        # the PIL backend wherever torchvision is installed too: engines/pixels.py (and the
+        # frames vLLM gets) resize as PIL does; transformers' torchvision resize differs
+        # from it by up to ~0.015 in a normalised pixel, enough to change a model's answers
+        image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=True, backend="pil")
     except Exception as exc:
         raise ModelLoadError(f"{path!r}: tokenizer or image processor failed to load: {exc}") from exc
     tokenizer.padding_side = "left"

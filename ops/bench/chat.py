@@ -25,7 +25,7 @@ import statistics
 import subprocess
 import tempfile
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from broker import eventloop
 from ops.cli import argv
@@ -291,10 +291,18 @@ def _sessions(url, prefix, first, count, text, size, max_tokens, t_end, queue) -
 
 
 def served(
-    folder: str, args, text: str, max_batch: int, devices: Optional[List[str]] = None
-) -> Dict[str, float]:
+    folder: str,
+    args,
+    text: str,
+    max_batch: int,
+    devices: Optional[List[str]] = None,
+    worker_flags: Sequence[str] = (),
+    windows: int = 1,
+) -> Dict[str, Any]:
     """(b): one `vlmq worker` per entry of `devices` (default: --device), all in one
-    consumer group of one Redis, and --sessions closed-loop agent sessions."""
+    consumer group of one Redis, and --sessions closed-loop agent sessions. `worker_flags`:
+    more worker flags (e.g. --quantize nf4). With `windows` > 1 the sessions run that many
+    --seconds windows back to back after one warm-up; "rps_runs" holds each window's rate."""
     from broker.connection import connect_sync
     from broker.embedded import EmbeddedRedis
     from broker.keys import Keys
@@ -310,7 +318,7 @@ def served(
                 "--name", f"bench-worker-{i}", "--backend", "hf", "--model", folder, "--device", device,
                 "--dtype", args.dtype, "--kinds", "text_action", "--max-batch", str(max_batch),
                 "--max-wait-ms", str(args.max_wait_ms), "--regroup-ms", str(args.regroup_ms),
-                "--option", "ignore_eos=1",
+                "--option", "ignore_eos=1", *worker_flags,
             )  # fmt: skip
             for o in args.option:
                 cmd += ["--option", o]
@@ -324,7 +332,7 @@ def served(
                     raise RuntimeError("a worker did not start (see its output above)")
                 time.sleep(0.5)
             start = time.time() + args.warmup_s
-            end = start + args.seconds
+            end = start + args.seconds * windows
             ctx = mp.get_context("spawn")
             queue = ctx.Queue()
             per = [args.sessions // args.procs + (i < args.sessions % args.procs) for i in range(args.procs)]
@@ -352,7 +360,7 @@ def served(
                 p.start()
             time.sleep(max(0.0, start + args.seconds / 2 - time.time()))
             card, mib = gpu_memory()
-            done = [x for _ in procs for x in queue.get(timeout=args.warmup_s + args.seconds + 600)]
+            done = [x for _ in procs for x in queue.get(timeout=args.warmup_s + args.seconds * windows + 600)]
             for p in procs:
                 p.join(60)
         finally:
@@ -365,15 +373,20 @@ def served(
                     w.kill()
     window = [d for d in done if start <= d[0] <= end]
     lat = sorted(d[1] for d in window)
+    seconds = args.seconds * windows
+    bounds = [start + i * args.seconds for i in range(windows + 1)]
     return {
-        "rps": len(window) / args.seconds,
-        "tokens_per_s": sum(d[2] for d in window) / args.seconds,
+        "rps": len(window) / seconds,
+        "rps_runs": [
+            sum(lo <= d[0] < hi for d in window) / args.seconds for lo, hi in zip(bounds, bounds[1:])
+        ],
+        "tokens_per_s": sum(d[2] for d in window) / seconds,
         "latency_p50_s": statistics.median(lat) if lat else 0.0,
         "latency_p95_s": lat[int(0.95 * (len(lat) - 1))] if lat else 0.0,
         "replies": float(len(window)),
         "batch_size_mean": statistics.mean(d[3] for d in window) if window else 0.0,
         # each reply carries its batch's model time: summed once per batch, over the window
-        "model_busy_fraction": sum(d[4] / d[3] for d in window) / 1000 / args.seconds / len(devices),
+        "model_busy_fraction": sum(d[4] / d[3] for d in window) / 1000 / seconds / len(devices),
         "gpu_memory_mib": mib,
         "card": card,  # type: ignore[dict-item]
     }
