@@ -39,7 +39,7 @@ from inference_worker.engines.options import EngineOptions
 from inference_worker.engines.pixels import ImagePolicy, resized
 from inference_worker.engines.prompt import ChatPrompt
 from inference_worker.engines.sampling import Sampling
-from inference_worker.engines.text import strip_think
+from inference_worker.engines.text import cut_at_stop, strip_think
 from inference_worker.models.errors import ModelLoadError
 from schemas.errors import ErrorCode, ProtocolError
 
@@ -175,16 +175,22 @@ class VLLMChatEngine:
             stop=list(sampling.stop) or None,
             seed=sampling.seed,
             ignore_eos=self.options.ignore_eos,
+            detokenize=bool(sampling.stop),  # vLLM matches stop strings on its own text
         )
         out = await self._run(self._vllm_prompt(prompt, self.prompt_ids(prompt)), params)
         c = out.outputs[0]
+        tokens = list(c.token_ids)
+        # the text as the hf engine makes it from the same tokens (vLLM's incremental
+        # detokenizer can differ from one decode, e.g. around bytes that split a character)
+        raw = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        text, _ = cut_at_stop(raw, sampling.stop)
         return Completion(
-            strip_think(c.text),
-            c.text,
+            strip_think(text),
+            raw,
             len(out.prompt_token_ids),
-            len(c.token_ids),
+            len(tokens),
             "length" if c.finish_reason == "length" else "stop",
-            list(c.token_ids),
+            tokens,
         )
 
     async def score(self, prompt: ChatPrompt, candidates: Sequence[str]) -> Scored:

@@ -48,7 +48,7 @@ def add_args(p) -> None:
     p.add_argument("--max-tokens", type=int, default=16, help="new tokens per generated answer (%(default)s)")
     p.add_argument("--sessions", type=int, default=8, help="closed-loop sessions for req/s (%(default)s)")
     p.add_argument("--runs", type=int, default=3, help="measured req/s windows per backend (%(default)s)")
-    p.add_argument("--rps-requests", type=int, default=60, help="replies per measured window (%(default)s)")
+    p.add_argument("--rps-requests", type=int, default=120, help="replies per measured window (%(default)s)")
     p.add_argument("--max-batch", type=int, default=16, help="hf worker --max-batch (%(default)s)")
     p.add_argument("--skip-agreement", action="store_true", help="only the req/s comparison")
     p.add_argument("--skip-rps", action="store_true", help="only the agreement")
@@ -140,6 +140,7 @@ class Answer:
     tokens: List[List[int]]  # per generated step (two for a two-step preference)
     choice: Optional[int] = None  # scored kinds
     scores: Optional[List[float]] = None
+    texts: Optional[List[str]] = None  # per generated step
 
 
 def _prompt(item: Item, limits) -> Tuple[Any, Any]:
@@ -190,11 +191,11 @@ def hf_answers(engine: Any, items: Sequence[Item]) -> List[Answer]:
             out.append(Answer([], s.best, s.scores))
             continue
         c = engine.generate([prompt], [what])[0]
-        steps = [c.token_ids]
+        steps, texts = [c.token_ids], [c.text]
         if item.kind == "preference_two":
             summary, samp = _summary(item, c.text)
             steps.append(engine.generate([engine.check(summary)], [samp])[0].token_ids)
-        out.append(Answer(steps))
+        out.append(Answer(steps, texts=texts))
     return out
 
 
@@ -209,11 +210,11 @@ async def vllm_answers(engine: Any, items: Sequence[Item]) -> List[Answer]:
             s = await engine.score(prompt, what)
             return Answer([], s.best, s.scores)
         c = await engine.generate(prompt, what)
-        steps = [c.token_ids]
+        steps, texts = [c.token_ids], [c.text]
         if item.kind == "preference_two":
             summary, samp = _summary(item, c.text)
             steps.append((await engine.generate(engine.check(summary), samp)).token_ids)
-        return Answer(steps)
+        return Answer(steps, texts=texts)
 
     return list(await asyncio.gather(*(one(i) for i in items)))
 
@@ -241,6 +242,8 @@ def explain(hf_engine: Any, item: Item, a: Answer, b: Answer) -> str:
                 f"{item.kind} step {step}: token {n} is {x[n]} (hf) vs {y[n] if n < len(y) else 'end'} (vLLM); "
                 f"hf's two best log-probs there differ by {float(top.values[0] - top.values[1]):.2e}"
             )
+        if step > 0 and a.texts != b.texts:
+            return f"{item.kind} step {step}: its prompt quotes step 0's text, which differs: {a.texts!r} / {b.texts!r}"
         return f"{item.kind} step {step}: tokens part at {n} (hf {len(x)} tokens, vLLM {len(y)})"
     return f"{item.kind}: the answers differ in length"
 
