@@ -12,6 +12,8 @@ from tests.helpers import REPO
 
 FILES = sorted(glob.glob(os.path.join(REPO, "benchmarks", "results", "*.json")))
 KEYS = {"metric", "value", "unit", "baseline", "ratio", "machine", "date", "command"}
+# written by ops/bench/records.py since records carry their runs (older files lack them)
+RUN_KEYS = {"commit", "runs", "min", "max"}
 
 
 def _load(path: str) -> list:
@@ -24,7 +26,10 @@ def test_result_records(path):
     records = _load(path)
     assert isinstance(records, list) and records
     for r in records:
-        assert set(r) == KEYS, r
+        assert set(r) in (KEYS, KEYS | RUN_KEYS), r
+        if "runs" in r:
+            assert r["runs"] >= 1 and r["commit"]
+            assert r["min"] <= r["value"] <= r["max"]
         assert isinstance(r["metric"], str) and isinstance(r["value"], (int, float))
         assert r["machine"] and r["date"] and r["command"] and r["unit"]
         if r["baseline"] is None:
@@ -42,3 +47,4 @@ def test_the_issues_metrics_are_recorded():
     assert "starvation_fraction_30hz_64_sessions" in metrics["agents.json"]
     assert {"lost_requests", "duplicate_replies", "requests_answered"} <= metrics["reliability.json"]
     assert "scaling_efficiency_4_procs" in metrics["scale.json"]
+    assert {"vllm_hf_greedy_agreement", "vllm_cpu_rps", "hf_cpu_rps"} <= metrics["backends.json"]
