@@ -19,7 +19,7 @@ included: N candidates cost N prompt passes, where the hf engine runs the prompt
 repeats its cache per candidate.
 
 Options (`--option KEY=VALUE`): vllm_gpu_memory_utilization (0.85 on CUDA; on CPU it is the
-share of RAM vLLM may claim, 0.1 here), vllm_kv_cache_mib (KV-cache size; default 256 on
+share of RAM vLLM may claim, 0.1 by default), vllm_kv_cache_mib (KV-cache size; default 256 on
 CPU, vLLM's own sizing on CUDA), vllm_max_model_len, vllm_enforce_eager,
 vllm_tensor_parallel_size, vllm_images_per_prompt (4), plus the engine options
 max_pixels, min_pixels and ignore_eos.
@@ -28,7 +28,6 @@ max_pixels, min_pixels and ignore_eos.
 from __future__ import annotations
 
 import asyncio
-import logging
 import math
 import uuid
 from typing import Any, Dict, List, Optional, Sequence
@@ -42,8 +41,6 @@ from inference_worker.engines.sampling import Sampling
 from inference_worker.engines.text import cut_at_stop, strip_think
 from inference_worker.models.errors import ModelLoadError
 from schemas.errors import ErrorCode, ProtocolError
-
-log = logging.getLogger("vlmq.vllm")
 
 TRUE = ("1", "true", "yes", "on")
 
