@@ -151,6 +151,16 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     )
     flag(
         m,
+        "--strict",
+        var="STRICT",
+        default=False,
+        action="store_true",
+        help="refuse to start if the engine's start-up self-check disagrees with the model's stock "
+        "forward, instead of serving on the slower stock path (hf backend)",
+        shown=None,
+    )
+    flag(
+        m,
         "--option",
         var="OPTION",
         default=[],
@@ -207,6 +217,7 @@ def settings_from_args(args: argparse.Namespace):
         synthetic_latency_ms=args.synthetic_latency_ms,
         synthetic_chunk=tuple(int(x) for x in args.synthetic_chunk.lower().split("x")),
         options=options,
+        strict=args.strict,
         metrics_port=args.metrics_port,
         metrics_addr=args.metrics_addr,
     )

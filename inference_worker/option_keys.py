@@ -7,9 +7,11 @@ from dataclasses import fields
 from typing import Dict, Mapping
 
 VLA_KEYS = ("vla", "vla_cache", "vla_sessions", "vla_ttl_s", "vla_steps", "vla_cuda_graphs")
+SELF_CHECK_KEYS = ("self_check", "self_check_tol")
 VLLM_KEYS = (
     "vllm_gpu_memory_utilization",
     "vllm_max_model_len",
+    "vllm_kv_cache_mib",
     "vllm_enforce_eager",
     "vllm_tensor_parallel_size",
     "vllm_images_per_prompt",
@@ -22,6 +24,7 @@ def known_keys() -> Dict[str, str]:
     keys = {f.name: "engine" for f in fields(EngineOptions)}
     keys.update({k: "VLA" for k in VLA_KEYS})
     keys.update({k: "vLLM" for k in VLLM_KEYS})
+    keys.update({k: "self-check" for k in SELF_CHECK_KEYS})
     return keys
 
 

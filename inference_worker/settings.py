@@ -45,6 +45,7 @@ class WorkerSettings:
     synthetic_latency_ms: float = 0.0
     synthetic_chunk: Tuple[int, int] = (50, 7)
     options: Dict[str, str] = field(default_factory=dict)  # backend-specific key=value pairs
+    strict: bool = False  # refuse to start if the engine's self-check fails (no stock fallback)
 
     def batch_limit(self, kind: str) -> int:
         return self.max_batch_by_kind.get(kind, self.max_batch)

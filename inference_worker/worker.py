@@ -29,7 +29,7 @@ from broker.meta import agree_partitions
 from broker.replies import Outcome, ReplyWriter
 from inference_worker.core import EngineCore, Output, StepInfo
 from inference_worker.events import Observers, WorkerObserver
-from inference_worker.handlers.base import Handler, HandlerOutput
+from inference_worker.handlers.base import AsyncHandler, Handler, HandlerOutput
 from inference_worker.scheduler import Item, Policy
 from inference_worker.settings import WorkerSettings
 from schemas.codec import packb
@@ -110,7 +110,10 @@ class Worker:
         await self.reader.ensure_groups()
         loop = asyncio.get_running_loop()
         for h in self.handlers.values():
-            await loop.run_in_executor(self._executor, h.warmup)
+            if isinstance(h, AsyncHandler):
+                await h.warmup_async()
+            else:
+                await loop.run_in_executor(self._executor, h.warmup)
         side = [
             asyncio.create_task(self._intake(), name="intake"),
             asyncio.create_task(self._reclaimer(), name="reclaim"),
@@ -231,6 +234,10 @@ class Worker:
     async def _queue(self, items: List[Item]) -> List[Outcome]:
         """Hand valid requests to the core (chat requests of stepped kinds prepared first, on
         the prep thread); returns the replies of those answered at once."""
+        alone = [i for i in items if isinstance(self.handlers[i.request.kind], AsyncHandler)]
+        for item in alone:
+            self._serve_alone(self.handlers[item.request.kind], item)  # type: ignore[arg-type]
+        items = [i for i in items if i not in alone]
         stepped = [i for i in items if self.core.stepped(i.request.kind)]
         answered: List[Outcome] = []
         if stepped:
@@ -335,6 +342,35 @@ class Worker:
             dead = o.result.code not in (ErrorCode.SUPERSEDED, ErrorCode.CANCELLED)
             return self._error(o.item.delivery, o.item.request, o.result, dead, o.batch_size, o.timings)
         return self._ok(o.item, o.result, o.batch_size, o.timings)
+
+    def _serve_alone(self, handler: AsyncHandler, item: Item) -> None:
+        """A kind whose backend batches by itself (vLLM): this request goes to it now, on its
+        own, on the loop; the core never sees it."""
+        self.in_flight[id(item)] = item
+
+        async def serve() -> None:
+            started = time.time()
+            if item.request.expired(started):
+                late = started - (item.request.deadline or 0.0)
+                result = ProtocolError(
+                    ErrorCode.EXPIRED, f"deadline passed {late * 1000:.0f} ms before the model could run it"
+                )
+            else:
+                try:
+                    result = await handler.serve(item.request)
+                except Exception as exc:  # a backend failure fails this request alone
+                    log.exception("handler %s failed", handler.kind)
+                    result = ProtocolError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+            timings = {
+                "queue_ms": (started - item.delivery.received_at) * 1000.0,
+                "model_ms": (time.time() - started) * 1000.0,
+            }
+            self.stats["requests"] += 1
+            await self._commit([self._outcome(Output(item, result, timings, 1))], [item])
+
+        task = asyncio.create_task(serve())
+        self._commits.add(task)
+        task.add_done_callback(self._commits.discard)
 
     # ------------------------------------------------------------------ replies
 

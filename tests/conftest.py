@@ -56,6 +56,12 @@ def tiny_qwen2_vl(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen2_5_vl(tmp_path_factory) -> str:
+    """Path of a tiny random-weight Qwen2.5-VL checkpoint (real architecture), built once."""
+    return _tiny_checkpoint(tmp_path_factory, "qwen2.5-vl")
+
+
+@pytest.fixture(scope="session")
 def tiny_qwen3_vl(tmp_path_factory) -> str:
     """Path of a tiny random-weight Qwen3-VL checkpoint (real architecture), built once."""
     return _tiny_checkpoint(tmp_path_factory, "qwen3-vl")

@@ -57,6 +57,7 @@ def test_result_records(path):
     assert len(metrics) == len(set(metrics)), f"{name}: a metric name twice: one meaning per name"
     for r in records:
         assert set(r) == KEYS, f"{name}: {r.get('metric')} has {sorted(set(r) ^ KEYS)} (regenerate it)"
+        assert r["min"] <= r["value"] <= r["max"]
         assert isinstance(r["metric"], str) and isinstance(r["value"], (int, float))
         assert r["machine"] and r["date"] and r["command"] and r["unit"] and r["commit"]
         assert isinstance(r["runs"], int) and r["runs"] >= 1
@@ -89,3 +90,4 @@ def test_the_issues_metrics_are_recorded():
     assert "starvation_fraction_30hz_64_sessions" in metrics["agents.json"]
     assert {"lost_requests", "duplicate_replies", "requests_answered"} <= metrics["reliability.json"]
     assert "scaling_efficiency_4_procs" in metrics["scale.json"]
+    assert {"vllm_hf_greedy_agreement", "vllm_cpu_rps", "hf_cpu_rps"} <= metrics["backends.json"]

@@ -57,8 +57,9 @@ class ChatEngine:
         use_graphs = self.options.decode == "graphs" or (self.options.decode == "auto" and on_gpu)
         if use_graphs and not on_gpu:
             raise ValueError("decode=graphs needs a CUDA device")
-        use_packed_vision_attention(self.model)
-        use_linear_patch_embedding(self.model)
+        if self.options.vision == "fast":
+            use_packed_vision_attention(self.model)
+            use_linear_patch_embedding(self.model)
         if fuse:
             fuse_vision_ops(self.model)
         self.vision = VisionEncoder(self.model)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Dict, Mapping, Optional
 
 
@@ -24,6 +24,9 @@ class EngineOptions:
     # allows it (not Qwen3-VL, whose deepstack features enter inside the text layers;
     # stack is refused there).
     prefill: str = "auto"
+    # fast: the vision tower's attention batched across images (vision_attention.py) and its
+    # patch embedding as one GEMM (patch_embedding.py); stock: transformers' tower as it is
+    vision: str = "fast"
     # The decode pool (decoder.py): `kv_slots` sequences decode at once, each with room for
     # `max_context` tokens (prompt + answer); 0 = sized from memory: on CUDA, `kv_memory`
     # of the free GPU memory once the model is loaded; on CPU, `kv_memory_mb`.
@@ -62,7 +65,14 @@ class EngineOptions:
             raise ValueError(f"option prefill={opts.prefill!r}: choose auto, stack or hf")
         if opts.fuse not in ("auto", "on", "off"):
             raise ValueError(f"option fuse={opts.fuse!r}: choose auto, on or off")
+        if opts.vision not in ("fast", "stock"):
+            raise ValueError(f"option vision={opts.vision!r}: choose fast or stock")
         return opts
+
+    def stock(self) -> EngineOptions:
+        """Every optional fast path off: eager decode steps, no compiled or Triton kernels,
+        transformers' prompt pass and vision tower (self_check.py falls back to this)."""
+        return replace(self, decode="eager", fuse="off", prefill="hf", vision="stock")
 
 
 def _convert(name: str, raw: str, default: object) -> object:

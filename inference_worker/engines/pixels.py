@@ -64,6 +64,11 @@ class ImagePolicy:
         return (h // self.patch_size) * (w // self.patch_size) // (self.merge_size**2)
 
 
+def resized(image: np.ndarray, policy: ImagePolicy) -> np.ndarray:
+    """The frame at the size the policy gives it (unchanged if it has that size)."""
+    return _resize(image, *policy.target_size(image.shape[0], image.shape[1]))
+
+
 def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
     if image.shape[0] == height and image.shape[1] == width:
         return image
@@ -98,7 +103,7 @@ def pixel_values(images: Sequence[np.ndarray], policy: ImagePolicy, device="cpu"
     import torch
 
     dtype = dtype or torch.float32
-    sized = [_resize(img, *policy.target_size(img.shape[0], img.shape[1])) for img in images]
+    sized = [resized(img, policy) for img in images]
     groups: Dict[Tuple[int, int], List[int]] = {}
     for i, img in enumerate(sized):
         groups.setdefault(img.shape[:2], []).append(i)

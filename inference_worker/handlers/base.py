@@ -62,3 +62,20 @@ class Handler:
 
     def close(self) -> None:
         """Release models and memory."""
+
+
+class AsyncHandler(Handler):
+    """A kind served by a backend with its own scheduler: `serve` is awaited once per
+    request, on the worker's event loop, as many at a time as the worker has admitted."""
+
+    blocking = False
+
+    async def warmup_async(self) -> None:
+        """Run once on the worker's event loop before serving."""
+
+    async def serve(self, request: Request) -> Outcome:
+        """The result of one request, or the ProtocolError it fails with."""
+        raise NotImplementedError
+
+    def run(self, requests: Sequence[Request]) -> HandlerOutput:
+        raise TypeError(f"{type(self).__name__} serves one request at a time: await serve()")

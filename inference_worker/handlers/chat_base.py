@@ -5,7 +5,8 @@ placeholders than images, a prompt over the token limit) fails alone with its
 ProtocolError, raised from its program before any op; the rest still run. `run` drives a
 whole batch of programs in lockstep (each round: one `score` call for the Score ops, one
 `generate` call for the Generate ops) for the batch-at-a-time path; the engine core
-drives the same programs one op at a time.
+drives the same programs one op at a time, and `AsyncChatHandler` runs them one request
+at a time on an engine that batches by itself (vLLM), awaiting each op.
 """
 
 from __future__ import annotations
@@ -14,7 +15,16 @@ import logging
 from typing import Any, Dict, List, Optional, Sequence
 
 from inference_worker.engines.prompt import ChatPrompt
-from inference_worker.handlers.base import Generate, Handler, HandlerOutput, Op, Outcome, Program, Score
+from inference_worker.handlers.base import (
+    AsyncHandler,
+    Generate,
+    Handler,
+    HandlerOutput,
+    Op,
+    Outcome,
+    Program,
+    Score,
+)
 from inference_worker.timing import Stopwatch
 from schemas.errors import ErrorCode, ProtocolError
 from schemas.limits import DEFAULT_LIMITS, Limits
@@ -67,6 +77,37 @@ class ChatHandler(Handler):
                     lambda r, i=i: results.__setitem__(i, r),
                 )
         return HandlerOutput(results, sw.timings)  # type: ignore[arg-type]
+
+
+class AsyncChatHandler(AsyncHandler):
+    """A chat kind's programs on an engine whose `generate(prompt, sampling)` and
+    `score(prompt, candidates)` are awaited per request (engines/vllm_engine.py)."""
+
+    def __init__(self, handler: ChatHandler) -> None:
+        self.handler = handler
+        self.kind = handler.kind
+        self.engine = handler.engine
+
+    async def warmup_async(self) -> None:
+        await self.engine.warmup()
+
+    async def serve(self, request: Request) -> Outcome:
+        program = self.handler.program(request)
+        step: List[Any] = []
+        answer: Any = None
+        while True:
+            step.clear()
+            advance(program, answer, lambda op: step.append(("op", op)), lambda r: step.append(("done", r)))
+            what, value = step[0]
+            if what == "done":
+                return value
+            if isinstance(value, Score):
+                answer = await self.engine.score(value.prompt, value.candidates)
+            else:
+                answer = await self.engine.generate(value.prompt, value.sampling)
+
+    def close(self) -> None:
+        self.engine.close()  # the kinds share the engine: closing twice is a no-op
 
 
 def advance(program: Program, answer: Any, on_op, on_result) -> None:

@@ -143,6 +143,25 @@ def _chat_template(path: str, tokenizer: Any) -> str:
     raise ModelLoadError(f"{path!r} has no chat template (chat_template.jinja or tokenizer_config.json)")
 
 
+def load_processor(path: str, arch: str) -> Any:
+    """The folder's image-only processor (processor.py): chat template, tokenizer (left
+    padding) and image processor, no model."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    from inference_worker.models.processor import image_only_processor
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        # the PIL backend wherever torchvision is installed too: engines/pixels.py (and the
+        # frames vLLM gets) resize as PIL does; transformers' torchvision resize differs
+        # from it by up to ~0.015 in a normalised pixel, enough to change a model's answers
+        image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=True, backend="pil")
+    except Exception as exc:
+        raise ModelLoadError(f"{path!r}: tokenizer or image processor failed to load: {exc}") from exc
+    tokenizer.padding_side = "left"
+    return image_only_processor(arch, image_processor, tokenizer, _chat_template(path, tokenizer))
+
+
 def load_vlm(
     path: str, *, device: str = "cpu", dtype: str = "auto", quantize: Optional[str] = None
 ) -> LoadedVLM:
@@ -153,17 +172,8 @@ def load_vlm(
     dt = resolve_dtype(dtype, dev)
     quant = _quantization_config(quantize, dev, dt)
 
-    from transformers import AutoImageProcessor, AutoTokenizer
-
-    from inference_worker.models.processor import image_only_processor
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
-    except Exception as exc:
-        raise ModelLoadError(f"{path!r}: tokenizer or image processor failed to load: {exc}") from exc
-    tokenizer.padding_side = "left"
-    processor = image_only_processor(arch, image_processor, tokenizer, _chat_template(path, tokenizer))
+    processor = load_processor(path, arch)
+    tokenizer = processor.tokenizer
 
     _, model_cls = classes(arch)
     kwargs: dict = {"dtype": dt, "local_files_only": True}

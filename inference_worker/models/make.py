@@ -76,6 +76,9 @@ def make_model(arch: str, out_dir: str, *, preset: str = "tiny", seed: int = 0, 
     image_processor = new_image_processor(arch, **IMAGE_PROCESSOR[arch])
     processor = image_only_processor(arch, image_processor, tok, tok.chat_template)
     processor.save_pretrained(out_dir)
+    # the releases also ship the image processor's settings on their own: stock
+    # processors (vLLM's included) build their video processor from this file
+    image_processor.to_json_file(os.path.join(out_dir, "preprocessor_config.json"))
     tok.save_pretrained(out_dir)
     with open(os.path.join(out_dir, PROVENANCE_FILE), "w") as f:
         json.dump(

@@ -58,11 +58,13 @@ def _qwen2_vl(preset: str, vocab_size: int) -> Dict[str, Any]:
             hidden_size=64,
             intermediate_size=128,
             num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
+            # head_dim 32 (2 query heads over 1 KV head, still grouped-query): vLLM's CPU
+            # attention kernels take head sizes from 32 up, not 16
+            num_attention_heads=2,
+            num_key_value_heads=1,
             max_position_embeddings=4096,
             rms_norm_eps=1e-6,
-            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [4, 6, 6]},
         )
         vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2)
     vision.update(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)

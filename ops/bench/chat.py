@@ -30,7 +30,7 @@ import statistics
 import subprocess
 import tempfile
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from broker import eventloop
 from ops.cli import argv
@@ -314,9 +314,11 @@ def _sessions(url, prefix, first, count, text, size, lengths, t_end, queue) -> N
     queue.put(done)
 
 
-def served(folder: str, args, text: str, serving: str, lengths: List[int]) -> List[Dict[str, float]]:
-    """One `vlmq worker` and --sessions closed-loop agent sessions; after --warmup-s, --runs
-    windows of --seconds, each summarised on its own."""
+def served(
+    folder: str, args, text: str, serving: str, lengths: List[int], worker_flags: Sequence[str] = ()
+) -> List[Dict[str, float]]:
+    """One `vlmq worker` (with `worker_flags`) and --sessions closed-loop agent sessions;
+    after --warmup-s, --runs windows of --seconds, each summarised on its own."""
     from broker.connection import connect_sync
     from broker.embedded import EmbeddedRedis
     from broker.keys import Keys
@@ -335,6 +337,7 @@ def served(folder: str, args, text: str, serving: str, lengths: List[int]) -> Li
         )  # fmt: skip
         for o in args.option:
             cmd += ["--option", o]
+        cmd += list(worker_flags)
         worker = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         try:
             redis = connect_sync(BrokerSettings(url=server.url, prefix=prefix))
