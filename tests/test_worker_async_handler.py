@@ -82,7 +82,7 @@ def test_requests_are_served_concurrently_and_fail_alone(settings):
     # more of them than max_batch (vlmq does not batch these)
     assert backend.peak > 4 and took < 1.5
     assert [r.result.text for r in replies[:6]] == [f"q{i}" for i in range(6)]
-    assert all(r.batch_size == 1 and {"queue_ms", "serve_ms"} <= set(r.timings) for r in replies[:6])
+    assert all(r.batch_size == 1 and {"queue_ms", "model_ms"} <= set(r.timings) for r in replies[:6])
     boom, refused = replies[6], replies[7]
     assert not boom.ok and boom.error.code == ErrorCode.INTERNAL and "backend exploded" in boom.error.message
     assert not refused.ok and refused.error.code == ErrorCode.INVALID
