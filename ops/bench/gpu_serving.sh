@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The serving benchmarks of one GPU in one device call: the engine's CUDA tests, `vlmq bench
-# chat` (baselines, engine alone, 128 sessions served, mixed lengths continuous vs batch)
-# and `vlmq bench vla` (batches 1..64, cache on/off, a profile of the largest batch), on
+# vla` (batches 1..64, cache on/off, a profile of the largest batch) and `vlmq bench chat`
+# (baselines, engine alone, 128 sessions served, mixed lengths continuous vs batch), on
 # one random-weight 2B-shape Qwen2-VL built once in /tmp/vlmq-qwen2vl-2b (ops/bench/
 # gpu_agents.sh reuses it on the same warm machine). Carry [".devcarry", ".devcarry-chat"]
 # (ops/bench/gpu_env.sh):  VLMQ_BENCH_COMMIT=<sha> bash ops/bench/gpu_serving.sh
@@ -22,9 +22,10 @@ chat() {  # one part of bench chat into its own file, so a part that runs over l
   grep -E "^(throughput|tokens|latency|baseline|engine_batch|probe|graph|decode_rows|gpu_mem)" "$OUT/$3.log"
   echo "$2 done after $((SECONDS - t0)) s"
 }
-chat 240 baseline,engine,served gpu_chat
-chat 200 mixed gpu_chat_mixed
-timeout "${VLA_S:-170}" python3 -m ops.cli bench vla --vlm "$M" --batches "${BATCHES:-1,8,32,64}" --iters 15 --warmup 5 \
-  --profile-dir "$OUT" --out "$OUT/vla.json" 2>&1 | grep -v -i warn > "$OUT/vla.log"
+timeout "${VLA_S:-170}" python3 -m ops.cli bench vla --vlm "$M" --batches "${BATCHES:-1,8,32,64}" --iters "${VLA_ITERS:-15}" \
+  --warmup 5 --profile-dir "$OUT" --out "$OUT/vla.json" 2>&1 | grep -v -i warn > "$OUT/vla.log"
 grep -E "^batch|wrote" "$OUT/vla.log" | head -30
+echo "vla done after $((SECONDS - t0)) s"
+chat "${CHAT_S:-240}" "${CHAT_PARTS:-baseline,engine,served}" gpu_chat
+[ -n "${SKIP_MIXED:-}" ] || chat "${MIXED_S:-200}" mixed gpu_chat_mixed
 echo "all done after $((SECONDS - t0)) s"
