@@ -64,7 +64,7 @@ def test_a_short_run_with_a_chat_load_writes_what_it_names(tmp_path):
     out = tmp_path / "agents.json"
     out.write_text(json.dumps([{"metric": "kept", "value": 1.0, "unit": "x", "machine": "m"}]))
     args = _args(
-        "--env", "Frames-v0", "--size", "16", "--sessions", "4", "--procs", "1", "--seconds", "1.5",
+        "--env", "Frames-v0", "--size", "16", "--sessions", "4", "--procs", "1", "--seconds", "3",
         "--runs", "1", "--warmup-s", "0", "--latency-ms", "20", "--chunk", "20", "--chat-sessions", "2",
         "--chat-procs", "1", "--chat-max-tokens", "8", "--chat-prompt-tokens", "20", "--out", str(out),
     )  # fmt: skip
