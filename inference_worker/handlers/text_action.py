@@ -65,10 +65,15 @@ def top_logprob(engine: Any, token_id: int, logprob: float) -> TopLogprob:
 
 
 def token_logprobs(engine: Any, c: Completion) -> Optional[List[TokenLogprob]]:
-    if c.logprobs is None:
+    return logprob_models(engine, c.logprobs)
+
+
+def logprob_models(engine: Any, entries: Optional[List[Any]]) -> Optional[List[TokenLogprob]]:
+    """The engine's (token id, logprob, top) entries as the wire's TokenLogprob."""
+    if entries is None:
         return None
     out = []
-    for token_id, logprob, top in c.logprobs:
+    for token_id, logprob, top in entries:
         t = top_logprob(engine, token_id, logprob)
         out.append(TokenLogprob(**t.model_dump(), top_logprobs=[top_logprob(engine, i, v) for i, v in top]))
     return out
