@@ -174,6 +174,8 @@ class Constraint(_Model):
     pattern: Optional[str] = None  # regex
     choices: Optional[List[str]] = Field(None, min_length=1, max_length=1024)  # choice
     grammar: Optional[str] = None  # grammar: EBNF (xgrammar's dialect, GBNF-like)
+    # json_schema only: or plain text that does not start with "{" (a tool call or an answer)
+    or_text: bool = False
 
     @model_validator(mode="after")
     def _needs_its_field(self) -> Constraint:
@@ -252,10 +254,8 @@ class TextActionRequest(Request, SamplingMixin):
 
     @model_validator(mode="after")
     def _coherent(self) -> TextActionRequest:
-        if self.admissible_commands and (self.constraint is not None or self.n > 1 or self.stream):
-            raise ValueError(
-                "admissible_commands are scored, not generated: no constraint, n or stream with them"
-            )
+        if self.admissible_commands and (self.constraint is not None or self.n > 1):
+            raise ValueError("admissible_commands are scored, not generated: no constraint or n with them")
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         return self

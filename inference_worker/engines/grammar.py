@@ -43,6 +43,7 @@ class Constraint:
 
     kind: str
     spec: str = ""
+    or_text: bool = False  # json_schema: or plain text that does not start with "{"
 
     @classmethod
     def of(cls, c: Any) -> Optional[Constraint]:
@@ -50,7 +51,7 @@ class Constraint:
         if c is None or c.type == "text":
             return None
         if c.type == "json_schema":
-            return cls("json_schema", json.dumps(c.json_schema, sort_keys=True))
+            return cls("json_schema", json.dumps(c.json_schema, sort_keys=True), c.or_text)
         if c.type == "regex":
             return cls("regex", c.pattern or "")
         if c.type == "choice":
@@ -93,6 +94,13 @@ class Grammars:
             with self._lock:
                 if c.kind == "json_object":  # any object (xgrammar's builtin JSON also allows arrays)
                     return self.compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
+                if c.kind == "json_schema" and c.or_text:
+                    xgr = self.xgr
+                    g = xgr.Grammar.union(
+                        xgr.Grammar.from_json_schema(c.spec, any_whitespace=False, strict_mode=True),
+                        xgr.Grammar.from_regex(r"[^{\s][\s\S]*"),
+                    )
+                    return self.compiler.compile_grammar(g)
                 if c.kind == "json_schema":
                     return self.compiler.compile_json_schema(c.spec, any_whitespace=False, strict_mode=True)
                 if c.kind == "regex":
