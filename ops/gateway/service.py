@@ -136,6 +136,8 @@ class Gateway:
                 504,
                 f"no reply within {timeout:g} s (VLMQ_GATEWAY_TIMEOUT_S); are workers running?",
                 "timeout",
+                # the request may still run: a retry would wait as long again, for a second copy
+                headers={"x-should-retry": "false"},
             ) from None
         except RedisError as exc:
             raise GatewayError(503, f"Redis is unreachable: {exc}", "unavailable") from None
