@@ -201,6 +201,12 @@ class AsyncAgentClient:
                 if piece is None:
                     break
                 yield piece
+            # The reply and the pieces come by two readers: take the pieces written before it.
+            await self._read_partials_once(self.keys.partial_stream(self.session_id), block=None)
+            while not pieces.queue.empty():
+                piece = pieces.queue.get_nowait()
+                if piece is not None:
+                    yield piece
             reply = fut.result()
         except asyncio.TimeoutError:
             self._pending.pop(req.request_id, None)
@@ -225,25 +231,29 @@ class AsyncAgentClient:
         delay = 0.01
         while not self._closing:
             try:
-                resp = await self.redis.xread({key: self._parts_last}, count=512, block=_BLOCK_MS)
+                await self._read_partials_once(key, _BLOCK_MS)
                 delay = 0.01
             except (RedisError, OSError, AttributeError) as exc:  # as _read_replies
                 log.warning("session %s: partial stream read failed (%s); retrying", self.session_id, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+
+    async def _read_partials_once(self, key: str, block: Optional[int]) -> None:
+        """Read the partial stream once and hand each piece to its request's queue (a piece
+        read twice, by the reader and by a request's last look, is dropped by its seq)."""
+        resp = await self.redis.xread({key: self._parts_last}, count=512, block=block)
+        for _stream, entry_id, fields in stream_entries(resp):
+            self._parts_last = max(self._parts_last, entry_id, key=_entry_order)
+            pieces = self._streaming.get((fields.get(b"rid") or b"").decode(errors="replace"))
+            if pieces is None:
+                continue  # not streamed by us, or already answered
+            try:
+                piece = decode_partial(fields.get(b"body") or b"", self.limits)
+            except ProtocolError:
+                self.partials_dropped += 1
                 continue
-            for _stream, entry_id, fields in stream_entries(resp):
-                self._parts_last = entry_id
-                pieces = self._streaming.get((fields.get(b"rid") or b"").decode(errors="replace"))
-                if pieces is None:
-                    continue  # not streamed by us, or already answered
-                try:
-                    piece = decode_partial(fields.get(b"body") or b"", self.limits)
-                except ProtocolError:
-                    self.partials_dropped += 1
-                    continue
-                if not pieces.accept(piece):
-                    self.partials_dropped += 1
+            if not pieces.accept(piece):
+                self.partials_dropped += 1
 
     async def close(self) -> None:
         if self._parts_reader is not None:
@@ -275,6 +285,11 @@ class AsyncAgentClient:
 
     async def __aexit__(self, *exc) -> None:
         await self.close()
+
+
+def _entry_order(entry_id: str) -> Tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
 
 
 class _PieceQueue:

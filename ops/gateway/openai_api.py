@@ -365,7 +365,7 @@ def to_request(gw: Gateway, data: Dict[str, Any]) -> Call:
     if functions:
         if constraint is not None:
             raise GatewayError(400, "tools and a response format: give one", "invalid", param="tools")
-        described = json.dumps(functions, indent=1)
+        described = json.dumps(functions)
         messages.insert(0, {"role": "system", "content": TOOL_PROMPT.format(tools=described)})
         schema = _call_schema(functions)
         constraint = {"type": "json_schema", "json_schema": schema, "or_text": choice == "auto"}
@@ -471,8 +471,9 @@ async def _chunks(events: AsyncIterator[Union[Partial, Reply]], first: Any, call
     an answer is sent whole once the reply has come (a call can't be told from text before)."""
     body = call.body
     head = {"id": "", "object": "chat.completion.chunk", "created": int(time.time()), "model": body.model}
-    sent: Dict[int, str] = {}
-    tokens: Dict[int, int] = {}
+    sent: Dict[int, str] = {}  # by answer: text sent
+    covered: Dict[int, int] = {}  # tokens the pieces covered
+    pending: Dict[int, List[Any]] = {}  # logprobs of pieces whose text was held back
     hold = bool(call.functions)
 
     def chunk(index: int, delta: Dict[str, Any], finish: Optional[str] = None, logprobs=None) -> str:
@@ -486,14 +487,14 @@ async def _chunks(events: AsyncIterator[Union[Partial, Reply]], first: Any, call
     while True:
         head["id"] = f"chatcmpl-{event.request_id}"
         if isinstance(event, Partial):
-            if not hold and (event.text or event.index not in sent):
-                lp = _logprobs(event.logprobs) if body.logprobs else None
-                out = chunk(event.index, {"content": event.text}, logprobs=lp)
-                sent[event.index] += event.text
-                tokens[event.index] = tokens.get(event.index, 0) + len(event.token_ids)
+            i = event.index
+            covered[i] = covered.get(i, 0) + len(event.token_ids)
+            pending.setdefault(i, []).extend(event.logprobs or [])
+            if not hold and (event.text or i not in sent):
+                lp = _logprobs(pending.pop(i)) if body.logprobs else None
+                out = chunk(i, {"content": event.text}, logprobs=lp)
+                sent[i] += event.text
                 yield out
-            else:
-                tokens[event.index] = tokens.get(event.index, 0) + len(event.token_ids) * (not hold)
         else:
             reply = event
             for i, (text, finish, logprobs) in enumerate(_answers(reply)):
@@ -504,7 +505,8 @@ async def _chunks(events: AsyncIterator[Union[Partial, Reply]], first: Any, call
                     continue
                 streamed = sent.get(i, "")
                 rest = text[len(streamed) :] if text.startswith(streamed) else ""
-                lp = _logprobs(logprobs[tokens.get(i, 0) :]) if body.logprobs and logprobs else None
+                unsent = pending.pop(i, []) + list(logprobs or [])[covered.get(i, 0) :]
+                lp = _logprobs(unsent) if body.logprobs and unsent else None
                 if rest or lp or i not in sent:
                     yield chunk(i, {"content": rest}, logprobs=lp)
                 yield chunk(i, {}, finish)
