@@ -177,3 +177,29 @@ def test_stream_yields_pieces_then_the_reply(served):
     assert reply.result.text == plain.result.text  # greedy: streaming changes nothing
     assert sum(len(p.token_ids) for p in pieces) < reply.result.completion_tokens
     assert all(p.logprobs and len(p.logprobs) == len(p.token_ids) for p in pieces)
+
+
+@pytest.mark.gpu
+def test_constrained_rows_under_cuda_graphs(tiny_qwen2_vl):
+    """On CUDA the mask is applied to the logits the decode graph's replay left, on the device."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    e = ChatEngine(load_vlm(tiny_qwen2_vl, device="cuda"), EngineOptions(decode="graphs"), max_sequences=16)
+    e.warmup()
+    p = e.check(user_prompt(FRAME, "Answer."))
+    regex = e.grammar(Constraint("regex", "(yes|no)-[0-9]{2}"))
+    action = e.grammar(Constraint("regex", action_pattern(30)))
+    rows = [Sampling(max_tokens=20, grammar=regex), Sampling(max_tokens=12)] * 4 + [
+        Sampling(max_tokens=pattern_bytes(30) + 1, grammar=action, temperature=1.0, seed=i) for i in range(4)
+    ]
+    out = e.generate([p] * len(rows), rows)
+    assert e.decoder.stats()["graphs"] > 0
+    for s, c in zip(rows, out):
+        if s.grammar is regex:
+            assert re.fullmatch("(yes|no)-[0-9]{2}", c.text)
+        elif s.grammar is action:
+            assert parse_minerl_action(c.raw_text).ok and c.finish_reason == "stop"
+        else:
+            assert c.completion_tokens <= 12

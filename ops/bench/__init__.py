@@ -14,6 +14,7 @@ BENCHMARKS = {
     "ops": "ops.bench.ops_overhead",
     "multigpu": "ops.bench.multigpu",
     "kernels": "ops.bench.kernels",
+    "structured": "ops.bench.structured",
 }
 
 
