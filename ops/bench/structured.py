@@ -77,6 +77,14 @@ def add_args(p) -> None:
         help="mask: a tokenizer folder (default: the checkpoint's; pad to its vocab)",
     )
     p.add_argument(
+        "--mask-train-vocab",
+        type=int,
+        default=151643,
+        help="mask: without --mask-tokenizer, train a byte-level BPE of this many tokens (Qwen2's count) on "
+        "the installed Python sources, since the checkpoint's tokenizer has 2k; 0: use the checkpoint's "
+        "(%(default)s)",
+    )
+    p.add_argument(
         "--parts", default="mask,valid,overhead,stream", help="what to run, comma-separated (%(default)s)"
     )
     p.add_argument(
@@ -248,6 +256,65 @@ class Served:
 # ---------------------------------------------------------------------------- mask cost
 
 
+def train_tokenizer(vocab: int, folder: str, corpus_bytes: int = 80_000_000) -> str:
+    """A Qwen2-style byte-level BPE of `vocab` tokens, trained on the Python sources installed
+    here (no corpus can be downloaded): mask cost depends on the vocabulary's size and
+    shape, and make-model's tokenizer has 2k tokens where Qwen's has 151k."""
+    import glob
+    import json
+    import sys
+
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+    from transformers import AddedToken, Qwen2Tokenizer
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    from inference_worker.models.tokenizer import SPECIAL_TOKENS
+
+    roots = [p for p in sys.path if p.endswith("-packages")]
+    files = sorted(f for r in roots for f in glob.glob(f"{r}/**/*.py", recursive=True))
+
+    def texts():
+        total = 0
+        for f in files:
+            try:
+                with open(f, encoding="utf-8", errors="ignore") as fh:
+                    t = fh.read()
+            except OSError:
+                continue
+            total += len(t)
+            yield t
+            if total > corpus_bytes:
+                return
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    raw.train_from_iterator(texts(), trainer)
+    learned = json.loads(raw.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in learned["merges"]]
+    tok = Qwen2Tokenizer(
+        vocab=learned["vocab"],
+        merges=merges,
+        unk_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+    )
+    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    tok.save_pretrained(folder)
+    log.info("trained a %d-token tokenizer on %d source files", len(tok), len(files))
+    return folder
+
+
 def mask_cost(tokenizer_path: str, vocab: int, rows: int, steps: int) -> Dict[str, List[float]]:
     """Per-step time (ms) to fill the token masks of `rows` rows under the MineRL action
     grammar, each row advancing by a random allowed token per step."""
@@ -338,7 +405,11 @@ def run(args) -> int:
         if "mask" in parts:
             cfg = AutoConfig.from_pretrained(folder)
             vocab = int(cfg.get_text_config().vocab_size)
-            figures.update(mask_cost(args.mask_tokenizer or folder, vocab, args.mask_rows, args.mask_steps))
+            mask_tok = args.mask_tokenizer or folder
+            if not args.mask_tokenizer and args.mask_train_vocab:
+                mask_tok = train_tokenizer(args.mask_train_vocab, tempfile.mkdtemp(prefix="vlmq-bench-tok-"))
+                args.mask_tokenizer = f"trained here, {args.mask_train_vocab} tokens"
+            figures.update(mask_cost(mask_tok, vocab, args.mask_rows, args.mask_steps))
             log.info("mask %s", {k: statistics.median(v) for k, v in figures.items()})
         if "valid" in parts:
             per = -(-args.requests // n)
