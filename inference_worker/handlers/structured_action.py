@@ -7,7 +7,9 @@ action object, so it always parses (`parse_ok` true by construction). The reason
 what `max_tokens` leaves after the longest action (338 bytes); the action itself is
 always finished, even when `max_tokens` is smaller. With `constrained: false` the model
 writes free text, parsed with the fallbacks of parsing/minerl_action.py: a malformed
-answer gives the default action with parse_ok False, never an error reply.
+answer gives the default action with parse_ok False, never an error reply. A backend
+without constrained decoding (vLLM) always takes the free-text path, and the result's
+`constrained` says which path an answer took.
 """
 
 from __future__ import annotations
@@ -59,7 +61,9 @@ class StructuredActionHandler(ChatHandler):
 
     def program(self, req: StructuredActionRequest) -> Program:
         prompt = self.check(minerl_prompt(req, self.limits))
-        if req.constrained:
+        # a backend without constrained decoding (vLLM) decodes free text, and says so
+        constrained = req.constrained and hasattr(self.engine, "grammar")
+        if constrained:
             sampling = self.sampling(
                 req, action_constraint(req.max_tokens), max_tokens=action_budget(req.max_tokens)
             )
@@ -74,7 +78,7 @@ class StructuredActionHandler(ChatHandler):
             parse_ok=parsed.ok,
             prompt_tokens=c.prompt_tokens,
             completion_tokens=c.completion_tokens,
-            constrained=req.constrained,
+            constrained=constrained,
         )
 
 

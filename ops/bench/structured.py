@@ -149,7 +149,7 @@ def _sessions(url, prefix, first, count, mode, spec, queue) -> None:
         )  # fmt: skip
 
     async def session(i: int) -> None:
-        async with AsyncAgentClient(f"bench-{i}", settings=broker) as client:
+        async with AsyncAgentClient(f"bench-{i}", settings=broker, raise_on_error=False) as client:
             step = 0
             while (step < spec["per_session"]) if mode == "fixed" else (time.time() < spec["t_end"]):
                 req = make(step)
@@ -165,7 +165,13 @@ def _sessions(url, prefix, first, count, mode, spec, queue) -> None:
                             reply = event
                 else:
                     reply = await client.request(req, timeout=600)
-                valid = int(action_valid(reply.result)) if spec["kind"] == "structured_action" else -1
+                if not reply.ok:  # counted (not valid), never a crash of the whole process
+                    log.warning("error reply: %s", reply.error)
+                valid = (
+                    int(reply.ok and action_valid(reply.result))
+                    if spec["kind"] == "structured_action"
+                    else -1
+                )
                 done.append((time.time(), time.time() - t0, first_piece, valid))
                 step += 1
 
