@@ -122,6 +122,33 @@ def test_stream_text_is_a_prefix_of_the_answer():
     assert out == "Hi there"
 
 
+def test_version_1_bodies_are_still_served_and_v2_fields_validate():
+    from schemas.codec import packb
+    from schemas.errors import ProtocolError
+    from schemas.messages import decode_request
+
+    old = {
+        **TextActionRequest(session_id="s", messages=[{"role": "user", "content": "hi"}]).to_wire(),
+        "v": 1,
+    }
+    assert decode_request(packb(old)).n == 1
+    new = TextActionRequest(
+        session_id="s",
+        messages=[{"role": "user", "content": "hi"}],
+        constraint={"type": "choice", "choices": ["a"]},
+        n=2,
+    )
+    assert new.v == 2 and decode_request(packb(new.to_wire())).constraint.choices == ["a"]
+    for bad in (
+        {"constraint": {"type": "regex"}},  # no pattern
+        {"top_logprobs": 2},  # without logprobs
+        {"admissible_commands": ["a"], "n": 2},
+        {"n": 17},
+    ):
+        with pytest.raises(ProtocolError):
+            decode_request(packb({**new.to_wire(), "constraint": None, "n": 1, **bad}))
+
+
 # ----------------------------------------------------------------------------- through a worker
 
 
