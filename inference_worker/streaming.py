@@ -26,7 +26,7 @@ from broker.keys import Keys
 from inference_worker.engines.text import find_stop
 from inference_worker.handlers.text_action import logprob_models
 from schemas.codec import packb
-from schemas.messages import Partial
+from schemas.messages import PROTOCOL_VERSION
 
 log = logging.getLogger("vlmq.streaming")
 
@@ -128,17 +128,27 @@ class PartialWriter:
                     self._queue.task_done()
 
     async def _write(self, batch: List[Tuple[str, Any]]) -> None:
-        entries: List[Tuple[str, bytes, bytes]] = []
+        # A request's pieces of several steps waiting here go out as one: when writing falls
+        # behind the decode, entries grow instead of piling up.
+        merged: Dict[Tuple[int, int], Tuple[Any, List[int], Optional[List[Any]]]] = {}
+        done: List[Any] = []
         for what, payload in batch:
             if what == "done":
-                for item in payload:
-                    for key in [k for k in self._streams if k[0] == id(item)]:
-                        del self._streams[key]
+                done += payload
                 continue
             for p in payload:
-                entry = self._entry(p)
-                if entry is not None:
-                    entries.append(entry)
+                key = (id(p.item), p.index)
+                if key in merged:
+                    item, tokens, logprobs = merged[key]
+                    tokens += p.token_ids
+                    if logprobs is not None:
+                        logprobs += p.logprobs or []
+                else:
+                    merged[key] = (p.item, list(p.token_ids), list(p.logprobs) if p.logprobs else None)
+        entries = [self._entry(key, *value) for key, value in merged.items()]
+        for item in done:
+            for key in [k for k in self._streams if k[0] == id(item)]:
+                del self._streams[key]
         if not entries:
             return
         pipe = self.redis.pipeline(transaction=False)
@@ -149,29 +159,30 @@ class PartialWriter:
         await pipe.execute()
         self.written += len(entries)
 
-    def _entry(self, p: Any) -> Optional[Tuple[str, bytes, bytes]]:
-        item = p.item
-        key = (id(item), p.index)
+    def _entry(
+        self, key: Tuple[int, int], item: Any, token_ids: List[int], logprobs: Optional[List[Any]]
+    ) -> Tuple[str, bytes, bytes]:
         stream = self._streams.get(key)
         if stream is None:
             stream = self._streams[key] = TextStream(self.engine.tokenizer, getattr(item.request, "stop", ()))
-        text = stream.push(p.token_ids)
+        text = stream.push(token_ids)
         req, d = item.request, item.delivery
-        piece = Partial(
-            request_id=req.request_id,
-            session_id=req.session_id,
-            kind=req.kind,
-            index=p.index,
-            seq=stream.seq,
-            text=text,
-            token_ids=list(p.token_ids),
-            logprobs=logprob_models(self.engine, p.logprobs),
-            worker=self.worker,
-            delivery=d.deliveries,
-        )
+        # the fields of schemas.messages.Partial, as a plain map: this runs for every
+        # streaming request every step, and a model instance per piece costs more than the rest
+        piece: Dict[str, Any] = {
+            "partial": True,
+            "v": PROTOCOL_VERSION,
+            "request_id": req.request_id,
+            "session_id": req.session_id,
+            "kind": req.kind,
+            "index": key[1],
+            "seq": stream.seq,
+            "text": text,
+            "token_ids": token_ids,
+            "worker": self.worker,
+            "delivery": d.deliveries,
+        }
+        if logprobs is not None:
+            piece["logprobs"] = [m.model_dump() for m in logprob_models(self.engine, logprobs) or []]
         stream.seq += 1
-        return (
-            self.keys.partial_stream(req.session_id, d.partition),
-            req.request_id.encode(),
-            packb(piece.to_wire()),
-        )
+        return self.keys.partial_stream(req.session_id, d.partition), req.request_id.encode(), packb(piece)
