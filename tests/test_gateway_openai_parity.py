@@ -159,6 +159,13 @@ def test_tools_required_named_none_and_auto(client):
     )
     assert none.choices[0].message.tool_calls is None and isinstance(none.choices[0].message.content, str)
 
+    streamed = client.chat.completions.create(
+        model=MODEL, messages=ASK, tools=[WEATHER], tool_choice="required", max_tokens=120, stream=True
+    )
+    deltas = [c.choices[0].delta for c in streamed if c.choices and c.choices[0].delta.tool_calls]
+    assert len(deltas) == 1 and deltas[0].tool_calls[0].function.name == "get_weather"
+    assert set(json.loads(deltas[0].tool_calls[0].function.arguments)) == {"city", "unit"}
+
     auto = client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER], max_tokens=120)
     a = auto.choices[0]
     if a.message.tool_calls:

@@ -521,6 +521,16 @@ async def _chunks(events: AsyncIterator[Union[Partial, Reply]], first: Any, call
     yield "data: [DONE]\n\n"
 
 
+async def _closing(chunks: AsyncIterator[str], events: Any) -> AsyncIterator[str]:
+    """The chunks; the request's events are closed however the response ends (a client that
+    goes away mid-stream included)."""
+    try:
+        async for c in chunks:
+            yield c
+    finally:
+        await events.aclose()
+
+
 def routes(gw: Gateway) -> List[Route]:
     started = int(time.time())
 
@@ -535,7 +545,9 @@ def routes(gw: Gateway) -> List[Route]:
             await events.aclose()
             raise
         if call.body.stream:
-            return StreamingResponse(_chunks(events, first, call), media_type="text/event-stream")
+            return StreamingResponse(
+                _closing(_chunks(events, first, call), events), media_type="text/event-stream"
+            )
         await events.aclose()
         return JSONResponse(completion(first, call))
 
