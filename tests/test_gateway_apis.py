@@ -148,10 +148,14 @@ def test_openai_errors_come_back_as_the_sdk_exceptions(stack, client):
             model="vlmq", messages=[{"role": "user", "content": "x"}], extra_body={"guided_jsn": {}}
         )
     with pytest.raises(openai.BadRequestError) as zero:
-        client.chat.completions.create(model="vlmq", messages=[{"role": "user", "content": "x"}], max_tokens=0)
+        client.chat.completions.create(
+            model="vlmq", messages=[{"role": "user", "content": "x"}], max_tokens=0
+        )
     assert zero.value.body["param"] == "max_tokens"
     with pytest.raises(openai.BadRequestError) as hot:
-        client.chat.completions.create(model="vlmq", messages=[{"role": "user", "content": "x"}], temperature=9)
+        client.chat.completions.create(
+            model="vlmq", messages=[{"role": "user", "content": "x"}], temperature=9
+        )
     assert hot.value.body["param"] == "temperature"
     bad_image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,bm90IGFuIGltYWdl"}}
     with pytest.raises(openai.BadRequestError, match="neither JPEG nor PNG"):

@@ -73,7 +73,9 @@ def test_text_action_admissible_commands(client):
 
 def test_structured_action_malformed_answer_gives_the_default_action_and_a_flag(client):
     r = client.request(
-        StructuredActionRequest(image=encode_jpeg(FRAME), task_name="FindCave", max_tokens=12, constrained=False),
+        StructuredActionRequest(
+            image=encode_jpeg(FRAME), task_name="FindCave", max_tokens=12, constrained=False
+        ),
         timeout=120,
     )
     res = r.result
