@@ -224,8 +224,9 @@ class Decoder:
 
     @staticmethod
     def _logprobs(logits: Any, toks: Any, rows: List[int], seqs: Sequence[Running]) -> Any:
-        """(rows, chosen logprob per row, top-k logprobs, top-k ids) of the rows asking,
-        as device tensors: read back in `_took`, with the tokens."""
+        """(rows, the chosen token's logprob per row, torch.topk of the largest
+        top_logprobs asked or None) of the rows asking, on the device: read back in
+        `_took`, after the tokens."""
         import torch
 
         idx = torch.tensor(rows, device=logits.device)
