@@ -149,6 +149,22 @@ def test_version_1_bodies_are_still_served_and_v2_fields_validate():
             decode_request(packb({**new.to_wire(), "constraint": None, "n": 1, **bad}))
 
 
+def test_client_keeps_one_deliverys_pieces_in_order():
+    from env_agents.client import _PieceQueue
+
+    def piece(seq, worker="w1", delivery=1, index=0):
+        return Partial(
+            request_id="r", session_id="s", kind="text_action", seq=seq, index=index, worker=worker,
+            delivery=delivery, text=str(seq),
+        )  # fmt: skip
+
+    q = _PieceQueue()
+    offered = [piece(0), piece(1), piece(1), piece(0, "w2", 2), piece(3), piece(0, index=1), piece(2)]
+    assert [q.accept(p) for p in offered] == [True, True, False, False, False, True, True]
+    got = [q.queue.get_nowait() for _ in range(q.queue.qsize())]
+    assert [(p.index, p.seq) for p in got] == [(0, 0), (0, 1), (1, 0), (0, 2)]
+
+
 # ----------------------------------------------------------------------------- through a worker
 
 
