@@ -41,6 +41,11 @@ class Keys:
         p = self.partition_of(session_id) if partition is None else partition
         return f"{self.prefix}:reply:{self.tag(p)}:{session_id}"
 
+    def partial_stream(self, session_id: str, partition: Optional[int] = None) -> str:
+        """Streamed pieces of the session's replies (never the replies themselves)."""
+        p = self.partition_of(session_id) if partition is None else partition
+        return f"{self.prefix}:part:{self.tag(p)}:{session_id}"
+
     def dead_letters(self, kind: str, partition: int) -> str:
         return f"{self.prefix}:dlq:{kind}:{self.tag(partition)}"
 

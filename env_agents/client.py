@@ -7,6 +7,10 @@ to requests it never sent (left over from an earlier process of the same session
 
     client = AgentClient("robot-7", url="redis://localhost:6379")
     reply = client.request(TextActionRequest(messages=[...]), timeout=10)
+
+Streaming (`AsyncAgentClient.stream`): the request's partial replies, then its reply, as
+an async iterator. Partials come from the session's partial stream, read by a second
+reader task that starts with the first streaming request.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import collections
 import concurrent.futures
 import logging
 import threading
-from typing import Deque, Dict, Optional, Set
+from typing import AsyncIterator, Deque, Dict, Optional, Set, Tuple, Union
 
 from redis.exceptions import RedisError, TimeoutError
 
@@ -29,7 +33,7 @@ from broker.responses import stream_entries, text
 from broker.settings import BrokerSettings
 from schemas.errors import ErrorCode, ProtocolError
 from schemas.limits import DEFAULT_LIMITS, Limits
-from schemas.messages import Reply, Request, decode_reply
+from schemas.messages import Partial, Reply, Request, decode_partial, decode_reply
 
 log = logging.getLogger("vlmq.client")
 
@@ -73,6 +77,10 @@ class AsyncAgentClient:
         self.duplicates = 0  # replies dropped because their request was already answered
         self.stale = 0  # replies to requests this client never sent
         self.reconnects = 0
+        self._streaming: Dict[str, _PieceQueue] = {}  # request_id -> its partials, in order
+        self._parts_reader: Optional[asyncio.Task] = None
+        self._parts_last = "0-0"
+        self.partials_dropped = 0  # pieces out of order, repeated, or of another delivery
 
     async def start(self) -> AsyncAgentClient:
         if self._reader is None:
@@ -164,7 +172,97 @@ class AsyncAgentClient:
         except ProtocolError as exc:
             fut.set_exception(exc)
 
+    # ------------------------------------------------------------------ streaming
+
+    async def stream(
+        self, req: Request, timeout: Optional[float] = None
+    ) -> AsyncIterator[Union[Partial, Reply]]:
+        """Publish a request with `stream` set and yield its partial replies as the worker
+        decodes them, then its Reply (last; ReplyError on an error reply unless
+        raise_on_error=False). Joining the pieces' `text` gives the start of the reply's
+        text; the reply has all of it. Pieces of an earlier delivery of the request (its
+        worker died), repeated or out-of-order ones are dropped, so the pieces yielded are
+        always a prefix of one decoding; the reply is the one that counts."""
+        if "stream" not in type(req).model_fields:
+            raise ValueError(f"{req.kind} requests do not stream")
+        req.stream = True  # type: ignore[attr-defined]
+        await self.start()
+        await self._start_partials()
+        pieces = _PieceQueue()
+        self._streaming[req.request_id] = pieces
+        loop = asyncio.get_running_loop()
+        give_up = None if timeout is None else loop.time() + timeout
+        try:
+            fut = await self.submit(req)
+            fut.add_done_callback(lambda _: pieces.queue.put_nowait(None))
+            while True:
+                left = None if give_up is None else max(0.0, give_up - loop.time())
+                piece = await asyncio.wait_for(pieces.queue.get(), left)
+                if piece is None:
+                    break
+                yield piece
+            # The reply and the pieces come by two readers: take the pieces written before it.
+            await self._read_partials_once(self.keys.partial_stream(self.session_id), block=None)
+            while not pieces.queue.empty():
+                piece = pieces.queue.get_nowait()
+                if piece is not None:
+                    yield piece
+            reply = fut.result()
+        except asyncio.TimeoutError:
+            self._pending.pop(req.request_id, None)
+            raise
+        finally:
+            self._streaming.pop(req.request_id, None)
+        if self.raise_on_error and not reply.ok:
+            raise ReplyError(reply)
+        yield reply
+
+    async def _start_partials(self) -> None:
+        if self._parts_reader is None:
+            key = self.keys.partial_stream(self.session_id)
+            last = await self.redis.xrevrange(key, count=1)  # before the first publish
+            if last:
+                self._parts_last = text(last[0][0])
+            self._parts_reader = asyncio.create_task(
+                self._read_partials(key), name=f"parts:{self.session_id}"
+            )
+
+    async def _read_partials(self, key: str) -> None:
+        delay = 0.01
+        while not self._closing:
+            try:
+                await self._read_partials_once(key, _BLOCK_MS)
+                delay = 0.01
+            except (RedisError, OSError, AttributeError) as exc:  # as _read_replies
+                log.warning("session %s: partial stream read failed (%s); retrying", self.session_id, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def _read_partials_once(self, key: str, block: Optional[int]) -> None:
+        """Read the partial stream once and hand each piece to its request's queue (a piece
+        read twice, by the reader and by a request's last look, is dropped by its seq)."""
+        resp = await self.redis.xread({key: self._parts_last}, count=512, block=block)
+        for _stream, entry_id, fields in stream_entries(resp):
+            self._parts_last = max(self._parts_last, entry_id, key=_entry_order)
+            pieces = self._streaming.get((fields.get(b"rid") or b"").decode(errors="replace"))
+            if pieces is None:
+                continue  # not streamed by us, or already answered
+            try:
+                piece = decode_partial(fields.get(b"body") or b"", self.limits)
+            except ProtocolError:
+                self.partials_dropped += 1
+                continue
+            if not pieces.accept(piece):
+                self.partials_dropped += 1
+
     async def close(self) -> None:
+        if self._parts_reader is not None:
+            self._closing = True
+            try:
+                await asyncio.wait_for(asyncio.shield(self._parts_reader), _BLOCK_MS / 1000 + 2)
+            except (asyncio.TimeoutError, Exception):
+                self._parts_reader.cancel()
+            self._parts_reader = None
         if self._reader is not None:
             # Let the blocking XREAD end by itself: cancelling a command in flight can leave
             # redis-py's connection in an unusable state (and on Python < 3.12 wait_for may
@@ -187,6 +285,30 @@ class AsyncAgentClient:
 
     async def __aexit__(self, *exc) -> None:
         await self.close()
+
+
+def _entry_order(entry_id: str) -> Tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+class _PieceQueue:
+    """One streamed request's partials: in order, from one delivery of it."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.attempt: Optional[Tuple[str, int]] = None  # (worker, delivery) whose pieces are taken
+        self.next: Dict[int, int] = {}  # answer index -> the seq expected next
+
+    def accept(self, piece: Partial) -> bool:
+        attempt = (piece.worker, piece.delivery)
+        if self.attempt is None:
+            self.attempt = attempt
+        if attempt != self.attempt or piece.seq != self.next.get(piece.index, 0):
+            return False
+        self.next[piece.index] = piece.seq + 1
+        self.queue.put_nowait(piece)
+        return True
 
 
 class AgentClient:

@@ -11,8 +11,12 @@ starts a program (builds and tokenizes the prompt) outside the model thread, and
 feeds each op's answer back into its program as it comes out of the engine. Batch kinds
 run `handler.run(requests)` on a whole batch.
 
+Requests that stream also get their new tokens after every step (`PartialOutput`, taken
+with `take_partials` after the step); requests that don't stream add nothing to a step.
+
 Thread safety: `add_request`, `abort`, `held` and `__len__` may be called from any thread
-(the event loop); `step` runs on one thread at a time, and only it touches the model.
+(the event loop); `step` and `take_partials` run on one thread at a time, and only `step`
+touches the model.
 """
 
 from __future__ import annotations
@@ -42,6 +46,16 @@ class Output:
     result: Outcome
     timings: Dict[str, float] = field(default_factory=dict)
     batch_size: int = 0
+
+
+@dataclass
+class PartialOutput:
+    """A streaming request's tokens decoded since its last partial (answer `index` of n)."""
+
+    item: Item
+    index: int
+    token_ids: List[int]
+    logprobs: Optional[List[Any]] = None
 
 
 @dataclass
@@ -78,6 +92,7 @@ class EngineCore:
         self._cancelled: List[Item] = []  # running items to stop at the next step
         self.wake: Callable[[], None] = lambda: None  # the driver's wake-up, called on new work
         self.last_step: Optional[StepInfo] = None
+        self._partials: List[PartialOutput] = []
 
     # ------------------------------------------------------------------ requests in
 
@@ -226,9 +241,16 @@ class EngineCore:
                     answers += [(i, a, rows) for i, a in engine.step()]
                 except Exception as exc:
                     outputs += self._failed(engine.abort(list(self._in_engine())), exc)
+        for key, index, tokens, logprobs in engine.take_deltas():
+            self._partials.append(PartialOutput(key, index, tokens, logprobs))
         for item, answer, rows in answers:
             outputs += self._advance(item, answer, rows)
         return outputs
+
+    def take_partials(self) -> List[PartialOutput]:
+        """The partials of the steps since the last call (the thread that steps calls it)."""
+        out, self._partials = self._partials, []
+        return out
 
     def _advance(self, item: Item, answer: Any, rows: int) -> List[Output]:
         done: List[Outcome] = []

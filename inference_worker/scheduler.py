@@ -275,13 +275,14 @@ class Scheduler:
         gens = [i for i in candidates if not _is_score(i.op)]
         prefill: List[Item] = []
         if gens and engine.free_slots > 0 and (flush or self._prefill_due(gens, now, engine)):
-            tokens = 0
-            for i in gens[: engine.free_slots]:
-                t = _prompt_tokens(i.op)
-                if prefill and tokens + t > self.policy.prefill_tokens:
+            tokens, slots = 0, engine.free_slots
+            for i in gens:
+                t, rows = _prompt_tokens(i.op), _rows(i.op)  # n answers take n slots
+                if rows > slots or (prefill and tokens + t > self.policy.prefill_tokens):
                     break
                 prefill.append(i)
                 tokens += t
+                slots -= rows
             self._take(prefill)
         if not prefill and not engine.running:
             return None
@@ -303,6 +304,10 @@ class Scheduler:
 
 def _is_score(op: Any) -> bool:
     return getattr(op, "candidates", None) is not None
+
+
+def _rows(op: Any) -> int:
+    return getattr(getattr(op, "sampling", None), "n", 1) or 1
 
 
 def _prompt_tokens(op: Any) -> int:

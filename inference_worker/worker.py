@@ -7,7 +7,9 @@ keep-alive re-claims what this worker holds so no one else takes it; the heartbe
 advertises the worker. The model thread runs `EngineCore.step()` in a loop (core.py) and
 hands each step's answered requests back to the loop, which commits their replies while
 the next step runs. The model never waits on Redis and the event loop never waits on the
-model. A request is acked only in the call that writes its reply.
+model. A request is acked only in the call that writes its reply. Requests that stream
+also get partial replies after each step (streaming.py), written the same way: posted to
+the loop, never waited for by the model thread.
 """
 
 from __future__ import annotations
@@ -27,11 +29,12 @@ from broker.consumer import Delivery, GroupReader
 from broker.keys import Keys
 from broker.meta import agree_partitions
 from broker.replies import Outcome, ReplyWriter
-from inference_worker.core import EngineCore, Output, StepInfo
+from inference_worker.core import EngineCore, Output, PartialOutput, StepInfo
 from inference_worker.events import Observers, WorkerObserver
 from inference_worker.handlers.base import AsyncHandler, Handler, HandlerOutput
 from inference_worker.scheduler import Item, Policy
 from inference_worker.settings import WorkerSettings
+from inference_worker.streaming import PartialWriter
 from schemas.codec import packb
 from schemas.errors import ErrorCode, ProtocolError
 from schemas.messages import ErrorInfo, Reply, Request, decode_request
@@ -107,6 +110,11 @@ class Worker:
         await agree_partitions(self.redis, self.settings.broker, "worker", self.name)
         self.reader = GroupReader(self.redis, self.settings.broker, self.streams(), self.name)
         self.writer = ReplyWriter(self.redis, self.settings.broker, self.name)
+        self.partials: Optional[PartialWriter] = None
+        if self.core.engine is not None:
+            self.partials = PartialWriter(
+                self.redis, self.keys, self.name, self.settings.broker.reply_ttl_s, self.core.engine
+            )
         await self.reader.ensure_groups()
         loop = asyncio.get_running_loop()
         for h in self.handlers.values():
@@ -143,6 +151,8 @@ class Worker:
             await asyncio.gather(*side, return_exceptions=True)
             if self._commits:
                 await asyncio.gather(*self._commits, return_exceptions=True)
+            if self.partials is not None:
+                await self.partials.close()
             try:
                 await self.redis.delete(self.keys.worker(self.name))
             except Exception:  # Redis may be gone; the key expires anyway
@@ -286,6 +296,9 @@ class Worker:
             while True:
                 outputs, plan = self.core.step(flush=self._flush)
                 info = None if plan.idle else self.core.last_step
+                partials = self.core.take_partials()
+                if partials:  # before the step's answers: a request's pieces precede its reply
+                    loop.call_soon_threadsafe(self._on_partials, partials)
                 if outputs or info is not None:
                     loop.call_soon_threadsafe(self._on_step, outputs, info)
                 if not plan.idle:
@@ -331,11 +344,17 @@ class Worker:
         self.stats["requests"] += len(outputs)
         for o in outputs:
             self.in_flight[id(o.item)] = o.item
+        if self.partials is not None:
+            self.partials.finished([o.item for o in outputs])
         task = asyncio.create_task(
             self._commit([self._outcome(o) for o in outputs], [o.item for o in outputs])
         )
         self._commits.add(task)
         task.add_done_callback(self._commits.discard)
+
+    def _on_partials(self, partials: List[PartialOutput]) -> None:
+        if self.partials is not None:
+            self.partials.push(partials)
 
     def _outcome(self, o: Output) -> Outcome:
         if isinstance(o.result, ProtocolError):
@@ -459,6 +478,7 @@ class Worker:
                 "host": socket.gethostname(),
                 "pid": os.getpid(),
                 "kinds": ",".join(self.handlers),
+                "model_name": self.settings.model_name or "",  # gateways route by it
                 "backend": self.settings.backend,
                 "device": self.settings.device,
                 "metrics_port": self.settings.metrics_port,  # `vlmq top` scrapes host:metrics_port

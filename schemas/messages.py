@@ -32,8 +32,12 @@ from schemas.errors import ErrorCode, ProtocolError
 from schemas.images import check_image
 from schemas.limits import DEFAULT_LIMITS, Limits
 
-PROTOCOL_VERSION = 1
-SUPPORTED_VERSIONS = frozenset({1})
+# 2 added constrained answers, logprobs, n and streamed partial replies (all optional: a
+# version-1 body means the same as before and is still served)
+PROTOCOL_VERSION = 2
+SUPPORTED_VERSIONS = frozenset({1, 2})
+MAX_N = 16  # answers of one text_action request
+MAX_TOP_LOGPROBS = 20
 KINDS = ("action_chunk", "preference", "text_action", "structured_action")
 
 # Session ids become part of Redis key names, so they are kept to a safe alphabet.
@@ -162,6 +166,26 @@ class SamplingMixin(_Model):
         return v
 
 
+class Constraint(_Model):
+    """What a generated answer must match, enforced token by token while it is decoded."""
+
+    type: Literal["text", "json_object", "json_schema", "regex", "choice", "grammar"]
+    json_schema: Optional[Dict[str, Any]] = None  # json_schema: the JSON schema
+    pattern: Optional[str] = None  # regex
+    choices: Optional[List[str]] = Field(None, min_length=1, max_length=1024)  # choice
+    grammar: Optional[str] = None  # grammar: EBNF (xgrammar's dialect, GBNF-like)
+    # json_schema only: or plain text that does not start with "{" (a tool call or an answer)
+    or_text: bool = False
+
+    @model_validator(mode="after")
+    def _needs_its_field(self) -> Constraint:
+        need = {"json_schema": "json_schema", "regex": "pattern", "choice": "choices", "grammar": "grammar"}
+        name = need.get(self.type)
+        if name is not None and getattr(self, name) is None:
+            raise ValueError(f"a {self.type} constraint needs `{name}`")
+        return self
+
+
 def _image_field(v: Any, info: ValidationInfo) -> Any:
     if v is None:
         return v
@@ -222,6 +246,19 @@ class TextActionRequest(Request, SamplingMixin):
     kind: Literal["text_action"] = "text_action"
     messages: List[ChatMessage] = Field(min_length=1)
     admissible_commands: Optional[List[str]] = None
+    constraint: Optional[Constraint] = None  # the answer must match it (v2)
+    n: int = Field(1, ge=1, le=MAX_N)  # answers, sharing one prompt pass (v2)
+    logprobs: bool = False  # per-token log-probabilities in the result (v2)
+    top_logprobs: int = Field(0, ge=0, le=MAX_TOP_LOGPROBS)  # and this many alternatives (v2)
+    stream: bool = False  # partial replies while it is decoded (v2; docs/PROTOCOL.md 6.1)
+
+    @model_validator(mode="after")
+    def _coherent(self) -> TextActionRequest:
+        if self.admissible_commands and (self.constraint is not None or self.n > 1):
+            raise ValueError("admissible_commands are scored, not generated: no constraint or n with them")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
 
     @field_validator("messages")
     @classmethod
@@ -250,6 +287,10 @@ class StructuredActionRequest(Request, SamplingMixin):
     task_name: str = ""
     messages: Optional[List[ChatMessage]] = None  # replaces the default MineRL prompt
     max_tokens: int = Field(256, ge=1)
+    # decode under the MineRL action grammar (every answer parses); false: free text, parsed
+    # with fallbacks (v2)
+    constrained: bool = True
+    stream: bool = False  # partial replies while it is decoded (v2)
 
     _image = field_validator("image", mode="before")(_image_field)
 
@@ -273,14 +314,37 @@ REQUEST_MODELS: Dict[str, Type[Request]] = {
 # ----------------------------------------------------------------------------- results
 
 
+class TopLogprob(_Model):
+    token: str
+    token_id: int
+    logprob: float
+    bytes: List[int] = Field(default_factory=list)  # the token's UTF-8 bytes
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: List[TopLogprob] = Field(default_factory=list)  # most likely first
+
+
+class TextChoice(_Model):
+    """One of n answers."""
+
+    index: int
+    text: str
+    finish_reason: str = "stop"
+    completion_tokens: int = 0
+    logprobs: Optional[List[TokenLogprob]] = None
+
+
 class TextActionResult(_Model):
     text: str
     choice: Optional[str] = None
     choice_index: Optional[int] = None
     scores: Optional[List[float]] = None  # summed log-probs, one per admissible command
     prompt_tokens: int = 0
-    completion_tokens: int = 0
+    completion_tokens: int = 0  # all n answers together
     finish_reason: str = "stop"
+    logprobs: Optional[List[TokenLogprob]] = None  # of `text` (answer 0), when asked for
+    choices: Optional[List[TextChoice]] = None  # n > 1: every answer, answer 0 first
 
 
 class StructuredActionResult(_Model):
@@ -290,6 +354,7 @@ class StructuredActionResult(_Model):
     parse_ok: bool = True  # False: the model's answer was unusable and `action` is the default
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    constrained: bool = False  # decoded under the action grammar
 
 
 class PreferenceResult(_Model):
@@ -348,6 +413,28 @@ class Reply(_Model):
         return body
 
 
+class Partial(_Model):
+    """A streamed piece of a reply (docs/PROTOCOL.md 6.1): the text decoded since the last
+    piece. Partials never replace the reply: the reply still comes, once, with the whole
+    answer; a client that missed pieces loses nothing but their timing."""
+
+    partial: Literal[True] = True  # tells a partial from a reply where both can arrive
+    v: int = PROTOCOL_VERSION
+    request_id: str
+    session_id: str
+    kind: str
+    index: int = 0  # which of the n answers
+    seq: int = 0  # 0, 1, 2, ... per answer and delivery: a gap means pieces were lost
+    text: str = ""  # visible text since the previous piece (answer text = pieces + the rest in the reply)
+    token_ids: List[int] = Field(default_factory=list)
+    logprobs: Optional[List[TokenLogprob]] = None
+    worker: str = ""
+    delivery: int = 1
+
+    def to_wire(self) -> Dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
 def request_model(kind: str) -> Type[Request]:
     try:
         return REQUEST_MODELS[kind]
@@ -396,6 +483,13 @@ def decode_request(body: bytes, limits: Limits = DEFAULT_LIMITS, session_id: Opt
             f"protocol version {version!r} is not supported; this worker speaks {sorted(SUPPORTED_VERSIONS)}",
         )
     return _validate(request_model(str(data.get("kind"))), data, limits)
+
+
+def decode_partial(body: bytes, limits: Limits = DEFAULT_LIMITS) -> Partial:
+    data = unpackb(body, limits)
+    if not isinstance(data, dict):
+        raise ProtocolError(ErrorCode.MALFORMED, "partial body must be a msgpack map")
+    return _validate(Partial, data, limits)
 
 
 def decode_reply(body: bytes, limits: Limits = DEFAULT_LIMITS) -> Reply:

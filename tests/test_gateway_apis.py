@@ -8,16 +8,19 @@ import asyncio
 import base64
 import collections
 import io
+import time
 import uuid
 
 import httpx
 import numpy as np
 import openai
 import pytest
+import redis
 import websockets
 from PIL import Image
 
 from broker.embedded import free_port
+from broker.keys import Keys
 from broker.settings import BrokerSettings
 from ops.gateway.server import GatewayThread
 from ops.gateway.settings import GatewaySettings
@@ -133,14 +136,43 @@ def test_openai_errors_come_back_as_the_sdk_exceptions(stack, client):
         openai.OpenAI(base_url=stack.url + "/v1", api_key="wrong", max_retries=0).models.list()
     with pytest.raises(openai.NotFoundError, match="gpt-4"):
         client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "x"}])
-    with pytest.raises(openai.BadRequestError, match="n must be 1"):
+    with pytest.raises(openai.BadRequestError, match="synthetic backend has no model"):
         client.chat.completions.create(model="vlmq", messages=[{"role": "user", "content": "x"}], n=2)
+    with pytest.raises(openai.BadRequestError, match="frequency_penalty") as refused:
+        client.chat.completions.create(
+            model="vlmq", messages=[{"role": "user", "content": "x"}], frequency_penalty=0.5
+        )
+    assert refused.value.body["param"] == "frequency_penalty"
+    with pytest.raises(openai.BadRequestError, match="not a parameter vlmq supports"):
+        client.chat.completions.create(
+            model="vlmq", messages=[{"role": "user", "content": "x"}], extra_body={"guided_jsn": {}}
+        )
+    with pytest.raises(openai.BadRequestError) as zero:
+        client.chat.completions.create(
+            model="vlmq", messages=[{"role": "user", "content": "x"}], max_tokens=0
+        )
+    assert zero.value.body["param"] == "max_tokens"
+    with pytest.raises(openai.BadRequestError) as hot:
+        client.chat.completions.create(
+            model="vlmq", messages=[{"role": "user", "content": "x"}], temperature=9
+        )
+    assert hot.value.body["param"] == "temperature"
     bad_image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,bm90IGFuIGltYWdl"}}
     with pytest.raises(openai.BadRequestError, match="neither JPEG nor PNG"):
         client.chat.completions.create(model="vlmq", messages=[{"role": "user", "content": [bad_image]}])
     with pytest.raises(openai.BadRequestError, match="only data: URLs"):
         remote = {"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}
         client.chat.completions.create(model="vlmq", messages=[{"role": "user", "content": [remote]}])
+
+
+def test_unknown_routes_and_methods_answer_in_each_apis_shape(stack):
+    with httpx.Client(base_url=stack.url, timeout=60) as h:
+        missing = h.get("/v1/embeddings-nope")
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+        wrong = h.get("/v1/chat/completions")
+        assert wrong.status_code == 405 and wrong.json()["error"]["type"] == "invalid_request_error"
+        assert "POST" in wrong.headers["allow"]
+        assert h.get("/nope").json()["code"] == "not_found"  # the MineRL server's shape
 
 
 def test_named_session_over_http(stack):
@@ -185,15 +217,27 @@ def test_minerl_status_health_and_get_action(stack):
         assert missing.status_code == 400
 
 
-def test_no_worker_means_unhealthy_then_504_then_429(redis_server):
+def test_no_worker_means_503_then_a_silent_one_504_then_429(redis_server):
     broker = BrokerSettings(url=redis_server.url, prefix=f"t{uuid.uuid4().hex[:10]}", max_backlog=1)
     settings = GatewaySettings(broker=broker, port=free_port(), timeout_s=1.0, sessions=1)
     body = {"model": "vlmq", "messages": [{"role": "user", "content": "anyone?"}]}
     with GatewayThread(settings) as gw, httpx.Client(base_url=gw.url, timeout=60) as h:
         health = h.get("/health")
         assert health.status_code == 503 and health.json()["ready"] is False
+        none = h.post("/v1/chat/completions", json=body)  # at once, and the SDK may retry after 2 s
+        assert none.status_code == 503 and none.json()["error"]["code"] == "no_worker"
+        assert none.headers["retry-after"] == "2"
+        sdk = openai.OpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=1, timeout=30)
+        t0 = time.monotonic()
+        with pytest.raises(openai.InternalServerError, match="no live worker"):
+            sdk.chat.completions.create(model="vlmq", messages=body["messages"])
+        assert 1.9 < time.monotonic() - t0 < 10  # one retry, after Retry-After: not 2 x the timeout
+        # a worker that advertises text_action but never reads: the request waits, then 504
+        ghost = Keys(broker.prefix, broker.partitions).worker("ghost")
+        redis.Redis.from_url(broker.url).hset(ghost, mapping={"name": "ghost", "kinds": "text_action"})
         late = h.post("/v1/chat/completions", json=body)
         assert late.status_code == 504 and late.json()["error"]["code"] == "timeout"
+        assert late.headers["x-should-retry"] == "false"
         full = h.post("/v1/chat/completions", json=body)  # the first is still queued: backlog 1 of 1
         assert full.status_code == 429 and full.json()["error"]["code"] == "backlog_full"
         assert full.headers["retry-after"] == "1"

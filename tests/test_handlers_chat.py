@@ -73,11 +73,14 @@ def test_text_action_admissible_commands(client):
 
 def test_structured_action_malformed_answer_gives_the_default_action_and_a_flag(client):
     r = client.request(
-        StructuredActionRequest(image=encode_jpeg(FRAME), task_name="FindCave", max_tokens=12), timeout=120
+        StructuredActionRequest(
+            image=encode_jpeg(FRAME), task_name="FindCave", max_tokens=12, constrained=False
+        ),
+        timeout=120,
     )
     res = r.result
     assert set(res.action) == set(BUTTONS) | {"camera"}
-    # the tiny random model answers noise, never JSON: a valid default action, flagged
+    # free text: the tiny random model answers noise, never JSON: a valid default action, flagged
     assert res.parse_ok is False and res.action == default_action()
     assert res.text and res.reasoning == res.text.strip()
     assert "postprocess" in r.timings  # the parse, after the answer came out of the engine

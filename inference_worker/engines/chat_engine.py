@@ -8,7 +8,9 @@ calls `admit` and `step` between its other work; `generate` runs a whole list of
 through the same pool (the batch-at-a-time handlers, tests). A prefill group's images go
 through the vision tower in one call, queued before the text side is built. Candidate
 scoring reuses a prompt pass: every candidate continuation of every prompt is scored in
-one forward pass.
+one forward pass. Constrained answers (grammar.py): `grammar(constraint)` compiles a
+request's constraint (off the model thread, cached) into its Sampling; the decoder masks
+the constrained rows of each step.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from collections import deque
 from typing import Any, Deque, List, Optional, Sequence, Tuple
 
 from inference_worker.engines.completion import Completion, Scored
-from inference_worker.engines.decoder import Decoder, Finished
+from inference_worker.engines.decoder import Decoder, Delta, Finished
+from inference_worker.engines.grammar import Constraint, Grammars
 from inference_worker.engines.inputs import InputBuilder
 from inference_worker.engines.kv_cache import KVCache
 from inference_worker.engines.options import EngineOptions
@@ -87,7 +90,51 @@ class ChatEngine:
             ignore_eos=self.options.ignore_eos,
             bucketed=self.options.decode == "eager-bucketed",
         )
+        self._grammars: Optional[Grammars] = None
+        self._token_text: dict = {}
         self._warm = False
+
+    # ------------------------------------------------------------------ constraints
+
+    def grammars(self) -> Grammars:
+        """The grammar compiler for this tokenizer (made on first use: ~2 s for a 150k vocab)."""
+        if self._grammars is None:
+            vocab = int(self.model.get_output_embeddings().weight.shape[0])
+            self._grammars = Grammars(self.tokenizer, vocab, self.eos_ids, self.options.grammar_threads)
+            self.decoder.grammars = self._grammars
+        return self._grammars
+
+    def grammar(self, constraint: Constraint) -> Any:
+        """The compiled grammar of a constraint, for `Sampling.grammar`; raises the request's
+        ProtocolError when it can't be compiled."""
+        return self.grammars().compile(constraint)
+
+    def check_sampling(self, sampling: Sampling) -> None:
+        """Raise the ProtocolError a request's decoding settings fail with on this engine."""
+        from schemas.errors import ErrorCode, ProtocolError
+
+        if sampling.n > self.decoder.slots:
+            raise ProtocolError(
+                ErrorCode.INVALID,
+                f"n={sampling.n}: this worker decodes at most {self.decoder.slots} rows at once",
+            )
+
+    def token_piece(self, token_id: int) -> Tuple[str, bytes]:
+        """One token as (text, its bytes): a byte-level token that is part of a character has
+        its real bytes, and U+FFFD as text."""
+        piece = self._token_text.get(token_id)
+        if piece is None:
+            name = self.tokenizer.convert_ids_to_tokens(token_id) or ""
+            if name and all(ch in _BYTE_OF for ch in name):
+                raw = bytes(_BYTE_OF[ch] for ch in name)
+            else:
+                raw = self.tokenizer.decode([token_id]).encode()
+            piece = self._token_text[token_id] = (raw.decode("utf-8", errors="replace"), raw)
+        return piece
+
+    def take_deltas(self) -> List[Delta]:
+        """Streaming rows' new tokens since the last call (decoder.take_deltas)."""
+        return self.decoder.take_deltas()
 
     def _pool_size(self, max_sequences: int) -> Tuple[int, int]:
         """(slots, columns per slot) of the decode pool, from the options and free memory."""
@@ -127,6 +174,9 @@ class ChatEngine:
         for n in (1, 2):  # batch 1 and batch >1 compile separately (fused.py)
             self.generate([user_prompt(frame, "warm up")] * n, [Sampling(max_tokens=2)] * n)
         self.score([user_prompt("warm up")], [["a", "b c"]])
+        # a constrained step: the grammar tables and the device mask kernel are made here
+        json_row = Sampling(max_tokens=2, grammar=self.grammar(Constraint("json_object")))
+        self.generate([user_prompt("warm up")], [json_row])
         self.decoder.capture_all(self.decoder.slots)
         self._warm = True
 
@@ -171,7 +221,7 @@ class ChatEngine:
             with sw("preprocess"):
                 batch = self._build(prompts)
             with sw("prefill"):
-                first = self._prefill_into(self.decoder.reserve(len(prompts)), batch)
+                first = self._prefill_into(self.decoder.reserve(Decoder.rows_of(samplings)), batch)
                 return self.decoder.join(
                     keys, first, samplings, batch.prompt_tokens(), batch.length, batch.next_positions
                 )
@@ -186,21 +236,26 @@ class ChatEngine:
     def abort(self, keys: Sequence[Any]) -> List[Any]:
         return self.decoder.abort(keys)
 
-    def prefill_groups(self, prompts: Sequence[ChatPrompt], free: int) -> List[int]:
+    def prefill_groups(
+        self, prompts: Sequence[ChatPrompt], free: int, rows: Optional[Sequence[int]] = None
+    ) -> List[int]:
         """How many of `prompts` (in order) to prefill in each step: each group fits the
-        free slots and the step's prompt-token budget (at least one prompt a group)."""
+        free slots (`rows[i]` slots for prompt i, default 1) and the step's prompt-token
+        budget (at least one prompt a group)."""
+        rows = rows or [1] * len(prompts)
         groups: List[int] = []
         i = 0
-        while i < len(prompts) and free > 0:
-            n, tokens = 0, 0
-            while i + n < len(prompts) and n < free:
+        while i < len(prompts) and free >= rows[i]:
+            n, tokens, used = 0, 0, 0
+            while i + n < len(prompts) and used + rows[i + n] <= free:
                 t = prompts[i + n].tokens
                 if n and tokens + t > self.options.prefill_tokens:
                     break
                 tokens += t
+                used += rows[i + n]
                 n += 1
             groups.append(n)
-            free -= n
+            free -= used
             i += n
         return groups
 
@@ -221,9 +276,9 @@ class ChatEngine:
                 out[key.index] = completion
 
         while todo or self.decoder.running:
-            if todo and self.decoder.free:
+            if todo and self.decoder.free >= samplings[todo[0]].n:
                 waiting = [prompts[i] for i in todo]
-                n = self.prefill_groups(waiting, self.decoder.free)[0]
+                n = self.prefill_groups(waiting, self.decoder.free, [samplings[i].n for i in todo])[0]
                 group = [todo.popleft() for _ in range(n)]
                 done(
                     self.admit(
@@ -341,6 +396,24 @@ class ChatEngine:
     def close(self) -> None:
         self.decoder = None  # type: ignore[assignment]
         self.stack = None  # type: ignore[assignment]
+
+
+def _byte_decoder() -> dict:
+    """Byte-level BPE's printable stand-ins for bytes (GPT-2's table), reversed."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    )
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars)}
+
+
+_BYTE_OF = _byte_decoder()
 
 
 class _Key:

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List
+from typing import List, Optional, Tuple
+
+# one generated position: (chosen token id, its log-probability, [(token id, log-probability)
+# of the most likely tokens there, best first])
+TokenLogprob = Tuple[int, float, List[Tuple[int, float]]]
 
 
 @dataclass
@@ -12,8 +16,9 @@ class Completion:
     raw_text: str  # everything decoded, special tokens skipped
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str  # "stop" (end of sequence or a stop sequence) or "length"
+    finish_reason: str  # "stop" (end of sequence, a stop sequence, a finished grammar) or "length"
     token_ids: List[int] = field(default_factory=list)
+    logprobs: Optional[List[TokenLogprob]] = None  # per token, when the request asked for them
 
 
 @dataclass

@@ -13,6 +13,12 @@ On CUDA a step is one graph replay per (batch bucket, span bucket): rows past n 
 bucket are free slots whose results are ignored, and attention reads only the first
 `span` columns (rounded up to `span_step`), so a 4,096-token sequence slows the steps it
 runs in, not the memory layout of the others. Eager steps run exactly n rows and span.
+
+Per-row extras, each paid for only by the rows that ask: a grammar (its token mask is
+applied to the step's logits after the forward, before token choice; a row whose grammar
+is finished ends with "stop"), log-probabilities of the chosen and the most likely tokens,
+`n` answers of one prompt (the prompt is prefilled once and its cache row copied into n
+slots), and streaming (each step's new tokens are handed out by `take_deltas`).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from inference_worker.engines.completion import Completion
+from inference_worker.engines.completion import Completion, TokenLogprob
 from inference_worker.engines.cuda_graphs import Graph, GraphCache
 from inference_worker.engines.kv_cache import KVCache
 from inference_worker.engines.sampling import Sampling, new_generator, select_tokens
@@ -50,9 +56,16 @@ class Running:
     col: int  # the cache column the next fed token is written to
     generator: Optional[Any]
     tokens: List[int] = field(default_factory=list)
+    index: int = 0  # which of the request's n answers
+    matcher: Optional[Any] = None  # the grammar state of a constrained row
+    broken: bool = False  # its grammar refused a token (cannot happen under the mask)
+    logprobs: Optional[List[TokenLogprob]] = None
+    sent: int = 0  # tokens already handed out as deltas (streaming)
 
 
-Finished = Tuple[Any, Completion]
+Finished = Tuple[Any, Any]  # (key, Completion; a list of n Completions when n > 1)
+# a streaming row's new tokens: (key, answer index, token ids, their logprobs or None)
+Delta = Tuple[Any, int, List[int], Optional[List[TokenLogprob]]]
 
 
 class Decoder:
@@ -90,6 +103,10 @@ class Decoder:
         # replay, which is what a bitwise graph-vs-eager check compares
         self.bucketed = graphs or bucketed
         self.steps = 0
+        self.grammars: Optional[Any] = None  # grammar.Grammars, set by the engine
+        self._bitmask: Optional[Any] = None
+        self._groups: Dict[int, List[Optional[Completion]]] = {}  # n > 1: answers so far, by id(key)
+        self._deltas: List[Delta] = []
 
     # ------------------------------------------------------------------ state
 
@@ -122,18 +139,49 @@ class Decoder:
         width: int,
         next_positions: Any,
     ) -> List[Finished]:
-        """Sequences whose prompts were prefilled into `reserve(len(keys))` (a left-padded group
-        of `width` columns) start decoding; `first_logits` (n, vocab) give their first tokens.
-        Returns those already finished by that token."""
-        lo, n = len(self.seqs), len(keys)
-        gens = [new_generator(s, self.stack.device) for s in samplings]
-        first = select_tokens(first_logits, samplings, gens)
+        """Sequences whose prompts were prefilled into the first len(keys) slots of
+        `reserve(rows(samplings))` (a left-padded group of `width` columns) start decoding;
+        `first_logits` (len(keys), vocab) give their first tokens. A prompt of n > 1 answers
+        has its cache row copied into n - 1 more slots. Returns those already finished by
+        their first token."""
+        import torch
+
+        lo, b = len(self.seqs), len(keys)
+        extra = [(k, j) for k, s in enumerate(samplings) for j in range(1, s.n)]
+        if extra:
+            dev = self.rows.device
+            src = torch.tensor([lo + k for k, _ in extra], device=dev)
+            self.cache.move_rows(torch.arange(lo + b, lo + b + len(extra), device=dev), src, width)
+            again = torch.tensor([k for k, _ in extra], device=first_logits.device)
+            first_logits = torch.cat([first_logits, first_logits.index_select(0, again)])
+            next_positions = torch.cat(
+                [next_positions, next_positions.index_select(0, again.to(next_positions.device))]
+            )
+        new: List[Running] = []
+        for k, j in [(k, 0) for k in range(b)] + extra:
+            s = samplings[k]
+            g = new_generator(s, self.stack.device, j)
+            m = (
+                self.grammars.matcher(s.grammar)
+                if s.grammar is not None and self.grammars is not None
+                else None
+            )
+            new.append(Running(keys[k], s, int(prompt_tokens[k]), width, g, [], j, m))
+            if s.n > 1 and j == 0:
+                self._groups[id(keys[k])] = [None] * s.n
+        n = len(new)
+        first, lp = self._choose(first_logits, new)
         self.tok[lo : lo + n] = first
         self.pos[lo : lo + n] = next_positions
         self.col[lo : lo + n] = width
-        for key, s, p, g, t in zip(keys, samplings, prompt_tokens, gens, first.tolist()):
-            self.seqs.append(Running(key, s, int(p), width, g, [t]))
+        self.seqs += new
+        self._took(new, first.tolist(), lp)
         return self._collect(range(lo, lo + n))
+
+    @staticmethod
+    def rows_of(samplings: Sequence[Sampling]) -> int:
+        """Decode slots these requests take (n each)."""
+        return sum(s.n for s in samplings)
 
     # ------------------------------------------------------------------ stepping
 
@@ -143,20 +191,73 @@ class Decoder:
         if not n:
             return []
         span = max(s.col for s in self.seqs) + 1
-        logits = self._forward(n, span)
+        logits = self._forward(n, span)  # on CUDA: queued, the CPU goes on meanwhile
         seqs = self.seqs
+        toks, lp = self._choose(logits, seqs)
+        self.tok[:n] = toks
+        self.pos[:n] += 1
+        self.col[:n] += 1
+        for s in seqs:
+            s.col += 1
+        self._took(seqs, toks.tolist(), lp)  # the one GPU->CPU sync of a step
+        self.steps += 1
+        return self._collect(range(n))
+
+    def _choose(self, logits: Any, seqs: Sequence[Running]) -> Tuple[Any, Optional[Any]]:
+        """Each row's next token (logits row i belongs to seqs[i]), under its grammar, and
+        the log-probabilities the rows that asked for them get. Rows without a grammar or
+        logprobs cost nothing: with none of either and every row greedy, this is an argmax."""
+        constrained = [i for i, s in enumerate(seqs) if s.matcher is not None]
+        if constrained:
+            self._mask().apply(logits, constrained, [seqs[i].matcher for i in constrained])
         if all(s.sampling.greedy for s in seqs):
             toks = logits.argmax(dim=-1)
         else:
             toks = select_tokens(logits, [s.sampling for s in seqs], [s.generator for s in seqs])
-        self.tok[:n] = toks
-        self.pos[:n] += 1
-        self.col[:n] += 1
-        for s, t in zip(seqs, toks.tolist()):  # the one GPU->CPU sync of a step
-            s.col += 1
+        wanted = [i for i, s in enumerate(seqs) if s.sampling.logprobs]
+        return toks, (self._logprobs(logits, toks, wanted, seqs) if wanted else None)
+
+    def _mask(self) -> Any:
+        if self._bitmask is None:
+            self._bitmask = self.grammars.new_bitmask(self.slots, self.stack.device)  # type: ignore[union-attr]
+        return self._bitmask
+
+    @staticmethod
+    def _logprobs(logits: Any, toks: Any, rows: List[int], seqs: Sequence[Running]) -> Any:
+        """(rows, the chosen token's logprob per row, torch.topk of the largest
+        top_logprobs asked or None) of the rows asking, on the device: read back in
+        `_took`, after the tokens."""
+        import torch
+
+        idx = torch.tensor(rows, device=logits.device)
+        lp = torch.log_softmax(logits.index_select(0, idx), dim=-1)
+        chosen = lp.gather(1, toks.index_select(0, idx)[:, None])[:, 0]
+        k = max(seqs[i].sampling.top_logprobs for i in rows)
+        top = lp.topk(k, dim=-1) if k else None
+        return rows, chosen, top
+
+    def _took(self, seqs: Sequence[Running], toks: List[int], lp: Optional[Any]) -> None:
+        """The rows took these tokens: their grammars advance, their logprobs are kept."""
+        for s, t in zip(seqs, toks):
             s.tokens.append(t)
-        self.steps += 1
-        return self._collect(range(n))
+            if s.matcher is not None and not s.matcher.accept_token(t):
+                s.broken = True
+        if lp is None:
+            return
+        rows, chosen, top = lp
+        chosen = chosen.tolist()
+        top_v, top_i = (top.values.tolist(), top.indices.tolist()) if top is not None else ([], [])
+        for k, i in enumerate(rows):
+            s = seqs[i]
+            want = s.sampling.top_logprobs
+            best = (
+                [(t, v) for t, v in zip(top_i[k][:want], top_v[k][:want]) if v != float("-inf")]
+                if want
+                else []
+            )
+            if s.logprobs is None:
+                s.logprobs = []
+            s.logprobs.append((toks[i], chosen[k], best))
 
     def _forward(self, n: int, span: int) -> Any:
         b, s = n, span
@@ -203,22 +304,49 @@ class Decoder:
         """Stop these sequences now (their slots are freed); returns the keys that were running."""
         drop = {id(k) for k in keys}
         gone = [i for i, s in enumerate(self.seqs) if id(s.key) in drop]
-        found = [self.seqs[i].key for i in gone]
+        found = list({id(self.seqs[i].key): self.seqs[i].key for i in gone}.values())
+        for k in drop:
+            self._groups.pop(k, None)
         self._remove(gone)
         return found
 
     def _collect(self, indices: Sequence[int]) -> List[Finished]:
         done: List[Tuple[int, str]] = []
         for i in indices:
-            reason = self._stop_reason(self.seqs[i])
+            s = self.seqs[i]
+            reason = self._stop_reason(s)
             if reason is not None:
                 done.append((i, reason))
-        out = [(self.seqs[i].key, self._completion(self.seqs[i], reason)) for i, reason in done]
+            elif s.sampling.stream:
+                self._deltas.append(
+                    (s.key, s.index, s.tokens[s.sent :], s.logprobs[s.sent :] if s.logprobs else None)
+                )
+                s.sent = len(s.tokens)
+        out: List[Finished] = []
+        for i, reason in done:
+            s = self.seqs[i]
+            c = self._completion(s, reason)
+            group = self._groups.get(id(s.key)) if s.sampling.n > 1 else None
+            if group is None:
+                out.append((s.key, c))
+                continue
+            group[s.index] = c
+            if all(x is not None for x in group):
+                del self._groups[id(s.key)]
+                out.append((s.key, group))
         self._remove([i for i, _ in done])
+        return out
+
+    def take_deltas(self) -> List[Delta]:
+        """The streaming rows' tokens since the last call (rows that finished are not in it:
+        their completion carries everything)."""
+        out, self._deltas = self._deltas, []
         return out
 
     def _stop_reason(self, s: Running) -> Optional[str]:
         last = s.tokens[-1]
+        if s.matcher is not None and (s.broken or s.matcher.is_terminated()):
+            return "stop"  # the grammar is done (it accepted an end token), whatever ignore_eos says
         if not self.ignore_eos and last in self.eos:
             return "stop"
         if s.sampling.stop and find_stop(self._decode(s.tokens), s.sampling.stop) is not None:
@@ -261,7 +389,8 @@ class Decoder:
         text, stopped = cut_at_stop(raw, s.sampling.stop)
         if stopped:
             tokens = tokens[: self._tokens_until_stop(tokens, s.sampling.stop)]
-        return Completion(strip_think(text), raw, s.prompt_tokens, len(tokens), reason, tokens)
+        logprobs = s.logprobs[: len(tokens)] if s.logprobs is not None else None
+        return Completion(strip_think(text), raw, s.prompt_tokens, len(tokens), reason, tokens, logprobs)
 
     def _tokens_until_stop(self, tokens: List[int], stops: Sequence[str]) -> int:
         for k in range(1, len(tokens) + 1):

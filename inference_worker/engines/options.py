@@ -38,6 +38,9 @@ class EngineOptions:
     max_graphs: int = 48  # captured decode-step shapes kept on the GPU
     prefill_tokens: int = 8192  # prompt tokens prefilled in one step (bounds a step's length)
     score_rows: int = 256  # candidate rows scored per forward pass (bounds cache memory)
+    # CPU threads that fill the token masks of constrained rows (grammar.py); 1 = the
+    # model thread alone (fastest measured on 2 cores; try more on a many-core GPU host)
+    grammar_threads: int = 1
     # Benchmarks only: decode every request to its max_tokens even past end-of-sequence
     # (random weights end at arbitrary points; a benchmark must decode a fixed length).
     ignore_eos: bool = False

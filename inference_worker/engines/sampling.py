@@ -18,6 +18,12 @@ class Sampling:
     top_p: float = 1.0
     stop: Sequence[str] = field(default_factory=tuple)
     seed: Optional[int] = None
+    # a compiled grammar (grammar.py) the answer must match; None: free text
+    grammar: Optional[Any] = field(default=None, compare=False)
+    logprobs: bool = False  # the log-probability of each chosen token ...
+    top_logprobs: int = 0  # ... and of this many most likely tokens at each position
+    n: int = 1  # answers of one prompt, each in its own decode row (one prefill)
+    stream: bool = False  # hand out each step's new tokens (Decoder.take_deltas)
 
     @property
     def greedy(self) -> bool:
@@ -32,21 +38,26 @@ class Sampling:
             top_p=req.top_p,
             stop=tuple(req.stop),
             seed=req.seed,
+            logprobs=bool(getattr(req, "logprobs", False)),
+            top_logprobs=int(getattr(req, "top_logprobs", 0) or 0),
+            n=int(getattr(req, "n", 1) or 1),
+            stream=bool(getattr(req, "stream", False)),
         )
         values.update(override)
         return cls(**values)
 
 
-def new_generator(sampling: Sampling, device: Any) -> Optional[Any]:
+def new_generator(sampling: Sampling, device: Any, index: int = 0) -> Optional[Any]:
     """The seeded generator of a sampled request (None for greedy): a request's draws
-    depend on its seed alone, not on its batch-mates."""
+    depend on its seed alone, not on its batch-mates. Answer `index` of n draws from
+    seed + index."""
     if sampling.greedy:
         return None
     import torch
 
     g = torch.Generator(device=device)
     seed = sampling.seed
-    g.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
+    g.manual_seed(seed + index if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
     return g
 
 

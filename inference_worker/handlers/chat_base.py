@@ -12,9 +12,12 @@ at a time on an engine that batches by itself (vLLM), awaiting each op.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any, Dict, List, Optional, Sequence
 
+from inference_worker.engines.grammar import Constraint
 from inference_worker.engines.prompt import ChatPrompt
+from inference_worker.engines.sampling import Sampling
 from inference_worker.handlers.base import (
     AsyncHandler,
     Generate,
@@ -44,6 +47,35 @@ class ChatHandler(Handler):
     def check(self, prompt: ChatPrompt) -> ChatPrompt:
         """The prompt, checked and tokenized; raises the ProtocolError it fails with."""
         return self.engine.check(prompt, self.limits.max_prompt_tokens)
+
+    def sampling(self, req: Request, constraint: Optional[Constraint] = None, **override: Any) -> Sampling:
+        """The request's decoding settings, with its constraint compiled (runs where the
+        program starts: off the model thread); raises the ProtocolError of settings this
+        engine cannot honour."""
+        s = Sampling.of(req, **override)
+        constraint = constraint or Constraint.of(getattr(req, "constraint", None))
+        supports = getattr(self.engine, "check_sampling", None)
+        if supports is None:  # an engine without them (vLLM): refused, never ignored
+            asked = [
+                name
+                for name, on in (
+                    ("constraint", constraint is not None),
+                    ("n > 1", s.n > 1),
+                    ("logprobs", s.logprobs),
+                    ("stream", s.stream),
+                )
+                if on
+            ]
+            if asked:
+                raise ProtocolError(
+                    ErrorCode.INVALID,
+                    f"{', '.join(asked)}: not supported by this worker's backend (use --backend hf)",
+                )
+            return s
+        if constraint is not None:
+            s = replace(s, grammar=self.engine.grammar(constraint))
+        supports(s)
+        return s
 
     def program(self, request: Request) -> Program:
         raise NotImplementedError

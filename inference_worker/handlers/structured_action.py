@@ -1,15 +1,24 @@
 """`structured_action` (the MineRL policy server of seed 000): a frame in, the full MineRL
-action dict out, parsed from the model's JSON with the fallbacks of parsing/minerl_action.py.
-A malformed answer gives the default action with parse_ok False, never an error reply.
+action dict out.
+
+By default the answer is decoded under the action grammar (parsing/minerl_action.py
+`action_pattern`): every token the model may take keeps the answer on the way to a valid
+action object, so it always parses (`parse_ok` true by construction). The reasoning gets
+what `max_tokens` leaves after the longest action (338 bytes); the action itself is
+always finished, even when `max_tokens` is smaller. With `constrained: false` the model
+writes free text, parsed with the fallbacks of parsing/minerl_action.py: a malformed
+answer gives the default action with parse_ok False, never an error reply. A backend
+without constrained decoding (vLLM) always takes the free-text path, and the result's
+`constrained` says which path an answer took.
 """
 
 from __future__ import annotations
 
+from inference_worker.engines.grammar import Constraint
 from inference_worker.engines.prompt import ChatPrompt, from_chat_messages, image_part, user_prompt
-from inference_worker.engines.sampling import Sampling
 from inference_worker.handlers.base import Generate, Program
 from inference_worker.handlers.chat_base import ChatHandler
-from inference_worker.parsing.minerl_action import parse_minerl_action
+from inference_worker.parsing.minerl_action import action_pattern, parse_minerl_action, pattern_bytes
 from schemas.images import decode_image
 from schemas.messages import StructuredActionRequest, StructuredActionResult
 
@@ -52,7 +61,15 @@ class StructuredActionHandler(ChatHandler):
 
     def program(self, req: StructuredActionRequest) -> Program:
         prompt = self.check(minerl_prompt(req, self.limits))
-        c = yield Generate(prompt, Sampling.of(req))
+        # a backend without constrained decoding (vLLM) decodes free text, and says so
+        constrained = req.constrained and hasattr(self.engine, "grammar")
+        if constrained:
+            sampling = self.sampling(
+                req, action_constraint(req.max_tokens), max_tokens=action_budget(req.max_tokens)
+            )
+        else:
+            sampling = self.sampling(req)
+        c = yield Generate(prompt, sampling)
         parsed = parse_minerl_action(c.raw_text)
         return StructuredActionResult(
             action=parsed.action,
@@ -61,4 +78,24 @@ class StructuredActionHandler(ChatHandler):
             parse_ok=parsed.ok,
             prompt_tokens=c.prompt_tokens,
             completion_tokens=c.completion_tokens,
+            constrained=constrained,
         )
+
+
+MAX_REASONING_CHARS = 1000
+
+
+def reasoning_chars(max_tokens: int) -> int:
+    """Reasoning characters that fit `max_tokens` beside the longest action (a token is at
+    least one byte; one more token ends the answer)."""
+    return max(0, min(MAX_REASONING_CHARS, max_tokens - pattern_bytes(0) - 1))
+
+
+def action_constraint(max_tokens: int) -> Constraint:
+    return Constraint("regex", action_pattern(reasoning_chars(max_tokens)))
+
+
+def action_budget(max_tokens: int) -> int:
+    """Tokens that always finish a constrained answer: max_tokens, or more if the action
+    alone may need more."""
+    return max(max_tokens, pattern_bytes(reasoning_chars(max_tokens)) + 1)

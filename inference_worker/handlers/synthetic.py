@@ -3,7 +3,8 @@
 It is the smallest honest handler: it answers each kind with a well-formed result that
 depends on the request (first admissible command, default MineRL action, a zero chunk),
 so transport benchmarks, broker tests and the async-control tests measure vlmq and a
-known model latency, not a model.
+known model latency, not a model. What needs a model (a constraint, n > 1, logprobs) is
+refused with `invalid`, never ignored; a streaming request gets its reply and no pieces.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 from inference_worker.handlers.base import Handler, HandlerOutput
 from inference_worker.parsing.minerl_action import default_action
 from inference_worker.timing import Stopwatch
+from schemas.errors import ErrorCode, ProtocolError
 from schemas.messages import (
     ActionChunkResult,
     PreferenceResult,
@@ -33,6 +35,19 @@ class SyntheticHandler(Handler):
         self.blocking = latency_ms > 0
 
     def _result(self, req: Request):
+        needs_model = [
+            name
+            for name, on in (
+                ("constraint", getattr(req, "constraint", None) is not None),
+                ("n > 1", getattr(req, "n", 1) > 1),
+                ("logprobs", getattr(req, "logprobs", False)),
+            )
+            if on
+        ]
+        if needs_model:
+            return ProtocolError(
+                ErrorCode.INVALID, f"{', '.join(needs_model)}: the synthetic backend has no model"
+            )
         if self.kind == "action_chunk":
             return ActionChunkResult(chunk=np.zeros(self.chunk, np.float32), frames_encoded=1)
         if self.kind == "text_action":

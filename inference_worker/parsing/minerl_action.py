@@ -16,6 +16,7 @@ Rules (seed 000, the MineRL policy server; docs/MODELS.md):
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List
 
@@ -118,3 +119,55 @@ def parse_minerl_action(text: str, camera_limit: float = CAMERA_LIMIT) -> Parsed
     reasoning = next((str(obj[k]) for k in _REASONING_KEYS if obj.get(k)), "")
     reasoning = reasoning or around or think_content(text)
     return ParsedAction(action, reasoning, True, problems)
+
+
+# ----------------------------------------------------------------------------- the grammar
+
+# The action as a JSON schema: what parse_minerl_action's output (action and reasoning)
+# always satisfies, and what the gateway documents.
+ACTION_SCHEMA: Dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "action": {
+            "type": "object",
+            "properties": {
+                **{b: {"type": "integer", "enum": [0, 1]} for b in BUTTONS},
+                "camera": {
+                    "type": "array",
+                    "items": {"type": "number", "minimum": -CAMERA_LIMIT, "maximum": CAMERA_LIMIT},
+                    "minItems": 2,
+                    "maxItems": 2,
+                },
+            },
+            "required": [*BUTTONS, "camera"],
+            "additionalProperties": False,
+        },
+        "reasoning": {"type": "string"},
+    },
+    "required": ["action", "reasoning"],
+    "additionalProperties": False,
+}
+
+# An angle in [-180, 180] with at most two decimals (7 bytes at most: "-179.99").
+_ANGLE = r"-?(180(\.00?)?|(1[0-7][0-9]|[1-9]?[0-9])(\.[0-9][0-9]?)?)"
+# Reasoning: printable ASCII without quote or backslash, so one character is one byte.
+_REASONING_CHAR = r"[ !#-\[\]-~]"
+
+
+def action_pattern(reasoning_chars: int) -> str:
+    """The regular expression the constrained decoder holds an answer to: one JSON object,
+    keys in the prompt's order, laid out as the prompt shows it. Every answer it allows
+    parses (parse_ok) to an action valid under ACTION_SCHEMA, and is at most
+    `pattern_bytes(reasoning_chars)` bytes long, so that many tokens always finish it."""
+    keys = ", ".join(f'"{re.escape(b)}": [01]' for b in BUTTONS)
+    return (
+        r'\{"action": \{' + keys + rf', "camera": \[{_ANGLE}, {_ANGLE}\]\}}, "reasoning": "'
+        rf'{_REASONING_CHAR}{{0,{reasoning_chars}}}"\}}'
+    )
+
+
+def pattern_bytes(reasoning_chars: int) -> int:
+    """The longest answer `action_pattern` allows, in bytes."""
+    longest = {**default_action(), "camera": ["-179.99", "-179.99"]}
+    body = '{"action": {' + ", ".join(f'"{k}": {v if k != "camera" else ""}' for k, v in longest.items())
+    return len(body) + len("[-179.99, -179.99]}") + len(', "reasoning": ""}') + reasoning_chars

@@ -6,7 +6,8 @@ Roles, for key prefix P:
   observer   read-only: `vlmq inspect/top/tail/record`, the Prometheus sampler.
   gateway    an agent for every session (the HTTP gateway), plus worker heartbeats.
   agent-T    tenant T: adds to request streams (write-only: it cannot read anyone's requests)
-             and reads only the reply streams of sessions named "T.<anything>".
+             and reads only the reply (and partial-reply) streams of sessions named
+             "T.<anything>".
 
 Tenants map to session-id prefixes: tenant "acme" owns sessions "acme.robot-7", "acme.0", ...
 The reply stream of session S is P:reply:{p<n>}:S; session ids cannot contain "{" or "}",
@@ -61,20 +62,21 @@ def users(prefix: str = "vlmq", tenants: Sequence[str] = ()) -> List[User]:
         User("vlmq-admin", "~* &*", "+@all"),
         User(
             "vlmq-worker",
-            f"~{p}:req:* ~{p}:reply:* ~{p}:dlq:* ~{p}:epoch:* ~{p}:worker:* ~{p}:meta",
+            f"~{p}:req:* ~{p}:reply:* ~{p}:part:* ~{p}:dlq:* ~{p}:epoch:* ~{p}:worker:* ~{p}:meta",
             WORKER_COMMANDS,
         ),
         User("vlmq-observer", f"%R~{p}:*", OBSERVER_COMMANDS),
         User(
             "vlmq-gateway",
-            f"%W~{p}:req:* %R~{p}:reply:* %R~{p}:meta %R~{p}:worker:*",
+            f"%W~{p}:req:* %R~{p}:reply:* %R~{p}:part:* %R~{p}:meta %R~{p}:worker:*",
             GATEWAY_COMMANDS,
         ),
     ]
     for t in tenants:
         if not TENANT_PATTERN.match(t):
             raise ValueError(f"tenant {t!r} must match {TENANT_PATTERN.pattern}")
-        out.append(User(f"agent-{t}", f"%W~{p}:req:* %R~{p}:reply:{{p*}}:{t}.* %R~{p}:meta", AGENT_COMMANDS))
+        keys = f"%W~{p}:req:* %R~{p}:reply:{{p*}}:{t}.* %R~{p}:part:{{p*}}:{t}.* %R~{p}:meta"
+        out.append(User(f"agent-{t}", keys, AGENT_COMMANDS))
     return out
 
 

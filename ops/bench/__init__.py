@@ -15,6 +15,7 @@ BENCHMARKS = {
     "multigpu": "ops.bench.multigpu",
     "kernels": "ops.bench.kernels",
     "backends": "ops.bench.backends",
+    "structured": "ops.bench.structured",
 }
 
 

@@ -23,26 +23,37 @@ STATUS: Dict[ErrorCode, int] = {
 }
 
 # OpenAI's error "type" for a status (its SDK picks the exception class by status alone).
-_OPENAI_TYPE = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error"}
+_OPENAI_TYPE = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+}
 
 
 class GatewayError(Exception):
     """An HTTP error answer: status, a message a person can act on, and a short code."""
 
     def __init__(
-        self, status: int, message: str, code: str, headers: Optional[Dict[str, str]] = None
+        self,
+        status: int,
+        message: str,
+        code: str,
+        headers: Optional[Dict[str, str]] = None,
+        param: Optional[str] = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
         self.headers = headers or {}
+        self.param = param  # the request field at fault, when there is one
 
     @classmethod
     def from_protocol(cls, exc: ProtocolError) -> GatewayError:
         status = STATUS.get(exc.code, 500)
         headers = {"Retry-After": "1"} if exc.code == ErrorCode.BACKLOG_FULL else None
-        return cls(status, exc.message, exc.code.value, headers)
+        return cls(status, exc.message, exc.code.value, headers, param=param_of(exc.detail))
 
     def openai_body(self) -> dict:
         kind = _OPENAI_TYPE.get(self.status) or (
@@ -50,11 +61,19 @@ class GatewayError(Exception):
         )
         if self.status == 429:
             kind = "rate_limit_error"
-        return {"error": {"message": self.message, "type": kind, "param": None, "code": self.code}}
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
     def detail_body(self) -> dict:
         """FastAPI's shape, which the MineRL policy server of the seeds answered with."""
         return {"detail": self.message, "code": self.code}
+
+
+def param_of(detail: object) -> Optional[str]:
+    """The field a validation error names first (its `loc`), as OpenAI's `param`."""
+    if isinstance(detail, list) and detail and isinstance(detail[0], dict):
+        loc = detail[0].get("loc") or []
+        return ".".join(str(x) for x in loc) or None
+    return None
 
 
 Endpoint = Callable[[Request], Awaitable[Response]]

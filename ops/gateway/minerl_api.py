@@ -4,8 +4,10 @@
 `POST /get_action` takes `{"task_name", "image": {"data": base64 PNG/JPEG}, "step",
 "temperature", "max_tokens"}` and answers `{"action": {...MineRL action dict...},
 "reasoning", "step"}` (plus `parse_ok`: false when the model's answer was unusable and the
-action is the all-zero default). A session may be named with `X-Session-Id` or a
-`session_id` field; otherwise the gateway's pooled sessions carry the call.
+action is the all-zero default; the worker decodes under the action grammar unless the
+body says `"constrained": false`, so it is true). A session may be named with
+`X-Session-Id` or a `session_id` field; otherwise the gateway's pooled sessions carry the
+call.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ def routes(gw: Gateway) -> List[Route]:
             "step": data.get("step", 0),
             "temperature": data.get("temperature"),
             "max_tokens": data.get("max_tokens"),
+            "constrained": data.get("constrained"),  # vlmq extension: false for free text
             "model": gw.route(data.get("model")),
         }
         req = gw.build(StructuredActionRequest, {k: v for k, v in fields.items() if v is not None})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
-from typing import Any, Dict, List, Mapping, Optional, Type, TypeVar
+from typing import Any, AsyncIterator, Dict, List, Mapping, Optional, Type, TypeVar, Union
 
 from pydantic import ValidationError
 from redis.exceptions import RedisError
@@ -19,11 +19,12 @@ from ops.gateway.errors import GatewayError
 from ops.gateway.sessions import SessionPool
 from ops.gateway.settings import GatewaySettings
 from schemas.errors import ErrorCode, ProtocolError
-from schemas.messages import Reply, Request, describe_validation_error
+from schemas.messages import Partial, Reply, Request, describe_validation_error
 
 R = TypeVar("R", bound=Request)
 
 _WORKERS_TTL_S = 1.0  # /health is polled: don't SCAN for heartbeats more often than this
+NO_WORKER_RETRY_S = 2  # Retry-After of a 503 when no live worker serves the model
 
 
 class Gateway:
@@ -75,7 +76,11 @@ class Gateway:
         try:
             return model.model_validate(data, context={"limits": self.settings.limits})
         except ValidationError as exc:
-            raise GatewayError(400, describe_validation_error(exc), ErrorCode.INVALID.value) from None
+            errors = exc.errors(include_url=False)
+            param = ".".join(str(x) for x in errors[0]["loc"]) if errors and errors[0]["loc"] else None
+            raise GatewayError(
+                400, describe_validation_error(exc), ErrorCode.INVALID.value, param=param
+            ) from None
         except ProtocolError as exc:
             raise GatewayError.from_protocol(exc) from None
 
@@ -91,14 +96,37 @@ class Gateway:
     async def call(self, req: Request, session_id: Optional[str] = None) -> Reply:
         """Publish `req` in a session and wait for its reply; anything but an ok reply
         becomes a GatewayError with the status it deserves."""
+        events = self.stream(req, session_id, partials=False)
+        try:
+            reply = await events.__anext__()  # the one event: the reply
+        finally:
+            await events.aclose()
+        assert isinstance(reply, Reply)
+        return reply
+
+    async def stream(
+        self, req: Request, session_id: Optional[str] = None, partials: bool = True
+    ) -> AsyncIterator[Union[Partial, Reply]]:
+        """`call`, yielding the request's partial replies before its reply (`partials` and a
+        request that streams)."""
         assert self.sessions is not None, "Gateway.start() first"
+        await self.require_worker(req.kind, req.model)
         timeout = self.settings.timeout_s
         if req.deadline is None:
             req.deadline = time.time() + timeout  # nobody waits longer: let the worker skip it
         try:
             client = await self.sessions.get(session_id)
             req.session_id = client.session_id
-            reply = await client.request(req, timeout)
+            if partials and getattr(req, "stream", False):
+                reply = None
+                async for event in client.stream(req, timeout):
+                    if isinstance(event, Reply):
+                        reply = event
+                    else:
+                        yield event
+                assert reply is not None
+            else:
+                reply = await client.request(req, timeout)
         except ValueError as exc:  # a session id that can't be one
             raise GatewayError(400, str(exc), ErrorCode.INVALID.value) from None
         except BacklogFull as exc:
@@ -108,13 +136,38 @@ class Gateway:
                 504,
                 f"no reply within {timeout:g} s (VLMQ_GATEWAY_TIMEOUT_S); are workers running?",
                 "timeout",
+                # the request may still run: a retry would wait as long again, for a second copy
+                headers={"x-should-retry": "false"},
             ) from None
         except RedisError as exc:
             raise GatewayError(503, f"Redis is unreachable: {exc}", "unavailable") from None
         if not reply.ok:
             assert reply.error is not None
-            raise GatewayError.from_protocol(ProtocolError(reply.error.code, reply.error.message))
-        return reply
+            raise GatewayError.from_protocol(
+                ProtocolError(reply.error.code, reply.error.message, reply.error.detail)
+            )
+        yield reply
+
+    async def require_worker(self, kind: str, model: Optional[str]) -> None:
+        """A 503 with Retry-After, at once, when no live worker serves `kind` for `model`
+        (None: the shared streams): a client then retries as often as it chose to, instead
+        of each try waiting out the timeout."""
+        try:
+            for fresh in (False, True):  # a worker that just started may not be in the cache yet
+                if fresh:
+                    self._workers_at = 0.0
+                live = await self.serving(kind)
+                if any(model is None or w.get("model_name") == model for w in live):
+                    return
+        except RedisError as exc:
+            raise GatewayError(503, f"Redis is unreachable: {exc}", "unavailable") from None
+        name = model or self.settings.models[0]
+        raise GatewayError(
+            503,
+            f"no live worker serves {kind} for model {name!r}; retry later or start one",
+            "no_worker",
+            headers={"Retry-After": str(NO_WORKER_RETRY_S)},
+        )
 
     # ------------------------------------------------------------------ workers
 

@@ -32,7 +32,9 @@ class GatewaySettings:
     # by workers started with `--model-name NAME`. Any other name is answered 404.
     models: Tuple[str, ...] = ("vlmq",)
     timeout_s: float = 120.0  # longest wait for a reply; also the request's deadline
-    default_max_tokens: int = 256  # when an OpenAI request names no max_tokens
+    # max_tokens of an OpenAI request that names none; 0: the rest of the context (the worker
+    # stops at the end of its decode slot), at most VLMQ_MAX_NEW_TOKENS, as vLLM does
+    default_max_tokens: int = 0
     sessions: int = 8  # pooled sessions for requests that name none
     max_sessions: int = 1024  # named sessions (X-Session-Id, WebSocket) kept open at once
     ws_max_in_flight: int = 256  # requests one WebSocket may have waiting
@@ -92,7 +94,8 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
         var="GATEWAY_DEFAULT_MAX_TOKENS",
         default=d.default_max_tokens,
         type=int,
-        help="max_tokens of OpenAI requests that give none",
+        help="max_tokens of OpenAI requests that give none; 0: the rest of the context, at most "
+        "VLMQ_MAX_NEW_TOKENS",
     )
     flag(
         g,

@@ -3,7 +3,9 @@
 Each binary frame a client sends is one request body, exactly as it would go into a
 request stream (`packb(request.to_wire())`); each binary frame the gateway sends back is
 one reply body, exactly as a reply stream holds it (decode with `decode_reply`). Requests
-may be pipelined: replies come back as they are ready, matched by `request_id`. The socket
+may be pipelined: replies come back as they are ready, matched by `request_id`. A request
+with `stream: true` also gets its partial replies first, one frame each (maps with
+`partial: true`; decode with `decode_partial`). The socket
 is one session: `?session=ID` names it (the default is a fresh id), and requests that
 leave `session_id` empty are filled in. A frame that can't be a request is answered with
 an error reply at once and never reaches a worker.
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from typing import Optional, Set
+from typing import Optional, Set, Union
 
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -23,7 +25,7 @@ from ops.gateway.errors import GatewayError
 from ops.gateway.service import Gateway
 from schemas.codec import packb, unpackb
 from schemas.errors import ErrorCode, ProtocolError
-from schemas.messages import ErrorInfo, Reply, decode_request
+from schemas.messages import ErrorInfo, Partial, Reply, decode_request
 
 _POLICY_VIOLATION = 1008
 
@@ -64,7 +66,7 @@ def route(gw: Gateway) -> WebSocketRoute:
         send_lock = asyncio.Lock()
         tasks: Set[asyncio.Task] = set()
 
-        async def send(reply: Reply) -> None:
+        async def send(reply: Union[Reply, Partial]) -> None:
             async with send_lock:
                 await ws.send_bytes(packb(reply.to_wire()))
 
@@ -82,6 +84,10 @@ def route(gw: Gateway) -> WebSocketRoute:
                         f"{client.outstanding} requests of this socket are waiting; the limit is "
                         f"{gw.settings.ws_max_in_flight}",
                     )
+                if getattr(req, "stream", False):
+                    async for event in client.stream(req):
+                        await send(event)
+                    return
                 fut = await client.submit(req)
             except (ProtocolError, BacklogFull) as exc:
                 await send(_error_reply(gw, session, exc, body))
