@@ -26,6 +26,7 @@ COMMANDS = [
     "inference_worker.vla.cli",  # vla
     "env_agents.cli",  # agents
     "env_agents.traces.cli",  # traces
+    "env_agents.envs.cli",  # envs
 ]
 
 
