@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -167,6 +168,8 @@ def run(args) -> int:
         raise SystemExit("--games, --runs and --sessions must be >= 1, and --games a multiple of --sessions")
     # fast-downward's translator rebinds sys.argv on every game load; the records name this command.
     command = sys.argv
+    # A terminated run still stops its worker and Redis (the finally below).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     tmp = tempfile.TemporaryDirectory(prefix="vlmq-alfworld-")
     worker: Optional[subprocess.Popen] = None
     server = None
