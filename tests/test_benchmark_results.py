@@ -12,6 +12,7 @@ from tests.helpers import REPO
 
 FILES = sorted(glob.glob(os.path.join(REPO, "benchmarks", "results", "*.json")))
 KEYS = {"metric", "value", "unit", "baseline", "ratio", "machine", "date", "command"}
+RUN_KEYS = {"commit", "runs", "min", "max"}  # records written by ops/bench/records.py record()
 
 
 def _load(path: str) -> list:
@@ -24,7 +25,10 @@ def test_result_records(path):
     records = _load(path)
     assert isinstance(records, list) and records
     for r in records:
-        assert set(r) == KEYS, r
+        assert KEYS <= set(r) <= KEYS | RUN_KEYS, r
+        if "runs" in r:
+            assert set(r) == KEYS | RUN_KEYS and r["runs"] >= 1 and r["commit"], r
+            assert r["min"] <= r["value"] <= r["max"], r
         assert isinstance(r["metric"], str) and isinstance(r["value"], (int, float))
         assert r["machine"] and r["date"] and r["command"] and r["unit"]
         if r["baseline"] is None:

@@ -90,7 +90,7 @@ class ALFWorldAdapter(TextWorldAdapter):
 
     def share(self, index: int, count: int) -> None:
         """Session `index` of `count` plays games index, index + count, ... of the list
-        (all of them when there are fewer games than sessions: each takes one in turn)."""
+        (with fewer games than sessions, game index mod the number of games)."""
         files = self.game_files
         self._mine = files[index::count] if len(files) >= count else [files[index % len(files)]]
 
