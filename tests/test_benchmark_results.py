@@ -44,5 +44,7 @@ def test_the_issues_metrics_are_recorded():
     assert "throughput_rps_128_sessions" in metrics["gpu_chat.json"]
     assert {"chunk_latency_p50_ms_batch1", "cache_speedup", "success_rate"} <= metrics["vla.json"]
     assert "starvation_fraction_30hz_64_sessions" in metrics["agents.json"]
+    alfworld = {"alfworld_success_rate", "alfworld_success_rate_random", "alfworld_success_rate_expert"}
+    assert alfworld <= metrics["agents.json"]
     assert {"lost_requests", "duplicate_replies", "requests_answered"} <= metrics["reliability.json"]
     assert "scaling_efficiency_4_procs" in metrics["scale.json"]
