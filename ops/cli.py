@@ -28,6 +28,7 @@ COMMANDS = [
     "inference_worker.vla.cli",  # vla
     "env_agents.cli",  # agents
     "env_agents.traces.cli",  # traces
+    "env_agents.envs.cli",  # envs
 ]
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")

@@ -76,3 +76,19 @@ def tiny_vla(tiny_qwen2_vl, tmp_path_factory) -> str:
     folder = str(tmp_path_factory.mktemp("tiny-vla"))
     QwenVLA.build(VLAConfig(vlm_path=tiny_qwen2_vl, **TINY), seed=0).save(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def alfworld_data(tmp_path_factory) -> str:
+    """An ALFWorld data folder holding three small generated games (json_2.1.1/generated/),
+    made once (~3 s): pick and place, look at in light, clean and place."""
+    pytest.importorskip("alfworld")
+    from env_agents.envs.alfworld import split_dir
+    from env_agents.envs.alfworld_games import make_games
+
+    root = str(tmp_path_factory.mktemp("alfworld"))
+    types = ("pick_and_place_simple", "look_at_obj_in_light", "pick_clean_then_place_in_recep")
+    make_games(
+        split_dir(root, "generated"), 3, seed=0, task_types=types, floor_plans=(302, 401), distractors=3
+    )
+    return root

@@ -100,6 +100,7 @@ def test_env_agents_never_import_torch():
     code = (
         "import sys, env_agents.cli, env_agents.runner.launcher, env_agents.envs.miniworld, "
         "env_agents.envs.textworld, env_agents.envs.crafter, env_agents.envs.alfworld, "
+        "env_agents.envs.alfworld_games, env_agents.envs.cli, "
         "env_agents.traces.sft, env_agents.traces.store, env_agents.preference.report, "
         "env_agents.preference.labelling; "
         "assert 'torch' not in sys.modules, 'torch was imported'"

@@ -145,15 +145,27 @@ def test_crafter_text_action(broker, chat_worker):
     assert res.episodes[0]["steps"] == 5
 
 
-def test_alfworld_without_games_fails_fast_and_says_what_to_do(tmp_path, monkeypatch):
-    from env_agents.envs import make_adapter
-    from env_agents.envs.alfworld import call_with_timeout
+def test_alfworld_plays_generated_games_through_the_queue_into_sft_data(
+    broker, chat_worker, alfworld_data, tmp_path
+):
+    from env_agents.traces.sft import export_sft
 
-    monkeypatch.setenv("ALFWORLD_DATA", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="alfworld-download"):
-        make_adapter("alfworld")
-    with pytest.raises(TimeoutError, match="ALFWORLD_DATA"):
-        call_with_timeout(lambda: time.sleep(5), 0.2, "ALFWorld reset()")
+    db = str(tmp_path / "alfworld.db")
+    opts = {"split": "generated", "data": alfworld_data}
+    res = run(broker, "alfworld", "text_action", n=3, max_steps=3, env_options=opts, traces=db)
+    con = sqlite3.connect(db)
+    tasks = {row[0] for row in con.execute("SELECT task FROM episodes")}
+    assert len(tasks) == 3  # three sessions, one game each
+    for req, reply in con.execute("SELECT request, reply FROM requests"):
+        req, reply = json.loads(req), json.loads(reply)
+        assert reply["choice"] in req["admissible_commands"]  # the worker scored ALFWorld's commands
+        assert "Your task: " in req["messages"][0]["content"]
+    counts = export_sft(db, str(tmp_path / "sft"), val_fraction=0.0)
+    assert counts.train_samples == sum(ep["steps"] for ep in res.episodes)
+    with open(tmp_path / "sft" / "train.jsonl") as f:
+        sample = json.loads(f.readline())
+    assert sample["metadata"]["env_id"] == "alfworld"
+    assert sample["messages"][-1]["role"] == "assistant" and sample["messages"][-1]["content"]
 
 
 def test_miniworld_progress_and_success_come_from_the_env():

@@ -59,6 +59,11 @@ class EnvAdapter:
     def to_env_action(self, item: Any) -> Any:
         return item
 
+    def share(self, index: int, count: int) -> None:
+        """This adapter serves session `index` of `count` built with the same options;
+        adapters over a fixed set of games take their share of it (others have nothing to
+        share)."""
+
     def random_action(self, rng: np.random.Generator) -> Any:
         """An env action drawn uniformly (rollouts for preference labelling)."""
         raise NotImplementedError(f"{self.env_id} has no random policy")

@@ -13,6 +13,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence
 
+import numpy as np
+
 from env_agents.envs.base import EnvAdapter, Observation, StepResult
 from env_agents.envs.prompts import choice_messages
 from schemas.messages import Reply, Request, TextActionRequest
@@ -113,9 +115,11 @@ class TextWorldAdapter(EnvAdapter):
         self.env = play(files, int(max_episode_steps))
         self.history_len = int(history)
         self.history: List[str] = []
+        self.commands: List[str] = []  # the admissible commands of the last observation
 
     def _observation(self, text: str, infos: dict, score: float = 0.0) -> Observation:
         commands = list(infos.get("admissible_commands") or [])
+        self.commands = commands
         max_score = float(infos.get("max_score") or 1.0)
         return Observation(
             text=text.strip(),
@@ -151,6 +155,10 @@ class TextWorldAdapter(EnvAdapter):
     def actions(self, kind: str, reply: Reply) -> Sequence[Any]:
         res = reply.result
         return [res.choice if res.choice is not None else res.text.strip()]
+
+    def random_action(self, rng: np.random.Generator) -> Any:
+        """One of the last observation's admissible commands, uniformly."""
+        return self.commands[int(rng.integers(len(self.commands)))] if self.commands else "look"
 
     def close(self) -> None:
         self.env.close()

@@ -16,7 +16,9 @@ Emit = Callable[[str, Any], None]
 
 
 def make_session_adapter(spec: RunSpec, index: int) -> EnvAdapter:
-    return make_adapter(spec.env_id, seed=spec.episode_seed(index, 0), size=spec.size, **spec.env_options)
+    adapter = make_adapter(spec.env_id, seed=spec.episode_seed(index, 0), size=spec.size, **spec.env_options)
+    adapter.share(index, spec.n)
+    return adapter
 
 
 async def run_session(

@@ -7,6 +7,7 @@ import importlib
 BENCHMARKS = {
     "transport": "ops.bench.transport",
     "agents": "ops.bench.agents",
+    "alfworld": "ops.bench.alfworld",
     "reliability": "ops.bench.reliability",
     "chat": "ops.bench.chat",
     "scale": "ops.bench.scale",

@@ -8,9 +8,10 @@ ARG PYTHON_IMAGE=python:3.11-slim
 FROM ${PYTHON_IMAGE}
 ARG EXTRAS=envs,ops
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-# Headless OpenGL (EGL/Mesa) for MiniWorld's renderer.
+# Headless OpenGL (EGL/Mesa) for MiniWorld's renderer; g++ and make for the fast-downward
+# build that alfworld's textworld[pddl] runs at install.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends libgl1 libegl1 libgl1-mesa-dri libglu1-mesa \
+    && apt-get install -y --no-install-recommends libgl1 libegl1 libgl1-mesa-dri libglu1-mesa g++ make \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
 COPY pyproject.toml README.md ./
