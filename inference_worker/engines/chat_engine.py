@@ -15,6 +15,8 @@ the constrained rows of each step.
 
 from __future__ import annotations
 
+import logging
+
 import math
 from collections import deque
 from typing import Any, Deque, List, Optional, Sequence, Tuple
@@ -35,6 +37,8 @@ from inference_worker.engines.vision_encoder import VisionEncoder, has_deepstack
 from inference_worker.engines.vision_fusion import fuse_vision_ops
 from inference_worker.models.loading import LoadedVLM
 from inference_worker.timing import Stopwatch
+
+log = logging.getLogger("vlmq.engine")
 
 DEFAULT_MAX_SEQUENCES = 256
 
@@ -175,8 +179,15 @@ class ChatEngine:
             self.generate([user_prompt(frame, "warm up")] * n, [Sampling(max_tokens=2)] * n)
         self.score([user_prompt("warm up")], [["a", "b c"]])
         # a constrained step: the grammar tables and the device mask kernel are made here
-        json_row = Sampling(max_tokens=2, grammar=self.grammar(Constraint("json_object")))
-        self.generate([user_prompt("warm up")], [json_row])
+        # (without xgrammar, constrained requests are refused one by one, with a reply)
+        from schemas.errors import ProtocolError
+
+        try:
+            json_row = Sampling(max_tokens=2, grammar=self.grammar(Constraint("json_object")))
+        except ProtocolError as exc:
+            log.warning("no constrained decoding on this worker: %s", exc.message)
+        else:
+            self.generate([user_prompt("warm up")], [json_row])
         self.decoder.capture_all(self.decoder.slots)
         self._warm = True
 

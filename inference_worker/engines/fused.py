@@ -63,11 +63,25 @@ class Kernels:
             self.silu_mul = _maybe_compiled(silu_mul, compile)
 
 
+# Compiled variants one function may have: one per dtype, rank and grad mode it meets (the
+# chat engine runs under inference_mode, the VLA's feature pass under no_grad, each in bf16
+# and float32 at warm-up). Past torch's default of 8 a fullgraph compile fails outright,
+# and a failed function would run op by op from then on.
+RECOMPILE_LIMIT = 64
+
+
 def _maybe_compiled(fn: Callable, compile: bool) -> Callable:
     if not compile:
         return fn
     import torch
+    import torch._dynamo
 
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if getattr(cfg, name, RECOMPILE_LIMIT) < RECOMPILE_LIMIT:
+            setattr(cfg, name, RECOMPILE_LIMIT)
+    if getattr(cfg, "accumulated_recompile_limit", 4 * RECOMPILE_LIMIT) < 4 * RECOMPILE_LIMIT:
+        cfg.accumulated_recompile_limit = 4 * RECOMPILE_LIMIT
     compiled = torch.compile(fn, dynamic=True, fullgraph=True)
     state = {"use": compiled}
 
@@ -77,7 +91,12 @@ def _maybe_compiled(fn: Callable, compile: bool) -> Callable:
         except Exception as exc:  # no triton, an inductor bug: the plain ops are correct too
             if state["use"] is fn:
                 raise
-            log.warning("torch.compile of %s failed (%s); running it op by op", fn.__name__, exc)
+            log.error(
+                "torch.compile of %s failed (%s: %s); it runs op by op from now on, slower",
+                fn.__name__,
+                type(exc).__name__,
+                exc,
+            )
             state["use"] = fn
             return fn(*args)
 

@@ -74,8 +74,10 @@ class TextStack:
         position `positions[r]` goes to cache column `cols[r]` of row r (`rows` is
         arange(B)), and attends to the first `span` columns its mask allows. `cache` holds
         exactly these B rows. Returns logits (B, vocab) in float32."""
+        import torch
+
         b = tokens.shape[0]
-        cache.mask[rows, cols] = True
+        cache.mask[rows, cols] = torch.ones_like(cols, dtype=torch.bool)  # no host scalar: capturable
         allowed = cache.mask[:, None, None, :span]  # (B, 1, 1, span)
         h = self.embed(tokens[:, None])
         h, pending = self._layers(
