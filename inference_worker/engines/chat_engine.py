@@ -16,7 +16,6 @@ the constrained rows of each step.
 from __future__ import annotations
 
 import logging
-
 import math
 from collections import deque
 from typing import Any, Deque, List, Optional, Sequence, Tuple
