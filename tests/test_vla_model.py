@@ -211,3 +211,29 @@ def test_cli_record_convert_train_eval(tiny_qwen2_vl, tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert 0.0 <= report["vla"]["success_rate"] <= 1.0 and report["vla"]["chunks"] > 0
     assert 0.0 <= report["random"]["success_rate"] <= 1.0
+
+
+def test_batches_padded_to_a_graph_bucket_give_each_frame_its_own_features(vla):
+    """With CUDA graphs a batch of 3 runs as the bucket of 4 (the last frame repeated); each
+    real frame's features are what the unpadded batch gives it."""
+
+    class Buckets:  # graphs that never replay: the eager pass of the padded batch runs
+        max_batch = 64
+        captured = 0
+
+        def __call__(self, batch):
+            self.seen = batch.batch
+            return None
+
+    ex = vla.extractor
+    imgs, texts = frames(3, 11), ["go", "go to the red box please", "turn"]
+    plain = ex.encode(imgs, texts)
+    ex.graphs = Buckets()
+    try:
+        padded = ex.encode(imgs, texts)
+        assert ex.graphs.seen == 4
+    finally:
+        ex.graphs = None
+    assert len(padded) == 3
+    for a, b in zip(plain, padded):
+        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-4, rtol=1e-4)

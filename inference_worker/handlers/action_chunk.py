@@ -16,7 +16,8 @@ Options (`vlmq worker --option KEY=VALUE`, or the VLMQ_* variable):
   vla_ttl_s=600           a session idle this long is dropped (VLMQ_VLA_TTL_S)
   vla_steps=N             Euler steps (default: the VLA's config) (VLMQ_VLA_STEPS)
   vla_cuda_graphs=1       on CUDA, replay the expert's Euler steps, and the VLM feature pass of
-                          up to 32 frames, as CUDA graphs (VLMQ_VLA_CUDA_GRAPHS)
+                          up to 64 frames, as CUDA graphs, one per batch bucket, all captured
+                          at warm-up (VLMQ_VLA_CUDA_GRAPHS)
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from inference_worker.engines.decoder import BUCKETS
 from inference_worker.handlers.base import Handler, HandlerOutput
 from inference_worker.timing import Stopwatch
 from inference_worker.vla.cache import FeatureCache
@@ -44,6 +46,7 @@ from schemas.limits import DEFAULT_LIMITS, Limits
 from schemas.messages import ActionChunkRequest, ActionChunkResult
 
 CACHE_MODES = ("features", "frames")
+MAX_GRAPH_BATCH = 64  # batches up to this replay captured graphs (feature pass and expert)
 log = logging.getLogger("vlmq.vla")
 
 
@@ -79,17 +82,27 @@ class ActionChunkHandler(Handler):
         if cuda_graphs and vla.device.type == "cuda":
             self.graphs = GraphedSampler(vla.expert, self.cfg.num_steps)
             if vla.extractor is not None:
-                vla.extractor.use_cuda_graphs()
+                vla.extractor.use_cuda_graphs(MAX_GRAPH_BATCH)
 
     # ------------------------------------------------------------------ serving
 
     def warmup(self) -> None:
-        size = self.cfg.image_size
-        req = ActionChunkRequest(
-            session_id="vlmq-warmup", image=np.zeros((size, size, 3), np.uint8), noise_seed=0
-        )
-        self.run([req])
-        self.cache.reset("vlmq-warmup")
+        """Run every path once; with CUDA graphs, every batch bucket in the steady state (a
+        full context of cached frames), so serving never pays a graph capture."""
+        frame = np.zeros((self.cfg.image_size, self.cfg.image_size, 3), np.uint8)
+        sizes = [b for b in BUCKETS if b <= MAX_GRAPH_BATCH] if self.graphs is not None else [1]
+        sessions = [f"vlmq-warmup-{i}" for i in range(max(sizes))]
+        for b in sizes:
+            for k in range(self.cfg.num_frames):
+                step = k * self.cfg.frame_skip
+                self.run(
+                    [
+                        ActionChunkRequest(session_id=s, step=step, image=frame, noise_seed=0)
+                        for s in sessions[:b]
+                    ]
+                )
+            for s in sessions[:b]:
+                self.cache.reset(s)
 
     def run(self, requests: Sequence[ActionChunkRequest]) -> HandlerOutput:
         sw = Stopwatch()

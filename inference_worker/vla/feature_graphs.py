@@ -61,7 +61,7 @@ class _Graph:
 
 class FeatureGraphs:
     def __init__(
-        self, extractor: Any, max_batch: int = 64, length_step: int = 16, max_graphs: int = 8
+        self, extractor: Any, max_batch: int = 64, length_step: int = 16, max_graphs: int = 24
     ) -> None:
         self.extractor = extractor
         self.max_batch, self.length_step = max_batch, length_step

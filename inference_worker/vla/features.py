@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from inference_worker.engines.decoder import BUCKETS, bucket
+
 VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
 RESERVED = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
 
@@ -183,10 +185,31 @@ class FeatureExtractor:
             return []
         for text in instructions:
             self.check_instruction(text)
+        n = len(frames)
+        if self.graphs is not None and n <= self.graphs.max_batch:
+            # graphs are captured per batch bucket: a batch of 5 replays the graph of 8, its
+            # last frame repeated (served batch sizes vary from one batch to the next, and a
+            # capture per size would cost far more than the padding)
+            pad = bucket(n) - n
+            frames = list(frames) + [frames[-1]] * pad
+            instructions = list(instructions) + [instructions[-1]] * pad
         images = self._pixels(frames)
         prompts = [self._prompt(f, t) for f, t in zip(frames, instructions)]
         batch = self.inputs.build(prompts, images)
         hidden = self.hidden_states(batch)
         # left-padded rows: each frame's tokens are the last `length` columns of its row
         # (lengths are known on the CPU: slicing needs no GPU->CPU sync)
-        return [hidden[i, batch.length - n :] for i, n in enumerate(batch.row_lengths)]
+        return [hidden[i, batch.length - k :] for i, k in enumerate(batch.row_lengths[:n])]
+
+    def capture(self, instruction: str = "go") -> int:
+        """Capture the feature graphs of every batch bucket at the configured frame size (at
+        warm-up, so serving never pays a capture)."""
+        if self.graphs is None:
+            return 0
+        frame = np.zeros((self.image_size, self.image_size, 3), np.uint8)
+        before = self.graphs.captured
+        for b in BUCKETS:
+            if b > self.graphs.max_batch:
+                break
+            self.encode([frame] * b, [instruction] * b)
+        return self.graphs.captured - before

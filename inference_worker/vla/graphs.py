@@ -2,8 +2,9 @@
 
 Eager, the 10 Euler steps of an 8-block expert launch ~1,500 small kernels, and at batch 1
 the GPU waits on the launches, not on arithmetic. A graph per (batch, context length)
-shape replays them with one launch. Context lengths are padded up to a multiple of
-`bucket` tokens (masked, so the result is the same) to keep the number of graphs small;
+shape replays them with one launch. Batches are padded up to a batch bucket (the decode graphs'
+buckets: served batch sizes vary from batch to batch) and context lengths up to a multiple
+of `length_step` tokens (masked, so the result is the same) to keep the number of graphs small;
 the least recently used graph is dropped past `max_graphs`. Guided (RTC) sampling needs
 autograd and stays eager. Capture and replay go through engines/cuda_graphs.py.
 """
@@ -15,6 +16,7 @@ from typing import Dict, Optional
 import torch
 
 from inference_worker.engines.cuda_graphs import Graph, GraphCache
+from inference_worker.engines.decoder import bucket
 from inference_worker.vla.expert import FlowMatchingExpert
 from inference_worker.vla.flow import euler_sample
 
@@ -54,10 +56,10 @@ class _Graph:
 
 class GraphedSampler:
     def __init__(
-        self, expert: FlowMatchingExpert, steps: int, bucket: int = 64, max_graphs: int = 16
+        self, expert: FlowMatchingExpert, steps: int, length_step: int = 64, max_graphs: int = 48
     ) -> None:
         self.expert, self.steps = expert, steps
-        self.bucket = bucket
+        self.length_step = length_step
         self.graphs = GraphCache(max_graphs)
         self.stats: Dict[str, int] = {"replayed": 0}
 
@@ -70,9 +72,17 @@ class GraphedSampler:
         state: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         B, L, D = feats.shape
-        Lb = -(-L // self.bucket) * self.bucket
+        Lb = -(-L // self.length_step) * self.length_step
+        Bb = bucket(B)  # a graph per batch bucket: rows past B replay with the last row's inputs
+        if Bb != B:
+            pad = Bb - B
+
+            def more(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+                return None if x is None else torch.cat([x, x[-1:].expand(pad, *x.shape[1:])])
+
+            feats, ids, mask, noise, state = (more(x) for x in (feats, ids, mask, noise, state))
         g = self.graphs.get(
-            (B, Lb), lambda pool: _Graph(self.expert, self.steps, B, Lb, D, feats.dtype, feats.device, pool)
+            (Bb, Lb), lambda pool: _Graph(self.expert, self.steps, Bb, Lb, D, feats.dtype, feats.device, pool)
         )
         self.stats["replayed"] += 1
-        return g.run(feats, ids, mask, noise, state)
+        return g.run(feats, ids, mask, noise, state)[:B]
