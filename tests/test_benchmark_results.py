@@ -67,7 +67,7 @@ def test_result_records(path):
         if r["baseline"] is None:
             assert r["ratio"] is None
         elif r["baseline"]:
-            # values and baselines are rounded to 4 decimals, the ratio from the unrounded ones
+            # values and baselines are rounded (6 significant digits), the ratio from the unrounded ones
             assert r["ratio"] == pytest.approx(r["value"] / r["baseline"], rel=1e-2, abs=1e-3)
 
 

@@ -112,22 +112,26 @@ def record(
     if isinstance(baseline, (list, tuple)):
         baseline = statistics.median(float(b) for b in baseline) if baseline else None
     mid = statistics.median(runs)
+
+    def keep(x: float) -> float:  # 6 significant digits: small fractions keep their ratios
+        return float(f"{x:.6g}")
+
     ratio = None
     if baseline not in (None, 0):
-        ratio = round(mid / baseline, 4)
+        ratio = keep(mid / baseline)
     return Record(
         metric=metric,
-        value=round(mid, 4),
+        value=keep(mid),
         unit=unit,
-        baseline=None if baseline is None else round(float(baseline), 4),
+        baseline=None if baseline is None else keep(float(baseline)),
         ratio=ratio,
         machine=machine or machine_description(),
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
         command=" ".join(shlex.quote(a) for a in ["vlmq", *sys.argv[1:]]) if sys.argv else "",
         commit=current_commit(),
         runs=len(runs),
-        min=round(min(runs), 4),
-        max=round(max(runs), 4),
+        min=keep(min(runs)),
+        max=keep(max(runs)),
     )
 
 
