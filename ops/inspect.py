@@ -32,7 +32,7 @@ def snapshot(r, settings: BrokerSettings, dead_letters: int = 0) -> Dict[str, An
     streams = []
     for key in _scan(r, f"{settings.prefix}:req:*"):
         try:
-            kind, model, partition = keys.parse_request_stream(key)
+            kind, model, partition, tenant = keys.parse_request_stream(key)
         except ValueError:
             continue
         row: Dict[str, Any] = {
@@ -40,6 +40,7 @@ def snapshot(r, settings: BrokerSettings, dead_letters: int = 0) -> Dict[str, An
             "kind": kind,
             "model": model,
             "partition": partition,
+            "tenant": tenant,
             "length": r.xlen(key),
         }
         if hasattr(r, "get_node_from_key"):  # cluster: where this partition lives

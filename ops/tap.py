@@ -144,7 +144,7 @@ class StreamTap:
         if self.only.requests:
             async for key in self._scan("req:*"):
                 try:
-                    kind, _model, partition = self.keys.parse_request_stream(key)
+                    kind, _model, partition, _tenant = self.keys.parse_request_stream(key)
                 except ValueError:
                     continue
                 if self.only.kind_ok(kind):

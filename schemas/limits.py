@@ -19,6 +19,10 @@ class Limits:
     max_messages: int = 256  # chat messages in one request
     max_choices: int = 1024  # admissible_commands
     max_new_tokens: int = 4096
+    # Decoding work per body, checked by a scan of the msgpack structure before anything is
+    # built: every map key, map value, array item and scalar counts as one item.
+    max_body_items: int = 65_536
+    max_body_depth: int = 32  # nested maps and arrays
 
     @classmethod
     def from_env(cls, environ: os._Environ[str] | dict[str, str] | None = None) -> Limits:

@@ -215,7 +215,7 @@ def _ext(dtype: Any, shape: Any, payload: bytes = b"") -> bytes:
 @pytest.mark.parametrize(
     ("body", "code"),
     [
-        pytest.param(b"\x91" * 60_000 + b"\xc0", ErrorCode.MALFORMED, id="nested-60k-deep"),
+        pytest.param(b"\x91" * 60_000 + b"\xc0", ErrorCode.TOO_LARGE, id="nested-60k-deep"),
         pytest.param(b"\xdd\xff\xff\xff\xff", ErrorCode.MALFORMED, id="array-claims-4G-items"),
         pytest.param(b"\xdb\xff\xff\xff\xff" + b"a" * 10, ErrorCode.MALFORMED, id="str-claims-4GB"),
         pytest.param(b"\xc6\xff\xff\xff\xff", ErrorCode.MALFORMED, id="bin-claims-4GB"),
