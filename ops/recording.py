@@ -10,7 +10,8 @@ name ends in `.gz` (docs/OPS.md, "Recording format"):
     "body": <bytes: the message body exactly as it was on the wire>,
     "via": "dead_letter" (only on a request taken from its dead-letter copy)}
 3. a footer, when the recorder stopped cleanly: {"type": "end", "ended_at", "requests",
-   "replies", "orphan_replies"}
+   "replies", "orphan_replies", "missed"} (missed: copies trimmed before the recorder read
+   them, ops/commit_tap.py)
 
 Bodies stay in the wire encoding (msgpack with the ndarray extension), so a recording
 replays byte for byte and is decoded with the same validating decoder as the worker's;
@@ -54,6 +55,7 @@ class RecordingWriter:
         self.counts = {"request": 0, "reply": 0}
         self._requests_seen: set = set()
         self.orphan_replies = 0  # replies whose request the tap did not see
+        self.missed = 0  # copies the recorder lost (ops/commit_tap.py)
         self._write(
             {
                 "format": FORMAT,
@@ -100,6 +102,7 @@ class RecordingWriter:
                 "requests": self.counts["request"],
                 "replies": self.counts["reply"],
                 "orphan_replies": self.orphan_replies,
+                "missed": self.missed,
             }
         )
         self._f.close()
