@@ -77,7 +77,9 @@ def test_request_timeout_is_the_default_and_says_what_to_check(settings) -> None
 
 def test_async_client_takes_a_url_like_the_blocking_one(settings) -> None:
     async def main() -> str:
-        async with AsyncAgentClient("by-url", url=settings.url, settings=settings.with_(url="redis://nowhere:1")) as c:
+        async with AsyncAgentClient(
+            "by-url", url=settings.url, settings=settings.with_(url="redis://nowhere:1")
+        ) as c:
             return (await c.request(_text("hello"), timeout=30)).result.text
 
     with WorkerThread(synthetic_settings(settings, kinds=("text_action",))):

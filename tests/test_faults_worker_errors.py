@@ -12,7 +12,7 @@ import asyncio
 import signal
 import time
 import uuid
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import pytest
 from redis.exceptions import ConnectionError, ResponseError
@@ -43,7 +43,7 @@ def _text(content: str, **kw) -> TextActionRequest:
 class Recording(SyntheticHandler):
     """The synthetic handler (with faults) remembering the size of every batch it was given."""
 
-    def __init__(self, faults: Faults = Faults()) -> None:
+    def __init__(self, faults: Optional[Faults] = None) -> None:
         super().__init__(KIND, faults=faults)
         self.blocking = True
         self.sizes: List[int] = []
@@ -184,14 +184,22 @@ def test_a_busy_worker_takes_a_dead_workers_requests_over_on_time(settings) -> N
     stream = Keys(settings.prefix).request_stream(KIND, 0)
     r = connect_sync(settings)
     r.xgroup_create(stream, settings.group, id="0", mkstream=True)
-    with AgentClient("dead-worker", settings=settings) as orphans, AgentClient("flood", settings=settings) as flood:
+    with (
+        AgentClient("dead-worker", settings=settings) as orphans,
+        AgentClient("flood", settings=settings) as flood,
+    ):
         lost = [orphans.submit(_text(f"orphan {i}")) for i in range(2)]
         assert wait_for(lambda: r.xlen(stream) == 2)
         r.xreadgroup(settings.group, "dead", {stream: ">"}, count=2)  # ... and never answers
         died = time.monotonic()
         flooding = [flood.submit(_text(f"load {i}")) for i in range(60)]
         worker = synthetic_settings(
-            settings, kinds=(KIND,), synthetic_latency_ms=50.0, max_batch=1, prefetch=2, reclaim_interval_s=0.2
+            settings,
+            kinds=(KIND,),
+            synthetic_latency_ms=50.0,
+            max_batch=1,
+            prefetch=2,
+            reclaim_interval_s=0.2,
         )
         with WorkerThread(worker):
             replies = [f.result(30) for f in lost]
@@ -219,7 +227,11 @@ def test_only_the_request_that_kills_its_workers_is_dead_lettered(poison_broker)
     stream = keys.request_stream(KIND, 0)
     r.xgroup_create(stream, settings.group, id="0", mkstream=True)
     with AgentClient("victims", settings=settings, raise_on_error=False) as client:
-        requests = [_text(f"valid {i}") for i in range(6)] + [_text("poison")] + [_text(f"valid {i}") for i in range(6, 11)]
+        requests = (
+            [_text(f"valid {i}") for i in range(6)]
+            + [_text("poison")]
+            + [_text(f"valid {i}") for i in range(6, 11)]
+        )
         futures = [client.submit(q) for q in requests]
         starts = 0
         while not all(f.done() for f in futures) and starts < 8:
