@@ -30,7 +30,7 @@ import re
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Dict, List, Optional, Sequence, Set
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set
 
 from broker.connection import connect_async
 from broker.consumer import Delivery, GroupReader
@@ -280,9 +280,7 @@ class Worker:
             old = self.scheduler.add(item)
             if old is not None:
                 exc = ProtocolError(
-                    ErrorCode.SUPERSEDED,
-                    f"superseded by a newer request of session {req.session_id}",
-                    {"by_step": req.step if old is not item else None},
+                    ErrorCode.SUPERSEDED, f"superseded by a newer request of session {req.session_id}"
                 )
                 rejected.append(self._error(old.delivery, old.request, exc, dead=False))
         if rejected:
@@ -304,8 +302,8 @@ class Worker:
         if rid is None:
             rid = _body_id(data, "request_id")
 
-        def reject(code: ErrorCode, message: str, to: Optional[str] = sid) -> _Rejected:
-            return _Rejected(ProtocolError(code, message), to, rid)
+        def reject(code: ErrorCode, message: str, to: Optional[str] = sid, detail: Any = None) -> _Rejected:
+            return _Rejected(ProtocolError(code, message, detail), to, rid)
 
         if d.tenant is not None and not (sid or "").startswith(f"{d.tenant}."):
             # no reply: the session (if any) is another tenant's
@@ -330,13 +328,18 @@ class Worker:
             raise reject(
                 ErrorCode.UNKNOWN_KIND,
                 f"the entry says kind {d.field('kind')[:64]!r} but was sent to the {d.kind!r} stream",
+                detail={"kind": d.field("kind")[:64]},
             )
         try:
             req = validate_request(data, self.settings.limits)
         except ProtocolError as exc:
             raise _Rejected(exc, sid, rid) from None
         if req.kind != d.kind:
-            raise reject(ErrorCode.UNKNOWN_KIND, f"a {req.kind!r} request was sent to the {d.kind!r} stream")
+            raise reject(
+                ErrorCode.UNKNOWN_KIND,
+                f"a {req.kind!r} request was sent to the {d.kind!r} stream",
+                detail={"kind": req.kind},
+            )
         if d.field("v") != str(req.v):
             raise reject(
                 ErrorCode.INVALID,
