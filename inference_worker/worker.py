@@ -58,6 +58,7 @@ _ID = re.compile(ID_PATTERN)
 # A message delivered this many times max_deliveries is dead-lettered even if it never ran
 # alone: its holders died before it reached the model (while decoding it, say).
 _DELIVERY_CAP_FACTOR = 4
+_ENTRY_FIELDS = frozenset((b"v", b"kind", b"rid", b"sid", b"body"))
 _PERMANENT_COMMIT_TRIES = 3  # a commit that fails with a non-transient error this often is fatal
 
 
@@ -324,6 +325,10 @@ class Worker:
                 raise reject(
                     ErrorCode.INVALID, f"the stream entry has no {name!r} field (docs/PROTOCOL.md 3)"
                 )
+        extra = [k for k in d.fields if k not in _ENTRY_FIELDS]
+        if extra:
+            listed = ", ".join(repr(k.decode(errors="replace")[:32]) for k in extra[:5])
+            raise reject(ErrorCode.INVALID, f"the stream entry has {len(extra)} unknown field(s): {listed}")
         if d.field("kind") != d.kind:
             raise reject(
                 ErrorCode.UNKNOWN_KIND,
@@ -559,6 +564,10 @@ class Worker:
             except Exception as exc:
                 self._redis_error("keep_alive", exc)
                 continue
+            # (not those answered while the keep-alive ran: their entries are simply gone)
+            holding = {id(i.delivery) for i in self.in_flight.values()}
+            holding |= {id(i.delivery) for i in self.scheduler.items()}
+            lost = [d for d in lost if id(d) in holding]
             if lost:  # their commits will be fenced off; the other holder answers them
                 self.stats["taken_over"] += len(lost)
                 log.warning("%d held message(s) were taken over by another worker", len(lost))

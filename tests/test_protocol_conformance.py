@@ -241,6 +241,9 @@ def test_every_entry_field_is_required_and_checked() -> None:
         assert info.value.error.code == want, field
         # answered to the session the entry (or, without sid, the body) names
         assert info.value.session == "conf" and info.value.request_id == req.request_id
+    with pytest.raises(_Rejected) as info:  # no other field
+        worker._decode(_delivery(settings, {**entry, "trace": "x"}))
+    assert info.value.error.code == ErrorCode.INVALID
     mismatched = {"kind": "action_chunk", "v": "2", "rid": "other", "sid": "other"}
     for field, value in mismatched.items():
         with pytest.raises(_Rejected) as info:
