@@ -22,6 +22,7 @@ Dead letters are bounded in bytes: the envelope fields, the body up to `dlq_body
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 import time
@@ -99,6 +100,10 @@ _MAX_ENVELOPE_FIELD = 256
 _MAX_REASON = 1024
 
 
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 @dataclass
 class Outcome:
     delivery: Delivery
@@ -110,6 +115,7 @@ class Outcome:
     session: Optional[str] = None
     request_id: Optional[str] = None
     committed: bool = False  # set once its commit ran: a retried commit skips it
+    digest: Optional[str] = None  # SHA-256 of an oversize body, for its dead letter
     fenced: bool = False  # its entry was no longer ours: nothing was written for it
 
 
@@ -139,6 +145,15 @@ class ReplyWriter:
             if not o.committed:
                 by_partition.setdefault(o.delivery.partition, []).append(o)
         fenced = 0
+        for o in outcomes:  # hashing a large body takes milliseconds: not on the event loop
+            body = o.delivery.fields.get(b"body")
+            if (
+                o.dead_letter is not None
+                and o.digest is None
+                and body
+                and len(body) > self.settings.dlq_body_bytes
+            ):
+                o.digest = await asyncio.to_thread(_sha256, body)
         for partition, group in by_partition.items():
             keys, args = self._script_args(partition, group)
             written = await self._script(keys=keys, args=args)
@@ -198,7 +213,7 @@ class ReplyWriter:
                 fields["body"] = body
             else:  # the frame would make the dead letters unbounded; keep what identifies it
                 fields["body_bytes"] = str(len(body))
-                fields["body_sha256"] = hashlib.sha256(body).hexdigest()
+                fields["body_sha256"] = o.digest or _sha256(body)
         for k, v in (o.dead_letter or {}).items():
             fields[k] = v[:_MAX_REASON] if isinstance(v, str) else v
         # an entry without rid/sid fields is filed under what its body says

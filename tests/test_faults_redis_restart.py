@@ -18,7 +18,7 @@ from broker.embedded import EmbeddedRedis
 from broker.keys import Keys
 from broker.settings import BrokerSettings
 from env_agents.client import AgentClient
-from ops.bench.reliability import agent_command
+from ops.bench.reliability_agents import agent_command
 from schemas.messages import ChatMessage, TextActionRequest
 from tests.helpers import (
     REPO,

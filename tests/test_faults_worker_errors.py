@@ -2,9 +2,9 @@
 the batch; a fatal device error stops the worker (non-zero exit) and another one answers what
 it held, each suspect alone; a reply that cannot be written is retried within bounds, then
 the worker stops instead of holding its requests forever; the keep-alive never takes back
-what another worker reclaimed; the reclaimer takes a dead worker's requests over on time even
-when the survivor's prefetch is full; a request that kills every worker that runs it is the
-only one dead-lettered."""
+what another worker reclaimed; a request that kills every worker that runs it is the only one
+dead-lettered. (A busy worker's takeover on time: tests/test_bench_counters.py, beside the
+old reclaimer that was late.)"""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from inference_worker.handlers.synthetic import Faults, SyntheticHandler
 from inference_worker.worker import WorkerFailure, _run_safely
 from schemas.errors import ErrorCode, ProtocolError
 from schemas.messages import ChatMessage, Request, TextActionRequest
-from tests.helpers import WorkerThread, start_worker_process, stop_process, synthetic_settings, wait_for
+from tests.helpers import WorkerThread, start_worker_process, stop_process, synthetic_settings
 
 pytestmark = pytest.mark.timeout(120)
 KIND = "text_action"
@@ -174,40 +174,6 @@ def test_keep_alive_does_not_take_back_what_another_worker_reclaimed(settings) -
         await redis.aclose()
 
     asyncio.run(main())
-
-
-def test_a_busy_worker_takes_a_dead_workers_requests_over_on_time(settings) -> None:
-    """The survivor's prefetch is full the whole time (a flood of requests at 50 ms each);
-    the dead worker's two requests are still reclaimed once idle claim_min_idle_ms and answered
-    within a second or so more, ahead of the queue (they run alone, first)."""
-    settings = settings.with_(claim_min_idle_ms=600)
-    stream = Keys(settings.prefix).request_stream(KIND, 0)
-    r = connect_sync(settings)
-    r.xgroup_create(stream, settings.group, id="0", mkstream=True)
-    with (
-        AgentClient("dead-worker", settings=settings) as orphans,
-        AgentClient("flood", settings=settings) as flood,
-    ):
-        lost = [orphans.submit(_text(f"orphan {i}")) for i in range(2)]
-        assert wait_for(lambda: r.xlen(stream) == 2)
-        r.xreadgroup(settings.group, "dead", {stream: ">"}, count=2)  # ... and never answers
-        died = time.monotonic()
-        flooding = [flood.submit(_text(f"load {i}")) for i in range(60)]
-        worker = synthetic_settings(
-            settings,
-            kinds=(KIND,),
-            synthetic_latency_ms=50.0,
-            max_batch=1,
-            prefetch=2,
-            reclaim_interval_s=0.2,
-        )
-        with WorkerThread(worker):
-            replies = [f.result(30) for f in lost]
-            took = time.monotonic() - died
-            assert [f.result(60).ok for f in flooding] == [True] * 60
-    assert all(rep.delivery == 2 for rep in replies)
-    # 60 x 50 ms of queue would be 3 s: the takeover did not wait for it
-    assert took < settings.claim_min_idle_ms / 1000 + 1.5, took
 
 
 @pytest.fixture

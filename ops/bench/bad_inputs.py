@@ -33,6 +33,7 @@ class BadEntry:
     stream_kind: str
     fields: Dict[str, Any]  # the entry, as XADDed
     session: Optional[str]  # where an answer can go (None: nowhere)
+    rid: str  # the request id it is filed under (the entry's, or else the body's)
     rejected: bool = True  # an error reply and a dead letter; False: a model-only problem
 
     @property
@@ -90,14 +91,15 @@ def cases() -> List[BadEntry]:
         """`session`: the entry's sid (None: the next bad-<n>); `entry` overrides the entry's
         fields (None: left out)."""
         sid = f"bad-{next(n)}" if session is None else session
-        fields: Dict[str, Any] = {"v": "1", "kind": kind, "rid": rid or uuid.uuid4().hex, "sid": sid}
+        rid = rid or uuid.uuid4().hex
+        fields: Dict[str, Any] = {"v": "1", "kind": kind, "rid": rid, "sid": sid}
         if body is not None:
             fields["body"] = body
         fields.update(entry or {})
         fields = {k: v for k, v in fields.items() if v is not None}
         # answered on the entry's sid when it is a session id; without one, on the body's
         answer = fields.get("sid", sid)
-        out.append(BadEntry(name, kind, fields, answer if _ID.match(answer or "") else None, rejected))
+        out.append(BadEntry(name, kind, fields, answer if _ID.match(answer or "") else None, rid, rejected))
 
     def text(build: Callable[[Dict[str, Any]], Any], name: str, **kw: Any) -> None:
         """A text_action body for the next session, changed by `build`; ids kept consistent."""

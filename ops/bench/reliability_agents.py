@@ -143,6 +143,8 @@ async def _session(
             out["redelivered_replied_at"][reply.request_id] = reply.replied_at
         code = "ok" if reply.ok else str(reply.error.code.value if reply.error else "error")
         out["codes"][code] = out["codes"].get(code, 0) + 1
+        if not reply.ok:
+            out["error_ids"][reply.request_id] = code
     await tally.finish()
     await reader
     mine = set(sent)
@@ -188,6 +190,7 @@ async def run_agents(
         "poison_ids": [],
         "latencies_ms": [],
         "redelivered_replied_at": {},
+        "error_ids": {},
     }
     clients = [AsyncAgentClient(s, redis=redis, settings=settings, raise_on_error=False) for s in sessions]
     try:
@@ -196,7 +199,9 @@ async def run_agents(
         out["started_at"] = time.time()
         await asyncio.gather(
             *(
-                _session(c, redis, kind, requests, frame, timeout, out, poison_at if i < poison_sessions else None)
+                _session(
+                    c, redis, kind, requests, frame, timeout, out, poison_at if i < poison_sessions else None
+                )
                 for i, c in enumerate(clients)
             )
         )
@@ -290,7 +295,7 @@ def agent_command(settings: BrokerSettings, session_prefix: str, sessions: int, 
 
 def merge(summaries: List[Dict[str, Any]]) -> Dict[str, Any]:
     """Add up agent summaries; the time span is from the first start to the last finish."""
-    total: Dict[str, Any] = {"codes": {}, "errors": {}, "redelivered_replied_at": {}}
+    total: Dict[str, Any] = {"codes": {}, "errors": {}, "redelivered_replied_at": {}, "error_ids": {}}
     total["started_at"] = min(s["started_at"] for s in summaries)
     total["finished_at"] = max(s["finished_at"] for s in summaries)
     for s in summaries:
@@ -299,7 +304,8 @@ def merge(summaries: List[Dict[str, Any]]) -> Dict[str, Any]:
                 continue
             if isinstance(v, dict):
                 for kk, vv in v.items():
-                    total[k][kk] = vv if k == "redelivered_replied_at" else total[k].get(kk, 0) + vv
+                    keep = k in ("redelivered_replied_at", "error_ids")  # by request id
+                    total[k][kk] = vv if keep else total[k].get(kk, 0) + vv
             elif isinstance(v, list):
                 total[k] = total.get(k, []) + v
             else:
