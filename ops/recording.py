@@ -8,7 +8,8 @@ name ends in `.gz` (docs/OPS.md, "Recording format"):
 2. one map per tapped stream entry:
    {"type": "request" | "reply", "stream", "id", "seen_at", "kind", "session", "rid",
     "body": <bytes: the message body exactly as it was on the wire>,
-    "via": "dead_letter" (only on a request taken from its dead-letter copy)}
+    "via": "dead_letter" (only from a stream-reading tap, ops/tap.py: a request it took
+    from its dead-letter copy; `vlmq record` reads the commit tap and never writes it)}
 3. a footer, when the recorder stopped cleanly: {"type": "end", "ended_at", "requests",
    "replies", "orphan_replies", "missed"} (missed: copies trimmed before the recorder read
    them, ops/commit_tap.py)

@@ -69,6 +69,7 @@ class Deployment:
         self.logs = tempfile.mkdtemp(prefix="vlmq-reliability-")
         self.workers: Dict[str, subprocess.Popen] = {}
         self.agents: List[subprocess.Popen] = []
+        self.summaries: List[str] = []  # the agents' summary files
         self.failed = False
 
     def start_worker(self, name: str, *extra: str) -> subprocess.Popen:
@@ -95,8 +96,12 @@ class Deployment:
         per = [sessions // procs + (i < sessions % procs) for i in range(procs)]
         for i, n in enumerate(per):
             if n:
-                cmd = agent_command(self.settings, f"{self.tag}-a{i}-", n, requests, kind=self.kind, **kw)
-                self.agents.append(subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, text=True))
+                out = os.path.join(self.logs, f"agents-{len(self.agents)}.json")
+                cmd = agent_command(
+                    self.settings, f"{self.tag}-a{i}-", n, requests, kind=self.kind, out=out, **kw
+                )
+                self.agents.append(subprocess.Popen(cmd, cwd=REPO))
+                self.summaries.append(out)
 
     def published(self) -> int:
         total = 0
@@ -113,12 +118,12 @@ class Deployment:
     def collect(self, timeout: float) -> Dict[str, Any]:
         give_up = time.time() + timeout
         summaries = []
-        for a in self.agents:
-            out, _ = a.communicate(timeout=max(1.0, give_up - time.time()))
-            if a.returncode != 0 or not out.strip():
+        for a, path in zip(self.agents, self.summaries):
+            if a.wait(timeout=max(1.0, give_up - time.time())) != 0:
                 self.failed = True
-                raise RuntimeError(f"an agent process failed ({a.returncode})")
-            summaries.append(json.loads(out.strip().splitlines()[-1]))
+                raise RuntimeError(f"an agent process failed ({a.returncode}); logs in {self.logs}")
+            with open(path) as f:
+                summaries.append(json.load(f))
         return merge(summaries)
 
     def held_by(self, consumer: str) -> List[str]:

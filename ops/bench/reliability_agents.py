@@ -2,7 +2,7 @@
 that count what was sent and what came back, and print it as one JSON line.
 
     python -m ops.bench.reliability_agents --redis-url URL --prefix P --session-prefix a- \
-        --sessions 8 --requests 100
+        --sessions 8 --requests 100 [--out summary.json]
 
 Each session is an AsyncAgentClient (send a frame, wait for its reply, send the next, like
 an environment). What came back is counted twice, independently:
@@ -241,6 +241,7 @@ def agent_main(argv: Optional[List[str]] = None) -> int:
         help=f"the first N sessions send one {POISON!r} request each (%(default)s)",
     )
     p.add_argument("--poison-at", type=int, default=0, help="at this step (%(default)s)")
+    p.add_argument("--out", default="", help="write the summary to this file instead of stdout")
     args = p.parse_args(argv)
     settings = broker_settings_from_args(args)
     sessions = [f"{args.session_prefix}{i}" for i in range(args.sessions)]
@@ -256,7 +257,11 @@ def agent_main(argv: Optional[List[str]] = None) -> int:
             args.poison_at,
         )
     )
-    print(json.dumps(out), flush=True)
+    if args.out:  # a pipe can cut a large summary short (after uvloop ran): a file cannot
+        with open(args.out, "w") as f:
+            json.dump(out, f)
+    else:
+        print(json.dumps(out), flush=True)
     return 0
 
 
