@@ -93,6 +93,15 @@ def add_agent_args(p: argparse.ArgumentParser) -> None:
         help="session ids are PREFIX-i",
         shown="agent-<time>",
     )
+    flag(
+        r,
+        "--tenant",
+        var="TENANT",
+        default="",
+        help="publish to this tenant's own request streams (the session prefix must then start "
+        "with '<tenant>.'; the workers serve it with --tenants)",
+        shown=None,
+    )
     c = p.add_argument_group("control")
     flag(
         c,
@@ -244,7 +253,7 @@ def spec_from_args(args: argparse.Namespace):
     return RunSpec(
         env_id=args.env,
         control=control,
-        broker=broker_settings_from_args(args),
+        broker=broker_settings_from_args(args, tenant=args.tenant or None),
         n=args.n,
         procs=max(1, min(args.procs, args.n)),
         episodes=args.episodes,
