@@ -6,7 +6,8 @@ any worker) nor pending (delivered, not yet answered) was answered, or lost: Red
 data, a failover promoted a replica that never had it, or someone deleted it. The client
 tells the two apart by reading its reply stream up to its newest entry (env_agents/client.py).
 
-Only the consumer group's bookkeeping is read (XINFO GROUPS, XPENDING), never an entry, so
+An id after the group's last-delivered id is waiting, unless the group says nothing waits
+(`lag` 0). Only the consumer group's bookkeeping is read (XINFO GROUPS, XPENDING), never an entry, so
 a tenant may ask this about its own streams without being able to read anyone's requests
 (ops/acl/rules.py grants exactly these two commands).
 """
@@ -40,11 +41,15 @@ async def entry_states(redis, group: str, stream: str, entry_ids: Iterable[str])
     if info is None:  # no worker ever read this stream: nothing in it was delivered yet
         return {e: WAITING for e in ids}
     last = _id(text(info.get("last-delivered-id", b"0-0")))
+    # lag: entries not yet delivered (None where Redis cannot tell, after deletions). 0 means
+    # nothing waits: an id after the last delivered one is then not there (a group recreated
+    # after Redis lost its data).
+    nothing_waits = info.get("lag") == 0
     out: Dict[str, str] = {}
     delivered = [e for e in ids if _id(e) <= last]
     for e in ids:
         if _id(e) > last:
-            out[e] = WAITING
+            out[e] = GONE if nothing_waits else WAITING
     if delivered:
         pipe = redis.pipeline(transaction=False)
         for e in delivered:

@@ -122,6 +122,7 @@ class AsyncAgentClient:
         self._closing = False
         self._last_id = "0-0"
         self._presence_denied = False
+        self._epoch_seen: Optional[str] = None  # the partition's token at the last check
         self.duplicates = 0  # replies dropped because their request was already answered
         self.stale = 0  # replies to requests this client never sent
         self.reconnects = 0
@@ -210,6 +211,7 @@ class AsyncAgentClient:
     async def _check(self) -> None:
         raw = await self.redis.get(self.epoch_key)
         epoch = None if raw is None else text(raw)
+        seen, self._epoch_seen = self._epoch_seen, epoch
         now = time.monotonic()
         wall = time.time()
         lost: List[_Sent] = []
@@ -217,6 +219,9 @@ class AsyncAgentClient:
         for s in list(self._sent.values()):
             if s.epoch is not None and s.epoch != epoch:
                 lost.append(s)  # the token changed: Redis lost what it had under the old one
+            elif s.epoch is None and seen is not None and epoch != seen:
+                # published before any token was set, and the token seen since is gone
+                lost.append(s)
             elif s.epoch is None and epoch is not None:
                 look.append(s)  # published before any token was set: is it still there?
             else:

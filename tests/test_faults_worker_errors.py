@@ -28,9 +28,19 @@ from inference_worker.failures import FatalDeviceError
 from inference_worker.handlers.base import HandlerOutput
 from inference_worker.handlers.synthetic import Faults, SyntheticHandler
 from inference_worker.worker import WorkerFailure, _run_safely
+from ops.inspect import snapshot
+from ops.metrics import names as n
+from ops.metrics.worker import WorkerMetrics
 from schemas.errors import ErrorCode, ProtocolError
 from schemas.messages import ChatMessage, Request, TextActionRequest
-from tests.helpers import WorkerThread, start_worker_process, stop_process, synthetic_settings
+from tests.helpers import (
+    GatedHandler,
+    WorkerThread,
+    start_worker_process,
+    stop_process,
+    synthetic_settings,
+    wait_for,
+)
 
 pytestmark = pytest.mark.timeout(120)
 KIND = "text_action"
@@ -220,3 +230,29 @@ def test_only_the_request_that_kills_its_workers_is_dead_lettered(poison_broker)
     assert [f[b"rid"].decode() for _, f in letters] == [poison]  # collateral: 0
     assert starts == 4  # 3 crashes (a batch, then alone twice), then one that finishes
     assert r.xlen(stream) == 0 and r.xpending(stream, settings.group)["pending"] == 0
+
+
+def test_health_is_the_time_since_the_last_commit_while_holding_requests(settings) -> None:
+    """A worker whose model is stuck keeps its heartbeat alive; its health says it is
+    stalled: `stalled_s` in the heartbeat (what `vlmq inspect` and `vlmq top` show) and the
+    vlmq_worker_stalled_seconds gauge grow while it holds requests, and drop to 0 once it
+    writes their replies and holds nothing."""
+    gated = GatedHandler(KIND)
+    worker_settings = synthetic_settings(settings, kinds=(KIND,), heartbeat_s=0.2)
+    metrics = WorkerMetrics(worker_settings, sample_redis=False)
+    r = connect_sync(settings)
+
+    def stalled() -> float:
+        workers = snapshot(r, settings)["workers"]
+        return workers[0]["stalled_s"] if workers else -1.0
+
+    with WorkerThread(worker_settings, handlers={KIND: gated}, observers=[metrics]):
+        with AgentClient("stuck", settings=settings) as client:
+            reply = client.submit(_text("waits"))
+            assert gated.running.wait(30)
+            assert wait_for(lambda: stalled() >= 1.0, 30)
+            assert metrics.m[n.WORKER_STALLED.name]._value.get() >= 0.8
+            gated.gate.set()
+            assert reply.result(30).ok
+            assert wait_for(lambda: stalled() == 0.0, 30)
+            assert metrics.m[n.WORKER_LAST_COMMIT.name]._value.get() > 0

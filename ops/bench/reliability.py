@@ -15,7 +15,8 @@ redis-server; the runs are in ops/bench/fault_runs.py:
 - bad_input: 90 hostile entries (bad_inputs.py) while 4 good sessions run.
 - record: `vlmq record` beside the stream-reading recorder it replaced, at a no-op
   worker's full rate.
-Timings are the median of --runs runs; counts are totals over the runs. Exits 1 if
+Timings are the median of --runs runs; counts are totals over the runs; the figures of
+scenarios not run are kept from the results file. Exits 1 if
 anything was lost, answered twice, dead-lettered as collateral or missed by the recorder.
 """
 
@@ -103,6 +104,23 @@ def _repeat(n: int, name: str, run: Callable[[], Dict[str, Any]]) -> List[Dict[s
 
 def _total(results: List[Dict[str, Any]], key: str) -> float:
     return sum(len(r[key]) if isinstance(r[key], list) else r[key] for r in results)
+
+
+def _merged(path: str, records: List[Any]) -> List[Any]:
+    """This run's records, after those of the results file that this run did not measure
+    (a run of some scenarios updates their figures and keeps the others, each with its
+    own commit and date)."""
+    import json
+    import os
+
+    from ops.bench.records import Record
+
+    if not os.path.exists(path):
+        return records
+    with open(path) as f:
+        kept = [Record(**r) for r in json.load(f)]
+    new = {r.metric for r in records}
+    return [r for r in kept if r.metric not in new] + records
 
 
 def run(args: argparse.Namespace) -> int:
@@ -269,7 +287,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if server is not None:
             server.close()
-    write_results(args.out, records)
+    write_results(args.out, _merged(args.out, records))
     print(f"wrote {args.out}")
     for f in failures:
         print(f"FAILED {f}", file=sys.stderr)
