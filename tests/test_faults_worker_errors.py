@@ -3,8 +3,8 @@ the batch; a fatal device error stops the worker (non-zero exit) and another one
 it held, each suspect alone; a reply that cannot be written is retried within bounds, then
 the worker stops instead of holding its requests forever; the keep-alive never takes back
 what another worker reclaimed; a request that kills every worker that runs it is the only one
-dead-lettered. (A busy worker's takeover on time: tests/test_bench_counters.py, beside the
-old reclaimer that was late.)"""
+dead-lettered; a stuck worker's health says so. (A busy worker's takeover on time:
+tests/test_bench_counters.py, beside the old reclaimer that was late.)"""
 
 from __future__ import annotations
 
