@@ -3,8 +3,14 @@
 A message's life: XREADGROUP hands it to one consumer (delivery 1). If that consumer dies,
 XAUTOCLAIM hands it to another after `claim_min_idle_ms` (delivery 2, 3, ...). A live
 consumer working on a long batch re-claims its own messages (XCLAIM JUSTID, which does not
-count as a delivery) so that nobody takes them. After the reply is written, the entry is
-acked and deleted in the same MULTI, so the stream only ever holds unfinished work.
+count as a delivery) so that nobody takes them; only those still pending for it, checked in
+the same Lua call, so a consumer that stalled cannot take back what another one reclaimed.
+After the reply is written, the entry is acked and deleted in the same MULTI, so the stream
+only ever holds unfinished work.
+
+A redelivered message may be what killed its last holder. The worker runs it alone and
+counts each such run in the partition's suspects hash (`mark_run_alone`) before the model
+sees it; `runs_alone` reads the counts back when the message comes round again.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ class Delivery:
     partition: int
     fields: Dict[bytes, bytes]
     deliveries: int = 1
+    tenant: Optional[str] = None  # the tenant of the stream (broker/keys.py), None: shared
     received_at: float = field(default_factory=time.time)
     # The partition's epoch token when it was read. If Redis loses its data (a restart
     # without persistence), the token changes with it, and the reply is written even though
@@ -61,6 +68,7 @@ class GroupReader:
         self.streams = list(streams)
         self.consumer = consumer
         self._meta = {s: self.keys.parse_request_stream(s) for s in self.streams}
+        self._keep_alive = redis.register_script(_KEEP_ALIVE)
         # Epoch tokens, read before the entries they stamp: a stale token can only be an
         # older one, which errs towards writing a reply twice, never towards dropping it.
         self.epochs: Dict[int, str] = {}
@@ -68,7 +76,7 @@ class GroupReader:
         if settings.cluster:  # one command may not span slots: read each partition on its own
             by_partition: Dict[int, List[str]] = {}
             for s in self.streams:
-                by_partition.setdefault(self._meta[s][2], []).append(s)
+                by_partition.setdefault(self._meta[s].partition, []).append(s)
             self._partitioned = PartitionedReads(self._read, by_partition)
 
     async def ensure_groups(self) -> None:
@@ -84,15 +92,17 @@ class GroupReader:
     async def refresh_epochs(self) -> None:
         """Read each partition's epoch token, creating it where Redis has none (first start,
         or data lost); called at start, after NOGROUP and with every heartbeat."""
-        for partition in sorted({meta[2] for meta in self._meta.values()}):
+        for partition in sorted({meta.partition for meta in self._meta.values()}):
             key = self.keys.epoch(partition)
             await self.redis.set(key, uuid.uuid4().hex, nx=True)
             self.epochs[partition] = text(await self.redis.get(key) or b"")
 
     def _delivery(self, stream: str, entry_id, fields, deliveries: int = 1) -> Delivery:
-        kind, model, partition = self._meta[stream]
+        kind, model, partition, tenant = self._meta[stream]
         epoch = self.epochs.get(partition, "")
-        return Delivery(stream, text(entry_id), kind, model, partition, fields or {}, deliveries, epoch=epoch)
+        return Delivery(
+            stream, text(entry_id), kind, model, partition, fields or {}, deliveries, tenant, epoch=epoch
+        )
 
     async def read(self, count: int, block_ms: int) -> List[Delivery]:
         """New messages for this consumer, waiting up to block_ms for the first."""
@@ -168,14 +178,65 @@ class GroupReader:
                 break
         return out
 
-    async def keep_alive(self, deliveries: Iterable[Delivery]) -> None:
-        """Reset the idle time of messages this consumer is still working on."""
-        by_stream: Dict[str, List[str]] = {}
+    async def keep_alive(self, deliveries: Iterable[Delivery]) -> List[Delivery]:
+        """Reset the idle time of messages this consumer is still working on; returns those
+        that are no longer pending for it (another consumer reclaimed them, or they are gone)."""
+        by_stream: Dict[str, List[Delivery]] = {}
         for d in deliveries:
-            by_stream.setdefault(d.stream, []).append(d.entry_id)
+            by_stream.setdefault(d.stream, []).append(d)
         if not by_stream:
-            return
+            return []
+        lost: List[Delivery] = []
+        for stream, held in by_stream.items():  # one call per stream: one slot on a cluster
+            kept = await self._keep_alive(
+                keys=[stream], args=[self.settings.group, self.consumer, *(d.entry_id for d in held)]
+            )
+            lost += [d for d, ok in zip(held, kept) if not int(ok)]
+        return lost
+
+    async def runs_alone(self, deliveries: List[Delivery]) -> List[int]:
+        """How many times each message was started alone by a worker (0 if never)."""
+        out: List[int] = [0] * len(deliveries)
+        by_partition: Dict[int, List[int]] = {}
+        for i, d in enumerate(deliveries):
+            by_partition.setdefault(d.partition, []).append(i)
+        for partition, idx in by_partition.items():
+            got = await self.redis.hmget(
+                self.keys.suspects(partition), [suspect_field(deliveries[i]) for i in idx]
+            )
+            for i, v in zip(idx, got):
+                out[i] = int(v or 0)
+        return out
+
+    async def mark_run_alone(self, d: Delivery) -> int:
+        """Count a run of this message alone, before it starts; returns the new count."""
+        key = self.keys.suspects(d.partition)
         pipe = self.redis.pipeline(transaction=False)
-        for stream, ids in by_stream.items():
-            pipe.xclaim(stream, self.settings.group, self.consumer, 0, ids, justid=True)
-        await pipe.execute()
+        pipe.hincrby(key, suspect_field(d), 1)
+        # entries are removed by the commit; the expiry only bounds what a crash loop leaves
+        pipe.expire(key, max(3600, self.settings.claim_min_idle_ms // 1000 * 10))
+        count, _ = await pipe.execute()
+        return int(count)
+
+
+def suspect_field(d: Delivery) -> str:
+    return f"{d.stream} {d.entry_id}"
+
+
+# KEYS: the stream; ARGV: group, consumer, entry ids. Re-claims (JUSTID: not a delivery) the
+# entries still pending for this consumer; returns 1 (kept) or 0 (not ours any more) per id.
+_KEEP_ALIVE = """
+local group, consumer = ARGV[1], ARGV[2]
+local out = {}
+for i = 3, #ARGV do
+  local id = ARGV[i]
+  local p = redis.pcall('XPENDING', KEYS[1], group, id, id, 1)
+  if type(p) == 'table' and p.err == nil and p[1] ~= nil and p[1][2] == consumer then
+    redis.call('XCLAIM', KEYS[1], group, consumer, 0, id, 'JUSTID')
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 0
+  end
+end
+return out
+"""

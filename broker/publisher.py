@@ -6,12 +6,17 @@ Redis). Once a publisher has seen the backlog at or over `max_backlog`, it asks 
 before each further XADD and refuses (or waits) while the stream is full. So the bound
 is soft by at most one request per concurrent publisher, and an XADD that returned is
 never taken back: an accepted request is never dropped.
+
+The partition's epoch token is read in the same round trip, before the XADD: if Redis
+later loses its data, the token changes, and the client knows that what it published under
+the old token is gone (env_agents/client.py publishes it again).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 from typing import Dict, Optional
 
 from broker.keys import Keys
@@ -43,6 +48,13 @@ def request_fields(req: Request, body: Optional[bytes] = None) -> dict:
     }
 
 
+@dataclass(frozen=True)
+class Published:
+    stream: str
+    entry_id: str
+    epoch: Optional[str]  # the partition's epoch token just before the XADD (None: not set yet)
+
+
 class Publisher:
     def __init__(self, redis, settings: BrokerSettings) -> None:
         self.redis = redis
@@ -50,18 +62,31 @@ class Publisher:
         self.keys = Keys(settings.prefix, settings.partitions)
         self._full: Dict[str, bool] = {}  # streams last seen at or over the bound
 
-    async def publish(self, req: Request, wait_timeout: Optional[float] = None) -> str:
-        """XADD the request; returns its entry id. Raises BacklogFull (policy 'error'), or
-        waits for room (policy 'wait') up to wait_timeout seconds (None: until its deadline)."""
-        stream = self.keys.stream_for(req.kind, req.session_id, req.model)
+    async def publish(self, req: Request, wait_timeout: Optional[float] = None) -> Published:
+        """XADD the request (to the tenant's stream when settings.tenant is set). Raises
+        BacklogFull (policy 'error'), or waits for room (policy 'wait') up to wait_timeout
+        seconds (None: until its deadline)."""
+        tenant = self.settings.tenant or None
+        if tenant and not req.session_id.startswith(f"{tenant}."):
+            raise ValueError(
+                f"session {req.session_id!r} is not of tenant {tenant!r}: its sessions are named '{tenant}.<name>'"
+            )
+        partition = self.keys.partition_of(req.session_id)
+        stream = self.keys.request_stream(req.kind, partition, req.model, tenant)
         if self._full.get(stream):
             await self._wait_for_room(stream, req, wait_timeout)
         pipe = self.redis.pipeline(transaction=False)
+        pipe.get(self.keys.epoch(partition))
         pipe.xadd(stream, request_fields(req))
         pipe.xlen(stream)
-        entry_id, backlog = await pipe.execute()
+        epoch, entry_id, backlog = await pipe.execute(raise_on_error=False)
+        for got in (entry_id, backlog):
+            if isinstance(got, Exception):
+                raise got
+        if isinstance(epoch, Exception):  # an ACL from before epoch tokens: no loss detection
+            epoch = None
         self._full[stream] = backlog >= self.settings.max_backlog
-        return entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+        return Published(stream, _text(entry_id), None if epoch is None else _text(epoch))
 
     async def _wait_for_room(self, stream: str, req: Request, wait_timeout: Optional[float]) -> None:
         limit = self.settings.max_backlog
@@ -85,3 +110,7 @@ class Publisher:
                 raise BacklogFull(stream, backlog, limit)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.5)
+
+
+def _text(x) -> str:
+    return x.decode() if isinstance(x, bytes) else str(x)

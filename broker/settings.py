@@ -55,9 +55,23 @@ class BrokerSettings:
     backlog_policy: str = "error"  # or "wait": publishers sleep until there is room
     reply_maxlen: int = 256  # entries kept per session reply stream
     reply_ttl_s: int = 3600  # idle reply streams expire after this
-    dlq_maxlen: int = 1_000  # a dead letter keeps its frame: 1,000 x 150 KB is 150 MB
+    dlq_maxlen: int = 1_000  # entries per dead-letter stream (exact trimming)
+    # A dead letter keeps the body when it is at most this long, else its length and SHA-256:
+    # a dead-letter stream holds at most dlq_maxlen x (dlq_body_bytes + ~3 KiB).
+    dlq_body_bytes: int = 65_536
+    tap_maxlen: int = 10_000  # copies a recorder may fall behind by (ops/record.py)
     claim_min_idle_ms: int = 15_000  # a message idle this long in a dead consumer is reclaimed
-    max_deliveries: int = 3  # after this many deliveries a message goes to dead letters
+    # A request that was delivered more than this many times, and that every worker that
+    # ran it alone since died running, goes to dead letters (inference_worker/worker.py).
+    max_deliveries: int = 3
+    # Publish to this tenant's request streams (sessions must be named "<tenant>.<name>").
+    tenant: str = ""
+    # Clients: how long request() waits for a reply by default (0: forever), how often an
+    # unanswered request's partition is checked for lost data (its epoch token), and after how
+    # long without a reply a request's entry is looked for (env_agents/client.py).
+    request_timeout_s: float = 300.0
+    lost_check_s: float = 1.0
+    presence_check_s: float = 30.0
     # TLS material for rediss:// (file paths); redis-py verifies the server against tls_ca.
     tls_ca: Optional[str] = None
     tls_cert: Optional[str] = None

@@ -117,6 +117,15 @@ def add_agent_args(p: argparse.ArgumentParser) -> None:
         help="session ids are PREFIX-i; unique per run, also across containers started together",
         shown="agent-<host>-<pid>-<time>",
     )
+    flag(
+        r,
+        "--tenant",
+        var="TENANT",
+        default="",
+        help="publish to this tenant's own request streams (the session prefix must then start "
+        "with '<tenant>.'; the workers serve it with --tenants)",
+        shown=None,
+    )
     c = p.add_argument_group("control")
     flag(
         c,
@@ -289,7 +298,7 @@ def spec_from_args(args: argparse.Namespace):
     return RunSpec(
         env_id=args.env,
         control=control,
-        broker=broker_settings_from_args(args),
+        broker=broker_settings_from_args(args, tenant=args.tenant or None),
         n=args.n,
         procs=max(1, min(args.procs, args.n)),
         episodes=args.episodes,

@@ -19,6 +19,15 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
         g, "--name", var="WORKER_NAME", default="", help="consumer name, unique per worker", shown="host-pid"
     )
     flag(g, "--kinds", var="KINDS", default=",".join(KINDS), help="comma-separated task kinds to serve")
+    flag(
+        g,
+        "--tenants",
+        var="TENANTS",
+        default="",
+        help="comma-separated tenants whose own request streams to serve too (each answers only "
+        "sessions named '<tenant>.<name>'; docs/RELIABILITY.md, ACL)",
+        shown=None,
+    )
     flag(g, "--max-batch", var="MAX_BATCH", default=32, type=int, help="largest batch")
     flag(
         g,
@@ -80,7 +89,8 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
         var="MAX_DELIVERIES",
         default=3,
         type=int,
-        help="deliveries before a message is dead-lettered",
+        help="a message delivered more often than this, whose workers died running it alone, "
+        "is dead-lettered",
     )
     flag(
         g,
@@ -89,6 +99,15 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
         default=15000,
         type=int,
         help="idle time after which a dead consumer's message is reclaimed",
+    )
+    flag(
+        g,
+        "--commit-retry-s",
+        var="COMMIT_RETRY_S",
+        default=120.0,
+        type=float,
+        help="how long writing replies is retried through Redis errors before the worker exits "
+        "non-zero (another worker then takes over what it held)",
     )
     o = p.add_argument_group("metrics")
     flag(
@@ -178,6 +197,8 @@ def settings_from_args(args: argparse.Namespace):
     broker = broker_settings_from_args(
         args, max_deliveries=args.max_deliveries, claim_min_idle_ms=args.claim_min_idle_ms
     )
+    from broker.keys import TENANT_PATTERN
+
     kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
@@ -185,6 +206,10 @@ def settings_from_args(args: argparse.Namespace):
     bad = [o for o in args.option if "=" not in o]
     if bad:
         raise SystemExit(f"--option takes KEY=VALUE, got {bad[0]!r}")
+    tenants = tuple(t.strip() for t in args.tenants.split(",") if t.strip())
+    bad = [t for t in tenants if not TENANT_PATTERN.match(t)]
+    if bad:
+        raise SystemExit(f"bad tenant name(s) {bad}: tenants match {TENANT_PATTERN.pattern}")
     options = dict(o.split("=", 1) for o in args.option)
     from inference_worker.option_keys import check_option_keys
 
@@ -201,6 +226,8 @@ def settings_from_args(args: argparse.Namespace):
         limits=Limits.from_env(),
         name=args.name or default_worker_name(),
         kinds=kinds,
+        tenants=tenants,
+        commit_retry_s=args.commit_retry_s,
         model_name=args.model_name or None,
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
@@ -242,12 +269,16 @@ async def serve(settings, observers=()) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from broker.meta import PartitionMismatch
+    from inference_worker.failures import FatalDeviceError
     from inference_worker.models.errors import ModelLoadError
+    from inference_worker.worker import WorkerFailure
 
     try:
         eventloop.run(serve(settings_from_args(args)))
     except (PartitionMismatch, ModelLoadError) as exc:
         raise SystemExit(f"vlmq worker: {exc}") from None
+    except (WorkerFailure, FatalDeviceError) as exc:  # exit non-zero: another worker takes over
+        raise SystemExit(f"vlmq worker stopped: {exc}") from None
     return 0
 
 

@@ -1,10 +1,10 @@
 """The engine core: `add_request`, `abort`, `step` -- what the worker's model thread runs.
 
-Each `step()` asks the scheduler what to run next (scheduler.py: a control batch first,
-then engine work, then other batches), runs it, and returns what finished: one `Output`
-per request, the moment that request is done -- a chat request the step its last token
-came out, not when its batch-mates finish. Between steps it stops running requests whose
-deadline passed (DEADLINE_EXCEEDED) or whose client withdrew them (CANCELLED).
+Each `step()` asks the scheduler what to run next (`schedule`: a control batch first,
+then engine work, then other batches), runs it (`execute`), and returns what finished:
+one `Output` per request, the moment that request is done -- a chat request the step its
+last token came out, not when its batch-mates finish. Between steps it stops running
+requests whose deadline passed (DEADLINE_EXCEEDED), which frees their decode slots.
 
 Chat requests of stepped kinds are programs of engine ops (handlers/base.py); `prepare`
 starts a program (builds and tokenizes the prompt) outside the model thread, and the core
@@ -14,7 +14,7 @@ run `handler.run(requests)` on a whole batch.
 Requests that stream also get their new tokens after every step (`PartialOutput`, taken
 with `take_partials` after the step); requests that don't stream add nothing to a step.
 
-Thread safety: `add_request`, `abort`, `held` and `__len__` may be called from any thread
+Thread safety: `add_request`, `held` and `__len__` may be called from any thread
 (the event loop); `step` and `take_partials` run on one thread at a time, and only `step`
 touches the model.
 """
@@ -89,7 +89,6 @@ class EngineCore:
         self.scheduler = Scheduler(self.policy)
         self.active: Dict[int, Item] = {}  # stepped requests admitted and not yet answered
         self._lock = threading.Lock()
-        self._cancelled: List[Item] = []  # running items to stop at the next step
         self.wake: Callable[[], None] = lambda: None  # the driver's wake-up, called on new work
         self.last_step: Optional[StepInfo] = None
         self._partials: List[PartialOutput] = []
@@ -116,12 +115,6 @@ class EngineCore:
             old = self.scheduler.add(item)
         self.wake()
         return old
-
-    def abort(self, item: Item) -> None:
-        """The client withdrew the request: it is answered CANCELLED at the next step."""
-        with self._lock:
-            self._cancelled.append(item)
-        self.wake()
 
     def waiting(self) -> int:
         """Requests not yet admitted to the model."""
@@ -157,8 +150,15 @@ class EngineCore:
     # ------------------------------------------------------------------ stepping
 
     def step(self, flush: bool = False) -> Tuple[List[Output], Plan]:
-        """Run one step; returns its answered requests and the plan it ran (plan.idle: there
-        was nothing to run until plan.ready_at). `flush`: nothing waits for a batch to fill."""
+        """`schedule` then `execute`: one step; returns its answered requests and the plan it
+        ran (plan.idle: nothing to run until plan.ready_at)."""
+        outputs, plan = self.schedule(flush)
+        return outputs + self.execute(plan), plan
+
+    def schedule(self, flush: bool = False) -> Tuple[List[Output], Plan]:
+        """Decide the next step (`flush`: nothing waits for a batch to fill). Returns the
+        requests answered without running (stopped, withdrawn, expired) and the plan; a
+        driver may act between the two halves (a suspect's run is counted in Redis)."""
         outputs = self._stop_requests(time.time())
         engine = EngineState()
         if self.engine is not None:
@@ -168,28 +168,32 @@ class EngineCore:
             if plan.batch is not None:
                 self._running_batch = plan.batch.items
         for i in plan.expired:
-            late = time.time() - (i.request.deadline or 0.0)
-            outputs.append(
-                Output(
-                    i,
-                    ProtocolError(
-                        ErrorCode.EXPIRED,
-                        f"deadline passed {late * 1000:.0f} ms before the model could run it",
-                    ),
-                )
+            deadline = i.request.deadline or 0.0
+            late = time.time() - deadline
+            err = ProtocolError(
+                ErrorCode.EXPIRED,
+                f"deadline passed {late * 1000:.0f} ms before the model could run it",
+                {"deadline": deadline, "late_ms": round(late * 1000.0, 1)},
             )
+            outputs.append(Output(i, err))
+        return outputs, plan
+
+    def execute(self, plan: Plan) -> List[Output]:
+        """Run a plan of `schedule`; returns the requests it answered."""
         if plan.idle:
-            return outputs, plan
+            return []
         started = time.time()
         sw = Stopwatch()
         if plan.batch is not None:
-            outputs += self._run_batch(plan.batch, started, sw)
-            with self._lock:
-                self._running_batch = ()
+            try:
+                outputs = self._run_batch(plan.batch, started, sw)
+            finally:
+                with self._lock:
+                    self._running_batch = ()
         else:
-            outputs += self._run_engine(plan, started, sw)
+            outputs = self._run_engine(plan, started, sw)
         self.last_step = StepInfo(plan, started, time.time(), sw.timings)
-        return outputs, plan
+        return outputs
 
     def _run_batch(self, batch: Batch, started: float, sw: Stopwatch) -> List[Output]:
         handler = self.handlers[batch.kind]
@@ -296,36 +300,25 @@ class EngineCore:
         return [self._finish(i, err) for i in items]
 
     def _stop_requests(self, wall: float) -> List[Output]:
-        """Requests in the engine past their deadline, and withdrawn ones, are stopped."""
+        """Requests in the engine past their deadline are stopped (their slots freed)."""
         with self._lock:
-            cancelled, self._cancelled = self._cancelled, []
             stop: List[Tuple[Item, ProtocolError]] = []
-            for i in cancelled:
-                if self.scheduler.remove(i) or id(i) in self.active:
-                    stop.append((i, ProtocolError(ErrorCode.CANCELLED, "withdrawn by the client")))
             for i in self.active.values():
-                if (
-                    i.request.deadline is not None
-                    and i.request.deadline < wall
-                    and all(i is not s for s, _ in stop)
-                ):
+                if i.request.deadline is not None and i.request.deadline < wall:
                     late = (wall - i.request.deadline) * 1000.0
-                    stop.append(
-                        (
-                            i,
-                            ProtocolError(
-                                ErrorCode.DEADLINE_EXCEEDED,
-                                f"deadline passed {late:.0f} ms into generation; stopped",
-                            ),
-                        )
+                    err = ProtocolError(
+                        ErrorCode.DEADLINE_EXCEEDED,
+                        f"deadline passed {late:.0f} ms into generation; stopped",
+                        {"deadline": i.request.deadline, "late_ms": round(late, 1)},
                     )
+                    stop.append((i, err))
             for i, _ in stop:
                 if i in self.scheduler.followups:
                     self.scheduler.followups.remove(i)
         if not stop:
             return []
         if self.engine is not None:
-            self.engine.abort([i for i, _ in stop if id(i) in self.active])
+            self.engine.abort([i for i, _ in stop])
         return [self._finish(i, err) for i, err in stop]
 
 
@@ -334,6 +327,6 @@ def _steppable(handler: Handler) -> bool:
 
 
 def _fatal(exc: Exception) -> bool:
-    from inference_worker import failures
+    from inference_worker.failures import is_fatal_device_error
 
-    return failures.classify(exc) == failures.FATAL
+    return is_fatal_device_error(exc)

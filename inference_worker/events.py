@@ -40,6 +40,16 @@ class WorkerObserver:
     def on_tick(self, queued: int, in_flight: int, kinds: Sequence[str]) -> None:
         """Called with each heartbeat."""
 
+    def on_health(self, stalled_s: float, last_commit_at: float) -> None:
+        """Called with each heartbeat: seconds since the last commit while holding requests
+        (0 when idle), and the unix time of the last commit (0: none yet)."""
+
+    def on_redis_error(self, op: str) -> None:
+        """A Redis call failed (read, reclaim, commit, keep_alive, heartbeat, ...)."""
+
+    def on_run_alone(self, kind: str) -> None:
+        """A redelivered request (a suspect) is about to run in a batch of its own."""
+
 
 class Observers(WorkerObserver):
     def __init__(self, observers: Sequence[WorkerObserver] = ()) -> None:

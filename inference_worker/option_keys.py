@@ -8,6 +8,7 @@ from typing import Dict, Mapping
 
 VLA_KEYS = ("vla", "vla_cache", "vla_sessions", "vla_ttl_s", "vla_steps", "vla_cuda_graphs")
 SELF_CHECK_KEYS = ("self_check", "self_check_tol")
+FAULT_KEYS = ("fault_kill_on", "fault_device_assert_on", "fault_oom_over")  # the synthetic backend
 VLLM_KEYS = (
     "vllm_gpu_memory_utilization",
     "vllm_max_model_len",
@@ -25,6 +26,7 @@ def known_keys() -> Dict[str, str]:
     keys.update({k: "VLA" for k in VLA_KEYS})
     keys.update({k: "vLLM" for k in VLLM_KEYS})
     keys.update({k: "self-check" for k in SELF_CHECK_KEYS})
+    keys.update({k: "synthetic backend" for k in FAULT_KEYS})
     return keys
 
 

@@ -85,6 +85,7 @@ class Plan:
     prefill: List[Item] = field(default_factory=list)  # stepped items whose op is a Generate
     decode: bool = False  # one decode step for the running sequences (after the prefill)
     ready_at: float = math.inf  # nothing to run: when something will be (monotonic)
+    alone: Optional[Item] = None  # a suspect this step starts running alone
 
     @property
     def engine_work(self) -> bool:
@@ -240,7 +241,7 @@ class Scheduler:
         for i in chosen:
             if i.request.latest_only:
                 self._latest.pop((i.request.session_id, kind), None)
-        return Plan(batch=Batch(kind, chosen))
+        return Plan(batch=Batch(kind, chosen), alone=chosen[0] if suspects else None)
 
     def _stepped_waiting(self) -> List[Item]:
         waiting = [i for k in self.policy.stepped_kinds for i in self.queues.get(k, ())]
@@ -262,8 +263,9 @@ class Scheduler:
         suspect = next((i for i in waiting if i.suspect), None)
         if self._suspect is not None or suspect is not None:
             waiting = []  # nothing new joins while a suspect runs or waits to run alone
+        alone = None
         if suspect is not None and self._suspect is None and not engine.running and not self.followups:
-            self._suspect = suspect
+            self._suspect = alone = suspect
             waiting = [suspect]
         candidates = self.followups + waiting  # admitted requests' next ops go first
         scores = [i for i in candidates if _is_score(i.op)]
@@ -271,7 +273,7 @@ class Scheduler:
             scores = scores[: max(self.policy.batch_limit(scores[0].request.kind), 1)]
             self._take(scores)
             self._decoded_last = False
-            return Plan(score=scores)
+            return Plan(score=scores, alone=alone if alone in scores else None)
         gens = [i for i in candidates if not _is_score(i.op)]
         prefill: List[Item] = []
         if gens and engine.free_slots > 0 and (flush or self._prefill_due(gens, now, engine)):
@@ -287,7 +289,7 @@ class Scheduler:
         if not prefill and not engine.running:
             return None
         self._decoded_last = True
-        return Plan(prefill=prefill, decode=True)
+        return Plan(prefill=prefill, decode=True, alone=alone if alone in prefill else None)
 
     def _prefill_due(self, gens: List[Item], now: float, engine: EngineState) -> bool:
         if len(gens) >= min(self.policy.prefill_min, engine.free_slots) or self._suspect in gens:

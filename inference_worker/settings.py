@@ -23,6 +23,7 @@ class WorkerSettings:
     name: str = field(default_factory=default_worker_name)
     kinds: Tuple[str, ...] = KINDS
     model_name: Optional[str] = None  # also serve the model-specific streams of this name
+    tenants: Tuple[str, ...] = ()  # also serve these tenants' streams (broker/keys.py)
     max_batch: int = 32
     max_batch_by_kind: Dict[str, int] = field(default_factory=dict)
     max_wait_ms: float = 2.0  # after the first request of a batch arrives
@@ -35,7 +36,10 @@ class WorkerSettings:
     heartbeat_s: float = 2.0
     metrics_port: int = 0  # Prometheus /metrics on this port; 0 = off (ops/metrics)
     metrics_addr: str = "0.0.0.0"
-    reclaim_interval_s: float = 2.0
+    reclaim_interval_s: float = 2.0  # at most; a quarter of claim_min_idle_ms when that is shorter
+    # Writing replies: transient Redis errors are retried this long, then the worker exits
+    # non-zero (what it held is reclaimed by another worker).
+    commit_retry_s: float = 120.0
     # backend and model
     backend: str = "hf"  # hf | vllm | synthetic
     model_path: Optional[str] = None

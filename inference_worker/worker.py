@@ -10,6 +10,21 @@ the next step runs. The model never waits on Redis and the event loop never wait
 model. A request is acked only in the call that writes its reply. Requests that stream
 also get partial replies after each step (streaming.py), written the same way: posted to
 the loop, never waited for by the model thread.
+
+Failures (inference_worker/failures.py):
+- A message delivered again after its holder died is a suspect: it runs alone (in a batch
+  of its own, or in an idle decode; scheduler.py), and each such run is counted in Redis
+  before it starts. Only a message that was delivered more than max_deliveries times and
+  that its workers kept dying on while running it alone goes to dead letters; the requests
+  that were merely held with it are answered.
+- The reclaimer has a budget of its own beyond the prefetch room, so a busy worker still
+  takes a dead worker's messages over on time.
+- Writing replies retries transient Redis errors for commit_retry_s, other errors a few
+  times; then, as after a fatal device error or any failure of the model thread, the
+  worker stops reading and exits non-zero (WorkerFailure), leaving what it held to be
+  reclaimed.
+- Health is the time since the last commit while holding requests (`stalled_s` in the
+  heartbeat, `vlmq inspect`, `vlmq top` and the metrics).
 """
 
 from __future__ import annotations
@@ -18,11 +33,12 @@ import asyncio
 import logging
 import math
 import os
+import re
 import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List, Optional, Sequence, Set
+from typing import Any, Dict, List, Optional, Sequence, Set
 
 from broker.connection import connect_async
 from broker.consumer import Delivery, GroupReader
@@ -31,15 +47,43 @@ from broker.meta import agree_partitions
 from broker.replies import Outcome, ReplyWriter
 from inference_worker.core import EngineCore, Output, PartialOutput, StepInfo
 from inference_worker.events import Observers, WorkerObserver
+from inference_worker.failures import (
+    FatalDeviceError,
+    is_fatal_device_error,
+    is_out_of_memory,
+    is_transient_redis_error,
+    release_device_memory,
+)
 from inference_worker.handlers.base import AsyncHandler, Handler, HandlerOutput
 from inference_worker.scheduler import Item, Policy
 from inference_worker.settings import WorkerSettings
 from inference_worker.streaming import PartialWriter
 from schemas.codec import packb
 from schemas.errors import ErrorCode, ProtocolError
-from schemas.messages import ErrorInfo, Reply, Request, decode_request
+from schemas.messages import ID_PATTERN, ErrorInfo, Reply, Request, read_body, validate_request
 
 log = logging.getLogger("vlmq.worker")
+_ID = re.compile(ID_PATTERN)
+# A message delivered this many times max_deliveries is dead-lettered even if it never ran
+# alone: its holders died before it reached the model (while decoding it, say).
+_DELIVERY_CAP_FACTOR = 4
+_ENTRY_FIELDS = frozenset((b"v", b"kind", b"rid", b"sid", b"body"))
+_PERMANENT_COMMIT_TRIES = 3  # a commit that fails with a non-transient error this often is fatal
+
+
+class WorkerFailure(RuntimeError):
+    """The worker stopped because it could not go on (a reply it could not write, a device
+    error); what it held stays pending for another worker."""
+
+
+class _Rejected(Exception):
+    """An entry refused before the scheduler: answered to `session` (None: to nobody)."""
+
+    def __init__(self, error: ProtocolError, session: Optional[str], request_id: Optional[str]) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.session = session
+        self.request_id = request_id
 
 
 class Worker:
@@ -80,8 +124,13 @@ class Worker:
             "dead_letters": 0,
             "reclaimed": 0,
             "fenced": 0,  # results dropped: another consumer had taken their messages over
+            "taken_over": 0,  # held messages the keep-alive found reclaimed by another consumer
+            "runs_alone": 0,  # suspects (redelivered messages) run alone
+            "redis_errors": 0,
         }
         self.started_at = time.time()
+        self.last_commit_at = 0.0
+        self.failure: Optional[str] = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -98,9 +147,10 @@ class Worker:
     def streams(self) -> List[str]:
         out = []
         for kind in self.handlers:
-            out += self.keys.request_streams(kind)
-            if self.settings.model_name:
-                out += self.keys.request_streams(kind, self.settings.model_name)
+            for tenant in (None, *self.settings.tenants):
+                out += self.keys.request_streams(kind, tenant=tenant)
+                if self.settings.model_name:
+                    out += self.keys.request_streams(kind, self.settings.model_name, tenant)
         return out
 
     async def run(self) -> None:
@@ -166,6 +216,8 @@ class Worker:
             self._prep.shutdown(wait=True)
             for h in self.handlers.values():
                 h.close()
+        if self.failure:
+            raise WorkerFailure(self.failure)
         log.info("worker %s stopped: %s", self.name, self.stats)
 
     # ------------------------------------------------------------------ intake
@@ -183,7 +235,7 @@ class Worker:
             try:
                 deliveries = await self.reader.read(room, self.settings.block_ms)
             except Exception as exc:  # connection lost: redis-py retried with backoff already
-                log.warning("read failed (%s); retrying", exc)
+                self._redis_error("read", exc)
                 await asyncio.sleep(0.5)
                 continue
             if deliveries:
@@ -194,15 +246,20 @@ class Worker:
             await self._admit(leftover)
 
     async def _reclaimer(self) -> None:
+        """Take over the messages of dead consumers. It has its own room, beyond the
+        prefetch: a worker whose prefetch is full still takes them over on time (they run
+        alone, ahead of the queue: the scheduler puts suspects first)."""
+        period = min(self.settings.reclaim_interval_s, self.settings.broker.claim_min_idle_ms / 4000.0)
+        budget = self.settings.read_ahead
         while not self.stopping:
-            await asyncio.sleep(self.settings.reclaim_interval_s)
-            room = self._room_left()
+            await asyncio.sleep(period)
+            room = self._room_left() + budget
             if room <= 0 or self.stopping:
                 continue
             try:
                 deliveries = await self.reader.reclaim(room)
             except Exception as exc:
-                log.warning("reclaim failed: %s", exc)
+                self._redis_error("reclaim", exc)
                 continue
             if deliveries:
                 self.stats["reclaimed"] += len(deliveries)
@@ -210,30 +267,60 @@ class Worker:
                 await self._admit(deliveries)
 
     async def _admit(self, deliveries: List[Delivery]) -> None:
+        if self.failure:  # stopping: what was read stays pending for another worker
+            return
+        max_deliveries = self.settings.broker.max_deliveries
+        again = [d for d in deliveries if d.deliveries > 1]
+        alone: Dict[int, int] = {}
+        if again:
+            try:
+                alone = dict(zip(map(id, again), await self.reader.runs_alone(again)))
+            except Exception as exc:  # unknown: run them alone (again) rather than dead-letter
+                self._redis_error("runs_alone", exc)
         rejected: List[Outcome] = []
         valid: List[Item] = []
         for d in deliveries:
+            runs = alone.get(id(d), 0)
             # Before decoding: a message that kills the worker while it is decoded must
             # still stop being retried.
-            if d.deliveries > self.settings.broker.max_deliveries:
+            if d.deliveries > max_deliveries and (
+                runs >= max(1, max_deliveries - 1) or d.deliveries > _DELIVERY_CAP_FACTOR * max_deliveries
+            ):
+                why = (
+                    f"its workers died running it alone {runs} time(s)"
+                    if runs
+                    else "its workers died before it reached the model"
+                )
                 exc = ProtocolError(
                     ErrorCode.DEAD_LETTER,
-                    f"delivered {d.deliveries} times without completing (max_deliveries="
-                    f"{self.settings.broker.max_deliveries}); moved to dead letters",
+                    f"delivered {d.deliveries} times without completing ({why}; max_deliveries="
+                    f"{max_deliveries}); moved to dead letters",
+                    {"deliveries": d.deliveries, "runs_alone": runs, "max_deliveries": max_deliveries},
                 )
                 rejected.append(self._error(d, None, exc, dead=True))
                 continue
             try:
                 req = self._decode(d)
-            except ProtocolError as exc:
-                rejected.append(self._error(d, None, exc, dead=True))
+            except _Rejected as rej:
+                rejected.append(
+                    self._error(
+                        d,
+                        None,
+                        rej.error,
+                        dead=True,
+                        session=rej.session,
+                        request_id=rej.request_id,
+                        answer=rej.session is not None,
+                    )
+                )
                 continue
             except Exception as exc:  # a validation bug must not kill the intake
                 log.exception("decoding %s %s failed", d.stream, d.entry_id)
                 exc = ProtocolError(ErrorCode.MALFORMED, f"could not decode: {type(exc).__name__}: {exc}")
                 rejected.append(self._error(d, None, exc, dead=True))
                 continue
-            item = Item(d, req)
+            # delivered again after its holder died (or lost a read): it may be what killed it
+            item = Item(d, req, suspect=d.deliveries > 1)
             self.events.on_admitted(req.kind, item)
             valid.append(item)
         if valid:
@@ -265,16 +352,73 @@ class Worker:
         return answered
 
     def _decode(self, d: Delivery) -> Request:
+        """The entry's request; raises _Rejected saying whom to answer: the entry's sid (or,
+        when the entry has none, the body's session_id), never a session of another tenant."""
+        sid, rid = d.field("sid"), d.field("rid")
         body = d.body
         if body is None:
-            raise ProtocolError(ErrorCode.MALFORMED, "stream entry has no 'body' field")
-        req = decode_request(body, self.settings.limits)
+            raise _Rejected(ProtocolError(ErrorCode.MALFORMED, "stream entry has no 'body' field"), sid, rid)
+        try:
+            data = read_body(body, self.settings.limits)
+        except ProtocolError as exc:
+            raise _Rejected(exc, sid, rid) from None
+        if sid is None:
+            sid = _body_id(data, "session_id")
+        if rid is None:
+            rid = _body_id(data, "request_id")
+
+        def reject(code: ErrorCode, message: str, to: Optional[str] = sid, detail: Any = None) -> _Rejected:
+            return _Rejected(ProtocolError(code, message, detail), to, rid)
+
+        if d.tenant is not None and not (sid or "").startswith(f"{d.tenant}."):
+            # no reply: the session (if any) is another tenant's
+            raise reject(
+                ErrorCode.INVALID,
+                f"session {str(sid)[:128]!r} is not of tenant {d.tenant!r} ({d.stream})",
+                None,
+            )
+        if sid is not None and _ID.match(sid) and self.keys.partition_of(sid) != d.partition:
+            raise reject(
+                ErrorCode.INVALID,
+                f"session {sid} belongs to partition {self.keys.partition_of(sid)}, not {d.partition} "
+                f"({d.stream}); its reply could not be read",
+                None,
+            )
+        for name in ("v", "kind", "rid", "sid"):
+            if d.field(name) is None:
+                raise reject(
+                    ErrorCode.INVALID, f"the stream entry has no {name!r} field (docs/PROTOCOL.md 3)"
+                )
+        extra = [k for k in d.fields if k not in _ENTRY_FIELDS]
+        if extra:
+            listed = ", ".join(repr(k.decode(errors="replace")[:32]) for k in extra[:5])
+            raise reject(ErrorCode.INVALID, f"the stream entry has {len(extra)} unknown field(s): {listed}")
+        if d.field("kind") != d.kind:
+            raise reject(
+                ErrorCode.UNKNOWN_KIND,
+                f"the entry says kind {d.field('kind')[:64]!r} but was sent to the {d.kind!r} stream",
+                detail={"kind": d.field("kind")[:64]},
+            )
+        try:
+            req = validate_request(data, self.settings.limits)
+        except ProtocolError as exc:
+            raise _Rejected(exc, sid, rid) from None
         if req.kind != d.kind:
-            raise ProtocolError(
-                ErrorCode.UNKNOWN_KIND, f"a {req.kind!r} request was sent to the {d.kind!r} stream"
+            raise reject(
+                ErrorCode.UNKNOWN_KIND,
+                f"a {req.kind!r} request was sent to the {d.kind!r} stream",
+                detail={"kind": req.kind},
+            )
+        if d.field("v") != str(req.v):
+            raise reject(
+                ErrorCode.INVALID,
+                f"the entry's v field {d.field('v')[:16]!r} does not match the body's {req.v}",
             )
         if req.session_id != d.field("sid") or req.request_id != d.field("rid"):
-            raise ProtocolError(ErrorCode.INVALID, "the entry's sid/rid fields do not match the body")
+            raise reject(ErrorCode.INVALID, "the entry's sid/rid fields do not match the body")
+        if req.model != d.model:
+            where = f"the stream of model {d.model!r}" if d.model else "the stream for any model"
+            raise reject(ErrorCode.INVALID, f"a request for model {req.model!r} was sent to {where}")
         return req
 
     # ------------------------------------------------------------------ serving
@@ -293,8 +437,18 @@ class Worker:
         self.core.wake = wake
 
         def run() -> None:
-            while True:
-                outputs, plan = self.core.step(flush=self._flush)
+            try:
+                steps()
+            except Exception as exc:  # the model thread cannot go on: stop, exit non-zero
+                log.exception("the model thread failed")
+                loop.call_soon_threadsafe(self._fail, f"the model thread failed: {type(exc).__name__}: {exc}")
+
+        def steps() -> None:
+            while not self.failure:
+                outputs, plan = self.core.schedule(flush=self._flush)
+                if plan.alone is not None:  # counted in Redis before it runs
+                    asyncio.run_coroutine_threadsafe(self._before_alone(plan.alone), loop).result(15)
+                outputs += self.core.execute(plan)
                 info = None if plan.idle else self.core.last_step
                 partials = self.core.take_partials()
                 if partials:  # before the step's answers: a request's pieces precede its reply
@@ -316,9 +470,17 @@ class Worker:
         """The same steps on the event loop, for handlers that never block (no model)."""
         event = asyncio.Event()
         self.core.wake = event.set
-        while True:
+        while not self.failure:
             event.clear()
-            outputs, plan = self.core.step(flush=self._flush)
+            outputs, plan = self.core.schedule(flush=self._flush)
+            if plan.alone is not None:
+                await self._before_alone(plan.alone)
+            try:
+                outputs += self.core.execute(plan)
+            except Exception as exc:
+                log.exception("a step failed")
+                self._fail(f"a step failed: {type(exc).__name__}: {exc}")
+                return
             if outputs or not plan.idle:
                 self._on_step(outputs, None if plan.idle else self.core.last_step)
             if not plan.idle:
@@ -358,7 +520,7 @@ class Worker:
 
     def _outcome(self, o: Output) -> Outcome:
         if isinstance(o.result, ProtocolError):
-            dead = o.result.code not in (ErrorCode.SUPERSEDED, ErrorCode.CANCELLED)
+            dead = o.result.code != ErrorCode.SUPERSEDED
             return self._error(o.item.delivery, o.item.request, o.result, dead, o.batch_size, o.timings)
         return self._ok(o.item, o.result, o.batch_size, o.timings)
 
@@ -393,10 +555,18 @@ class Worker:
 
     # ------------------------------------------------------------------ replies
 
-    def _reply(self, d: Delivery, req: Optional[Request], ok: bool, **fields) -> bytes:
+    def _reply(
+        self,
+        d: Delivery,
+        req: Optional[Request],
+        ok: bool,
+        session: Optional[str] = None,
+        request_id: Optional[str] = None,
+        **fields,
+    ) -> bytes:
         reply = Reply(
-            request_id=req.request_id if req else (d.field("rid") or ""),
-            session_id=req.session_id if req else (d.field("sid") or ""),
+            request_id=req.request_id if req else (request_id or d.field("rid") or ""),
+            session_id=req.session_id if req else (session or d.field("sid") or ""),
             step=req.step if req else 0,
             kind=req.kind if req else d.kind,
             ok=ok,
@@ -423,23 +593,53 @@ class Worker:
         dead: bool,
         batch_size: int = 0,
         timings: Optional[Dict[str, float]] = None,
+        session: Optional[str] = None,
+        request_id: Optional[str] = None,
+        answer: bool = True,
     ) -> Outcome:
-        error = ErrorInfo(code=exc.code, message=exc.message, detail=exc.detail)
-        body = self._reply(d, req, False, error=error, batch_size=batch_size, timings=timings or {})
+        """An error reply (to `session` when given, else the entry's sid; to nobody unless
+        `answer`) and, when `dead`, a dead letter."""
+        detail = exc.detail if exc.detail is not None else {}
+        error = ErrorInfo(code=exc.code, message=exc.message, detail=detail)
+        body = self._reply(
+            d,
+            req,
+            False,
+            session=session,
+            request_id=request_id,
+            error=error,
+            batch_size=batch_size,
+            timings=timings or {},
+        )
         reason = {"code": exc.code.value, "reason": exc.message} if dead else None
-        return Outcome(d, body, reason, exc.code.value)
+        return Outcome(
+            d, body if answer else None, reason, exc.code.value, session=session, request_id=request_id
+        )
 
     async def _commit(self, outcomes: List[Outcome], items: Sequence[Item] = ()) -> None:
+        """Write replies, acks and dead letters. Transient Redis errors are retried for
+        commit_retry_s, others _PERMANENT_COMMIT_TRIES times; then the worker fails (a retry
+        writes each outcome once: the commit is fenced)."""
+        if self.failure:  # stopping: leave them pending for another worker
+            return
         delay = 0.05
         t0 = time.perf_counter()
+        give_up = time.monotonic() + self.settings.commit_retry_s
+        permanent = 0
         while True:
             try:
                 fenced = await self.writer.commit(outcomes)
                 break
-            except Exception as exc:  # keep the results: a retry writes each outcome once
-                log.warning("writing %d replies failed (%s); retrying", len(outcomes), exc)
+            except Exception as exc:
+                self._redis_error("commit", exc)
+                if not is_transient_redis_error(exc):
+                    permanent += 1
+                if permanent >= _PERMANENT_COMMIT_TRIES or time.monotonic() > give_up:
+                    self._fail(f"writing {len(outcomes)} replies failed: {type(exc).__name__}: {exc}")
+                    return
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+        self.last_commit_at = time.time()
         self.core.replied(items)
         if fenced:
             self.stats["fenced"] += fenced
@@ -457,6 +657,38 @@ class Worker:
             self.in_flight.pop(id(i), None)
         self._room.set()
 
+    # ------------------------------------------------------------------ failures
+
+    def _fail(self, reason: str) -> None:
+        """Stop reading and answering; run() then raises WorkerFailure."""
+        if self.failure is None:
+            log.error("worker %s stops: %s", self.name, reason)
+            self.failure = reason
+        self.request_stop()
+
+    def _redis_error(self, op: str, exc: BaseException) -> None:
+        self.stats["redis_errors"] += 1
+        self.events.on_redis_error(op)
+        log.warning("%s failed (%s: %s)", op, type(exc).__name__, exc)
+
+    async def _before_alone(self, item: Item) -> None:
+        """Count this run of a suspect alone before the model starts it: if the worker dies
+        now, the next holder knows the message ran alone (and may be the culprit)."""
+        self.stats["runs_alone"] += 1
+        self.events.on_run_alone(item.request.kind)
+        try:
+            await asyncio.wait_for(self.reader.mark_run_alone(item.delivery), 10.0)
+        except Exception as exc:  # not counted: it gets one more run alone later, nothing worse
+            self._redis_error("mark_run_alone", exc)
+
+    def health(self) -> float:
+        """Seconds since the last commit while this worker holds requests (0 when idle)."""
+        held = [i.delivery.received_at for i in self.in_flight.values()]
+        held += [i.delivery.received_at for i in self.core.held()]
+        if not held:
+            return 0.0
+        return max(0.0, time.time() - max(self.last_commit_at, min(held)))
+
     # ------------------------------------------------------------------ side duties
 
     async def _keep_alive(self) -> None:
@@ -465,9 +697,17 @@ class Worker:
             await asyncio.sleep(period)
             held = [i.delivery for i in self.in_flight.values()] + [i.delivery for i in self.core.held()]
             try:
-                await self.reader.keep_alive(held)
+                lost = await self.reader.keep_alive(held)
             except Exception as exc:
-                log.warning("keep-alive failed: %s", exc)
+                self._redis_error("keep_alive", exc)
+                continue
+            # (not those answered while the keep-alive ran: their entries are simply gone)
+            holding = {id(i.delivery) for i in self.in_flight.values()}
+            holding |= {id(i.delivery) for i in self.core.held()}
+            lost = [d for d in lost if id(d) in holding]
+            if lost:  # their commits will be fenced off; the other holder answers them
+                self.stats["taken_over"] += len(lost)
+                log.warning("%d held message(s) were taken over by another worker", len(lost))
 
     async def _heartbeat(self) -> None:
         key = self.keys.worker(self.name)
@@ -484,8 +724,11 @@ class Worker:
                 "metrics_port": self.settings.metrics_port,  # `vlmq top` scrapes host:metrics_port
                 "started_at": f"{self.started_at:.3f}",
                 "seen_at": f"{time.time():.3f}",
+                "tenants": ",".join(self.settings.tenants),
                 "queued": self.core.waiting(),
                 "in_flight": len(self.core) - self.core.waiting() + len(self.in_flight),
+                "last_commit_at": f"{self.last_commit_at:.3f}",
+                "stalled_s": f"{self.health():.3f}",
                 **{k: v for k, v in self.stats.items()},
             }
             self.events.on_tick(
@@ -493,6 +736,7 @@ class Worker:
                 len(self.core) - self.core.waiting() + len(self.in_flight),
                 list(self.handlers),
             )
+            self.events.on_health(self.health(), self.last_commit_at)
             try:
                 pipe = self.redis.pipeline(transaction=False)
                 pipe.hset(key, mapping=info)
@@ -500,7 +744,7 @@ class Worker:
                 await pipe.execute()
                 await self.reader.refresh_epochs()  # another worker may have recreated them
             except Exception as exc:
-                log.warning("heartbeat failed: %s", exc)
+                self._redis_error("heartbeat", exc)
             await asyncio.sleep(self.settings.heartbeat_s)
 
 
@@ -526,21 +770,45 @@ def _timeout(ready_at: float, flush: bool) -> Optional[float]:
     return wait
 
 
+def _body_id(data: Dict, name: str) -> Optional[str]:
+    value = data.get(name)
+    return value if isinstance(value, str) and _ID.match(value) else None
+
+
 def _run_safely(handler: Handler, requests: List[Request]) -> HandlerOutput:
-    """Run a batch; if it raises, run its requests one by one so one bad request fails alone."""
+    """Run a batch. If it raises, run it again in halves (recursively), so one bad request
+    fails alone (`internal`) and the others are answered; out of memory on the device, the
+    halves also need less. A fatal device error is raised as FatalDeviceError: nothing
+    more can run in this process (failures.py)."""
     try:
         out = handler.run(requests)
         if len(out.results) != len(requests):
             raise RuntimeError(f"handler returned {len(out.results)} results for {len(requests)} requests")
         return out
     except Exception as exc:
+        if is_fatal_device_error(exc):
+            raise FatalDeviceError(
+                f"{handler.kind} batch of {len(requests)}: {type(exc).__name__}: {exc}"
+            ) from exc
+        oom = is_out_of_memory(exc)
+        if oom:
+            release_device_memory()
         if len(requests) == 1:
             log.exception("handler %s failed", handler.kind)
-            return HandlerOutput([ProtocolError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")])
+            what = "out of memory even alone: " if oom else ""
+            return HandlerOutput([ProtocolError(ErrorCode.INTERNAL, f"{what}{type(exc).__name__}: {exc}")])
+        log.warning(
+            "handler %s failed on a batch of %d (%s: %s); running it in halves",
+            handler.kind,
+            len(requests),
+            type(exc).__name__,
+            exc,
+        )
+    mid = len(requests) // 2
     results = []
     timings: Dict[str, float] = {}
-    for r in requests:
-        one = _run_safely(handler, [r])
+    for half in (requests[:mid], requests[mid:]):
+        one = _run_safely(handler, half)
         results += one.results
         for k, v in one.timings.items():
             timings[k] = timings.get(k, 0.0) + v

@@ -197,6 +197,19 @@ PANELS: List[Tuple[str, List[Tuple[str, str, str, List[Tuple[str, str]]]]]] = [
                 ],
             ),
             (
+                "Health: stalled",
+                "s",
+                "Per worker: seconds since it last wrote replies while holding requests (0 when idle), "
+                "and its failed Redis calls per second by operation.",
+                [
+                    (f"{n.WORKER_STALLED.name}", "stalled {{instance}}"),
+                    (
+                        f"sum by (instance, op) (rate({n.WORKER_REDIS_ERRORS.name}{RATE}))",
+                        "redis errors/s {{op}}",
+                    ),
+                ],
+            ),
+            (
                 "Redis sampling",
                 "short",
                 "1 when the workers' last read of stream lengths from Redis worked; its duration in seconds.",

@@ -32,7 +32,7 @@ def snapshot(r, settings: BrokerSettings, dead_letters: int = 0) -> Dict[str, An
     streams = []
     for key in _scan(r, f"{settings.prefix}:req:*"):
         try:
-            kind, model, partition = keys.parse_request_stream(key)
+            kind, model, partition, tenant = keys.parse_request_stream(key)
         except ValueError:
             continue
         row: Dict[str, Any] = {
@@ -40,6 +40,7 @@ def snapshot(r, settings: BrokerSettings, dead_letters: int = 0) -> Dict[str, An
             "kind": kind,
             "model": model,
             "partition": partition,
+            "tenant": tenant,
             "length": r.xlen(key),
         }
         if hasattr(r, "get_node_from_key"):  # cluster: where this partition lives
@@ -72,6 +73,8 @@ def snapshot(r, settings: BrokerSettings, dead_letters: int = 0) -> Dict[str, An
         info = {_s(k): _s(v) for k, v in r.hgetall(key).items()}
         if info:
             info["age_s"] = round(now - float(info.get("seen_at", now)), 1)
+            # health: seconds since its last commit while it held requests (0 when idle)
+            info["stalled_s"] = round(float(info.get("stalled_s") or 0.0), 1)
             workers.append(info)
     replies = len(_scan(r, f"{settings.prefix}:reply:*"))
     return {
@@ -102,7 +105,8 @@ def render(snap: Dict[str, Any]) -> str:
         lines.append(
             f"  {w.get('name'):<32} kinds={w.get('kinds')} backend={w.get('backend')} "
             f"requests={w.get('requests')} batches={w.get('batches')} errors={w.get('errors')} "
-            f"queued={w.get('queued')} in_flight={w.get('in_flight')} seen {w['age_s']} s ago"
+            f"queued={w.get('queued')} in_flight={w.get('in_flight')} stalled={w['stalled_s']} s "
+            f"redis_errors={w.get('redis_errors', 0)} seen {w['age_s']} s ago"
         )
     lines.append("dead letters:")
     if not snap["dead_letters"]:

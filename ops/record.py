@@ -1,8 +1,12 @@
-"""`vlmq record FILE`: tap request and reply streams into a recording (format: ops/recording.py).
+"""`vlmq record FILE`: every request answered while it runs, with its reply, into a recording
+(format: ops/recording.py).
 
-The recorder reads with XREAD only (no consumer group), so it never takes work from the
-workers. Stop it with Ctrl-C/SIGTERM, --duration or --max-entries; it then writes a footer
-with its counts, including replies whose request it did not see (see ops/tap.py).
+The recorder holds the workers' commit tap (ops/commit_tap.py): each worker copies what it
+answers, in the commit that writes the reply, to a stream the recorder reads and trims. It
+takes no work from the workers and misses nothing, at any rate. Stop it with Ctrl-C/SIGTERM,
+--duration or --max-entries; it then reads the last copies, lets go of the tap and writes a
+footer with its counts (and the copies it missed, if it fell more than VLMQ_TAP_MAXLEN
+behind).
 """
 
 from __future__ import annotations
@@ -17,9 +21,10 @@ from typing import Callable, List, Optional
 from broker import eventloop
 from broker.connection import check_reachable, connect_async, safe_url
 from broker.settings import BrokerSettings, add_broker_args, broker_settings_from_args
+from ops.commit_tap import CommitTap, TapBusy
 from ops.recording import RecordingWriter
 from ops.tail import add_filter_args, filter_from_args
-from ops.tap import StreamTap, TapEvent, TapFilter
+from ops.tap import TapEvent, TapFilter
 
 
 async def record(
@@ -31,10 +36,15 @@ async def record(
     on_start: Optional[Callable[[], None]] = None,
 ) -> RecordingWriter:
     """Record until `stop` is set (or max_entries were written); returns the closed writer.
-    on_start is called once the tap has fixed its starting point: traffic after it is recorded."""
+    on_start is called once the tap is held: every request answered after it is recorded."""
     redis = connect_async(settings)
+    tap = CommitTap(redis, settings, only)
+    try:
+        await tap.start()
+    except BaseException:
+        await redis.aclose()
+        raise
     writer = RecordingWriter(path, settings.prefix, settings.partitions)
-    tap = StreamTap(redis, settings, only)
 
     def write(events: List[TapEvent]) -> None:
         for ev in events:
@@ -45,7 +55,6 @@ async def record(
 
     started = time.time()
     try:
-        await tap.start()
         print(
             f"recording {settings.prefix}:* on {safe_url(settings.url)} to {path} (Ctrl-C to stop)",
             file=sys.stderr,
@@ -55,13 +64,15 @@ async def record(
             on_start()
         await tap.run(write, stop)
     finally:
+        writer.missed = tap.missed
         writer.close()
         await redis.aclose()
     c = writer.counts
     print(
         f"recorded {c['request']} requests and {c['reply']} replies ({writer.size / 1e6:.1f} MB) "
         f"in {time.time() - started:.1f} s to {path}"
-        + (f"; {writer.orphan_replies} replies to requests not seen" if writer.orphan_replies else ""),
+        + (f"; {writer.orphan_replies} replies to requests not seen" if writer.orphan_replies else "")
+        + (f"; MISSED {tap.missed} (fell more than VLMQ_TAP_MAXLEN behind)" if tap.missed else ""),
         file=sys.stderr,
         flush=True,
     )
@@ -80,17 +91,22 @@ async def _main(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_reachable(broker_settings_from_args(args))
-    eventloop.run(_main(args))
+    try:
+        eventloop.run(_main(args))
+    except TapBusy as exc:
+        raise SystemExit(f"vlmq record: {exc}") from None
     return 0
 
 
 def register(sub) -> None:
     p = sub.add_parser(
         "record",
-        help="tap request and reply streams into a file, without consuming them",
-        description="Record every request and reply of the prefix (XREAD, no consumer group: workers "
-        "are not disturbed) into FILE, a sequence of msgpack maps, gzip-compressed if FILE ends in .gz. "
-        "Replay it with `vlmq replay FILE`, print it with `vlmq tail --file FILE`.",
+        help="record every request answered, and its reply, into a file",
+        description="Record every request answered while it runs, with its reply, into FILE (a "
+        "sequence of msgpack maps, gzip-compressed if FILE ends in .gz): workers copy each one in "
+        "the commit that writes its reply, so nothing is missed at any rate, and no work is taken "
+        "from them. One recorder per prefix at a time. Replay it with `vlmq replay FILE`, print it "
+        "with `vlmq tail --file FILE`.",
     )
     p.add_argument("file", metavar="FILE", help="where to write the recording (.gz: compressed)")
     add_broker_args(p)

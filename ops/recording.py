@@ -8,9 +8,11 @@ name ends in `.gz` (docs/OPS.md, "Recording format"):
 2. one map per tapped stream entry:
    {"type": "request" | "reply", "stream", "id", "seen_at", "kind", "session", "rid",
     "body": <bytes: the message body exactly as it was on the wire>,
-    "via": "dead_letter" (only on a request taken from its dead-letter copy)}
+    "via": "dead_letter" (only from a stream-reading tap, ops/tap.py: a request it took
+    from its dead-letter copy; `vlmq record` reads the commit tap and never writes it)}
 3. a footer, when the recorder stopped cleanly: {"type": "end", "ended_at", "requests",
-   "replies", "orphan_replies"}
+   "replies", "orphan_replies", "missed"} (missed: copies trimmed before the recorder read
+   them, ops/commit_tap.py)
 
 Bodies stay in the wire encoding (msgpack with the ndarray extension), so a recording
 replays byte for byte and is decoded with the same validating decoder as the worker's;
@@ -54,6 +56,7 @@ class RecordingWriter:
         self.counts = {"request": 0, "reply": 0}
         self._requests_seen: set = set()
         self.orphan_replies = 0  # replies whose request the tap did not see
+        self.missed = 0  # copies the recorder lost (ops/commit_tap.py)
         self._write(
             {
                 "format": FORMAT,
@@ -100,6 +103,7 @@ class RecordingWriter:
                 "requests": self.counts["request"],
                 "replies": self.counts["reply"],
                 "orphan_replies": self.orphan_replies,
+                "missed": self.missed,
             }
         )
         self._f.close()

@@ -8,7 +8,8 @@ can still miss is a request that is read, served and deleted while the tap is be
 reads: that needs a handler faster than the tap's turnaround (a no-op backend on a loaded
 machine). Requests rejected at once (malformed, invalid, expired) are also copied to the
 dead-letter streams, which are never deleted, so the tap takes those from there
-(`via="dead_letter"`). `vlmq record` counts replies whose request it did not see.
+(`via="dead_letter"`). This is the live view of `vlmq tail`; `vlmq record`, which must miss
+nothing, reads the copies workers make in the commit instead (ops/commit_tap.py).
 
 The generic request and dead-letter streams are known by name and read from the start,
 existing or not; model-specific request streams and reply streams are found by SCAN (every
@@ -144,7 +145,7 @@ class StreamTap:
         if self.only.requests:
             async for key in self._scan("req:*"):
                 try:
-                    kind, _model, partition = self.keys.parse_request_stream(key)
+                    kind, _model, partition, _tenant = self.keys.parse_request_stream(key)
                 except ValueError:
                     continue
                 if self.only.kind_ok(kind):

@@ -48,6 +48,7 @@ class WorkerRow:
     in_flight: int
     age_s: float
     metrics: str  # "ok", "down", or "-" (no endpoint)
+    stalled_s: float = 0.0  # seconds since its last commit while holding requests
     gpu_gb: Optional[float] = None
 
 
@@ -206,6 +207,7 @@ class Top:
                     queued=int(float(w.get("queued") or 0)),
                     in_flight=int(float(w.get("in_flight") or 0)),
                     age_s=float(w.get("age_s") or 0.0),
+                    stalled_s=float(w.get("stalled_s") or 0.0),
                     metrics="-" if not url else ("ok" if scrape is not None else "down"),
                     gpu_gb=gpu,
                 )
@@ -288,6 +290,7 @@ def render(frame: Frame, settings: BrokerSettings):
         "errors",
         "queued",
         "in flight",
+        "stalled",
         "seen",
         "metrics",
         "GPU GB",
@@ -305,12 +308,13 @@ def render(frame: Frame, settings: BrokerSettings):
             str(w.errors),
             str(w.queued),
             str(w.in_flight),
+            f"{w.stalled_s:.0f}s",
             f"{w.age_s:.0f}s ago",
             w.metrics,
             _f(w.gpu_gb, "{:.2f}"),
         )
     if not frame.workers:
-        workers.add_row("(no live workers)", *[""] * 10)
+        workers.add_row("(no live workers)", *[""] * 11)
 
     parts: List[Any] = [title, kinds, streams, workers]
     if frame.dead_letters:

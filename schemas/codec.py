@@ -4,11 +4,16 @@ Ext type 1 carries an array as ``msgpack([dtype, shape])`` followed directly by 
 C-order bytes. The decoder reads the small header, then views the rest of the ext payload
 with ``numpy.frombuffer``: no copy of the array data. Arrays decoded this way are
 read-only; copy them before writing in place.
+
+Before decoding, a scan of the msgpack structure (`check_structure`) bounds the work one
+body can cost: a million tiny map entries fit in a few megabytes and would take the
+decoder, the validator and the error message each a second or more to build.
 """
 
 from __future__ import annotations
 
 import math
+import struct
 from typing import Any, Optional
 
 import msgpack
@@ -91,6 +96,103 @@ def _make_ext_hook(limits: Limits):
     return ext_hook
 
 
+# First bytes 0xc4..0xdf: (what follows, width of the length or count field, fixed payload).
+# "skip": a payload of that many bytes (+ 1 for an ext's type byte); "array"/"map": a count.
+_WIDE = {
+    0xC4: ("skip", 1, 0),
+    0xC5: ("skip", 2, 0),
+    0xC6: ("skip", 4, 0),  # bin 8/16/32
+    0xC7: ("skip", 1, 1),
+    0xC8: ("skip", 2, 1),
+    0xC9: ("skip", 4, 1),  # ext 8/16/32
+    0xCA: ("fixed", 0, 4),
+    0xCB: ("fixed", 0, 8),  # float 32/64
+    0xCC: ("fixed", 0, 1),
+    0xCD: ("fixed", 0, 2),
+    0xCE: ("fixed", 0, 4),
+    0xCF: ("fixed", 0, 8),
+    0xD0: ("fixed", 0, 1),
+    0xD1: ("fixed", 0, 2),
+    0xD2: ("fixed", 0, 4),
+    0xD3: ("fixed", 0, 8),
+    0xD4: ("fixed", 0, 2),
+    0xD5: ("fixed", 0, 3),
+    0xD6: ("fixed", 0, 5),
+    0xD7: ("fixed", 0, 9),
+    0xD8: ("fixed", 0, 17),  # fixext 1/2/4/8/16 (type byte included)
+    0xD9: ("skip", 1, 0),
+    0xDA: ("skip", 2, 0),
+    0xDB: ("skip", 4, 0),  # str 8/16/32
+    0xDC: ("array", 2, 0),
+    0xDD: ("array", 4, 0),
+    0xDE: ("map", 2, 0),
+    0xDF: ("map", 4, 0),
+}
+_LENGTH = {1: struct.Struct(">B"), 2: struct.Struct(">H"), 4: struct.Struct(">I")}
+
+
+def check_structure(data: bytes, limits: Limits) -> None:
+    """Refuse a body with more than `max_body_items` items or nested deeper than
+    `max_body_depth`, reading only type bytes and lengths (string, binary and array payloads
+    are skipped). Malformed or truncated input is left to the decoder, which says what is
+    wrong with it."""
+    max_items, max_depth = limits.max_body_items, limits.max_body_depth
+    view = memoryview(data)
+    end = len(data)
+    pos = 0
+    items = 0
+    todo = [1]  # items still to read at each open nesting level
+    while todo:
+        if todo[-1] == 0:
+            todo.pop()
+            continue
+        todo[-1] -= 1
+        if pos >= end:
+            return
+        b = view[pos]
+        pos += 1
+        items += 1
+        if items > max_items:
+            raise CodecError(
+                f"message has more than {max_items} values (VLMQ_MAX_BODY_ITEMS)", ErrorCode.TOO_LARGE
+            )
+        if b <= 0x7F or b >= 0xE0 or b in (0xC0, 0xC2, 0xC3):
+            continue
+        if b <= 0x9F:  # fixmap 0x80-0x8f, fixarray 0x90-0x9f
+            count = (b & 0x0F) * (2 if b <= 0x8F else 1)
+        elif b <= 0xBF:  # fixstr
+            pos += b & 0x1F
+            continue
+        else:
+            what, width, fixed = _WIDE.get(b, ("", 0, 0))
+            if not what:  # 0xc1: never used; the decoder refuses it
+                return
+            if what == "fixed":
+                pos += fixed
+                continue
+            if pos + width > end:
+                return
+            n = _LENGTH[width].unpack_from(view, pos)[0]
+            pos += width
+            if what == "skip":
+                pos += n + fixed
+                continue
+            count = n * (2 if what == "map" else 1)
+        if count:
+            if count > end - pos:  # each item takes a byte at least: truncated, not large
+                return
+            if items + count > max_items:
+                raise CodecError(
+                    f"message has more than {max_items} values (VLMQ_MAX_BODY_ITEMS)", ErrorCode.TOO_LARGE
+                )
+            if len(todo) > max_depth:
+                raise CodecError(
+                    f"message nests maps and arrays deeper than {max_depth} (VLMQ_MAX_BODY_DEPTH)",
+                    ErrorCode.TOO_LARGE,
+                )
+            todo.append(count)
+
+
 _EXT_HOOKS: dict = {}
 
 
@@ -107,6 +209,7 @@ def unpackb(data: bytes, limits: Optional[Limits] = None) -> Any:
             f"message is {len(data)} bytes; the limit is {limits.max_message_bytes} (VLMQ_MAX_MESSAGE_BYTES)",
             ErrorCode.TOO_LARGE,
         )
+    check_structure(data, limits)
     hook = _EXT_HOOKS.get(limits)
     if hook is None:
         hook = _EXT_HOOKS[limits] = _make_ext_hook(limits)
@@ -117,6 +220,8 @@ def unpackb(data: bytes, limits: Optional[Limits] = None) -> Any:
             ext_hook=hook,
             strict_map_key=True,
             max_str_len=limits.max_text_bytes,
+            max_array_len=limits.max_body_items,
+            max_map_len=limits.max_body_items,
         )
     except CodecError:
         raise

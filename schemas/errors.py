@@ -14,7 +14,6 @@ class ErrorCode(str, Enum):
     INVALID = "invalid"  # schema validation failed: missing field, wrong type, shape or dtype
     EXPIRED = "expired"  # deadline passed before the model ran
     DEADLINE_EXCEEDED = "deadline_exceeded"  # deadline passed while the model ran it: it was stopped
-    CANCELLED = "cancelled"  # the client withdrew the request (AgentClient.cancel) before its reply
     SUPERSEDED = "superseded"  # a newer latest_only request of the same session replaced it
     DEAD_LETTER = "dead_letter"  # delivered max_deliveries times without completing
     INTERNAL = "internal"  # the handler raised; the worker kept running

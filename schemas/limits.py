@@ -21,6 +21,10 @@ class Limits:
     max_new_tokens: int = 4096
     max_images: int = 16  # images in one request, across its messages
     max_prompt_tokens: int = 8192  # a chat request's prompt after templating, image tokens included
+    # Decoding work per body, checked by a scan of the msgpack structure before anything is
+    # built: every map key, map value, array item and scalar counts as one item.
+    max_body_items: int = 65_536
+    max_body_depth: int = 32  # nested maps and arrays
 
     @classmethod
     def from_env(cls, environ: os._Environ[str] | dict[str, str] | None = None) -> Limits:

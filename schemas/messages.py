@@ -14,7 +14,7 @@ import base64
 import binascii
 import time
 import uuid
-from typing import Annotated, Any, Dict, List, Literal, Optional, Type, Union
+from typing import Annotated, Any, Dict, List, Literal, Optional, Sequence, Type, Union
 
 import numpy as np
 from pydantic import (
@@ -57,7 +57,18 @@ def _limits(info: ValidationInfo) -> Limits:
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+    # NaN and infinity are refused: a NaN deadline would never pass, a NaN temperature
+    # would reach the sampler.
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_absent(cls, data: Any) -> Any:
+        """`null` for a field means the field is absent: it takes its default (or, when it
+        has none, is missing)."""
+        if isinstance(data, dict) and any(v is None for v in data.values()):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
 
 
 # ----------------------------------------------------------------------------- chat content
@@ -189,9 +200,14 @@ class Constraint(_Model):
 def _image_field(v: Any, info: ValidationInfo) -> Any:
     if v is None:
         return v
-    return check_image(
-        _from_data_url(v) if isinstance(v, str) else v, info.field_name or "image", _limits(info)
-    )
+    field = info.field_name or "image"
+    if isinstance(v, str):  # docs/PROTOCOL.md 4.2: data: URLs only inside chat messages
+        raise ProtocolError(
+            ErrorCode.INVALID,
+            f"{field}: a string is not an image here (data: URLs are accepted only in chat "
+            "messages); send JPEG/PNG bytes or a raw uint8 array",
+        )
+    return check_image(v, field, _limits(info))
 
 
 class ActionChunkRequest(Request):
@@ -386,7 +402,8 @@ RESULT_MODELS: Dict[str, Type[_Model]] = {
 class ErrorInfo(_Model):
     code: ErrorCode
     message: str
-    detail: Optional[Any] = None
+    # always present on the wire: a list of problems for `invalid`, else a map (docs/PROTOCOL.md 8)
+    detail: Any = Field(default_factory=dict)
 
 
 class Reply(_Model):
@@ -440,7 +457,9 @@ def request_model(kind: str) -> Type[Request]:
         return REQUEST_MODELS[kind]
     except KeyError:
         raise ProtocolError(
-            ErrorCode.UNKNOWN_KIND, f"unknown kind {kind!r}; known kinds: {', '.join(KINDS)}"
+            ErrorCode.UNKNOWN_KIND,
+            f"unknown kind {kind[:64]!r}; known kinds: {', '.join(KINDS)}",
+            {"kind": kind[:64], "known": list(KINDS)},
         ) from None
 
 
@@ -448,41 +467,89 @@ def result_model(kind: str) -> Type[_Model]:
     return RESULT_MODELS[kind]
 
 
+# An error reply and its dead letter stay small whatever the input: a body with thousands of
+# problems (or a field name of 200 KB) is described by its first few, each cut short.
+_MAX_PROBLEMS_IN_MESSAGE = 10
+_MAX_PROBLEMS_IN_DETAIL = 32
+_MAX_LOC_CHARS = 64
+
+
+def _loc(loc: Sequence[Any]) -> List[str]:
+    out = []
+    for x in loc:
+        x = str(x)
+        out.append(x if len(x) <= _MAX_LOC_CHARS else x[:_MAX_LOC_CHARS] + "...")
+    return out
+
+
 def describe_validation_error(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors(include_url=False):
-        loc = ".".join(str(x) for x in err["loc"]) or "body"
-        parts.append(f"{loc}: {err['msg']}")
+    errors = exc.errors(include_url=False, include_input=False, include_context=False)
+    parts = [f"{'.'.join(_loc(e['loc'])) or 'body'}: {e['msg']}" for e in errors[:_MAX_PROBLEMS_IN_MESSAGE]]
+    if len(errors) > _MAX_PROBLEMS_IN_MESSAGE:
+        parts.append(f"and {len(errors) - _MAX_PROBLEMS_IN_MESSAGE} more")
     return "; ".join(parts)
 
 
-def _validate(model: Type[BaseModel], data: Any, limits: Limits) -> Any:
+def _validate(model: Type[BaseModel], data: Any, limits: Limits, strict: bool = False) -> Any:
     try:
-        return model.model_validate(data, context={"limits": limits})
+        return model.model_validate(data, strict=strict, context={"limits": limits})
     except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_input=False, include_context=False)
         detail = [
-            {"loc": [str(x) for x in e["loc"]], "msg": e["msg"], "type": e["type"]}
-            for e in exc.errors(include_url=False, include_input=False, include_context=False)
+            {"loc": _loc(e["loc"]), "msg": e["msg"], "type": e["type"]}
+            for e in errors[:_MAX_PROBLEMS_IN_DETAIL]
         ]
         raise ProtocolError(ErrorCode.INVALID, describe_validation_error(exc), detail) from None
+
+
+def read_body(body: bytes, limits: Limits = DEFAULT_LIMITS) -> Dict[str, Any]:
+    """bytes from the wire -> the body's map, before validation (bounded work, see codec)."""
+    data = unpackb(body, limits)
+    if not isinstance(data, dict):
+        raise ProtocolError(ErrorCode.INVALID, f"body must be a msgpack map, got {type(data).__name__}")
+    return data
+
+
+def validate_request(data: Dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> Request:
+    """A body's map -> a validated request. Types are strict: the wire has ints, floats,
+    strings and booleans, so "3" is not a step and 1 is not true."""
+    if data.get("v") is None:
+        raise ProtocolError(
+            ErrorCode.INVALID,
+            "v: field required (the protocol version)",
+            [{"loc": ["v"], "msg": "Field required", "type": "missing"}],
+        )
+    version = data["v"]
+    if type(version) is not int:  # a bool is not a version; a list is unhashable
+        raise ProtocolError(
+            ErrorCode.INVALID,
+            f"v: must be an int, got {type(version).__name__}",
+            [{"loc": ["v"], "msg": "Input should be a valid integer", "type": "int_type"}],
+        )
+    if version not in SUPPORTED_VERSIONS:
+        raise ProtocolError(
+            ErrorCode.UNSUPPORTED_VERSION,
+            f"protocol version {version} is not supported; this worker speaks {sorted(SUPPORTED_VERSIONS)}",
+            {"version": version, "supported": sorted(SUPPORTED_VERSIONS)},
+        )
+    kind = data.get("kind")
+    if kind is None:
+        raise ProtocolError(
+            ErrorCode.INVALID,
+            "kind: field required",
+            [{"loc": ["kind"], "msg": "Field required", "type": "missing"}],
+        )
+    return _validate(request_model(kind if isinstance(kind, str) else repr(kind)), data, limits, strict=True)
 
 
 def decode_request(body: bytes, limits: Limits = DEFAULT_LIMITS, session_id: Optional[str] = None) -> Request:
     """bytes from the wire -> a validated request, or ProtocolError with its code.
     `session_id`, when given, fills in a body that leaves its session_id out or empty (the
     gateway's WebSocket: the socket is the session)."""
-    data = unpackb(body, limits)
-    if not isinstance(data, dict):
-        raise ProtocolError(ErrorCode.INVALID, f"body must be a msgpack map, got {type(data).__name__}")
+    data = read_body(body, limits)
     if session_id is not None and not data.get("session_id"):
         data["session_id"] = session_id
-    version = data.get("v")
-    if type(version) is not int or version not in SUPPORTED_VERSIONS:  # a list is unhashable
-        raise ProtocolError(
-            ErrorCode.UNSUPPORTED_VERSION,
-            f"protocol version {version!r} is not supported; this worker speaks {sorted(SUPPORTED_VERSIONS)}",
-        )
-    return _validate(request_model(str(data.get("kind"))), data, limits)
+    return validate_request(data, limits)
 
 
 def decode_partial(body: bytes, limits: Limits = DEFAULT_LIMITS) -> Partial:

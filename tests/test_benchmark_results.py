@@ -89,5 +89,13 @@ def test_the_issues_metrics_are_recorded():
     assert {"chunk_latency_p50_ms_batch1", "cache_speedup", "success_rate"} <= metrics["vla.json"]
     assert "starvation_fraction_30hz_64_sessions" in metrics["agents.json"]
     assert {"lost_requests", "duplicate_replies", "requests_answered"} <= metrics["reliability.json"]
+    assert {
+        "lost_requests_redis_restart_no_persistence",
+        "dlq_bytes_after_bad_input_sweep",
+        "max_good_wait_s_bad_input",
+        "collateral_dead_letters_poison",
+        "takeover_s_p95_under_load",
+        "record_capture_fraction_max_rate",
+    } <= metrics["reliability.json"]
     assert "scaling_efficiency_4_procs" in metrics["scale.json"]
     assert {"vllm_hf_greedy_agreement", "vllm_cpu_rps", "hf_cpu_rps"} <= metrics["backends.json"]

@@ -95,6 +95,7 @@ def test_a_request_past_its_deadline_is_stopped_mid_generation(worker, broker):
     doomed, waited, after = run(go())
     assert not doomed.ok and doomed.error.code == ErrorCode.DEADLINE_EXCEEDED
     assert "into generation" in doomed.error.message
+    assert set(doomed.error.detail) == {"deadline", "late_ms"}  # docs/PROTOCOL.md, section 8
     assert waited < 30  # 4,000 tokens would have taken far longer: it was stopped, its slot freed
     assert after.ok and after.result.completion_tokens == 4
     assert worker.worker.core.engine.running == 0

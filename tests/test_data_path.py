@@ -164,31 +164,52 @@ def test_malformed_input_gets_an_error_reply_a_dead_letter_and_the_worker_stays_
     assert r.xlen(keys.dead_letters("text_action", 0)) == 2
 
 
+def _delivered_three_times(settings, session: str) -> str:
+    """A request that three consumers took and died holding (delivery counts 1..3)."""
+    r = connect_sync(settings)
+    stream = Keys(settings.prefix).request_stream("text_action", 0)
+    r.xgroup_create(stream, settings.group, id="0", mkstream=True)
+    entry_id = r.xadd(stream, request_fields(text(session_id=session))).decode()
+    r.xreadgroup(settings.group, "dead-1", {stream: ">"})
+    for name in ("dead-2", "dead-3"):
+        r.xclaim(stream, settings.group, name, 0, [entry_id])
+    return entry_id
+
+
 def test_poison_message_goes_to_dead_letters_after_max_deliveries(settings):
+    """Delivered three times, and the two workers that ran it alone both died running it
+    (their runs are counted in the suspects hash): dead-lettered, unrun."""
     r = connect_sync(settings)
     keys = Keys(settings.prefix)
     stream = keys.request_stream("text_action", 0)
-    r.xgroup_create(stream, settings.group, id="0", mkstream=True)
-    req = text(session_id="poisoned")
-    r.xadd(stream, request_fields(req))
-    # Three consumers took it and died (delivery counts 1..3), as a message that crashes
-    # its worker would be.
-    r.xreadgroup(settings.group, "dead-1", {stream: ">"})
-    for name in ("dead-2", "dead-3"):
-        r.xclaim(
-            stream,
-            settings.group,
-            name,
-            0,
-            [r.xpending_range(stream, settings.group, "-", "+", 1)[0]["message_id"]],
-        )
+    entry_id = _delivered_three_times(settings, "poisoned")
+    r.hset(keys.suspects(0), f"{stream} {entry_id}", 2)
     time.sleep(settings.claim_min_idle_ms / 1000 + 0.1)
     with WorkerThread(synthetic_settings(settings, kinds=("text_action",))):
         assert wait_for(lambda: r.xlen(keys.dead_letters("text_action", 0)) == 1, 20)
         assert wait_for(lambda: r.xlen(keys.reply_stream("poisoned")) == 1)
     reply = decode_reply(r.xrange(keys.reply_stream("poisoned"))[0][1][b"body"])
     assert reply.error.code == ErrorCode.DEAD_LETTER and reply.delivery == 4
+    assert reply.error.detail == {"deliveries": 4, "runs_alone": 2, "max_deliveries": 3}
     assert r.xpending(stream, settings.group)["pending"] == 0 and r.xlen(stream) == 0
+    assert not r.exists(keys.suspects(0))  # the commit dropped its count
+
+
+def test_message_redelivered_without_running_alone_is_run_not_dead_lettered(settings):
+    """Delivered three times but never run alone (it was only held by workers that died of
+    something else): it runs alone and is answered; nothing goes to dead letters."""
+    r = connect_sync(settings)
+    keys = Keys(settings.prefix)
+    _delivered_three_times(settings, "bystander")
+    time.sleep(settings.claim_min_idle_ms / 1000 + 0.1)
+    worker = WorkerThread(synthetic_settings(settings, kinds=("text_action",)))
+    with worker:
+        assert wait_for(lambda: r.xlen(keys.reply_stream("bystander")) == 1, 20)
+    reply = decode_reply(r.xrange(keys.reply_stream("bystander"))[0][1][b"body"])
+    assert reply.ok and reply.delivery == 4 and reply.batch_size == 1
+    assert worker.worker.stats["runs_alone"] == 1
+    assert r.xlen(keys.dead_letters("text_action", 0)) == 0
+    assert not r.exists(keys.suspects(0))
 
 
 def test_reply_streams_are_trimmed_and_expire(settings):

@@ -20,7 +20,7 @@ import pytest
 from broker.connection import connect_sync
 from broker.keys import Keys
 from broker.settings import BrokerSettings
-from ops.bench.reliability import agent_command
+from ops.bench.reliability_agents import agent_command
 from tests.helpers import REPO, start_worker_process, stop_process, wait_for
 
 pytestmark = pytest.mark.timeout(240)

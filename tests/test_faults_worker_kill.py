@@ -96,6 +96,10 @@ def _replies(r, broker: BrokerSettings, session: str) -> Dict[str, int]:
     return counts
 
 
+def _runs_alone(r, broker: BrokerSettings) -> int:
+    return sum(int(v) for v in r.hvals(Keys(broker.prefix).suspects(0)))
+
+
 def _nothing_pending(r, broker: BrokerSettings) -> bool:
     stream = Keys(broker.prefix).request_stream(KIND, 0)
     return r.xlen(stream) == 0 and r.xpending(stream, broker.group)["pending"] == 0
@@ -162,8 +166,9 @@ def test_stalled_worker_that_wakes_up_does_not_reply_twice(broker) -> None:
 
 
 def test_poison_message_goes_to_dead_letters_after_max_deliveries(broker) -> None:
-    """A request that kills every worker that runs it (here: each holder is SIGKILLed)
-    is delivered max_deliveries times, then dead-lettered with an error reply, unrun."""
+    """A request that kills every worker that runs it (here: each holder is SIGKILLed once
+    the request is in its model; from delivery 2 on it runs alone, and the run is counted
+    first) is delivered max_deliveries times, then dead-lettered with an error reply, unrun."""
     r = connect_sync(broker)
     keys = Keys(broker.prefix)
     max_deliveries = 2
@@ -176,6 +181,8 @@ def test_poison_message_goes_to_dead_letters_after_max_deliveries(broker) -> Non
             try:
                 # delivery 1 by XREADGROUP, then by reclaim once the last holder is idle
                 assert wait_for(lambda n=name: _held_by(r, broker, n) == 1, 30)
+                # from delivery 2 on it runs alone, and the run is counted before it starts
+                assert wait_for(lambda a=attempt: _runs_alone(r, broker) == a, 30)
             finally:
                 stop_process(proc, signal.SIGKILL)
 

@@ -4,6 +4,8 @@ serving. The senders here write stream entries by hand, as a buggy or hostile cl
 
 from __future__ import annotations
 
+import hashlib
+import time
 import uuid
 from typing import Any, Dict, Optional
 
@@ -22,7 +24,11 @@ from tests.helpers import WorkerThread, synthetic_settings, wait_for
 pytestmark = pytest.mark.timeout(120)
 
 LIMITS = Limits(
-    max_message_bytes=256 * 1024, max_frame_bytes=64 * 1024, max_image_side=256, max_text_bytes=32 * 1024
+    max_message_bytes=256 * 1024,
+    max_frame_bytes=64 * 1024,
+    max_image_side=256,
+    max_text_bytes=32 * 1024,
+    max_body_items=4096,
 )
 
 
@@ -46,13 +52,18 @@ def _chunk(sid: str, **over: Any) -> Dict[str, Any]:
     return {**req.to_wire(), **over}
 
 
-def _send(served, kind: str, sid: str, rid: str, body: Optional[bytes], **fields: Any) -> str:
+def _send(
+    served, stream_kind: str, sid: Optional[str], rid: Optional[str], body: Optional[bytes], **fields: Any
+) -> str:
+    """XADD an entry by hand to the request stream of `stream_kind`; `fields` override the
+    entry's own (None: left out)."""
     broker, r, _ = served
-    entry = {"v": "1", "kind": kind, "rid": rid, "sid": sid}
+    entry = {"v": "1", "kind": stream_kind, "rid": rid, "sid": sid}
     if body is not None:
         entry["body"] = body
     entry.update(fields)
-    return r.xadd(Keys(broker.prefix).request_stream(kind, 0), entry)
+    entry = {k: v for k, v in entry.items() if v is not None}
+    return r.xadd(Keys(broker.prefix).request_stream(stream_kind, 0), entry)
 
 
 def _reply(served, sid: str):
@@ -84,6 +95,13 @@ def _rid(body: bytes) -> str:
 def _bad_utf8() -> bytes:
     body = packb(_text("x"))
     return body.replace(b"\xa4look", b"\xa4lo\xff\xfe")
+
+
+def _nested(depth: int) -> list:
+    value: list = ["x"]
+    for _ in range(depth):
+        value = [value]
+    return value
 
 
 def _raw_ext(dtype: str, shape, payload: bytes) -> msgpack.ExtType:
@@ -144,8 +162,9 @@ CASES = {
     "missing-version": (
         "text_action",
         lambda sid: packb({k: v for k, v in _text(sid).items() if k != "v"}),
-        ErrorCode.UNSUPPORTED_VERSION,
+        ErrorCode.INVALID,
     ),
+    "version-not-an-int": ("text_action", lambda sid: packb(_text(sid, v="1")), ErrorCode.INVALID),
     "unknown-kind": ("text_action", lambda sid: packb(_text(sid, kind="dance")), ErrorCode.UNKNOWN_KIND),
     "kind-not-of-this-stream": (
         "text_action",
@@ -164,6 +183,30 @@ CASES = {
         lambda sid: packb(_text(sid, max_tokens=10**6)),
         ErrorCode.INVALID,
     ),
+    "too-many-values": (
+        "text_action",
+        lambda sid: packb(_text(sid, **{f"x{i}": 0 for i in range(20_000)})),
+        ErrorCode.TOO_LARGE,
+    ),
+    "nested-too-deep": (
+        "text_action",
+        lambda sid: msgpack.packb({**_text(sid), "stop": _nested(40)}),
+        ErrorCode.TOO_LARGE,
+    ),
+    "step-as-a-string": ("text_action", lambda sid: packb(_text(sid, step="3")), ErrorCode.INVALID),
+    "bool-as-an-int": ("text_action", lambda sid: packb(_text(sid, step=True)), ErrorCode.INVALID),
+    "nan-deadline": ("text_action", lambda sid: packb(_text(sid, deadline=float("nan"))), ErrorCode.INVALID),
+    "data-url-as-action-chunk-image": (
+        "action_chunk",
+        lambda sid: packb(_chunk(sid, image="data:image/png;base64,iVBORw0KGgo=")),
+        ErrorCode.INVALID,
+    ),
+    "model-not-of-this-stream": ("text_action", lambda sid: packb(_text(sid, model="m1")), ErrorCode.INVALID),
+    "many-problems": (
+        "text_action",
+        lambda sid: packb(_text(sid, messages=[{"role": "robot", "content": 1}] * 200)),
+        ErrorCode.INVALID,
+    ),
 }
 
 
@@ -178,11 +221,17 @@ def test_bad_input_gets_an_error_reply_and_a_dead_letter(served, case: str) -> N
     assert not reply.ok and reply.error is not None
     assert reply.error.code == code, reply.error
     assert reply.error.message
+    assert len(reply.error.message) < 2048 and len(packb(reply.error.detail)) < 8192  # bounded
     assert reply.request_id == rid and reply.session_id == sid
     dl = _dead_letter(served, kind, rid)
     assert dl[b"code"] == code.value.encode()
     assert dl[b"reason"]
-    assert dl[b"body"] == body  # the original bytes are kept for inspection
+    if len(body) <= 65_536:
+        assert dl[b"body"] == body  # the original bytes are kept for inspection
+    else:  # dead letters are bounded in bytes: an oversize body leaves its length and digest
+        assert b"body" not in dl
+        assert int(dl[b"body_bytes"]) == len(body)
+        assert dl[b"body_sha256"].decode() == hashlib.sha256(body).hexdigest()
     assert int(dl[b"deliveries"]) == 1
 
 
@@ -197,6 +246,87 @@ def test_entry_without_body_or_with_mismatched_ids(served) -> None:
     reply = _reply(served, "bad-mismatch")
     assert reply.error.code == ErrorCode.INVALID
     _dead_letter(served, "text_action", "not-the-body-rid")
+
+
+def test_envelope_fields_are_checked_and_answers_go_where_they_can_be_read(served) -> None:
+    """The entry's kind must be the stream's; an entry without rid (or sid) is answered with
+    the body's request_id (or to the body's session); an entry whose sid differs from the
+    body's is answered to the entry's session only (the routing field), never the body's."""
+    broker, r, _ = served
+    body = packb(_text("bad-kindfield"))
+    _send(served, "text_action", "bad-kindfield", _rid(body), body, kind="action_chunk")
+    assert _reply(served, "bad-kindfield").error.code == ErrorCode.UNKNOWN_KIND
+
+    body = packb(_text("bad-noversion"))
+    _send(served, "text_action", "bad-noversion", _rid(body), body, v=None)
+    assert _reply(served, "bad-noversion").error.code == ErrorCode.INVALID
+
+    body = packb(_text("bad-norid"))
+    _send(served, "text_action", "bad-norid", None, body)
+    reply = _reply(served, "bad-norid")
+    assert reply.error.code == ErrorCode.INVALID and reply.request_id == _rid(body)
+    _dead_letter(served, "text_action", _rid(body))
+
+    body = packb(_text("bad-nosid"))
+    _send(served, "text_action", None, _rid(body), body)
+    reply = _reply(served, "bad-nosid")
+    assert reply.error.code == ErrorCode.INVALID and reply.request_id == _rid(body)
+
+    body = packb(_text("bad-body-session"))
+    _send(served, "text_action", "bad-entry-session", _rid(body), body)
+    reply = _reply(served, "bad-entry-session")
+    assert reply.error.code == ErrorCode.INVALID and reply.session_id == "bad-entry-session"
+    assert r.xlen(Keys(broker.prefix).reply_stream("bad-body-session")) == 0
+
+
+def test_null_for_an_optional_field_means_absent(served) -> None:
+    sid = "null-fields"
+    nulls = dict.fromkeys(
+        [
+            "step",
+            "created_at",
+            "latest_only",
+            "max_tokens",
+            "temperature",
+            "top_p",
+            "stop",
+            "seed",
+            "deadline",
+        ]
+    )
+    body = packb(_text(sid, **nulls))
+    _send(served, "text_action", sid, _rid(body), body)
+    reply = _reply(served, sid)
+    assert reply.ok and reply.step == 0
+
+
+def test_a_body_of_a_million_fields_does_not_hold_up_a_good_request(redis_server) -> None:
+    """~9 MB of map entries is refused from its map header (too_large) before anything is
+    built; a good request sent right after it is answered in well under a second, and the
+    dead letter keeps the header and a digest, not the 9 MB."""
+    from broker.settings import BrokerSettings
+
+    broker = BrokerSettings(url=redis_server.url, prefix=f"big{uuid.uuid4().hex[:8]}", claim_min_idle_ms=1000)
+    r = connect_sync(broker)
+    keys = Keys(broker.prefix)
+    with WorkerThread(synthetic_settings(broker, kinds=("text_action",))):
+        bomb = msgpack.packb({**_text("bomb"), **{f"f{i}": 0 for i in range(1_000_000)}})
+        stream = keys.request_stream("text_action", 0)
+        for i in range(3):
+            r.xadd(stream, {"v": "1", "kind": "text_action", "rid": f"bomb{i}", "sid": "bomb", "body": bomb})
+        good = packb(_text("good"))
+        sent = time.time()
+        r.xadd(stream, {"v": "1", "kind": "text_action", "rid": _rid(good), "sid": "good", "body": good})
+        assert wait_for(lambda: r.xlen(keys.reply_stream("good")) == 1, 30)
+        waited = decode_reply(r.xrange(keys.reply_stream("good"))[0][1][b"body"]).replied_at - sent
+        assert wait_for(lambda: r.xlen(keys.dead_letters("text_action", 0)) == 3, 30)
+    assert waited < 1.0, waited
+    assert [decode_reply(f[b"body"]).error.code for _, f in r.xrange(keys.reply_stream("bomb"))] == [
+        ErrorCode.TOO_LARGE
+    ] * 3
+    assert r.memory_usage(keys.dead_letters("text_action", 0)) < 64 * 1024
+    letter = r.xrange(keys.dead_letters("text_action", 0))[0][1]
+    assert int(letter[b"body_bytes"]) == len(bomb) and b"body" not in letter
 
 
 def test_entry_without_a_valid_session_only_goes_to_dead_letters(served) -> None:

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from broker.consumer import Delivery
 from broker.settings import BrokerSettings
 from inference_worker.settings import WorkerSettings
-from inference_worker.worker import Worker
+from inference_worker.worker import Worker, _Rejected
 from schemas.codec import ALLOWED_DTYPES, EXT_NDARRAY, packb, unpackb
 from schemas.errors import ErrorCode, ProtocolError
 from schemas.limits import Limits
@@ -45,19 +45,23 @@ _WORKER = Worker(WorkerSettings(broker=BrokerSettings(prefix="fuzz"), limits=LIM
 
 def _delivery(body: bytes, kind: str = "text_action") -> Delivery:
     stream = _WORKER.keys.request_stream(kind, 0)
-    return Delivery(stream, "1-0", kind, None, 0, {b"body": body, b"sid": b"s1", b"rid": b"r1"})
+    fields = {b"v": b"1", b"kind": kind.encode(), b"body": body, b"sid": b"s1", b"rid": b"r1"}
+    return Delivery(stream, "1-0", kind, None, 0, fields)
 
 
 def check_clean(body: bytes, kind: str = "text_action") -> Any:
-    """Decode as the worker does; a failure must be a ProtocolError that makes a valid reply."""
+    """Decode as the worker does; a failure must be a ProtocolError, answered to the entry's
+    session, that makes a valid reply."""
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a numpy overflow warning is a bug, not noise
         try:
             return _WORKER._decode(_delivery(body, kind))
-        except ProtocolError as exc:
+        except _Rejected as rejected:
+            exc = rejected.error
             assert isinstance(exc.code, ErrorCode)
             assert exc.code not in (ErrorCode.INTERNAL, ErrorCode.BACKLOG_FULL)
             assert isinstance(exc.message, str) and exc.message
+            assert rejected.session == "s1" and rejected.request_id == "r1"
             outcome = _WORKER._error(_delivery(body, kind), None, exc, dead=True)
             reply = decode_reply(outcome.reply)
             assert not reply.ok and reply.error is not None and reply.error.code == exc.code
@@ -215,7 +219,7 @@ def _ext(dtype: Any, shape: Any, payload: bytes = b"") -> bytes:
 @pytest.mark.parametrize(
     ("body", "code"),
     [
-        pytest.param(b"\x91" * 60_000 + b"\xc0", ErrorCode.MALFORMED, id="nested-60k-deep"),
+        pytest.param(b"\x91" * 60_000 + b"\xc0", ErrorCode.TOO_LARGE, id="nested-60k-deep"),
         pytest.param(b"\xdd\xff\xff\xff\xff", ErrorCode.MALFORMED, id="array-claims-4G-items"),
         pytest.param(b"\xdb\xff\xff\xff\xff" + b"a" * 10, ErrorCode.MALFORMED, id="str-claims-4GB"),
         pytest.param(b"\xc6\xff\xff\xff\xff", ErrorCode.MALFORMED, id="bin-claims-4GB"),

@@ -1,6 +1,7 @@
 """The ACL file (ops/acl) on a real redis-server: the worker and a tenant's agent serve end
 to end with only their own rights, and an agent cannot read another session's replies,
-consume or read requests, forge replies, or run admin commands."""
+consume or read requests, forge replies, cause replies in another tenant's streams, or run
+admin commands."""
 
 from __future__ import annotations
 
@@ -24,8 +25,9 @@ from env_agents.client import AgentClient, AsyncAgentClient
 from ops.acl import cli as acl_cli
 from ops.acl.rules import render, session_prefix
 from ops.inspect import snapshot
+from schemas.codec import packb
 from schemas.messages import ChatMessage, TextActionRequest
-from tests.helpers import WorkerThread, synthetic_settings
+from tests.helpers import WorkerThread, synthetic_settings, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -37,6 +39,8 @@ PASSWORDS = {
 }
 KEYS = Keys(PREFIX)
 REQ = KEYS.request_stream("text_action", 0)
+ACME_REQ = KEYS.request_stream("text_action", 0, tenant="acme")
+GLOBEX_REQ = KEYS.request_stream("text_action", 0, tenant="globex")
 
 
 @pytest.fixture(scope="module")
@@ -77,10 +81,10 @@ def _text(content: str) -> TextActionRequest:
 def served(server):
     """A worker logged in as vlmq-worker; two tenants' sessions each answered once."""
     worker_broker = BrokerSettings(url=url(server, "vlmq-worker"), prefix=PREFIX, claim_min_idle_ms=1000)
-    with WorkerThread(synthetic_settings(worker_broker, kinds=("text_action",))):
+    with WorkerThread(synthetic_settings(worker_broker, kinds=("text_action",), tenants=tuple(TENANTS))):
         replies = {}
         for tenant in TENANTS:
-            broker = BrokerSettings(url=url(server, f"agent-{tenant}"), prefix=PREFIX)
+            broker = BrokerSettings(url=url(server, f"agent-{tenant}"), prefix=PREFIX, tenant=tenant)
             session = f"{session_prefix(tenant)}robot-1"
             with AgentClient(session, settings=broker) as client:
                 replies[tenant] = client.request(_text(f"hello from {tenant}"), timeout=30)
@@ -115,10 +119,52 @@ def test_agent_cannot_read_another_sessions_replies(server, served) -> None:
 
     asyncio.run(foreign())
 
+    async def wrong_tenant() -> None:
+        client = AsyncAgentClient("globex.robot-1", settings=broker, tenant="acme")
+        try:
+            with pytest.raises(ValueError, match="not of tenant"):
+                await client.start()
+        finally:
+            await client.close()
+
+    asyncio.run(wrong_tenant())
+
+
+def test_a_tenant_cannot_cause_replies_in_another_tenants_streams(server, served) -> None:
+    """acme writes, by hand, an entry naming a globex session into the one stream it may
+    write: the worker answers nobody (acme cannot be told apart from globex's session) and
+    dead-letters it; globex's reply stream gets nothing. The shared stream and globex's own
+    are closed to acme altogether."""
+    acme = conn(server, "agent-acme")
+    admin = conn(server, "vlmq-admin")
+    victim = KEYS.reply_stream("globex.robot-1")
+    before = admin.xlen(victim)
+    forged = _text("spoofed").model_copy(update={"session_id": "globex.robot-1"})
+    fields = {"v": "1", "kind": "text_action", "rid": forged.request_id, "sid": "globex.robot-1"}
+    acme.xadd(ACME_REQ, {**fields, "body": packb(forged.to_wire())})
+    letters = KEYS.dead_letters("text_action", 0)
+
+    def dead_lettered() -> bool:
+        return any(f.get(b"rid") == forged.request_id.encode() for _, f in admin.xrange(letters))
+
+    assert wait_for(dead_lettered, 30)
+    letter = next(f for _, f in admin.xrange(letters) if f.get(b"rid") == forged.request_id.encode())
+    assert letter[b"code"] == b"invalid" and b"not of tenant 'acme'" in letter[b"reason"]
+    assert admin.xlen(victim) == before
+    assert admin.xlen(ACME_REQ) == 0  # acked and deleted: not left for a retry
+    assert denied(lambda: acme.xadd(GLOBEX_REQ, {**fields, "body": b"x"}))
+    assert denied(lambda: acme.xadd(REQ, {**fields, "body": b"x"}))
+
 
 def test_agent_cannot_consume_or_read_requests(server, served) -> None:
     acme = conn(server, "agent-acme")
     group = BrokerSettings().group
+    # of its own streams it may see only the bookkeeping (is an entry waiting or pending?)
+    assert acme.xinfo_groups(ACME_REQ)
+    acme.xpending(ACME_REQ, group)
+    assert denied(lambda: acme.xrange(ACME_REQ))
+    assert denied(lambda: acme.xinfo_stream(ACME_REQ))
+    assert denied(lambda: acme.xinfo_groups(GLOBEX_REQ))
     assert denied(lambda: acme.xrange(REQ))
     assert denied(lambda: acme.xread({REQ: "0"}))
     assert denied(lambda: acme.xreadgroup(group, "thief", {REQ: ">"}))
@@ -186,7 +232,7 @@ def test_worker_user_is_scoped_to_the_prefix(server, served) -> None:
 def test_observer_reads_everything_and_writes_nothing(server, served) -> None:
     observer = conn(server, "vlmq-observer")
     snap = snapshot(observer, BrokerSettings(prefix=PREFIX))  # what `vlmq inspect` shows
-    assert [s["stream"] for s in snap["streams"]] == [REQ]
+    assert sorted(s["stream"] for s in snap["streams"]) == sorted([REQ, ACME_REQ, GLOBEX_REQ])
     assert observer.xrange(KEYS.reply_stream("globex.robot-1"))
     assert observer.time()  # `vlmq record` starts its tap at the server's clock
     assert denied(lambda: observer.xadd(REQ, {"a": "b"}))

@@ -71,6 +71,8 @@ RECOMPILE_LIMIT = 64
 
 
 def _maybe_compiled(fn: Callable, compile: bool) -> Callable:
+    from inference_worker.failures import is_fatal_device_error, is_out_of_memory
+
     if not compile:
         return fn
     import torch
@@ -89,7 +91,9 @@ def _maybe_compiled(fn: Callable, compile: bool) -> Callable:
         try:
             return state["use"](*args)
         except Exception as exc:  # no triton, an inductor bug: the plain ops are correct too
-            if state["use"] is fn:
+            # ... but not a device out of memory or broken: those are the batch's or the
+            # process's, and the worker handles them (inference_worker/failures.py)
+            if state["use"] is fn or is_out_of_memory(exc) or is_fatal_device_error(exc):
                 raise
             log.error(
                 "torch.compile of %s failed (%s: %s); it runs op by op from now on, slower",

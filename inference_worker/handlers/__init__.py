@@ -12,10 +12,11 @@ __all__ = ["Handler", "HandlerOutput", "build_handlers"]
 
 def build_handlers(settings: WorkerSettings) -> Dict[str, Handler]:
     if settings.backend == "synthetic":
-        from inference_worker.handlers.synthetic import SyntheticHandler
+        from inference_worker.handlers.synthetic import Faults, SyntheticHandler
 
+        faults = Faults.from_options(settings.options)
         return {
-            k: SyntheticHandler(k, settings.synthetic_latency_ms, settings.synthetic_chunk)
+            k: SyntheticHandler(k, settings.synthetic_latency_ms, settings.synthetic_chunk, faults)
             for k in settings.kinds
         }
     if settings.backend in ("hf", "vllm"):

@@ -2,17 +2,23 @@
 
 Roles, for key prefix P:
   admin      everything (operators; `redis-cli`, migrations).
-  worker     reads and acks request streams, writes replies and dead letters, heartbeats.
-  observer   read-only: `vlmq inspect/top/tail/record`, the Prometheus sampler.
-  gateway    an agent for every session (the HTTP gateway), plus worker heartbeats.
-  agent-T    tenant T: adds to request streams (write-only: it cannot read anyone's requests)
-             and reads only the reply (and partial-reply) streams of sessions named
-             "T.<anything>".
+  worker     reads and acks request streams, writes replies and dead letters, heartbeats,
+             counts runs of suspects, copies to a recorder's tap.
+  observer   read-only: `vlmq inspect/top/tail/record`, the Prometheus sampler; it may
+             write only the tap keys (P:tap:*), which `vlmq record` holds and trims.
+  gateway    an agent for every session (the HTTP gateway), plus worker heartbeats; it
+             publishes to the shared request streams.
+  agent-T    tenant T: adds to T's own request streams (P:req:...:{p<n>}:T; write-only: it
+             cannot read anyone's requests, only ask whether its entries are still waiting
+             or pending: XINFO GROUPS, XPENDING) and reads only the reply streams of
+             sessions named "T.<anything>", and the epoch tokens (lost-data detection).
 
 Tenants map to session-id prefixes: tenant "acme" owns sessions "acme.robot-7", "acme.0", ...
 The reply stream of session S is P:reply:{p<n>}:S; session ids cannot contain "{" or "}",
 so the pattern P:reply:{p*}:acme.* matches exactly the sessions that start with "acme.",
-whatever the partition count. The default user is switched off: every client logs in.
+whatever the partition count. A worker started with `--tenants acme` serves acme's streams
+and answers an entry there only if its session is "acme.<name>": a tenant cannot cause a
+reply in another tenant's stream. The default user is switched off: every client logs in.
 """
 
 from __future__ import annotations
@@ -22,20 +28,27 @@ import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
-TENANT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,62}$")  # no glob characters, no "."
+from broker.keys import TENANT_PATTERN
+
 _GLOB = re.compile(r"[*?\[\]\\\s]")
 
 # Commands each role needs, beyond AUTH (always allowed). redis-py pings as a health check;
 # the CLIENT SETINFO it sends on connect may be refused (it ignores the error), and naming
 # it here would stop Redis < 7.2 from loading the file.
 _CONNECTION = "+ping"
+# Redis 7 checks the commands a Lua script calls against the caller's rights too.
 WORKER_COMMANDS = (
     f"{_CONNECTION} +xreadgroup +xgroup|create +xautoclaim +xclaim +xpending +xack +xdel +xadd "
-    "+xlen +xrange +expire +hset +hsetnx +hgetall +del +set +get +evalsha +script|load"
+    "+xlen +xrange +expire +hset +hsetnx +hgetall +hincrby +hmget +hdel +exists +del +set +get "
+    "+evalsha +script|load"
 )
-AGENT_COMMANDS = f"{_CONNECTION} +xadd +xlen +xread +xrevrange +hgetall"
+AGENT_COMMANDS = f"{_CONNECTION} +xadd +xlen +xread +xrevrange +hgetall +get"
 GATEWAY_COMMANDS = f"{AGENT_COMMANDS} +scan"
-OBSERVER_COMMANDS = f"{_CONNECTION} +@read -@dangerous +info +scan +xinfo +xpending +time"
+OBSERVER_COMMANDS = (
+    f"{_CONNECTION} +@read -@dangerous +info +scan +xinfo +xpending +time +set +expire +xtrim +del"
+)
+# What a client may ask about its own request streams (broker/recovery.py): bookkeeping only.
+_PRESENCE = "+xinfo|groups +xpending"
 
 
 @dataclass(frozen=True)
@@ -43,11 +56,13 @@ class User:
     name: str
     keys: str  # ACL key patterns
     commands: str
+    selector: str = ""  # an ACL selector "(keys commands)": rights on other keys
 
     def line(self, password: Optional[str]) -> str:
         # Passwords are stored hashed; a user without one is written "off" (cannot log in).
         auth = f"on #{hashlib.sha256(password.encode()).hexdigest()}" if password else "off"
-        return f"user {self.name} {auth} resetkeys resetchannels {self.keys} -@all {self.commands}"
+        line = f"user {self.name} {auth} resetkeys resetchannels {self.keys} -@all {self.commands}"
+        return f"{line} {self.selector}" if self.selector else line
 
 
 def check_name(kind: str, value: str) -> str:
@@ -62,21 +77,30 @@ def users(prefix: str = "vlmq", tenants: Sequence[str] = ()) -> List[User]:
         User("vlmq-admin", "~* &*", "+@all"),
         User(
             "vlmq-worker",
-            f"~{p}:req:* ~{p}:reply:* ~{p}:part:* ~{p}:dlq:* ~{p}:epoch:* ~{p}:worker:* ~{p}:meta",
+            f"~{p}:req:* ~{p}:reply:* ~{p}:part:* ~{p}:dlq:* ~{p}:epoch:* ~{p}:worker:* ~{p}:meta ~{p}:suspects:* "
+            f"~{p}:tap:*",
             WORKER_COMMANDS,
         ),
-        User("vlmq-observer", f"%R~{p}:*", OBSERVER_COMMANDS),
+        User("vlmq-observer", f"%R~{p}:* ~{p}:tap:*", OBSERVER_COMMANDS),
         User(
             "vlmq-gateway",
-            f"%W~{p}:req:* %R~{p}:reply:* %R~{p}:part:* %R~{p}:meta %R~{p}:worker:*",
+            f"%W~{p}:req:* %R~{p}:reply:* %R~{p}:part:* %R~{p}:meta %R~{p}:epoch:* %R~{p}:worker:*",
             GATEWAY_COMMANDS,
+            f"(%R~{p}:req:* {_PRESENCE})",
         ),
     ]
     for t in tenants:
         if not TENANT_PATTERN.match(t):
             raise ValueError(f"tenant {t!r} must match {TENANT_PATTERN.pattern}")
-        keys = f"%W~{p}:req:* %R~{p}:reply:{{p*}}:{t}.* %R~{p}:part:{{p*}}:{t}.* %R~{p}:meta"
-        out.append(User(f"agent-{t}", keys, AGENT_COMMANDS))
+        own = f"{p}:req:*:{{p*}}:{t}"
+        out.append(
+            User(
+                f"agent-{t}",
+                f"%W~{own} %R~{p}:reply:{{p*}}:{t}.* %R~{p}:part:{{p*}}:{t}.* %R~{p}:meta %R~{p}:epoch:*",
+                AGENT_COMMANDS,
+                f"(%R~{own} {_PRESENCE})",
+            )
+        )
     return out
 
 

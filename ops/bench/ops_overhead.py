@@ -3,10 +3,10 @@
 One `vlmq worker` process (synthetic no-op handler, text_action) serves N sessions that
 send their next request as soon as the reply arrives, three times in one run: plain
 (the baseline), with --metrics-port and a scraper reading /metrics every second, and with
-metrics plus a `vlmq record` process tapping every stream. A no-op handler is the worst
-case for both: per-request overhead is not hidden behind model time. The recording's
-share of the requests sent is reported too (the tap can miss a request that lives less
-than its read turnaround; see ops/tap.py). On a shared machine the throughput difference
+metrics plus a `vlmq record` process holding the workers' commit tap. A no-op handler is
+the worst case for both: per-request overhead is not hidden behind model time. The
+recording's share of the requests sent is reported too (workers copy each request they
+answer to the tap in the commit itself, so it should be all of them; see ops/commit_tap.py). On a shared machine the throughput difference
 is noisy; the CPU time the metrics hooks add per request is measured in process as well.
 Every figure is the median of --rounds runs, with min and max in the record.
 """

@@ -1,231 +1,53 @@
-"""Zero-loss load test: 64 agents x 1,000 requests, 2 worker processes, one SIGKILLed midway.
+"""Faults under load, on CPU: nothing lost, nothing answered twice, nobody punished for a poison.
 
-Agents are closed-loop sessions (send a frame, wait for its reply, send the next, like an
-environment) spread over several agent processes. Workers are real `vlmq worker`
-processes with the synthetic backend (a fixed model latency). Once --kill-at of the
-requests have been published, worker 0 is SIGKILLed in the middle of a batch; the survivor
-reclaims what it held after --claim-min-idle-ms. The agents count lost_requests (accepted,
-never answered within --timeout), duplicate_replies (a reply handed to the application for
-a request already answered) and requests_answered; also recorded: duplicates found in the
-reply streams (dropped by the client), requests answered after a redelivery, and throughput
-against a first pass without the kill. Exits 1 if anything was lost or delivered twice.
-
-The agent side is a command of its own, used by the fault tests: `python -m
-ops.bench.reliability --redis-url URL --prefix P --session-prefix a- --sessions 8
---requests 100` prints one JSON summary line.
+Real `vlmq worker` processes (synthetic backend: a fixed model latency), agent processes of
+closed-loop sessions (ops/bench/reliability_agents.py: replies are counted from the reply
+streams by a reader of their own, not from the client's bookkeeping), one private
+redis-server; the runs are in ops/bench/fault_runs.py:
+- kill: 64 sessions x 1,000 requests, 2 workers, worker 0 SIGKILLed at 50% (beside a pass
+  without the kill, the throughput baseline); takeover = fault to the survivor's reply, for
+  each request the victim held.
+- stop: the same with SIGSTOP (64 x 300, at 30%), then SIGCONT: the stalled worker's
+  results are fenced off.
+- restart: Redis without persistence restarted at 50% of 64 x 300.
+- poison: 32 sessions x 90, two of them send a request that SIGKILLs the worker running
+  it; workers restarted as a supervisor would. Collateral: dead letters of valid requests.
+- bad_input: 90 hostile entries (bad_inputs.py) while 4 good sessions run.
+- record: `vlmq record` beside the stream-reading recorder it replaced, at a no-op
+  worker's full rate.
+Timings are the median of --runs runs; counts are totals over the runs; the figures of
+scenarios not run are kept from the results file. Exits 1 if
+anything was lost, answered twice, dead-lettered as collateral or missed by the recorder.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
-import os
-import shutil
-import signal
 import statistics
-import subprocess
 import sys
-import tempfile
-import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List
 
-import numpy as np
+from ops.bench import fault_runs as runs
+from ops.bench.fault_runs import percentile
 
-from broker import eventloop
-from broker.settings import BrokerSettings
-from ops.cli import argv
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-# ----------------------------------------------------------------------------- the agent side
-
-
-def _request(kind: str, step: int, frame: np.ndarray):
-    from schemas.messages import ActionChunkRequest, ChatMessage, TextActionRequest
-
-    if kind == "action_chunk":
-        return ActionChunkRequest(step=step, image=frame, instruction="pick up the red box")
-    return TextActionRequest(step=step, messages=[ChatMessage(role="user", content=f"observation {step}")])
-
-
-async def _session(
-    client, kind: str, requests: int, frame: np.ndarray, timeout: float, out: Dict[str, Any]
-) -> None:
-    answered: set = set()
-    for step in range(requests):
-        req = _request(kind, step, frame)
-        t0 = time.perf_counter()
-        try:
-            fut = await client.submit(req)
-        except Exception as exc:  # refused at publish (backlog full, Redis gone for good): not accepted
-            out["not_accepted"] += 1
-            out["errors"][type(exc).__name__] = out["errors"].get(type(exc).__name__, 0) + 1
-            continue
-        out["sent"] += 1
-        try:
-            reply = await asyncio.wait_for(fut, timeout)
-        except asyncio.TimeoutError:
-            out["lost"].append(req.request_id)
-            continue
-        out["latencies_ms"].append((time.perf_counter() - t0) * 1000.0)
-        out["answered"] += 1
-        if reply.request_id != req.request_id:
-            out["misdelivered"] += 1
-        if reply.request_id in answered:
-            out["duplicates_delivered"] += 1
-        answered.add(reply.request_id)
-        if reply.delivery > 1:
-            out["redelivered"] += 1
-        code = "ok" if reply.ok else str(reply.error.code.value if reply.error else "error")
-        out["codes"][code] = out["codes"].get(code, 0) + 1
-
-
-async def run_agents(
-    settings: BrokerSettings,
-    sessions: List[str],
-    requests: int,
-    kind: str = "action_chunk",
-    image_side: int = 64,
-    timeout: float = 120.0,
-) -> Dict[str, Any]:
-    """Closed-loop sessions sharing one connection pool; returns the counts the module
-    docstring describes, plus every latency (ms) and the ids of lost requests."""
-    from broker.connection import connect_async
-    from env_agents.client import AsyncAgentClient
-
-    redis = connect_async(settings)
-    frame = np.random.default_rng(0).integers(0, 256, (image_side, image_side, 3), dtype=np.uint8)
-    out: Dict[str, Any] = {
-        "sent": 0,
-        "not_accepted": 0,
-        "answered": 0,
-        "misdelivered": 0,
-        "duplicates_delivered": 0,
-        "duplicates_in_streams": 0,
-        "stale": 0,
-        "redelivered": 0,
-        "codes": {},
-        "errors": {},
-        "lost": [],
-        "latencies_ms": [],
-    }
-    clients = [AsyncAgentClient(s, redis=redis, settings=settings, raise_on_error=False) for s in sessions]
-    try:
-        for c in clients:
-            await c.start()
-        out["started_at"] = time.time()
-        await asyncio.gather(*(_session(c, kind, requests, frame, timeout, out) for c in clients))
-        out["finished_at"] = time.time()
-    finally:
-        for c in clients:
-            out["duplicates_in_streams"] += c.duplicates
-            out["stale"] += c.stale
-            await c.close()
-        await redis.aclose()
-    return out
-
-
-def agent_main(argv: Optional[List[str]] = None) -> int:
-    from broker.settings import add_broker_args, broker_settings_from_args
-
-    p = argparse.ArgumentParser(
-        prog="python -m ops.bench.reliability",
-        description="The agent side of `vlmq bench reliability`: closed-loop sessions that count "
-        "what was sent, answered, lost and duplicated, and print it as one JSON line.",
-    )
-    add_broker_args(p)
-    p.add_argument(
-        "--session-prefix", default="agent-", help="sessions are PREFIX0, PREFIX1, ... (%(default)s)"
-    )
-    p.add_argument("--sessions", type=int, default=8, help="concurrent sessions (%(default)s)")
-    p.add_argument("--requests", type=int, default=100, help="requests per session (%(default)s)")
-    p.add_argument(
-        "--kind", default="action_chunk", choices=["action_chunk", "text_action"], help="(%(default)s)"
-    )
-    p.add_argument("--image-side", type=int, default=64, help="raw uint8 frame side (%(default)s)")
-    p.add_argument(
-        "--timeout", type=float, default=120.0, help="seconds to wait for each reply (%(default)s)"
-    )
-    args = p.parse_args(argv)
-    settings = broker_settings_from_args(args)
-    sessions = [f"{args.session_prefix}{i}" for i in range(args.sessions)]
-    out = eventloop.run(
-        run_agents(settings, sessions, args.requests, args.kind, args.image_side, args.timeout)
-    )
-    print(json.dumps(out), flush=True)
-    return 0
-
-
-def agent_command(settings: BrokerSettings, session_prefix: str, sessions: int, requests: int, **kw: Any):
-    """The argv of an agent process (for the benchmark and the fault tests)."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "ops.bench.reliability",
-        "--redis-url",
-        settings.url,
-        "--prefix",
-        settings.prefix,
-        "--partitions",
-        str(settings.partitions),
-        "--session-prefix",
-        session_prefix,
-        "--sessions",
-        str(sessions),
-        "--requests",
-        str(requests),
-    ]
-    for flag, value in (
-        ("--tls-ca", settings.tls_ca),
-        ("--tls-cert", settings.tls_cert),
-        ("--tls-key", settings.tls_key),
-    ):
-        if value:
-            cmd += [flag, value]
-    if settings.cluster:
-        cmd.append("--cluster")
-    for k, v in kw.items():
-        cmd += [f"--{k.replace('_', '-')}", str(v)]
-    return cmd
-
-
-def merge(summaries: List[Dict[str, Any]]) -> Dict[str, Any]:
-    """Add up agent summaries; the time span is from the first start to the last finish."""
-    total: Dict[str, Any] = {"codes": {}, "errors": {}, "lost": [], "latencies_ms": []}
-    total["started_at"] = min(s["started_at"] for s in summaries)
-    total["finished_at"] = max(s["finished_at"] for s in summaries)
-    for s in summaries:
-        for k, v in s.items():
-            if k in ("started_at", "finished_at"):
-                continue
-            if isinstance(v, dict):
-                for kk, vv in v.items():
-                    total[k][kk] = total[k].get(kk, 0) + vv
-            elif isinstance(v, list):
-                total[k] += v
-            else:
-                total[k] = total.get(k, 0) + v
-    return total
-
-
-# ----------------------------------------------------------------------------- the benchmark
+SCENARIOS = ("kill", "stop", "restart", "poison", "bad_input", "record")
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis-url", default=None, help="use this Redis instead of a private one")
-    p.add_argument("--agents", type=int, default=64, help="agent sessions (%(default)s)")
-    p.add_argument("--requests", type=int, default=1000, help="requests per agent (%(default)s)")
     p.add_argument(
-        "--agent-procs", type=int, default=8, help="processes the agents are spread over (%(default)s)"
+        "--scenarios",
+        default=",".join(SCENARIOS),
+        help=f"comma-separated, of {', '.join(SCENARIOS)} (%(default)s)",
     )
-    p.add_argument("--workers", type=int, default=2, help="worker processes (%(default)s)")
+    p.add_argument("--runs", type=int, default=3, help="runs of each scenario (%(default)s)")
+    p.add_argument("--agents", type=int, default=64, help="sessions of the kill run (%(default)s)")
+    p.add_argument("--requests", type=int, default=1000, help="requests per session, kill run (%(default)s)")
     p.add_argument(
-        "--kill-at",
-        type=float,
-        default=0.5,
-        help="SIGKILL worker 0 once this fraction is published (%(default)s)",
+        "--agent-procs", type=int, default=8, help="processes the sessions are spread over (%(default)s)"
+    )
+    p.add_argument(
+        "--kill-at", type=float, default=0.5, help="SIGKILL worker 0 at this fraction published (%(default)s)"
     )
     p.add_argument(
         "--kind", default="action_chunk", choices=["action_chunk", "text_action"], help="(%(default)s)"
@@ -244,216 +66,229 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--timeout", type=float, default=120.0, help="seconds an agent waits for one reply (%(default)s)"
     )
-    p.add_argument("--appendonly", action="store_true", help="private Redis with AOF (everysec)")
-    p.add_argument("--skip-baseline", action="store_true", help="skip the run without a kill")
 
 
-def _start_workers(
-    args: argparse.Namespace, settings: BrokerSettings, tag: str, logs: str
-) -> List[subprocess.Popen]:
-    """Worker processes logging to LOGS/NAME.log (a pipe nobody reads could block them)."""
-    procs = []
-    for i in range(args.workers):
-        cmd = argv(
-            "worker",
-            settings,
-            "--backend",
-            "synthetic",
-            "--synthetic-latency-ms",
-            str(args.latency_ms),
-            "--kinds",
-            args.kind,
-            "--name",
-            f"{tag}-w{i}",
-            "--max-batch",
-            str(args.max_batch),
-            "--claim-min-idle-ms",
-            str(args.claim_min_idle_ms),
-            log_level="WARNING",
-        )
-        with open(os.path.join(logs, f"{tag}-w{i}.log"), "w") as log:
-            procs.append(subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT))
-    return procs
+def _private_redis(url):
+    from broker.embedded import EmbeddedRedis
 
-
-def _published(r, settings: BrokerSettings, kind: str) -> int:
-    from broker.keys import Keys
-
-    total = 0
-    for stream in Keys(settings.prefix, settings.partitions).request_streams(kind):
-        try:
-            total += int(r.xinfo_stream(stream)["entries-added"])
-        except Exception:  # not created yet
-            pass
-    return total
-
-
-def _held(r, stream: str, group: str, consumer: str) -> int:
-    for c in r.xinfo_consumers(stream, group):
-        name = c["name"].decode() if isinstance(c["name"], bytes) else c["name"]
-        if name == consumer:
-            return int(c["pending"])
-    return 0
-
-
-def _wait_for_workers(r, settings: BrokerSettings, names: List[str], procs: List[subprocess.Popen]) -> None:
-    from broker.keys import Keys
-
-    give_up = time.time() + 60
-    while not all(r.exists(Keys(settings.prefix).worker(n)) for n in names):
-        if time.time() > give_up or any(p.poll() is not None for p in procs):
-            raise RuntimeError(
-                "worker processes did not start (their logs: vlmq-reliability-* in the temp dir)"
-            )
-        time.sleep(0.05)
-
-
-def _kill_midway(
-    args, r, settings: BrokerSettings, agents, victim: subprocess.Popen, name: str
-) -> Dict[str, int]:
-    from broker.keys import Keys
-
-    total = args.agents * args.requests
-    while _published(r, settings, args.kind) < args.kill_at * total:
-        if all(a.poll() is not None for a in agents):
-            break
-        time.sleep(0.02)
-    at = _published(r, settings, args.kind)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    held = _held(r, Keys(settings.prefix).request_stream(args.kind, 0), settings.group, name)
-    print(f"  SIGKILLed worker 0 after {at} of {total} requests were published; it held {held}", flush=True)
-    return {"held": held, "at_published": at}
-
-
-def _pass(args: argparse.Namespace, url: str, kill: bool) -> Dict[str, Any]:
-    from broker.connection import connect_sync
-    from broker.keys import Keys
-
-    tag = f"rel{'k' if kill else 'b'}{os.getpid()}"
-    settings = BrokerSettings(url=url, prefix=tag, claim_min_idle_ms=args.claim_min_idle_ms)
-    keys = Keys(settings.prefix, settings.partitions)
-    r = connect_sync(settings)
-    names = [f"{tag}-w{i}" for i in range(args.workers)]
-    logs = tempfile.mkdtemp(prefix="vlmq-reliability-")
-    workers = _start_workers(args, settings, tag, logs)
-    agents: List[subprocess.Popen] = []
-    try:
-        _wait_for_workers(r, settings, names, workers)
-        per_proc = [
-            args.agents // args.agent_procs + (i < args.agents % args.agent_procs)
-            for i in range(args.agent_procs)
-        ]
-        for i, n in enumerate(per_proc):
-            if n:
-                cmd = agent_command(
-                    settings,
-                    f"{tag}-a{i}-",
-                    n,
-                    args.requests,
-                    kind=args.kind,
-                    image_side=args.image_side,
-                    timeout=args.timeout,
-                )
-                agents.append(subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, text=True))
-        killed = {"held": 0, "at_published": 0}
-        if kill:
-            killed = _kill_midway(args, r, settings, agents, workers[0], names[0])
-        # A request waits at most --timeout; a session sends --requests of them in a row.
-        give_up = time.time() + args.timeout * 2 + args.requests * 1.0
-        summaries = []
-        for a in agents:
-            out, _ = a.communicate(timeout=max(1.0, give_up - time.time()))
-            summaries.append(json.loads(out.strip().splitlines()[-1]))
-        survivor: Dict[str, str] = {}
-        for name, w in zip(names, workers):
-            if w.poll() is None:
-                survivor = {k.decode(): v.decode() for k, v in r.hgetall(keys.worker(name)).items()}
-                w.send_signal(signal.SIGTERM)
-                w.wait(60)
-    finally:
-        for p in agents + workers:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    shutil.rmtree(logs, ignore_errors=True)  # kept only when the pass failed
-    stream = keys.request_stream(args.kind, 0)
-    result = merge(summaries)
-    result.update(
-        seconds=result.pop("finished_at") - result.pop("started_at"),
-        left_in_stream=r.xlen(stream),
-        left_pending=r.xpending(stream, settings.group)["pending"],
-        killed=killed,
-        survivor_reclaimed=int(survivor.get("reclaimed", 0)),
-        survivor_fenced=int(survivor.get("fenced", 0)),
-        redis_peak_mb=r.info("memory")["used_memory_peak"] / 2**20,
-    )
-    return result
+    if url:
+        return None, url
+    server = EmbeddedRedis().start()
+    return server, server.url
 
 
 def _describe(name: str, res: Dict[str, Any]) -> None:
-    lat = sorted(res["latencies_ms"]) or [0.0]
+    keys = (
+        "sent",
+        "answered",
+        "timed_out",
+        "duplicates_in_streams",
+        "misdelivered",
+        "redelivered",
+        "republished",
+    )
     print(
-        f"{name}: sent {res['sent']}, answered {res['answered']}, lost {len(res['lost'])}, "
-        f"duplicates delivered {res['duplicates_delivered']}, duplicates in streams "
-        f"{res['duplicates_in_streams']}, redelivered {res['redelivered']}, codes {res['codes']}, "
-        f"{res['answered'] / res['seconds']:.0f} req/s, p50 {statistics.median(lat):.1f} ms, "
-        f"max {lat[-1]:.0f} ms, left pending {res['left_pending']}",
+        f"  {name}: " + ", ".join(f"{k} {res.get(k)}" for k in keys) + f", lost {len(res['lost'])}",
         flush=True,
     )
 
 
-def run(args: argparse.Namespace) -> int:
-    from broker.embedded import EmbeddedRedis
-    from ops.bench.records import record, write_results
+def _repeat(n: int, name: str, run: Callable[[], Dict[str, Any]]) -> List[Dict[str, Any]]:
+    out = []
+    for i in range(n):
+        res = run()
+        _describe(f"{name} {i + 1}/{n}", res)
+        out.append(res)
+    return out
 
-    server = None
-    url = args.redis_url
-    if not url:
-        server = EmbeddedRedis(appendonly=args.appendonly).start()
-        url = server.url
+
+def _total(results: List[Dict[str, Any]], key: str) -> float:
+    return sum(len(r[key]) if isinstance(r[key], list) else r[key] for r in results)
+
+
+def _merged(path: str, records: List[Any]) -> List[Any]:
+    """This run's records, after those of the results file that this run did not measure
+    (a run of some scenarios updates their figures and keeps the others, each with its
+    own commit and date)."""
+    import json
+    import os
+
+    from ops.bench.records import Record
+
+    if not os.path.exists(path):
+        return records
+    with open(path) as f:
+        kept = [Record(**r) for r in json.load(f)]
+    new = {r.metric for r in records}
+    return [r for r in kept if r.metric not in new] + records
+
+
+def run(args: argparse.Namespace) -> int:
+    from ops.bench.records import current_commit, record, write_results
+
+    current_commit()  # the code that runs now, whatever changes in the tree meanwhile
+
+    chosen = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    unknown = sorted(set(chosen) - set(SCENARIOS))
+    if unknown:
+        raise SystemExit(f"unknown scenario(s) {unknown}; choose from {', '.join(SCENARIOS)}")
+    records = []
+    failures: List[str] = []
+    server, url = _private_redis(args.redis_url)
+    claim_s = args.claim_min_idle_ms / 1000.0
+
+    def load(fault, agents, requests, at):
+        return lambda: runs.load_run(
+            url, fault, agents, requests, args.agent_procs, 2, at, args.claim_min_idle_ms,
+            args.latency_ms, args.max_batch, args.kind, args.image_side, args.timeout,
+        )  # fmt: skip
+
+    def counts(results, suffix: str = "", duplicates_fail: bool = True) -> None:
+        """Totals over the runs; lost or misdelivered replies fail the bench, and second
+        replies too unless the fault makes them expected (a request published again after
+        Redis lost it, which a worker that had read it before still answered)."""
+        for metric, key, unit in (
+            ("lost_requests", "lost", "requests"),
+            ("duplicate_replies", "duplicates_in_streams", "replies"),
+            ("duplicate_replies_to_application", "duplicates_delivered", "replies"),
+            ("misdelivered_replies", "misdelivered", "replies"),
+            ("requests_timed_out", "timed_out", "requests"),
+            ("requests_sent", "sent", "requests"),
+            ("requests_answered", "answered", "requests"),
+        ):
+            records.append(record(metric + suffix, _total(results, key), unit))
+        bad = (
+            _total(results, "lost")
+            + _total(results, "misdelivered")
+            + _total(results, "duplicates_delivered")
+        )
+        bad += _total(results, "duplicates_in_streams") if duplicates_fail else 0
+        if bad:
+            failures.append(f"{suffix or '_kill'}: {bad:g} lost, duplicated or misdelivered")
+
     try:
-        base = None
-        if not args.skip_baseline:
-            base = _pass(args, url, kill=False)
-            _describe("baseline (no kill)", base)
-        res = _pass(args, url, kill=True)
-        _describe(f"worker 0 SIGKILLed at {args.kill_at:.0%}", res)
+        if "kill" in chosen:
+            print("kill: worker 0 SIGKILLed under load, beside runs without the kill", flush=True)
+            base = _repeat(args.runs, "no kill", load(None, args.agents, args.requests, 0.0))
+            kill = _repeat(args.runs, "SIGKILL", load("kill", args.agents, args.requests, args.kill_at))
+            counts(kill)
+            p95 = [percentile(r["takeover_s"], 0.95) for r in kill]
+            records += [
+                record("requests_held_by_killed_worker", [r["held"] for r in kill], "requests"),
+                record("requests_redelivered", _total(kill, "redelivered"), "requests"),
+                record("requests_reclaimed_by_survivor", _total(kill, "reclaimed"), "requests"),
+                record("takeover_s_p95_under_load", p95, "s"),
+                record("takeover_s_max_under_load", [max(r["takeover_s"] or [0.0]) for r in kill], "s"),
+                record("takeover_bound_s", claim_s + 3.0, "s"),
+                record("fenced_results", _total(kill, "fenced"), "results"),
+                record(
+                    "error_replies", sum(r["answered"] - r["codes"].get("ok", 0) for r in kill), "replies"
+                ),
+                record("left_pending", _total(kill, "left_pending"), "requests"),
+                record(
+                    "throughput",
+                    [r["answered"] / r["seconds"] for r in kill],
+                    "requests/s",
+                    baseline=[r["answered"] / r["seconds"] for r in base],
+                ),
+                record("latency_p50", [statistics.median(r["latencies_ms"]) for r in kill], "ms"),
+                record("latency_p99", [percentile(r["latencies_ms"], 0.99) for r in kill], "ms"),
+                record("latency_max", [max(r["latencies_ms"]) for r in kill], "ms"),
+                record("redis_used_memory_peak", [r["redis_peak_mb"] for r in kill], "MiB"),
+            ]
+            if statistics.median(p95) > claim_s + 3.0 or _total(kill, "takeover_missing"):
+                failures.append(f"takeover p95 {statistics.median(p95):.1f} s > {claim_s + 3:.1f} s")
+        if "stop" in chosen:
+            print("stop: worker 0 SIGSTOPped under load, SIGCONT at the end", flush=True)
+            stop = _repeat(args.runs, "SIGSTOP", load("stop", args.agents, 300, 0.3))
+            counts(stop, "_sigstop")
+            p95 = [percentile(r["takeover_s"], 0.95) for r in stop]
+            records += [
+                record("takeover_s_p95_under_load_sigstop", p95, "s"),
+                record("requests_held_by_stopped_worker", [r["held"] for r in stop], "requests"),
+                record("fenced_results_sigstop", _total(stop, "fenced"), "results"),
+            ]
+            if statistics.median(p95) > claim_s + 3.0 or _total(stop, "takeover_missing"):
+                failures.append(
+                    f"takeover (SIGSTOP) p95 {statistics.median(p95):.1f} s > {claim_s + 3:.1f} s"
+                )
+        if "restart" in chosen:
+            print("restart: Redis without persistence restarted under load", flush=True)
+            restart = _repeat(
+                args.runs,
+                "restart",
+                lambda: runs.restart_run(64, 300, args.agent_procs, 0.5, args.kind, args.timeout),
+            )
+            counts(restart, "_redis_restart_no_persistence", duplicates_fail=False)
+            records += [
+                record(
+                    "requests_republished_redis_restart_no_persistence",
+                    _total(restart, "republished"),
+                    "requests",
+                ),
+                record("workers_alive_after_redis_restart", [r["workers_alive"] for r in restart], "workers"),
+            ]
+        if "poison" in chosen:
+            print("poison: requests that kill their worker, among valid ones", flush=True)
+            poison = _repeat(
+                args.runs, "poison", lambda: runs.poison_run(url, 32, 90, 2, args.kind, 1000, args.timeout)
+            )
+            records += [
+                record("collateral_dead_letters_poison", _total(poison, "collateral"), "requests"),
+                record("valid_requests_not_answered_ok_poison", _total(poison, "valid_not_ok"), "requests"),
+                record("poison_requests_dead_lettered", _total(poison, "poisons_dead_lettered"), "requests"),
+                record("poison_requests_sent", sum(len(r["poison_ids"]) for r in poison), "requests"),
+                record("worker_crashes_poison", _total(poison, "crashes"), "crashes"),
+                record("lost_requests_poison", _total(poison, "lost"), "requests"),
+                record("requests_sent_poison", _total(poison, "sent"), "requests"),
+            ]
+            if _total(poison, "collateral") or _total(poison, "valid_not_ok") or _total(poison, "lost"):
+                failures.append("poison: collateral or lost requests")
+        if "bad_input" in chosen:
+            print("bad_input: hostile entries while good sessions run", flush=True)
+            bad = _repeat(args.runs, "bad input", lambda: runs.bad_input_run(url, 4, 300))
+            bound = 1000 * (65536 + 3072)  # dlq_maxlen x (dlq_body_bytes + ~3 KiB), per stream
+            records += [
+                record("max_good_wait_s_bad_input", [r["max_good_wait_s"] for r in bad], "s"),
+                record(
+                    "dlq_bytes_after_bad_input_sweep",
+                    [r["dlq_bytes"] for r in bad],
+                    "bytes",
+                    baseline=[r["dlq_bytes_whole_entries"] for r in bad],
+                ),
+                record("dlq_bytes_bound_per_stream", bound, "bytes"),
+                record("bad_input_entries", _total(bad, "bad_entries"), "entries"),
+                record("bad_input_entries_unanswered", _total(bad, "bad_unanswered"), "entries"),
+                record(
+                    "bad_input_entries_not_dead_lettered", _total(bad, "bad_not_dead_lettered"), "entries"
+                ),
+                record("bad_input_entries_answered_ok", _total(bad, "bad_answered_ok"), "entries"),
+                record("worker_exits_bad_input", sum(not r["worker_alive"] for r in bad), "exits"),
+                record("lost_requests_bad_input", _total(bad, "lost"), "requests"),
+            ]
+            if any(
+                r["max_good_wait_s"] >= 1.0 or r["bad_unanswered"] or r["bad_not_dead_lettered"] for r in bad
+            ):
+                failures.append("bad input: a good request waited >= 1 s, or a bad entry went unanswered")
+        if "record" in chosen:
+            print("record: vlmq record beside the stream-reading recorder, no-op worker", flush=True)
+            rec = _repeat(args.runs, "record", lambda: runs.record_run(url, 32, 300))
+            records += [
+                record(
+                    "record_capture_fraction_max_rate",
+                    [r["recorded"] / r["sent"] for r in rec],
+                    "fraction",
+                    baseline=[r["stream_tapped"] / r["sent"] for r in rec],
+                ),
+                record("record_run_throughput", [r["answered"] / r["seconds"] for r in rec], "requests/s"),
+            ]
+            if any(r["recorded"] != r["sent"] for r in rec):
+                failures.append("record: the recording missed requests")
     finally:
         if server is not None:
             server.close()
-    lat = sorted(res["latencies_ms"]) or [0.0]
-    rps = res["answered"] / res["seconds"]
-    records = [
-        record("lost_requests", len(res["lost"]), "requests"),
-        record("duplicate_replies", res["duplicates_delivered"], "replies"),
-        record("requests_answered", res["answered"], "requests"),
-        record("requests_sent", res["sent"], "requests"),
-        record("requests_not_accepted", res["not_accepted"], "requests"),
-        record("misdelivered_replies", res["misdelivered"], "replies"),
-        record("duplicate_replies_in_streams", res["duplicates_in_streams"], "replies"),
-        record("requests_held_by_killed_worker", res["killed"]["held"], "requests"),
-        record("requests_redelivered", res["redelivered"], "requests"),
-        record("requests_reclaimed_by_survivor", res["survivor_reclaimed"], "requests"),
-        record("fenced_results", res["survivor_fenced"], "results"),
-        record("error_replies", res["answered"] - res["codes"].get("ok", 0), "replies"),
-        record("left_pending", res["left_pending"], "requests"),
-        record(
-            "throughput",
-            rps,
-            "requests/s",
-            baseline=base["answered"] / base["seconds"] if base else None,
-        ),
-        record("latency_p50", statistics.median(lat), "ms"),
-        record("latency_p99", lat[min(len(lat) - 1, int(0.99 * len(lat)))], "ms"),
-        record("latency_max", lat[-1], "ms"),
-        record("redis_used_memory_peak", res["redis_peak_mb"], "MiB"),
-    ]
-    write_results(args.out, records)
+    write_results(args.out, _merged(args.out, records))
     print(f"wrote {args.out}")
-    ok = not res["lost"] and res["duplicates_delivered"] == 0 and res["answered"] == res["sent"]
-    return 0 if ok else 1
-
-
-if __name__ == "__main__":
-    sys.exit(agent_main())
+    for f in failures:
+        print(f"FAILED {f}", file=sys.stderr)
+    return 1 if failures else 0

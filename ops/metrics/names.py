@@ -77,6 +77,23 @@ REQUEST_LATENCY = _h(
 )
 WORKER_QUEUED = _g("vlmq_worker_queued_requests", "Requests read and waiting in the scheduler.")
 WORKER_IN_FLIGHT = _g("vlmq_worker_in_flight_requests", "Requests in the model or being committed to Redis.")
+WORKER_STALLED = _g(
+    "vlmq_worker_stalled_seconds",
+    "Seconds since the worker last wrote replies while holding requests (0 when idle): its health.",
+)
+WORKER_LAST_COMMIT = _g(
+    "vlmq_worker_last_commit_timestamp_seconds", "Unix time the worker last wrote replies to Redis."
+)
+WORKER_REDIS_ERRORS = _c(
+    "vlmq_worker_redis_errors_total",
+    "Failed Redis calls of the worker, by operation (read, reclaim, commit, keep_alive, heartbeat, ...).",
+    "op",
+)
+RUNS_ALONE = _c(
+    "vlmq_runs_alone_total",
+    "Redelivered requests (suspects of having killed a worker) run in a batch of their own.",
+    *KM,
+)
 WORKER_INFO = _g(
     "vlmq_worker_info", "Always 1; labels describe the worker.", "worker", "backend", "model", "kinds"
 )
@@ -156,6 +173,10 @@ WORKER_METRICS = (
     REQUEST_LATENCY,
     WORKER_QUEUED,
     WORKER_IN_FLIGHT,
+    WORKER_STALLED,
+    WORKER_LAST_COMMIT,
+    WORKER_REDIS_ERRORS,
+    RUNS_ALONE,
     WORKER_INFO,
     GPU_ALLOCATED,
     GPU_RESERVED,

@@ -110,6 +110,16 @@ class WorkerMetrics(WorkerObserver):
         self.m[n.WORKER_IN_FLIGHT.name].set(in_flight)
         self._sample_gpu()
 
+    def on_health(self, stalled_s: float, last_commit_at: float) -> None:
+        self.m[n.WORKER_STALLED.name].set(stalled_s)
+        self.m[n.WORKER_LAST_COMMIT.name].set(last_commit_at)
+
+    def on_redis_error(self, op: str) -> None:
+        self.m[n.WORKER_REDIS_ERRORS.name].labels(op).inc()
+
+    def on_run_alone(self, kind: str) -> None:
+        self._km(n.RUNS_ALONE, kind).inc()
+
     def _sample_gpu(self) -> None:
         torch = sys.modules.get("torch")  # only if the backend loaded it: never import torch here
         if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
