@@ -131,6 +131,7 @@ class Worker:
         self.started_at = time.time()
         self.last_commit_at = 0.0
         self.failure: Optional[str] = None
+        self._failure_exc: Optional[BaseException] = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -217,7 +218,7 @@ class Worker:
             for h in self.handlers.values():
                 h.close()
         if self.failure:
-            raise WorkerFailure(self.failure)
+            raise self._failure_exc or WorkerFailure(self.failure)
         log.info("worker %s stopped: %s", self.name, self.stats)
 
     # ------------------------------------------------------------------ intake
@@ -440,8 +441,11 @@ class Worker:
             try:
                 steps()
             except Exception as exc:  # the model thread cannot go on: stop, exit non-zero
-                log.exception("the model thread failed")
-                loop.call_soon_threadsafe(self._fail, f"the model thread failed: {type(exc).__name__}: {exc}")
+                if not isinstance(exc, FatalDeviceError):  # a bug: its traceback helps
+                    log.exception("the model thread failed")
+                loop.call_soon_threadsafe(
+                    self._fail, f"the model thread failed: {type(exc).__name__}: {exc}", exc
+                )
 
         def steps() -> None:
             while not self.failure:
@@ -478,8 +482,9 @@ class Worker:
             try:
                 outputs += self.core.execute(plan)
             except Exception as exc:
-                log.exception("a step failed")
-                self._fail(f"a step failed: {type(exc).__name__}: {exc}")
+                if not isinstance(exc, FatalDeviceError):
+                    log.exception("a step failed")
+                self._fail(f"a step failed: {type(exc).__name__}: {exc}", exc)
                 return
             if outputs or not plan.idle:
                 self._on_step(outputs, None if plan.idle else self.core.last_step)
@@ -659,11 +664,13 @@ class Worker:
 
     # ------------------------------------------------------------------ failures
 
-    def _fail(self, reason: str) -> None:
-        """Stop reading and answering; run() then raises WorkerFailure."""
+    def _fail(self, reason: str, exc: Optional[BaseException] = None) -> None:
+        """Stop reading and answering; run() then raises the fatal device error that caused
+        it, else WorkerFailure."""
         if self.failure is None:
             log.error("worker %s stops: %s", self.name, reason)
             self.failure = reason
+            self._failure_exc = exc if isinstance(exc, FatalDeviceError) else None
         self.request_stop()
 
     def _redis_error(self, op: str, exc: BaseException) -> None:

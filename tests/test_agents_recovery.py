@@ -41,7 +41,7 @@ def test_a_request_acked_without_a_reply_is_found_and_published_again(settings) 
             first = client.submit(_text("first"))
             assert gated.running.wait(30)
             second = client.submit(_text("second"))
-            assert wait_for(lambda: len(w.worker.scheduler) == 1, 30)  # read, queued
+            assert wait_for(lambda: w.worker.core.waiting() == 1, 30)  # read, queued
             entry = admin.xpending_range(stream, settings.group, "-", "+", 10)[-1]["message_id"]
             admin.xack(stream, settings.group, entry)
             admin.xdel(stream, entry)

@@ -18,7 +18,13 @@ from broker.keys import Keys
 from schemas.codec import EXT_NDARRAY, packb
 from schemas.errors import ErrorCode
 from schemas.limits import Limits
-from schemas.messages import ActionChunkRequest, ChatMessage, TextActionRequest, decode_reply
+from schemas.messages import (
+    PROTOCOL_VERSION,
+    ActionChunkRequest,
+    ChatMessage,
+    TextActionRequest,
+    decode_reply,
+)
 from tests.helpers import WorkerThread, synthetic_settings, wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -58,7 +64,7 @@ def _send(
     """XADD an entry by hand to the request stream of `stream_kind`; `fields` override the
     entry's own (None: left out)."""
     broker, r, _ = served
-    entry = {"v": "1", "kind": stream_kind, "rid": rid, "sid": sid}
+    entry = {"v": str(PROTOCOL_VERSION), "kind": stream_kind, "rid": rid, "sid": sid}
     if body is not None:
         entry["body"] = body
     entry.update(fields)
@@ -313,10 +319,28 @@ def test_a_body_of_a_million_fields_does_not_hold_up_a_good_request(redis_server
         bomb = msgpack.packb({**_text("bomb"), **{f"f{i}": 0 for i in range(1_000_000)}})
         stream = keys.request_stream("text_action", 0)
         for i in range(3):
-            r.xadd(stream, {"v": "1", "kind": "text_action", "rid": f"bomb{i}", "sid": "bomb", "body": bomb})
+            r.xadd(
+                stream,
+                {
+                    "v": str(PROTOCOL_VERSION),
+                    "kind": "text_action",
+                    "rid": f"bomb{i}",
+                    "sid": "bomb",
+                    "body": bomb,
+                },
+            )
         good = packb(_text("good"))
         sent = time.time()
-        r.xadd(stream, {"v": "1", "kind": "text_action", "rid": _rid(good), "sid": "good", "body": good})
+        r.xadd(
+            stream,
+            {
+                "v": str(PROTOCOL_VERSION),
+                "kind": "text_action",
+                "rid": _rid(good),
+                "sid": "good",
+                "body": good,
+            },
+        )
         assert wait_for(lambda: r.xlen(keys.reply_stream("good")) == 1, 30)
         waited = decode_reply(r.xrange(keys.reply_stream("good"))[0][1][b"body"]).replied_at - sent
         assert wait_for(lambda: r.xlen(keys.dead_letters("text_action", 0)) == 3, 30)
