@@ -5,7 +5,7 @@ XAUTOCLAIM hands it to another after `claim_min_idle_ms` (delivery 2, 3, ...). A
 consumer working on a long batch re-claims its own messages (XCLAIM JUSTID, which does not
 count as a delivery) so that nobody takes them; only those still pending for it, checked in
 the same Lua call, so a consumer that stalled cannot take back what another one reclaimed.
-After the reply is written, the entry is acked and deleted in the same MULTI, so the stream
+After the reply is written, the entry is acked and deleted in the same Lua call, so the stream
 only ever holds unfinished work.
 
 A redelivered message may be what killed its last holder. The worker runs it alone and

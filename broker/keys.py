@@ -2,7 +2,7 @@
 
 Request, reply and dead-letter keys of one partition share the hash tag ``{p<n>}``, so on
 Redis Cluster a session's requests, its replies and the dead letters they may become live
-in one slot: the worker writes a reply and acks the request in one MULTI.
+in one slot: the worker writes a reply and acks the request in one Lua call.
 
 A tenant's request streams end in ``:<tenant>``: Redis ACLs let tenant T write only
 streams ending in ``:T``, and a worker answers an entry of such a stream only if its
