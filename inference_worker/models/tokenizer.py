@@ -8,7 +8,7 @@ Training is deterministic: the corpus is fixed (models/corpus.py) and BPE has no
 from __future__ import annotations
 
 import json
-from typing import List
+from typing import Iterable, List, Optional
 
 from inference_worker.models.chat_templates import TEMPLATES
 from inference_worker.models.corpus import corpus
@@ -35,8 +35,8 @@ SPECIAL_TOKENS: List[str] = [
 PLAIN_ADDED_TOKENS: List[str] = ["<think>", "</think>"]
 
 
-def train_tokenizer(arch: str, vocab_size: int = 2048):
-    """Train on the fixed corpus and wrap as a transformers `Qwen2Tokenizer`."""
+def train_tokenizer(arch: str, vocab_size: int = 2048, texts: Optional[Iterable[str]] = None):
+    """Train on the fixed corpus (or `texts`) and wrap as a transformers `Qwen2Tokenizer`."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
     from transformers import AddedToken, Qwen2Tokenizer
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
@@ -54,7 +54,7 @@ def train_tokenizer(arch: str, vocab_size: int = 2048):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    raw.train_from_iterator(corpus(), trainer)
+    raw.train_from_iterator(corpus() if texts is None else texts, trainer)
     learned = json.loads(raw.to_str())["model"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in learned["merges"]]
     tok = Qwen2Tokenizer(

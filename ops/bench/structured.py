@@ -262,19 +262,14 @@ class Served:
 # ---------------------------------------------------------------------------- mask cost
 
 
-def train_tokenizer(vocab: int, folder: str, corpus_bytes: int = 80_000_000) -> str:
+def source_tokenizer(vocab: int, folder: str, corpus_bytes: int = 80_000_000) -> str:
     """A Qwen2-style byte-level BPE of `vocab` tokens, trained on the Python sources installed
     here (no corpus can be downloaded): mask cost depends on the vocabulary's size and
     shape, and make-model's tokenizer has 2k tokens where Qwen's has 151k."""
     import glob
-    import json
     import sys
 
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
-    from transformers import AddedToken, Qwen2Tokenizer
-    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
-
-    from inference_worker.models.tokenizer import SPECIAL_TOKENS
+    from inference_worker.models.tokenizer import train_tokenizer
 
     roots = [p for p in sys.path if p.endswith("-packages")]
     files = sorted(f for r in roots for f in glob.glob(f"{r}/**/*.py", recursive=True))
@@ -292,30 +287,7 @@ def train_tokenizer(vocab: int, folder: str, corpus_bytes: int = 80_000_000) -> 
             if total > corpus_bytes:
                 return
 
-    raw = Tokenizer(models.BPE())
-    raw.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    raw.train_from_iterator(texts(), trainer)
-    learned = json.loads(raw.to_str())["model"]
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in learned["merges"]]
-    tok = Qwen2Tokenizer(
-        vocab=learned["vocab"],
-        merges=merges,
-        unk_token=None,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-    )
-    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    tok = train_tokenizer("qwen2-vl", vocab, texts())
     tok.save_pretrained(folder)
     log.info("trained a %d-token tokenizer on %d source files", len(tok), len(files))
     return folder
@@ -413,7 +385,7 @@ def run(args) -> int:
             vocab = int(cfg.get_text_config().vocab_size)
             mask_tok = args.mask_tokenizer or folder
             if not args.mask_tokenizer and args.mask_train_vocab:
-                mask_tok = train_tokenizer(args.mask_train_vocab, tempfile.mkdtemp(prefix="vlmq-bench-tok-"))
+                mask_tok = source_tokenizer(args.mask_train_vocab, tempfile.mkdtemp(prefix="vlmq-bench-tok-"))
                 args.mask_tokenizer = f"trained here, {args.mask_train_vocab} tokens"
             figures.update(mask_cost(mask_tok, vocab, args.mask_rows, args.mask_steps))
             log.info("mask %s", {k: statistics.median(v) for k, v in figures.items()})
