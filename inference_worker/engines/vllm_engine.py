@@ -114,9 +114,10 @@ class VLLMChatEngine:
 
     # ------------------------------------------------------------------ prompts
 
-    def check(self, prompt: ChatPrompt) -> ChatPrompt:
-        """Raise the ProtocolError this prompt would fail with (the hf engine's checks)."""
-        return self.inputs.check(prompt)
+    def check(self, prompt: ChatPrompt, max_tokens: int = 0) -> ChatPrompt:
+        """Raise the ProtocolError this prompt would fail with (the hf engine's checks,
+        `max_tokens` the prompt-token limit, 0: none)."""
+        return self.inputs.check(prompt, max_tokens)
 
     def prompt_ids(self, prompt: ChatPrompt) -> List[int]:
         """The prompt's tokens with one placeholder per image, as the hf engine tokenises it."""
