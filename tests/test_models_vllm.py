@@ -138,7 +138,7 @@ def test_the_three_kinds_through_redis(worker, broker):
     with AgentClient(f"s-{uuid.uuid4().hex[:8]}", settings=broker) as client:
         free = client.request(chat(FRAMES[0], "Next?", max_tokens=6), timeout=120)
         assert free.ok and 1 <= free.result.completion_tokens <= 6 and free.batch_size == 1
-        assert {"queue_ms", "serve_ms"} <= set(free.timings)
+        assert {"queue_ms", "model_ms"} <= set(free.timings)
         commands = ["go to fridge 1", "open drawer 2", "look"]
         pick = client.request(chat(FRAMES[1], "Choose.", admissible_commands=commands), timeout=120).result
         assert pick.choice == commands[int(np.argmax(pick.scores))] and all(s < 0 for s in pick.scores)
