@@ -8,7 +8,14 @@
 #      text, a 224-px frame, ~100-token prompt, 256 new tokens each: the worker runs with
 #      --option ignore_eos=1) use the same worker.
 # Each mode: the median of RUNS runs of RUN_S seconds (`vlmq bench agents`); both parts go to
-# $OUT/agents.json (the mixed metrics end in _mixed), logs beside it.
+# $OUT/agents.json (the mixed metrics end in _mixed), logs beside it, and the worker's
+# /metrics (batch sizes, batch/stage seconds, waits) after each part in metrics_*.txt.
+# Split over two calls on one warm machine (each call is at most 10 minutes): the first with
+# PARTS=vla KEEP_WORKER=1 OUT=/tmp/o (the worker outlives the call in its own session), the
+# second with PARTS=mixed OUT=/tmp/o reuses it (and its Redis, the daemon on 6379 there);
+# copy /tmp/o to the call's $OUT.
+# DIAG_FRAMES=1 adds one unrecorded fixed-g run on synthetic frames after the VLA part: with
+# no rendering beside the worker, it tells the simulators' share of the box from the worker's.
 #
 # On the device machine, from the repository root: first, on a fresh machine, a call that
 # carries [".devcarry-gl"] and runs `source .devcarry-gl/on-device-gl.sh` (the miniworld
@@ -33,6 +40,7 @@ SIZE=${SIZE:-224}
 CHAT_SESSIONS=${CHAT_SESSIONS:-16}  # 0: no mixed part
 CHAT_TOKENS=${CHAT_TOKENS:-256}
 CHAT_PROCS=${CHAT_PROCS:-2}
+PARTS=${PARTS:-vla,mixed}  # vla: the VLA-only modes (writes agents.json afresh); mixed: with chat beside
 OUT=${OUT:-/tmp/vlmq-out}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
@@ -91,15 +99,49 @@ V=/tmp/vlmq-vla-$PRESET
 [ -d "$V" ] || vlmq vla init --vlm "$M" --out "$V" --device "$DEVICE" 2>&1 | tail -1
 echo "models ready after $((SECONDS - t0)) s"
 
+METRICS_PORT=${METRICS_PORT:-9464}
+# The worker's own view of each part (batch sizes, batch and stage seconds, waits), for
+# telling the worker's time from the agents' and Redis's: its /metrics after each part.
+scrape() {
+  python3 - "$METRICS_PORT" <<'PY' >"$OUT/$1" 2>&1 || echo "no /metrics: $(tail -1 "$OUT/$1")"
+import sys, urllib.request
+text = urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics", timeout=10).read().decode()
+for line in text.splitlines():
+    if line.startswith(("vlmq_batch_size", "vlmq_batch_seconds", "vlmq_stage_seconds", "vlmq_schedule_wait",
+                        "vlmq_stream_wait", "vlmq_request_latency", "vlmq_worker_latency", "vlmq_batches_total",
+                        "vlmq_requests_total")) and ("_sum" in line or "_count" in line or "_total" in line):
+        print(line)
+PY
+}
 KINDS=action_chunk
 [ "$CHAT_SESSIONS" -gt 0 ] && KINDS=action_chunk,text_action
 PREFIX=agents$$
-# One worker for both parts: while no chat request comes, serving text_action too changes nothing.
-# (python3 itself in the background, not the vlmq function: $! must be the worker's pid)
-python3 -m ops.cli --log-level WARNING worker --redis-url "$REDIS" --prefix "$PREFIX" --backend hf \
-  --model "$M" --option "vla=$V" --option ignore_eos=1 --device "$DEVICE" --kinds "$KINDS" \
-  --max-batch 64 --max-wait-ms 5 --name vla-worker >"$OUT/worker.log" 2>&1 &
-W=$!
+WPID=/tmp/vlmq-agents-worker.pid  # KEEP_WORKER: the worker outlives this call, for the next one
+if [ -f "$WPID" ] && read -r W PREFIX <"$WPID" && kill -0 "$W" 2>/dev/null; then
+  echo "reusing worker $W (prefix $PREFIX) of an earlier call"
+else
+  # One worker for both parts: while no chat request comes, serving text_action too changes nothing.
+  wargs=(-m ops.cli --log-level WARNING worker --redis-url "$REDIS" --prefix "$PREFIX" --backend hf --model "$M"
+         --option "vla=$V" --option ignore_eos=1 --device "$DEVICE" --kinds "$KINDS" --max-batch 64
+         --max-wait-ms 5 --name vla-worker --metrics-port "$METRICS_PORT")
+  if [ -n "${KEEP_WORKER:-}" ]; then
+    # a session of its own (the device machine ends a call's processes, not other sessions');
+    # setsid(1) may fork, so the worker writes its own pid
+    rm -f "$WPID"
+    python3 -c 'import os, sys
+if os.getpid() == os.getpgid(0) and os.fork():
+    os._exit(0)
+os.setsid()
+open(sys.argv[1], "w").write(f"{os.getpid()} {sys.argv[2]}\n")
+os.execvp(sys.executable, [sys.executable] + sys.argv[3:])' "$WPID" "$PREFIX" "${wargs[@]}" >>"$OUT/worker.log" 2>&1 &
+    for _ in $(seq 100); do [ -s "$WPID" ] && break; sleep 0.1; done
+    read -r W PREFIX <"$WPID" || { echo "the worker did not start"; exit 1; }
+  else
+    # (python3 itself in the background, not the vlmq function: $! must be the worker's pid)
+    python3 "${wargs[@]}" >"$OUT/worker.log" 2>&1 &
+    W=$!
+  fi
+fi
 python3 - "$REDIS" "$PREFIX" "$W" <<'PY' || { tail -20 "$OUT/worker.log"; exit 1; }
 import os, sys, time, redis
 r = redis.Redis.from_url(sys.argv[1])
@@ -120,16 +162,29 @@ common=(bench agents --worker external --redis-url "$REDIS" --prefix "$PREFIX" -
         --sessions "$SESSIONS" --procs "$PROCS" --seconds "$RUN_S" --runs "$RUNS" --warmup-s "$WARMUP_S"
         --label "$LABEL" --out "$OUT/agents.json")
 rc=0
+if [[ ,$PARTS, == *,vla,* ]]; then
 vlmq --log-level WARNING "${common[@]}" --modes sync,fixed,adaptive --fresh 2>&1 | tee "$OUT/bench_vla.log" | grep -v "^ *$" | tail -15
 [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
 echo "VLA only done after $((SECONDS - t0)) s"
-if [ "$CHAT_SESSIONS" -gt 0 ]; then
+scrape metrics_vla.txt
+fi
+if [ -n "${DIAG_FRAMES:-}" ] && [ "$ENV_ID" != Frames-v0 ]; then
+  # Diagnostic, not a record (one run, a scratch file): the same load on synthetic frames,
+  # which need no rendering, tells the simulator's share of the box from the worker's.
+  vlmq --log-level WARNING bench agents --worker external --redis-url "$REDIS" --prefix "$PREFIX" --env Frames-v0 \
+    --size "$SIZE" --sessions "$SESSIONS" --procs "$PROCS" --seconds "$RUN_S" --runs 1 --warmup-s "$WARMUP_S" \
+    --modes fixed --fresh --label diagnostic --out /tmp/agents_frames_diag.json 2>&1 | grep -v "^ *$" | tail -6
+  echo "Frames-v0 diagnostic done after $((SECONDS - t0)) s"
+fi
+if [ "$CHAT_SESSIONS" -gt 0 ] && [[ ,$PARTS, == *,mixed,* ]]; then
   vlmq --log-level WARNING "${common[@]}" --modes fixed,adaptive --chat-sessions "$CHAT_SESSIONS" \
     --chat-max-tokens "$CHAT_TOKENS" --chat-procs "$CHAT_PROCS" --chat-tokenizer "$M" 2>&1 \
     | tee "$OUT/bench_mixed.log" | grep -v "^ *$" | tail -15
   [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
   echo "mixed done after $((SECONDS - t0)) s"
+  scrape metrics_mixed.txt
 fi
+[ -n "${KEEP_WORKER:-}" ] && W=""  # left running for the next call
 stop_worker
 python3 - "$OUT/agents.json" <<'PY'
 import json, sys
