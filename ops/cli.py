@@ -25,7 +25,7 @@ COMMANDS = [
     "ops.bench",  # bench
     "ops.acl.cli",  # acl
     "ops.gateway.cli",  # gateway
-    "inference_worker.vla.cli",  # vla
+    "ops.vla.cli",  # vla
     "env_agents.cli",  # agents
     "env_agents.traces.cli",  # traces
     "env_agents.envs.cli",  # envs
