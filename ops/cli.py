@@ -12,6 +12,7 @@ import sys
 from typing import Any, List, Optional, Sequence
 
 from broker.settings import BrokerSettings
+from ops.metrics.plug import plug as plug_metrics
 
 COMMANDS = [
     "inference_worker.cli",  # worker
@@ -135,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in COMMANDS:
         importlib.import_module(module).register(sub)
+    plug_metrics(sub)
     add_env_vars(parser)
     return parser
 
