@@ -307,9 +307,17 @@ def spec_from_args(args: argparse.Namespace):
         env_options=_kv(args.env_arg),
         session_prefix=args.session_prefix or default_session_prefix(),
         traces=args.traces,
-        metrics=bool(args.metrics_port),
+        metrics=_metrics(args),
         preference=PreferenceConfig(pairs=args.pairs, mode=args.pref_mode, min_gap=args.min_gap),
     )
+
+
+def _metrics(args: argparse.Namespace):
+    if not args.metrics_port:
+        return None
+    if args.metrics_export is None:
+        raise SystemExit("vlmq agents: --metrics-port needs the metrics of `vlmq` (ops.metrics)")
+    return args.metrics_export(args.metrics_port)
 
 
 def _control(args: argparse.Namespace, fields: Dict[str, Any], adaptive: bool, rate_hz: float):
@@ -368,12 +376,7 @@ def run(args: argparse.Namespace) -> int:
     from env_agents.runner.launcher import launch
 
     spec = spec_from_args(args)
-    metrics = None
-    if spec.metrics:
-        from ops.metrics.agents import prepare_multiprocess, start_agent_metrics
-
-        prepare_multiprocess()  # before any agent process starts: they inherit the directory
-        metrics = start_agent_metrics(args.metrics_port, multiprocess=True)
+    metrics = spec.metrics.start() if spec.metrics else None
     out = args.out or os.path.join("runs", f"agents-{spec.task}-{time.strftime('%Y%m%d-%H%M%S')}.json")
     try:
         result = launch(spec, progress=not args.no_progress)
@@ -433,4 +436,5 @@ def register(sub) -> None:
         epilog="Every flag has an environment variable, shown in [brackets].",
     )
     add_agent_args(p)
-    p.set_defaults(func=run)
+    # `vlmq` puts its metrics here (ops/metrics/plug.py): this package never imports ops.
+    p.set_defaults(func=run, metrics_export=None)

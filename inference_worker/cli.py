@@ -250,16 +250,12 @@ def settings_from_args(args: argparse.Namespace):
     )
 
 
-async def serve(settings, observers=()) -> None:
+async def serve(settings, observers=(), observer_factories=()) -> None:
     from inference_worker.handlers import build_handlers
     from inference_worker.worker import Worker
 
     handlers = build_handlers(settings)
-    observers = list(observers)
-    if settings.metrics_port:
-        from ops.metrics import WorkerMetrics  # optional: the ops extra (prometheus-client)
-
-        observers.append(WorkerMetrics(settings).serve(settings.metrics_port, settings.metrics_addr))
+    observers = [*observers, *(o for make in observer_factories for o in make(settings))]
     worker = Worker(settings, handlers, observers=observers)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -274,7 +270,7 @@ def run(args: argparse.Namespace) -> int:
     from inference_worker.worker import WorkerFailure
 
     try:
-        eventloop.run(serve(settings_from_args(args)))
+        eventloop.run(serve(settings_from_args(args), observer_factories=args.observer_factories))
     except (PartitionMismatch, ModelLoadError) as exc:
         raise SystemExit(f"vlmq worker: {exc}") from None
     except (WorkerFailure, FatalDeviceError) as exc:  # exit non-zero: another worker takes over
@@ -290,4 +286,5 @@ def register(sub) -> None:
         "Stops cleanly on SIGTERM/SIGINT: finishes the batch in flight, replies, acks, exits 0.",
     )
     add_worker_args(p)
-    p.set_defaults(func=run)
+    # `vlmq` adds its metrics here (ops/metrics/plug.py): this package never imports ops.
+    p.set_defaults(func=run, observer_factories=())

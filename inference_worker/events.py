@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Dict, Optional, Sequence
 
 from broker.replies import Outcome
 from inference_worker.scheduler import Batch, Item
 
 if TYPE_CHECKING:
     from inference_worker.core import StepInfo
+    from inference_worker.settings import WorkerSettings
 
 
 class WorkerObserver:
@@ -65,3 +66,8 @@ class Observers(WorkerObserver):
 
             return fan_out
         return object.__getattribute__(self, name)
+
+
+# What a package above this one (ops: Prometheus metrics on --metrics-port) hands `vlmq worker`
+# to watch it: called once the model is loaded, with the worker's settings.
+ObserverFactory = Callable[["WorkerSettings"], Sequence[WorkerObserver]]

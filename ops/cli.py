@@ -12,6 +12,7 @@ import sys
 from typing import Any, List, Optional, Sequence
 
 from broker.settings import BrokerSettings
+from ops.metrics.plug import plug as plug_metrics
 
 COMMANDS = [
     "inference_worker.cli",  # worker
@@ -25,7 +26,7 @@ COMMANDS = [
     "ops.bench",  # bench
     "ops.acl.cli",  # acl
     "ops.gateway.cli",  # gateway
-    "inference_worker.vla.cli",  # vla
+    "ops.vla.cli",  # vla
     "env_agents.cli",  # agents
     "env_agents.traces.cli",  # traces
     "env_agents.envs.cli",  # envs
@@ -135,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in COMMANDS:
         importlib.import_module(module).register(sub)
+    plug_metrics(sub)
     add_env_vars(parser)
     return parser
 

@@ -18,7 +18,7 @@ from env_agents.control.stats import fixed_g_requests_per_step
 from env_agents.control.threshold import AdaptiveThreshold, FixedThreshold, LatencyWindow
 from env_agents.control.tracer import Tracer
 from env_agents.envs.frames import FramesAdapter
-from env_agents.recording.actions import ACTION_DIM
+from schemas.actions import ACTION_DIM
 from schemas.messages import ActionChunkResult, Reply
 
 

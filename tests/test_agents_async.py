@@ -12,7 +12,7 @@ import pytest
 from env_agents.client import AsyncAgentClient
 from env_agents.control.controller import ControlConfig, Controller
 from env_agents.envs.base import EnvAdapter, Observation, StepResult
-from env_agents.recording.actions import ACTION_DIM
+from schemas.actions import ACTION_DIM
 from schemas.messages import ActionChunkRequest
 from tests.helpers import WorkerThread, synthetic_settings
 

@@ -7,8 +7,8 @@ import json
 import subprocess
 import sys
 
-from env_agents.recording.actions import ACTION_DIM
 from env_agents.traces.sft import read_jsonl
+from schemas.actions import ACTION_DIM
 from tests.helpers import REPO, WorkerThread, synthetic_settings
 
 

@@ -13,7 +13,7 @@ from env_agents.control.merge import MERGES, check_merge, get_merge
 from env_agents.control.queue import ActionQueue
 from env_agents.control.similarity import SimilarityFilter, frame_distance
 from env_agents.envs.base import EnvAdapter, Observation
-from env_agents.recording.actions import ACTION_DIM
+from schemas.actions import ACTION_DIM
 from schemas.messages import ActionChunkRequest
 
 

@@ -19,9 +19,9 @@ import pytest
 
 from broker.settings import BrokerSettings
 from env_agents.control.controller import ControlConfig
-from env_agents.recording.actions import ACTION_DIM
 from env_agents.runner.launcher import launch
 from env_agents.runner.spec import PreferenceConfig, RunSpec
+from schemas.actions import ACTION_DIM
 from tests.helpers import WorkerThread, synthetic_settings
 
 CHAT_KINDS = ("text_action", "structured_action", "preference")

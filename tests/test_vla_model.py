@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from env_agents.recording.actions import ACTION_DIM
 from inference_worker.vla.config import TINY, VLAConfig
 from inference_worker.vla.model import QwenVLA
 from inference_worker.vla.rtc import Guidance, guidance_weights
+from schemas.actions import ACTION_DIM
 
 
 def read_json(path):
@@ -144,9 +144,9 @@ def test_rtc_freezes_the_delay_and_pulls_the_horizon_toward_the_previous_chunk(v
 
 def test_training_loop_checkpoints_and_resumes(vla, tiny_qwen2_vl, tmp_path):
     # Two small episodes written straight as shards.
-    from inference_worker.vla.convert import AlignedEpisode, save_episode
-    from inference_worker.vla.train import TrainConfig, train
-    from tests.test_vla_recording import A
+    from env_agents.recording import actions as A
+    from ops.vla.convert import AlignedEpisode, save_episode
+    from ops.vla.train import TrainConfig, train
 
     os.makedirs(tmp_path / "data" / "train")
     os.makedirs(tmp_path / "data" / "val")

@@ -10,9 +10,10 @@ import os
 import numpy as np
 import pytest
 
-from env_agents.recording import actions as A
+from env_agents.recording import actions as MW
 from env_agents.recording.format import EpisodeWriter, read_episode
-from inference_worker.vla.convert import convert, unique_frames
+from ops.vla.convert import convert, unique_frames
+from schemas import actions as A
 
 FREQ = 10_000_000  # QPC ticks per second
 TICK = FREQ // 1000  # ticks per ms
@@ -20,16 +21,16 @@ TICK = FREQ // 1000  # ticks per ms
 
 def test_action_layout_round_trips_miniworld_actions():
     assert A.ACTION_DIM == len(A.channel_names()) == 2 + 3 + len(A.KEY_VOCAB)
-    for action in range(len(A.MINIWORLD_KEYS)):
-        row = A.action_to_vector(action)
+    for action in range(len(MW.MINIWORLD_KEYS)):
+        row = MW.action_to_vector(action)
         assert row.dtype == np.float32 and row.shape == (A.ACTION_DIM,)
-        assert A.vector_to_action(row, 8) == action
+        assert MW.vector_to_action(row, 8) == action
         assert ((row[A.KEY_SLICE] > 0).sum(), (row[A.BUTTON_SLICE] > 0).sum()) == (1, 0)
     # An env with 3 actions never gets an action id >= 3, even if "pick up" is strongest.
-    row = A.action_to_vector(4)
+    row = MW.action_to_vector(4)
     row[A.key_channel(A.VK["RIGHT"])] = 0.3
-    assert A.vector_to_action(row, 3) == 1
-    assert A.chunk_to_actions(np.stack([A.action_to_vector(2)] * 4), 3) == [2, 2, 2, 2]
+    assert MW.vector_to_action(row, 3) == 1
+    assert MW.chunk_to_actions(np.stack([MW.action_to_vector(2)] * 4), 3) == [2, 2, 2, 2]
     assert A.normalise_mouse(0, 0, 384, 384) == (-1.0, -1.0)
     assert A.normalise_mouse(383, 383, 384, 384) == (1.0, 1.0)
     assert (
@@ -138,14 +139,14 @@ def test_recorder_writes_the_seed_format_and_the_converter_recovers_the_actions(
             acts, frames = d["actions"], d["frames"]
         # One labelled row per executed action, plus the final frame with nothing pressed.
         assert len(acts) == summary["steps"] + 1 and frames.shape[1:] == (64, 64, 3)
-        assert A.chunk_to_actions(acts[:-1], 3) == summary["actions"]
+        assert MW.chunk_to_actions(acts[:-1], 3) == summary["actions"]
         assert not (acts[-1][A.KEY_SLICE] > 0).any()
         # Decoded video frames are the rendered ones, up to compression.
         assert frames.std() > 5
 
 
 def test_dataset_pads_episode_starts_and_masks_chunk_ends(miniworld_recording, tmp_path):
-    from inference_worker.vla.dataset import MiniworldVLADataset
+    from ops.vla.dataset import MiniworldVLADataset
 
     out, _ = miniworld_recording
     convert(out, str(tmp_path / "shards"), seed=0, ratios=(1.0, 0.0, 0.0))

@@ -15,7 +15,8 @@ import numpy as np
 
 from env_agents.envs.base import EnvAdapter, Observation, StepResult
 from env_agents.envs.prompts import choice_messages, structured_messages
-from env_agents.recording.actions import ACTION_DIM, vector_to_action
+from env_agents.recording.actions import vector_to_action
+from schemas.actions import ACTION_DIM
 from schemas.messages import (
     ActionChunkRequest,
     PreferenceRequest,
@@ -183,7 +184,7 @@ class MiniWorldAdapter(EnvAdapter):
             if chunk.ndim != 2 or chunk.shape[1] != ACTION_DIM:
                 raise ValueError(
                     f"action chunk of shape {chunk.shape}: MiniWorld rows have {ACTION_DIM} channels "
-                    "(env_agents/recording/actions.py); serve a VLA of that layout"
+                    "(schemas/actions.py); serve a VLA of that layout"
                 )
             return list(chunk)
         if kind == "structured_action":

@@ -1,31 +1,12 @@
-"""The VLA action vector: one row of an action chunk, and its mapping to MiniWorld actions.
+"""MiniWorld's discrete actions as rows of the action vector (schemas/actions.py).
 
-Torch-free (env processes import it). The API below is stable; the converter, the VLA
-model, the recorder and the MiniWorld adapter all read the layout from here.
-
-Layout of a row (float32, ``ACTION_DIM`` = 2 + 3 + len(KEY_VOCAB) = 21):
-
-    index 0, 1        MOUSE_X, MOUSE_Y   cursor position, normalised to [-1, 1] over the canvas
-                                         (-1 = left/top edge, +1 = right/bottom edge)
-    index 2, 3, 4     BUTTONS            left, right, middle mouse button
-    index 5 ..        KEYS               one channel per virtual-key code in KEY_VOCAB
-
-Binary channels (buttons, keys) are +1 when pressed and -1 when not, so that every channel
-has the scale of the flow-matching noise; a model's output channel counts as pressed when
-it is > 0 (``PRESSED_THRESHOLD``).
-
-MiniWorld's discrete actions are keys (``MINIWORLD_KEYS``): turn left = LEFT arrow, turn
-right = RIGHT, move forward = UP, move back = DOWN, pick up = E, drop = Q, toggle = F,
-done = ENTER.
+Torch-free (env processes import it). MiniWorld's actions are keys (``MINIWORLD_KEYS``):
+turn left = LEFT arrow, turn right = RIGHT, move forward = UP, move back = DOWN,
+pick up = E, drop = Q, toggle = F, done = ENTER. The recorder presses these keys, so a
+VLA trained on its recordings answers in them.
 
 API:
-    ACTION_DIM, MOUSE_X, MOUSE_Y, BUTTON_SLICE, KEY_SLICE, BUTTONS, KEY_VOCAB, VK,
-    PRESSED_THRESHOLD, MINIWORLD_KEYS
-    channel_names() -> list of ACTION_DIM names ("mouse_x", "btn_left", "key_UP", ...)
-    key_channel(vk) -> channel index or None (key outside the vocabulary)
-    button_channels(buttons) -> channel indices of a bitmask / name / list of names
-    normalise_mouse(x, y, width, height) -> (nx, ny) in [-1, 1]
-    idle_vector(mouse=(0.0, 0.0)) -> a row with nothing pressed
+    MINIWORLD_KEYS
     action_to_vector(action, mouse=(0.0, 0.0)) -> the row of a MiniWorld action id
     vector_to_action(row, n_actions) -> a MiniWorld action id < n_actions (always one:
         the action whose key channel is strongest, pressed or not)
@@ -34,41 +15,11 @@ API:
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import List, Sequence, Tuple
 
 import numpy as np
 
-# Windows virtual-key codes (what the seed's recorder writes as `vk`).
-VK: Dict[str, int] = {
-    "W": 0x57,
-    "A": 0x41,
-    "S": 0x53,
-    "D": 0x44,
-    "LEFT": 0x25,
-    "UP": 0x26,
-    "RIGHT": 0x27,
-    "DOWN": 0x28,
-    "SPACE": 0x20,
-    "SHIFT": 0x10,
-    "CONTROL": 0x11,
-    "E": 0x45,
-    "Q": 0x51,
-    "F": 0x46,
-    "RETURN": 0x0D,
-    "ESCAPE": 0x1B,
-}
-KEY_VOCAB: Tuple[int, ...] = tuple(VK.values())
-_KEY_NAMES = {code: name for name, code in VK.items()}
-
-BUTTONS: Tuple[str, ...] = ("left", "right", "middle")
-BUTTON_BITS = {"left": 1, "right": 2, "middle": 4}  # the Windows MK_* style bitmask
-
-MOUSE_X, MOUSE_Y = 0, 1
-BUTTON_SLICE = slice(2, 2 + len(BUTTONS))
-KEY_SLICE = slice(BUTTON_SLICE.stop, BUTTON_SLICE.stop + len(KEY_VOCAB))
-ACTION_DIM = KEY_SLICE.stop
-PRESSED_THRESHOLD = 0.0
-PRESSED, RELEASED = 1.0, -1.0
+from schemas.actions import ACTION_DIM, PRESSED, VK, idle_vector, key_channel
 
 # MiniWorld action id -> the key that performs it (miniworld.MiniWorldEnv.Actions order).
 MINIWORLD_KEYS: Tuple[int, ...] = (
@@ -81,52 +32,14 @@ MINIWORLD_KEYS: Tuple[int, ...] = (
     VK["F"],  # 6 toggle
     VK["RETURN"],  # 7 done
 )
-
-_KEY_CHANNEL = {vk: KEY_SLICE.start + i for i, vk in enumerate(KEY_VOCAB)}
-
-
-def channel_names() -> List[str]:
-    return (
-        ["mouse_x", "mouse_y"] + [f"btn_{b}" for b in BUTTONS] + [f"key_{_KEY_NAMES[vk]}" for vk in KEY_VOCAB]
-    )
-
-
-def key_channel(vk: int) -> Optional[int]:
-    return _KEY_CHANNEL.get(int(vk))
-
-
-def button_channels(buttons: Union[int, str, Iterable[str], None]) -> List[int]:
-    """Channels of a mouseclick's `buttons`: a bitmask (1 left, 2 right, 4 middle), a name,
-    or a list of names; missing means the left button."""
-    if buttons is None:
-        names: Sequence[str] = ("left",)
-    elif isinstance(buttons, (int, np.integer)):
-        names = [b for b in BUTTONS if int(buttons) & BUTTON_BITS[b]]
-    elif isinstance(buttons, str):
-        names = [buttons.lower()]
-    else:
-        names = [str(b).lower() for b in buttons]
-    return [BUTTON_SLICE.start + BUTTONS.index(n) for n in names if n in BUTTONS]
-
-
-def normalise_mouse(x: float, y: float, width: int, height: int) -> Tuple[float, float]:
-    """Pixel (0..width-1, 0..height-1) -> [-1, 1]; positions off the canvas are clipped."""
-    nx = 2.0 * float(x) / max(width - 1, 1) - 1.0
-    ny = 2.0 * float(y) / max(height - 1, 1) - 1.0
-    return float(np.clip(nx, -1.0, 1.0)), float(np.clip(ny, -1.0, 1.0))
-
-
-def idle_vector(mouse: Tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
-    row = np.full(ACTION_DIM, RELEASED, np.float32)
-    row[MOUSE_X], row[MOUSE_Y] = mouse
-    return row
+_CHANNELS = [key_channel(vk) for vk in MINIWORLD_KEYS]
 
 
 def action_to_vector(action: int, mouse: Tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
     if not 0 <= int(action) < len(MINIWORLD_KEYS):
         raise ValueError(f"MiniWorld action {action} is out of range 0..{len(MINIWORLD_KEYS) - 1}")
     row = idle_vector(mouse)
-    row[_KEY_CHANNEL[MINIWORLD_KEYS[int(action)]]] = PRESSED
+    row[_CHANNELS[int(action)]] = PRESSED
     return row
 
 
@@ -136,8 +49,7 @@ def vector_to_action(row: Sequence[float], n_actions: int) -> int:
     if row.shape != (ACTION_DIM,):
         raise ValueError(f"an action row has {ACTION_DIM} channels, got shape {row.shape}")
     n = max(1, min(int(n_actions), len(MINIWORLD_KEYS)))
-    scores = [row[_KEY_CHANNEL[vk]] for vk in MINIWORLD_KEYS[:n]]
-    return int(np.argmax(scores))
+    return int(np.argmax(row[_CHANNELS[:n]]))
 
 
 def chunk_to_actions(chunk: np.ndarray, n_actions: int) -> List[int]:

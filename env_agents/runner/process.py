@@ -35,10 +35,7 @@ async def run_sessions(spec: RunSpec, proc: int, emit: Callable[[str, Any], None
 
         tracers.append(TraceStore(spec.traces, run=spec.session_prefix))
     if spec.metrics:
-        # Only with --metrics-port: prometheus-client is in the `ops` extra, not the core install.
-        from ops.metrics.agents import MetricsTracer
-
-        tracers.append(MetricsTracer(spec.env_id))
+        tracers.append(spec.metrics.tracer(spec))
     tracer = Tracers(tracers)
 
     async def one(index: int) -> None:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Protocol
 
 from broker.settings import BrokerSettings
 from env_agents.control.controller import ControlConfig
+from env_agents.control.tracer import Tracer
 
 
 @dataclass(frozen=True)
@@ -15,6 +16,18 @@ class PreferenceConfig:
     concurrency: int = 8  # label requests in flight per session
     mode: str = "two_step"  # two_step | one_pass (PreferenceRequest.mode)
     min_gap: float = 0.0  # skip pairs whose ground-truth scores differ by less
+
+
+class MetricsExport(Protocol):
+    """Agent metrics from a package above this one (ops.metrics, which this package never
+    imports). It travels to every runner process with the spec, so it is picklable."""
+
+    def start(self) -> Any:
+        """In the launching process, before any runner process starts: serve the endpoint.
+        Returns an object whose `close()` stops serving it."""
+
+    def tracer(self, spec: RunSpec) -> Tracer:
+        """The metrics of one runner process, fed by the controller's hooks."""
 
 
 @dataclass(frozen=True)
@@ -30,7 +43,7 @@ class RunSpec:
     env_options: Dict[str, Any] = field(default_factory=dict)
     session_prefix: str = "agent"
     traces: Optional[str] = None  # SQLite path
-    metrics: bool = False  # export agent metrics (vlmq agents --metrics-port; needs the `ops` extra)
+    metrics: Optional[MetricsExport] = None  # vlmq agents --metrics-port
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
 
     @property

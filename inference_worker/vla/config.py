@@ -11,7 +11,7 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Dict, List, Optional, Tuple
 
-from env_agents.recording.actions import ACTION_DIM, channel_names
+from schemas.actions import ACTION_DIM, channel_names
 
 CONFIG_FILE = "config.json"
 EXPERT_FILE = "expert.safetensors"

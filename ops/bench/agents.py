@@ -478,7 +478,7 @@ def run(args) -> int:
     server = None
     if args.worker == "synthetic":
         from broker.embedded import EmbeddedRedis
-        from env_agents.recording.actions import ACTION_DIM
+        from schemas.actions import ACTION_DIM
 
         server = EmbeddedRedis().start()
         broker = BrokerSettings(url=server.url, prefix="bench")

@@ -238,7 +238,7 @@ def run(args) -> int:
         del vla
     if args.success_vla:
         from inference_worker.handlers.action_chunk import ActionChunkHandler
-        from inference_worker.vla.evaluate import random_policy_rate, vla_policy_rate
+        from ops.vla.evaluate import random_policy_rate, vla_policy_rate
 
         vla = QwenVLA.load(args.success_vla, device=args.device, dtype=args.dtype)
         ours = vla_policy_rate(ActionChunkHandler(vla), args.env, args.episodes, progress=True)

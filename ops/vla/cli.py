@@ -35,7 +35,7 @@ def _record(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from inference_worker.vla.convert import convert
+    from ops.vla.convert import convert
 
     ratios = tuple(float(x) for x in args.splits.split(","))
     if len(ratios) != 3:
@@ -67,7 +67,7 @@ def _vla_config(args: argparse.Namespace):
 def _train(args: argparse.Namespace) -> int:
     from inference_worker.vla.config import CONFIG_FILE
     from inference_worker.vla.model import QwenVLA
-    from inference_worker.vla.train import TrainConfig, train
+    from ops.vla.train import TrainConfig, train
 
     existing = os.path.isfile(os.path.join(args.out, CONFIG_FILE))
     if existing and (args.resume or args.init_from is None):
@@ -118,8 +118,8 @@ def _init(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from inference_worker.handlers.action_chunk import ActionChunkHandler
-    from inference_worker.vla.evaluate import random_policy_rate, vla_policy_rate
     from inference_worker.vla.model import QwenVLA
+    from ops.vla.evaluate import random_policy_rate, vla_policy_rate
 
     vla = QwenVLA.load(args.vla, device=args.device, dtype=args.dtype, quantize=args.quantize)
     handler = ActionChunkHandler(vla)

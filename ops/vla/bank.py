@@ -12,7 +12,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
-from inference_worker.vla.dataset import Episode, action_chunk, frame_steps
+from ops.vla.dataset import Episode, action_chunk, frame_steps
 
 
 class FeatureBank:

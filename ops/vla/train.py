@@ -22,11 +22,11 @@ from typing import Any, Dict, List
 
 import torch
 
-from env_agents.recording.actions import BUTTON_SLICE, KEY_SLICE
-from inference_worker.vla.bank import FeatureBank
-from inference_worker.vla.dataset import load_split
 from inference_worker.vla.flow import flow_matching_loss
 from inference_worker.vla.model import QwenVLA
+from ops.vla.bank import FeatureBank
+from ops.vla.dataset import load_split
+from schemas.actions import BUTTON_SLICE, KEY_SLICE
 
 STATE_FILE = "train_state.pt"
 

@@ -26,8 +26,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from env_agents.recording import actions as A
 from env_agents.recording.format import RawEpisode, find_episodes, read_episode
+from schemas import actions as A
 
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"

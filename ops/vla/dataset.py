@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from inference_worker.vla.convert import MANIFEST
+from ops.vla.convert import MANIFEST
 
 
 @dataclass
