@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Dict, Optional
 
+from broker.retry import RetryPolicy
+
 
 def env(name: str, default: Any) -> Any:
     """Read VLMQ_<NAME> from the environment, typed like `default` (a list: comma-separated)."""
@@ -72,6 +74,13 @@ class BrokerSettings:
     request_timeout_s: float = 300.0
     lost_check_s: float = 1.0
     presence_check_s: float = 30.0
+    # Redis I/O retries (broker/retry.py): the n-th delay is up to retry_base_s x 2^n, at most
+    # retry_cap_s. redis-py reconnects a failed command up to retry_attempts times (~30 s: it
+    # rides out a Redis restart, a real outage surfaces as an error); the loops that must
+    # outlive any outage (readers, reply commits within commit_retry_s) use the same delays.
+    retry_base_s: float = 0.01
+    retry_cap_s: float = 2.0
+    retry_attempts: int = 20
     # TLS material for rediss:// (file paths); redis-py verifies the server against tls_ca.
     tls_ca: Optional[str] = None
     tls_cert: Optional[str] = None
@@ -97,6 +106,11 @@ class BrokerSettings:
 
     def with_(self, **changes: Any) -> BrokerSettings:
         return replace(self, **changes)
+
+    @property
+    def retry(self) -> RetryPolicy:
+        """The retry policy of Redis I/O on these settings (redis-py's attempts included)."""
+        return RetryPolicy(base_s=self.retry_base_s, cap_s=self.retry_cap_s, attempts=self.retry_attempts)
 
 
 def add_broker_args(parser: argparse.ArgumentParser) -> None:
