@@ -1,4 +1,7 @@
-"""Connections by URL (redis://, rediss://, unix://), with retries and backoff built in."""
+"""Connections by URL (redis://, rediss://, unix://), with the retry policy of broker/retry.py
+built into redis-py: a command that loses its connection reconnects with jittered exponential
+backoff (10 ms .. 2 s, 20 attempts, ~30 s by default: long enough to ride out a Redis
+restart, short enough that a real outage surfaces as an error)."""
 
 from __future__ import annotations
 
@@ -6,7 +9,6 @@ from typing import Any, Dict, Union
 
 import redis
 import redis.asyncio as aioredis
-from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError
 
 from broker.settings import BrokerSettings
@@ -14,18 +16,10 @@ from broker.settings import BrokerSettings
 AsyncRedis = Union["aioredis.Redis", "aioredis.RedisCluster"]
 SyncRedis = Union["redis.Redis", "redis.RedisCluster"]
 
-# Reconnect with jittered exponential backoff (10 ms .. 2 s) for up to ~30 s: long enough
-# to ride out a Redis restart, short enough that a real outage surfaces as an error.
-_RETRIES = 20
-
 
 def _kwargs(settings: BrokerSettings, asyncio: bool) -> Dict[str, Any]:
-    from redis.asyncio.retry import Retry as AsyncRetry
-    from redis.retry import Retry
-
-    retry_cls = AsyncRetry if asyncio else Retry
     kw: Dict[str, Any] = {
-        "retry": retry_cls(ExponentialWithJitterBackoff(base=0.01, cap=2.0), _RETRIES),
+        "retry": settings.retry.redis_retry(use_asyncio=asyncio),
         "retry_on_error": [ConnectionError, TimeoutError, BusyLoadingError, ConnectionResetError],
         "health_check_interval": 30,
         "protocol": 2,
@@ -57,14 +51,12 @@ def check_reachable(settings: BrokerSettings, timeout_s: float = 3.0) -> None:
     """One PING without the retries of `connect_sync`: one-shot commands (inspect, top)
     fail within `timeout_s` when Redis is down instead of backing off for ~30 s. Raises
     redis' ConnectionError / TimeoutError."""
-    from redis.retry import Retry
-
     kw = {
         **_kwargs(settings, asyncio=False),
         "socket_connect_timeout": timeout_s,
         "socket_timeout": timeout_s,
     }
-    kw["retry"] = Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.1), 0)
+    kw["retry"] = settings.retry.with_(attempts=0).redis_retry(use_asyncio=False)
     cls = redis.RedisCluster if settings.cluster else redis.Redis
     client = cls.from_url(settings.url, **kw)  # a cluster client connects here
     try:

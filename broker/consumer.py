@@ -77,7 +77,9 @@ class GroupReader:
             by_partition: Dict[int, List[str]] = {}
             for s in self.streams:
                 by_partition.setdefault(self._meta[s].partition, []).append(s)
-            self._partitioned = PartitionedReads(self._read, by_partition)
+            self._partitioned = PartitionedReads(
+                self._read, by_partition, settings.retry.with_(attempts=None)
+            )
 
     async def ensure_groups(self) -> None:
         for stream in self.streams:

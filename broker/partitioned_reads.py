@@ -7,7 +7,8 @@ partition (all streams of a partition share its hash tag, hence its slot and nod
 Each partition's read blocks on its own. A call returns as soon as any of them has
 something; the others stay in flight and their results come with a later call, so an idle
 partition never delays a busy one by its block time. A partition whose node is down backs
-off on its own (the rest keep being served), and `settle()` waits for the reads still in
+off on its own, by the retry policy (broker/retry.py), and never gives up (the rest keep
+being served meanwhile); and `settle()` waits for the reads still in
 flight when the worker stops, so nothing they took is left unserved in this consumer.
 """
 
@@ -18,6 +19,8 @@ import logging
 import time
 from typing import TYPE_CHECKING, Awaitable, Callable, Dict, List
 
+from broker.retry import RetryPolicy
+
 if TYPE_CHECKING:
     from broker.consumer import Delivery
 
@@ -25,17 +28,17 @@ log = logging.getLogger("vlmq.broker")
 
 ReadOne = Callable[[List[str], int, int], Awaitable[List["Delivery"]]]
 
-_BACKOFF_MIN_S = 0.05
-_BACKOFF_MAX_S = 2.0
-
 
 class PartitionedReads:
-    def __init__(self, read_one: ReadOne, streams_by_partition: Dict[int, List[str]]) -> None:
+    def __init__(
+        self, read_one: ReadOne, streams_by_partition: Dict[int, List[str]], retry: RetryPolicy
+    ) -> None:
         self._read_one = read_one
         self._groups = streams_by_partition
+        self._retry = retry
         self._reads: Dict[int, asyncio.Task] = {}
         self._retry_at: Dict[int, float] = {}
-        self._backoff: Dict[int, float] = {}
+        self._failures: Dict[int, int] = {}  # failed reads in a row, per partition
 
     async def read(self, count: int, block_ms: int) -> List[Delivery]:
         # Split the room between partitions so that all of them together take about
@@ -66,10 +69,11 @@ class PartitionedReads:
             exc = task.exception()
             if exc is None:
                 out += task.result()
-                self._backoff.pop(p, None)
+                self._failures.pop(p, None)
                 continue
-            delay = min(_BACKOFF_MAX_S, self._backoff.get(p, _BACKOFF_MIN_S / 2) * 2)
-            self._backoff[p] = delay
+            failures = self._failures.get(p, 0)
+            delay = self._retry.delay(failures)
+            self._failures[p] = failures + 1
             self._retry_at[p] = time.monotonic() + delay
             log.warning("reading partition %d failed (%s); retrying in %.2f s", p, exc, delay)
         return out

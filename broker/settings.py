@@ -1,30 +1,27 @@
-"""Broker settings: one object, every field settable by flag or VLMQ_* environment variable."""
+"""Broker settings: one object, every field settable by flag or VLMQ_* environment variable.
+
+The variables and their values follow schemas/settings.py: a field's variable is
+VLMQ_<FIELD> (`url` reads VLMQ_REDIS_URL, the flag's name), one boolean rule, an empty
+value leaves the default."""
 
 from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, Optional
+
+from broker.retry import RetryPolicy
+from schemas import settings as tree
 
 
 def env(name: str, default: Any) -> Any:
     """Read VLMQ_<NAME> from the environment, typed like `default` (a list: comma-separated)."""
-    raw = os.environ.get(f"VLMQ_{name.upper()}")
-    if raw is None:
+    var = f"VLMQ_{name.upper()}"
+    raw = os.environ.get(var)
+    if raw is None or not raw.strip():
         return default
-    if isinstance(default, (list, tuple)):
-        return [item.strip() for item in raw.split(",") if item.strip()]
-    if isinstance(default, bool):
-        return raw.strip().lower() in ("1", "true", "yes", "on")
-    try:
-        if isinstance(default, int):
-            return int(raw)
-        if isinstance(default, float):
-            return float(raw)
-    except ValueError:
-        raise ValueError(f"VLMQ_{name.upper()}={raw!r}: expected {type(default).__name__}") from None
-    return raw
+    return tree.convert_like(raw, default, var)
 
 
 def flag(
@@ -46,13 +43,15 @@ def flag(
 
 @dataclass(frozen=True)
 class BrokerSettings:
-    url: str = "redis://127.0.0.1:6379/0"  # redis://, rediss:// (TLS) or unix://; user:password@ allowed
+    # redis://, rediss:// (TLS) or unix://; user:password@ allowed
+    url: str = tree.setting("redis://127.0.0.1:6379/0", env="REDIS_URL")
     cluster: bool = False  # use the Redis Cluster client (keys carry hash tags either way)
     prefix: str = "vlmq"
     group: str = "vlmq-workers"
     partitions: int = 1  # request streams per kind; sessions map to one by crc32
     max_backlog: int = 10_000  # entries per request stream (waiting + in flight)
-    backlog_policy: str = "error"  # or "wait": publishers sleep until there is room
+    # error: publishers are refused while a stream is full; wait: they sleep until there is room
+    backlog_policy: str = tree.setting("error", choices=("error", "wait"))
     reply_maxlen: int = 256  # entries kept per session reply stream
     reply_ttl_s: int = 3600  # idle reply streams expire after this
     dlq_maxlen: int = 1_000  # entries per dead-letter stream (exact trimming)
@@ -72,31 +71,36 @@ class BrokerSettings:
     request_timeout_s: float = 300.0
     lost_check_s: float = 1.0
     presence_check_s: float = 30.0
+    # Redis I/O retries (broker/retry.py): the n-th delay is up to retry_base_s x 2^n, at most
+    # retry_cap_s. redis-py reconnects a failed command up to retry_attempts times (~30 s: it
+    # rides out a Redis restart, a real outage surfaces as an error); the loops that must
+    # outlive any outage (readers, reply commits within commit_retry_s) use the same delays.
+    retry_base_s: float = 0.01
+    retry_cap_s: float = 2.0
+    retry_attempts: int = 20
     # TLS material for rediss:// (file paths); redis-py verifies the server against tls_ca.
     tls_ca: Optional[str] = None
     tls_cert: Optional[str] = None
     tls_key: Optional[str] = None
-    extra: Dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    # keyword arguments for redis-py's client, set in code only
+    extra: Dict[str, Any] = field(default_factory=dict, compare=False, hash=False, metadata=tree.NOT_SETTABLE)
 
     @classmethod
     def from_env(cls, **overrides: Any) -> BrokerSettings:
-        values = {}
-        for f in fields(cls):
-            if f.name == "extra":
-                continue
-            default = f.default if f.default is not None else ""
-            if f.name == "url":
-                raw = os.environ.get("VLMQ_REDIS_URL")
-                if raw:
-                    values["url"] = raw
-                continue
-            got = env(f.name, default)
-            values[f.name] = None if got == "" and f.default is None else got
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+        """Every field from its VLMQ_* variable; `overrides` that are not None win."""
+        return tree.load(cls, overrides=overrides)
 
     def with_(self, **changes: Any) -> BrokerSettings:
         return replace(self, **changes)
+
+    @property
+    def retry(self) -> RetryPolicy:
+        """The retry policy of Redis I/O on these settings (redis-py's attempts included)."""
+        return RetryPolicy(base_s=self.retry_base_s, cap_s=self.retry_cap_s, attempts=self.retry_attempts)
+
+
+def _var(name: str) -> str:
+    return tree.env_name(BrokerSettings, name)
 
 
 def add_broker_args(parser: argparse.ArgumentParser) -> None:
@@ -104,24 +108,26 @@ def add_broker_args(parser: argparse.ArgumentParser) -> None:
     d = BrokerSettings.from_env()
     g = parser.add_argument_group("redis")
     g.add_argument(
-        "--redis-url", default=d.url, help="redis://, rediss:// or unix:// URL [VLMQ_REDIS_URL] (%(default)s)"
+        "--redis-url", default=d.url, help=f"redis://, rediss:// or unix:// URL [{_var('url')}] (%(default)s)"
     )
     g.add_argument(
         "--cluster",
         action="store_true",
         default=d.cluster,
-        help="connect with the Redis Cluster client [VLMQ_CLUSTER]",
+        help=f"connect with the Redis Cluster client [{_var('cluster')}]",
     )
-    g.add_argument("--prefix", default=d.prefix, help="key prefix [VLMQ_PREFIX] (%(default)s)")
+    g.add_argument("--prefix", default=d.prefix, help=f"key prefix [{_var('prefix')}] (%(default)s)")
     g.add_argument(
         "--partitions",
         type=int,
         default=d.partitions,
-        help="request stream partitions per kind [VLMQ_PARTITIONS] (%(default)s)",
+        help=f"request stream partitions per kind [{_var('partitions')}] (%(default)s)",
     )
-    g.add_argument("--tls-ca", default=d.tls_ca, help="CA bundle for rediss:// [VLMQ_TLS_CA]")
-    g.add_argument("--tls-cert", default=d.tls_cert, help="client certificate for rediss:// [VLMQ_TLS_CERT]")
-    g.add_argument("--tls-key", default=d.tls_key, help="client key for rediss:// [VLMQ_TLS_KEY]")
+    g.add_argument("--tls-ca", default=d.tls_ca, help=f"CA bundle for rediss:// [{_var('tls_ca')}]")
+    g.add_argument(
+        "--tls-cert", default=d.tls_cert, help=f"client certificate for rediss:// [{_var('tls_cert')}]"
+    )
+    g.add_argument("--tls-key", default=d.tls_key, help=f"client key for rediss:// [{_var('tls_key')}]")
 
 
 def broker_settings_from_args(args: argparse.Namespace, **overrides: Any) -> BrokerSettings:

@@ -314,20 +314,20 @@ class AsyncAgentClient:
             self.republished += 1
 
     async def _read_replies(self) -> None:
-        delay = 0.01
+        failures = 0
         while not self._closing:
             try:
                 resp = await self.redis.xread({self.reply_stream: self._last_id}, count=256, block=_BLOCK_MS)
-                delay = 0.01
+                failures = 0
             except (RedisError, OSError, AttributeError) as exc:
                 # Connection lost, or (Redis Cluster) a node restarting: "cluster is down",
                 # and redis-py's cluster client tearing down connections in use, which can
                 # surface as AttributeError. The reader is the only way replies arrive, so it
-                # must outlive all of these.
+                # must outlive all of these: it never gives up.
                 self.reconnects += 1
                 log.warning("session %s: reply stream read failed (%s); retrying", self.session_id, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                await asyncio.sleep(self.settings.retry.delay(failures))
+                failures += 1
                 continue
             for _stream, entry_id, fields in stream_entries(resp):
                 self._last_id = entry_id
@@ -410,15 +410,15 @@ class AsyncAgentClient:
             )
 
     async def _read_partials(self, key: str) -> None:
-        delay = 0.01
+        failures = 0
         while not self._closing:
             try:
                 await self._read_partials_once(key, _BLOCK_MS)
-                delay = 0.01
+                failures = 0
             except (RedisError, OSError, AttributeError) as exc:  # as _read_replies
                 log.warning("session %s: partial stream read failed (%s); retrying", self.session_id, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                await asyncio.sleep(self.settings.retry.delay(failures))
+                failures += 1
 
     async def _read_partials_once(self, key: str, block: Optional[int]) -> None:
         """Read the partial stream once and hand each piece to its request's queue (a piece

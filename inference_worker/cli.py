@@ -185,8 +185,9 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
         default=[],
         action="append",
         metavar="KEY=VALUE",
-        help="backend-specific option, repeatable, e.g. vla=DIR to serve action_chunk (the variable: "
-        "comma-separated; each KEY is also read from VLMQ_<KEY>)",
+        help="backend-specific option, repeatable, e.g. vla=DIR to serve action_chunk; a key no "
+        "component reads is refused (the variable: comma-separated; each KEY is also read from "
+        "VLMQ_<KEY>, an engine option's from VLMQ_ENGINE_<KEY>)",
         shown=None,
     )
 
@@ -211,10 +212,11 @@ def settings_from_args(args: argparse.Namespace):
     if bad:
         raise SystemExit(f"bad tenant name(s) {bad}: tenants match {TENANT_PATTERN.pattern}")
     options = dict(o.split("=", 1) for o in args.option)
-    from inference_worker.option_keys import check_option_keys
+    from inference_worker.settings import check_options
 
     try:
-        check_option_keys(options)
+        check_options(options)
+        limits = Limits.from_env()
     except ValueError as exc:
         raise SystemExit(f"vlmq worker: {exc}") from None
     control = tuple(k.strip() for k in args.control_kinds.split(",") if k.strip())
@@ -223,7 +225,7 @@ def settings_from_args(args: argparse.Namespace):
         raise SystemExit(f"--control-kinds: unknown kind(s) {unknown}; choose from {', '.join(KINDS)}")
     return WorkerSettings(
         broker=broker,
-        limits=Limits.from_env(),
+        limits=limits,
         name=args.name or default_worker_name(),
         kinds=kinds,
         tenants=tenants,

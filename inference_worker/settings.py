@@ -1,15 +1,77 @@
-"""Worker settings: one object; `vlmq worker --help` lists the flag and env var of each."""
+"""Worker settings: one object; `vlmq worker --help` lists the flag and env var of each.
+
+`--option KEY=VALUE` pairs are backend-specific: each key belongs to one option group
+(OPTION_GROUPS: the engine's, the self-check's and vLLM's in engines/options.py, the
+handlers' below), a typed settings class of schemas/settings.py whose keys are also read
+from VLMQ_<KEY> (the engine's from VLMQ_ENGINE_<KEY>). A key of no group, or a value a
+group refuses, stops the worker at start (`check_options`)."""
 
 from __future__ import annotations
 
 import os
 import socket
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
+from typing import Dict, Mapping, Optional, Tuple, Type, TypeVar
 
 from broker.settings import BrokerSettings
+from inference_worker.engines.options import EngineOptions, SelfCheckOptions, VLLMOptions
+from schemas import settings as tree
 from schemas.limits import Limits
 from schemas.messages import KINDS
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class VLAOptions:
+    """The action_chunk handler's (handlers/action_chunk.py)."""
+
+    vla: Optional[str] = None  # the VLA folder; serving action_chunk needs it
+    # features: cache VLM features per session; frames: cache decoded frames and re-encode
+    # all of a request's frames (the no-cache baseline)
+    vla_cache: str = tree.setting("features", choices=("features", "frames"))
+    vla_sessions: int = 1024  # sessions kept in the feature cache, least recently used evicted
+    vla_ttl_s: float = 600.0  # a session idle this long is dropped from the cache
+    vla_steps: int = 0  # Euler steps; 0 = the VLA's config
+    # on CUDA, replay the expert's Euler steps and the VLM feature pass as CUDA graphs
+    vla_cuda_graphs: bool = True
+
+
+@dataclass(frozen=True)
+class FaultOptions:
+    """Faults the synthetic backend injects on demand (handlers/synthetic.py)."""
+
+    fault_kill_on: Optional[str] = None
+    fault_device_assert_on: Optional[str] = None
+    fault_oom_over: int = 0
+
+
+# Every --option key belongs to one of these, named by the component that reads it.
+OPTION_GROUPS: Dict[str, type] = {
+    "engine": EngineOptions,
+    "VLA": VLAOptions,
+    "self-check": SelfCheckOptions,
+    "vLLM": VLLMOptions,
+    "synthetic backend": FaultOptions,
+}
+
+
+def option_keys() -> Dict[str, str]:
+    """Every --option key, to the component that reads it."""
+    return {key: owner for owner, cls in OPTION_GROUPS.items() for key in tree.keys(cls)}
+
+
+def options_of(group: Type[T], options: Mapping[str, str], environ: Optional[Mapping[str, str]] = None) -> T:
+    """One option group from --option pairs (the others' keys are left alone) and its variables."""
+    return tree.load(group, environ, pairs=options, strict=False)
+
+
+def check_options(options: Mapping[str, str], environ: Optional[Mapping[str, str]] = None) -> None:
+    """Refuse, before anything loads, a key no component reads (with the known keys) and a
+    value its group refuses (a typo would otherwise be ignored, or fail after the model loaded)."""
+    tree.check_keys(options, option_keys())
+    for group in OPTION_GROUPS.values():
+        options_of(group, options, environ)
 
 
 def default_worker_name() -> str:
@@ -48,7 +110,7 @@ class WorkerSettings:
     quantize: Optional[str] = None  # nf4
     synthetic_latency_ms: float = 0.0
     synthetic_chunk: Tuple[int, int] = (50, 7)
-    options: Dict[str, str] = field(default_factory=dict)  # backend-specific key=value pairs
+    options: Dict[str, str] = field(default_factory=dict)  # --option pairs, read through OPTION_GROUPS
     strict: bool = False  # refuse to start if the engine's self-check fails (no stock fallback)
 
     def batch_limit(self, kind: str) -> int:
@@ -57,3 +119,7 @@ class WorkerSettings:
     @property
     def read_ahead(self) -> int:
         return self.prefetch or 2 * max([self.max_batch, *self.max_batch_by_kind.values()])
+
+    def option_group(self, group: Type[T]) -> T:
+        """The typed options of one group (VLAOptions, ...) from --option and the environment."""
+        return options_of(group, self.options)

@@ -20,9 +20,9 @@ Failures (inference_worker/failures.py):
 - The reclaimer has a budget of its own beyond the prefetch room, so a busy worker still
   takes a dead worker's messages over on time.
 - Writing replies retries transient Redis errors for commit_retry_s, other errors a few
-  times; then, as after a fatal device error or any failure of the model thread, the
-  worker stops reading and exits non-zero (WorkerFailure), leaving what it held to be
-  reclaimed.
+  times, with the delays of the Redis retry policy (broker/retry.py); then, as after a
+  fatal device error or any failure of the model thread, the worker stops reading and
+  exits non-zero (WorkerFailure), leaving what it held to be reclaimed.
 - Health is the time since the last commit while holding requests (`stalled_s` in the
   heartbeat, `vlmq inspect`, `vlmq top` and the metrics).
 """
@@ -227,6 +227,7 @@ class Worker:
         return self.settings.read_ahead - len(self.core) - len(self.in_flight)
 
     async def _intake(self) -> None:
+        retry, failures = self.settings.broker.retry, 0
         while not self.stopping:
             room = self._room_left()
             if room <= 0:
@@ -235,9 +236,11 @@ class Worker:
                 continue
             try:
                 deliveries = await self.reader.read(room, self.settings.block_ms)
+                failures = 0
             except Exception as exc:  # connection lost: redis-py retried with backoff already
                 self._redis_error("read", exc)
-                await asyncio.sleep(0.5)
+                await asyncio.sleep(retry.delay(failures))  # the intake never gives up
+                failures += 1
                 continue
             if deliveries:
                 await self._admit(deliveries)
@@ -627,23 +630,22 @@ class Worker:
         writes each outcome once: the commit is fenced)."""
         if self.failure:  # stopping: leave them pending for another worker
             return
-        delay = 0.05
         t0 = time.perf_counter()
-        give_up = time.monotonic() + self.settings.commit_retry_s
         permanent = 0
-        while True:
-            try:
-                fenced = await self.writer.commit(outcomes)
-                break
-            except Exception as exc:
-                self._redis_error("commit", exc)
-                if not is_transient_redis_error(exc):
-                    permanent += 1
-                if permanent >= _PERMANENT_COMMIT_TRIES or time.monotonic() > give_up:
-                    self._fail(f"writing {len(outcomes)} replies failed: {type(exc).__name__}: {exc}")
-                    return
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+
+        def retryable(exc: Exception) -> bool:
+            nonlocal permanent
+            self._redis_error("commit", exc)
+            if not is_transient_redis_error(exc):
+                permanent += 1
+            return permanent < _PERMANENT_COMMIT_TRIES
+
+        retry = self.settings.broker.retry.with_(attempts=None, deadline_s=self.settings.commit_retry_s)
+        try:
+            fenced = await retry.run(lambda: self.writer.commit(outcomes), retry_if=retryable)
+        except Exception as exc:
+            self._fail(f"writing {len(outcomes)} replies failed: {type(exc).__name__}: {exc}")
+            return
         self.last_commit_at = time.time()
         self.core.replied(items)
         if fenced:

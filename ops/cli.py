@@ -9,10 +9,11 @@ import logging
 import os
 import re
 import sys
-from typing import Any, List, Optional, Sequence
+from typing import Any, Iterator, List, Optional, Sequence, Set
 
 from broker.settings import BrokerSettings
 from ops.metrics.plug import plug as plug_metrics
+from schemas import settings as tree
 
 COMMANDS = [
     "inference_worker.cli",  # worker
@@ -32,7 +33,25 @@ COMMANDS = [
     "env_agents.envs.cli",  # envs
 ]
 
-_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+# VLMQ_* variables read neither as a flag's default nor through a settings class, each
+# where it is read; with the flags' and the settings' variables they are every known name
+# (`check_variables`), so none of them is refused as a typo.
+OTHER_VARIABLES = {
+    "VLMQ_BENCH_GPU": "ops/bench/records.py: the card a benchmark result names",
+    "VLMQ_BENCH_MACHINE": "ops/bench/records.py: the machine a benchmark result names",
+    "VLMQ_BENCH_COMMIT": "ops/bench/records.py: the commit, where there is no checkout",
+    "VLMQ_REDIS_SERVER": "broker/embedded.py: the redis-server binary of embedded Redis",
+    "VLMQ_TEXTWORLD_DIR": "env_agents/envs/textworld.py: the cache of generated games",
+    "VLMQ_MODEL_DIR": "ops/docker-compose.yml: the model folder the workers serve",
+    "VLMQ_MODELS": "ops/docker-compose.yml: the host folder of models",
+    "VLMQ_PUBLISH_ADDR": "ops/docker-compose.yml: the address ports are published on",
+    "VLMQ_REDIS_PORT": "ops/docker-compose.yml: Redis's published port",
+    "VLMQ_GPUS": "ops/docker-compose.yml: GPUs reserved for a worker",
+    "VLMQ_VLLM_VENV": "ops/vllm_cpu/setup.sh: where the vLLM venv goes",
+    "VLMQ_VLLM_VERSION": "ops/vllm_cpu/setup.sh: the vLLM version it installs",
+    "VLMQ_FUZZ_RUNS": "tests/test_fuzz_atheris.py: runs of the coverage-guided fuzzer",
+}
+OTHER_PREFIXES = ("VLMQ_ACL_PASSWORD_",)  # ops/acl/cli.py: one variable per ACL user
 _VAR = re.compile(r"\[(VLMQ_[A-Z0-9_]+)")
 _DEFAULT_NOTE = re.compile(r"\s*\([^()]*%\(default\)s[^()]*\)\s*$")
 
@@ -66,10 +85,11 @@ def _env_error(parser: argparse.ArgumentParser, message: str) -> None:
 
 
 def _truthy(parser: argparse.ArgumentParser, var: str, raw: str) -> bool:
-    value = raw.strip().lower()
-    if value not in _TRUE + _FALSE:
-        _env_error(parser, f"{var}={raw!r}: expected 1/0, true/false, yes/no or on/off")
-    return value in _TRUE
+    try:
+        return tree.parse_bool(raw, var)
+    except tree.SettingsError as exc:
+        _env_error(parser, str(exc))
+        raise  # not reached: _env_error exits
 
 
 def _value(parser: argparse.ArgumentParser, action: argparse.Action, var: str, raw: str) -> Any:
@@ -96,8 +116,9 @@ def _env_default(parser: argparse.ArgumentParser, action: argparse.Action, var: 
 def add_env_vars(parser: argparse.ArgumentParser, path: Sequence[str] = ()) -> None:
     """Give every flag a VLMQ_* variable: flags declared through `broker.settings.flag()`
     (or whose help names a variable) keep theirs; every other flag reads `env_var()`,
-    shown in its help. A variable set in the environment becomes the flag's default;
-    repeatable flags take comma-separated values, switches 1/0 (true/false, yes/no)."""
+    shown in its help. A variable set in the environment becomes the flag's default (an
+    empty one leaves it); repeatable flags take comma-separated values, switches the
+    boolean words of schemas/settings.py."""
     seen = set()
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
@@ -111,12 +132,12 @@ def add_env_vars(parser: argparse.ArgumentParser, path: Sequence[str] = ()) -> N
         named = flag_var(action)
         if named:
             raw = os.environ.get(named)
-            if raw is not None and action.choices is not None and isinstance(action.default, str):
+            if raw and raw.strip() and action.choices is not None and isinstance(action.default, str):
                 _value(parser, action, named, raw)  # flag() does not check choices
             continue
         var = env_var(path, action)
         raw = os.environ.get(var)
-        if raw is not None:
+        if raw is not None and raw.strip():
             action.default = _env_default(parser, action, var, raw)
             action.required = False
         if action.help != argparse.SUPPRESS:
@@ -124,6 +145,33 @@ def add_env_vars(parser: argparse.ArgumentParser, path: Sequence[str] = ()) -> N
             note = _DEFAULT_NOTE.search(text)
             cut = note.start() if note else len(text)
             action.help = f"{text[:cut]} [{var}]{text[cut:]}".lstrip()
+
+
+def flag_vars(parser: argparse.ArgumentParser) -> Iterator[str]:
+    """The variable of every flag of the parser tree (after `add_env_vars`)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from flag_vars(sub)
+        else:
+            var = flag_var(action)
+            if var:
+                yield var
+
+
+def known_variables(parser: argparse.ArgumentParser) -> Set[str]:
+    """Every VLMQ_* name vlmq reads: the flags', the settings classes', OTHER_VARIABLES."""
+    from inference_worker.settings import OPTION_GROUPS
+    from schemas.limits import Limits
+
+    names = set(flag_vars(parser)) | set(OTHER_VARIABLES)
+    return names | set(tree.env_names(BrokerSettings, Limits, *OPTION_GROUPS.values()))
+
+
+def check_variables(parser: argparse.ArgumentParser, environ: Optional[dict] = None) -> None:
+    """Refuse a VLMQ_* variable that vlmq does not read (a typo would leave a default in
+    place without a word): SettingsError naming it and the closest known names."""
+    tree.check_environ(known_variables(parser), environ, prefixes=OTHER_PREFIXES)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,7 +213,7 @@ def _describe(exc: BaseException, args: argparse.Namespace) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     try:
         parser = build_parser()
-    except ValueError as exc:  # a VLMQ_* variable of the wrong type (broker.settings.env)
+    except ValueError as exc:  # a VLMQ_* variable of the wrong type (schemas/settings.py)
         print(f"vlmq: error: {exc}", file=sys.stderr)
         return 2
     args = parser.parse_args(argv)
@@ -175,6 +223,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     if not getattr(args, "func", None):
         parser.print_help()
+        return 2
+    try:
+        check_variables(parser)
+    except ValueError as exc:
+        print(f"vlmq {args.command}: error: {exc}", file=sys.stderr)
         return 2
     try:
         code = int(args.func(args) or 0)

@@ -1,13 +1,16 @@
 """Size limits, one object for both sides.
 
 Defaults fit a 2-frame 1024x1024 request comfortably and stop a runaway sender from
-filling Redis. Every field can be set from the environment (VLMQ_MAX_MESSAGE_BYTES, ...).
+filling Redis. Every field can be set from the environment: VLMQ_<FIELD>
+(VLMQ_MAX_MESSAGE_BYTES, ...), read by the rules of schemas/settings.py.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+from schemas import settings as tree
 
 
 @dataclass(frozen=True)
@@ -27,14 +30,8 @@ class Limits:
     max_body_depth: int = 32  # nested maps and arrays
 
     @classmethod
-    def from_env(cls, environ: os._Environ[str] | dict[str, str] | None = None) -> Limits:
-        env = os.environ if environ is None else environ
-        values = {}
-        for f in fields(cls):
-            raw = env.get(f"VLMQ_{f.name.upper()}")
-            if raw is not None:
-                values[f.name] = int(raw)
-        return cls(**values)
+    def from_env(cls, environ: Optional[Mapping[str, str]] = None) -> Limits:
+        return tree.load(cls, environ)
 
 
 DEFAULT_LIMITS = Limits()

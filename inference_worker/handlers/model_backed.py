@@ -12,7 +12,6 @@ VLM a second time beside vLLM's.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any, Callable, Dict, Optional
 
 from inference_worker.handlers.base import Handler
@@ -63,27 +62,21 @@ class Shared:
 
     def _build_engine(self) -> Any:
         from inference_worker.engines.chat_engine import ChatEngine
-        from inference_worker.engines.options import EngineOptions
+        from inference_worker.engines.options import EngineOptions, SelfCheckOptions
         from inference_worker.engines.self_check import checked_engine
 
-        options = EngineOptions.parse(self.settings.options)
-        opts = self.settings.options
+        options = self.settings.option_group(EngineOptions)
+        check = self.settings.option_group(SelfCheckOptions)
         # as many sequences decode at once as the largest chat batch the worker allows
         most = max(self.settings.batch_limit(k) for k in CHAT_KINDS)
-        if opts.get("self_check", os.environ.get("VLMQ_SELF_CHECK", "1")).lower() in (
-            "0",
-            "false",
-            "no",
-            "off",
-        ):
+        if not check.self_check:
             return ChatEngine(self.vlm, options, max_sequences=most)
-        tol = opts.get("self_check_tol", os.environ.get("VLMQ_SELF_CHECK_TOL"))
         engine, self.vlm = checked_engine(
             self.vlm,
             options,
             reload=self._load,
             strict=self.settings.strict,
-            tol=float(tol) if tol else None,
+            tol=check.self_check_tol,
             max_sequences=most,
         )
         return engine

@@ -6,7 +6,8 @@ so transport benchmarks, broker tests and the async-control tests measure vlmq a
 known model latency, not a model. What needs a model (a constraint, n > 1, logprobs) is
 refused with `invalid`, never ignored; a streaming request gets its reply and no pieces.
 
-Faults on demand, for fault tests and `vlmq bench reliability` (`--option KEY=VALUE`):
+Faults on demand, for fault tests and `vlmq bench reliability` (`--option KEY=VALUE`, or
+VLMQ_<KEY>; FaultOptions in inference_worker/settings.py):
   fault_kill_on=TEXT           SIGKILL the worker when a request whose text is TEXT runs
   fault_device_assert_on=TEXT  raise CUDA's "device-side assert triggered" error instead
   fault_oom_over=N             raise CUDA's out-of-memory error for a batch of more than N
@@ -27,7 +28,9 @@ import numpy as np
 from inference_worker.handlers.base import Handler, HandlerOutput
 from inference_worker.models.errors import ModelLoadError
 from inference_worker.parsing.minerl_action import default_action
+from inference_worker.settings import FaultOptions, options_of
 from inference_worker.timing import Stopwatch
+from schemas import settings as tree
 from schemas.errors import ErrorCode, ProtocolError
 from schemas.messages import (
     ActionChunkResult,
@@ -46,16 +49,17 @@ class Faults:
 
     @classmethod
     def from_options(cls, options: Dict[str, str]) -> Faults:
-        known = {"fault_kill_on", "fault_device_assert_on", "fault_oom_over"}
+        known = set(tree.keys(FaultOptions))
         unknown = sorted(set(options) - known)
         if unknown:
             raise ModelLoadError(
                 f"the synthetic backend has no option(s) {unknown}; it knows {sorted(known)}"
             )
+        opts = options_of(FaultOptions, options)
         return cls(
-            kill_on=options.get("fault_kill_on"),
-            device_assert_on=options.get("fault_device_assert_on"),
-            oom_over=int(options.get("fault_oom_over", 0)),
+            kill_on=opts.fault_kill_on,
+            device_assert_on=opts.fault_device_assert_on,
+            oom_over=opts.fault_oom_over,
         )
 
     @property

@@ -21,18 +21,12 @@ _TIMEOUT_S = 2.0  # a scrape must not hang on a Redis that is down
 
 class RedisSampler:
     def __init__(self, settings: BrokerSettings) -> None:
-        from redis.backoff import NoBackoff
-        from redis.retry import Retry
-
-        # Fail fast instead of the worker connection's 30 s of retries: a missed sample
-        # shows as vlmq_redis_up 0, and the next scrape tries again.
+        # Fail fast instead of the worker connection's 30 s of retries (one retry, at once):
+        # a missed sample shows as vlmq_redis_up 0, and the next scrape tries again.
         self.settings = settings.with_(
-            extra={
-                **settings.extra,
-                "socket_timeout": _TIMEOUT_S,
-                "socket_connect_timeout": _TIMEOUT_S,
-                "retry": Retry(NoBackoff(), 1),
-            }
+            retry_attempts=1,
+            retry_base_s=0.0,
+            extra={**settings.extra, "socket_timeout": _TIMEOUT_S, "socket_connect_timeout": _TIMEOUT_S},
         )
         self._redis = None
         self._lock = threading.Lock()
