@@ -44,6 +44,23 @@ class WorkerThread:
         self.thread.start()
         return self
 
+    def wait_live(self, timeout: float = 120.0) -> WorkerThread:
+        """Block until the worker's first heartbeat: a worker with a model warms it up first,
+        and a gateway answers 503 until it sees a live worker."""
+        import redis
+
+        r = redis.Redis.from_url(self.settings.broker.url)
+        key = self.worker.keys.worker(self.worker.name)
+        give_up = time.monotonic() + timeout
+        try:
+            while not r.exists(key):
+                assert self.thread.is_alive(), f"the worker exited: {self.error!r}"
+                assert time.monotonic() < give_up, "the worker wrote no heartbeat"
+                time.sleep(0.05)
+        finally:
+            r.close()
+        return self
+
     def stop(self, timeout: float = 15.0) -> None:
         if self.thread.is_alive():
             self.loop.call_soon_threadsafe(self.worker.request_stop)

@@ -75,8 +75,10 @@ def gateway(redis_server, tiny_qwen2_vl):
         "structured_action": StructuredActionHandler(engine, settings.limits),
     }
     gw_settings = GatewaySettings(broker=broker, port=free_port(), models=(MODEL,), timeout_s=120)
-    with WorkerThread(settings, handlers=handlers), GatewayThread(gw_settings) as gw:
-        yield gw
+    with WorkerThread(settings, handlers=handlers) as worker:
+        worker.wait_live()  # its warm-up runs the model first
+        with GatewayThread(gw_settings) as gw:
+            yield gw
 
 
 @pytest.fixture
