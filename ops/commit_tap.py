@@ -178,7 +178,7 @@ class CommitTap:
             for part in self._parts:  # release first: nothing is copied after this
                 if text(await self.redis.get(part.owner) or b"") == self.owner_id:
                     await self.redis.delete(part.owner)
-        while True:  # commits that ran before the release (a commit is atomic: none is cut)
+        while True:  # commits that ran before the release (a commit is one Lua call, run whole: none is cut)
             read, events = await self._read(block=False)
             await self._deliver(sink, events)
             if not read:
