@@ -2,10 +2,10 @@
 
 Baselines, same checkpoint, card and run: the strongest thing a user could run instead,
 batched `generate` (--sessions requests per call: the processor and plain `generate`,
-left-padded), and the seeds' style, one request at a time (batch 1). vlmq: a `vlmq worker
---backend hf` process and --sessions concurrent agent sessions (in --procs processes),
-each sending a text_action request (one --image-size frame, a ~--prompt-tokens prompt,
---max-tokens new tokens) and the next as soon as its reply arrives. Each served figure is
+left-padded), and a per-request policy server's style, one request at a time (batch 1).
+vlmq: a `vlmq worker --backend hf` process and --sessions concurrent agent sessions (in
+--procs processes), each sending a text_action request (one --image-size frame, a
+~--prompt-tokens prompt, --max-tokens new tokens) and the next as soon as its reply arrives. Each served figure is
 the median of --runs measurement windows of --seconds after one warm-up.
 
 Records throughput_rps_<N>_sessions (baseline: batched generate), the same against batch
@@ -121,7 +121,7 @@ def gpu_memory() -> Tuple[str, float]:
 
 
 def baselines(vlm, args, text: str, frame) -> Dict[str, Any]:
-    """transformers' processor and plain `generate`: batch 1 (the seeds' style) and a batch of
+    """transformers' processor and plain `generate`: batch 1 (a per-request server's style) and a batch of
     --sessions (left-padded); each the list of --runs runs' requests/s."""
     import torch
 
