@@ -28,7 +28,6 @@ import asyncio
 import logging
 import os
 import subprocess
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -351,8 +350,8 @@ def rps(folder: str, args) -> Dict[str, List[float]]:
 
 def nf4(args) -> List[Any]:
     """bf16 and nf4 workers on the 2B shape, one after the other, vlmq bench chat's load."""
-    from inference_worker.models.make import make_model
     from ops.bench import chat
+    from ops.bench.models import checkpoint
     from ops.bench.records import machine_description, record
 
     p = argparse.ArgumentParser()
@@ -369,8 +368,7 @@ def nf4(args) -> List[Any]:
             str(args.runs),
         ]
     )
-    with tempfile.TemporaryDirectory(prefix="vlmq-bench-model-") as tmp:
-        folder = args.model or make_model("qwen2-vl", tmp, preset="2b", seed=0, device="cuda")
+    with checkpoint(args.model, "qwen2-vl", "2b", "cuda") as folder:
         from transformers import AutoTokenizer
 
         text = chat.prompt_text(AutoTokenizer.from_pretrained(folder), cargs.prompt_tokens)
@@ -404,7 +402,7 @@ def nf4(args) -> List[Any]:
 def run(args) -> int:
     import json
 
-    from inference_worker.models.make import make_model
+    from ops.bench.models import checkpoint
     from ops.bench.records import Record, machine_description, record, write_results
 
     old: List[Dict[str, Any]] = []
@@ -426,8 +424,7 @@ def run(args) -> int:
         import vllm
 
         new = []
-        with tempfile.TemporaryDirectory(prefix="vlmq-bench-model-") as tmp:
-            folder = args.model or make_model("qwen2-vl", tmp, preset="tiny", seed=0)
+        with checkpoint(args.model, "qwen2-vl", "tiny", "cpu") as folder:
             where = (
                 f"{'tiny qwen2-vl' if not args.model else folder}, {args.dtype}, vllm {vllm.__version__}, "
                 f"transformers {transformers.__version__}, torch {torch.__version__}; {machine_description()}"

@@ -28,9 +28,8 @@ import multiprocessing as mp
 import os
 import statistics
 import subprocess
-import tempfile
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 from broker import eventloop
 from ops.cli import argv
@@ -401,20 +400,13 @@ def run(args) -> int:
     import torch
 
     from inference_worker.models.loading import load_vlm
-    from inference_worker.models.make import make_model
+    from ops.bench.models import checkpoint
     from ops.bench.records import Record, machine_description, record, write_results
 
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
-    folder = args.model
-    tmp: Optional[tempfile.TemporaryDirectory] = None
-    if not folder:
-        tmp = tempfile.TemporaryDirectory(prefix="vlmq-bench-model-")
-        t0 = time.perf_counter()
-        folder = make_model(args.arch, tmp.name, preset=args.preset, seed=0, device=args.device)
-        log.info("built %s %s in %.1f s", args.arch, args.preset, time.perf_counter() - t0)
     a: Dict[str, Any] = {}
     served_runs: Dict[str, List[Dict[str, float]]] = {}
-    try:
+    with checkpoint(args.model, args.arch, args.preset, args.device) as folder:
         from transformers import AutoTokenizer
 
         text = prompt_text(AutoTokenizer.from_pretrained(folder), args.prompt_tokens)
@@ -436,9 +428,6 @@ def run(args) -> int:
             for serving in ("continuous", "batch"):
                 served_runs[serving] = served(folder, args, text, serving, lengths)
                 log.info("mixed lengths, %s: %s", serving, served_runs[serving])
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
     card = next((r["card"] for rs in served_runs.values() for r in rs if r.get("card")), "")
     card = card or (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
     n = args.sessions

@@ -31,7 +31,7 @@ import statistics
 import subprocess
 import tempfile
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 from broker import eventloop
 from ops.bench.chat import frames, prompt_text
@@ -365,18 +365,13 @@ def mask_cost(tokenizer_path: str, vocab: int, rows: int, steps: int) -> Dict[st
 
 
 def run(args) -> int:
-    from inference_worker.models.make import make_model
+    from ops.bench.models import checkpoint
     from ops.bench.records import Record, machine_description, record, write_results
 
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
-    folder = args.model
-    tmp: Optional[tempfile.TemporaryDirectory] = None
-    if not folder:
-        tmp = tempfile.TemporaryDirectory(prefix="vlmq-bench-model-")
-        folder = make_model(args.arch, tmp.name, preset=args.preset, seed=0, device=args.device)
     n = args.sessions
     figures: Dict[str, Any] = {}
-    try:
+    with checkpoint(args.model, args.arch, args.preset, args.device) as folder:
         from transformers import AutoConfig, AutoTokenizer
 
         text = prompt_text(AutoTokenizer.from_pretrained(folder), args.prompt_tokens)
@@ -412,9 +407,6 @@ def run(args) -> int:
                     figures["constrained_windows"] = s.windows({**spec, "constraint": never_ending_actions()})
                 if "stream" in parts:
                     figures["stream_windows"] = s.windows({**spec, "stream": True})
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
 
     where = (
         f"{args.arch} {args.preset if not args.model else 'checkpoint'}, {args.image_size}-px image; {n} sessions "
