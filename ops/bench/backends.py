@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from broker import eventloop
+from ops.bench.workers import wait_for_worker
 from ops.cli import argv
 
 log = logging.getLogger("vlmq.bench.backends")
@@ -312,9 +313,7 @@ async def _closed_loop(url: str, prefix: str, items: Sequence[Item], sessions: i
 
 
 def rps(folder: str, args) -> Dict[str, List[float]]:
-    from broker.connection import connect_sync
     from broker.embedded import EmbeddedRedis
-    from broker.keys import Keys
     from broker.settings import BrokerSettings
 
     items = load(args.requests, args.max_tokens)
@@ -324,12 +323,9 @@ def rps(folder: str, args) -> Dict[str, List[float]]:
             prefix = f"bench{os.getpid()}{backend}"
             worker = _worker(server.url, prefix, backend, folder, args)
             try:
-                redis = connect_sync(BrokerSettings(url=server.url, prefix=prefix))
-                give_up = time.time() + 600
-                while not redis.exists(Keys(prefix).worker(f"bench-{backend}")):
-                    if worker.poll() is not None or time.time() > give_up:
-                        raise RuntimeError(f"the {backend} worker did not start (see its output above)")
-                    time.sleep(0.5)
+                wait_for_worker(
+                    BrokerSettings(url=server.url, prefix=prefix), f"bench-{backend}", worker, 600
+                )
                 eventloop.run(_closed_loop(server.url, prefix, items, args.sessions, 2 * args.sessions))
                 out[backend] = [
                     eventloop.run(_closed_loop(server.url, prefix, items, args.sessions, args.rps_requests))

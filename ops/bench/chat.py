@@ -32,6 +32,7 @@ import time
 from typing import Any, Dict, List, Sequence, Tuple
 
 from broker import eventloop
+from ops.bench.workers import wait_for_worker
 from ops.cli import argv
 
 log = logging.getLogger("vlmq.bench.chat")
@@ -318,9 +319,7 @@ def served(
 ) -> List[Dict[str, float]]:
     """One `vlmq worker` (with `worker_flags`) and --sessions closed-loop agent sessions;
     after --warmup-s, --runs windows of --seconds, each summarised on its own."""
-    from broker.connection import connect_sync
     from broker.embedded import EmbeddedRedis
-    from broker.keys import Keys
     from broker.settings import BrokerSettings
 
     prefix = f"bench{os.getpid()}{serving}"
@@ -339,12 +338,7 @@ def served(
         cmd += list(worker_flags)
         worker = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         try:
-            redis = connect_sync(BrokerSettings(url=server.url, prefix=prefix))
-            give_up = time.time() + 900
-            while not redis.exists(Keys(prefix).worker("bench-worker")):
-                if worker.poll() is not None or time.time() > give_up:
-                    raise RuntimeError("the worker did not start (see its output above)")
-                time.sleep(0.5)
+            wait_for_worker(BrokerSettings(url=server.url, prefix=prefix), "bench-worker", worker, 900)
             start = time.time() + args.warmup_s
             end = start + args.runs * args.seconds
             ctx = mp.get_context("spawn")

@@ -35,6 +35,7 @@ from typing import Any, Dict, List, Tuple
 
 from broker import eventloop
 from ops.bench.chat import frames, prompt_text
+from ops.bench.workers import wait_for_worker
 from ops.cli import argv
 
 log = logging.getLogger("vlmq.bench.structured")
@@ -189,9 +190,7 @@ class Served:
         self.folder, self.args, self.kinds, self.ignore_eos = folder, args, kinds, ignore_eos
 
     def __enter__(self) -> Served:
-        from broker.connection import connect_sync
         from broker.embedded import EmbeddedRedis
-        from broker.keys import Keys
         from broker.settings import BrokerSettings
 
         a = self.args
@@ -209,13 +208,13 @@ class Served:
         for o in a.option:
             cmd += ["--option", o]
         self.worker = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        redis = connect_sync(BrokerSettings(url=self.server.url, prefix=self.prefix))
-        give_up = time.time() + 900
-        while not redis.exists(Keys(self.prefix).worker("bench-worker")):
-            if self.worker.poll() is not None or time.time() > give_up:
-                self.__exit__()
-                raise RuntimeError("the worker did not start (see its output above)")
-            time.sleep(0.5)
+        try:
+            wait_for_worker(
+                BrokerSettings(url=self.server.url, prefix=self.prefix), "bench-worker", self.worker, 900
+            )
+        except RuntimeError:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
