@@ -5,7 +5,7 @@ from broker.connection import connect_async, connect_sync
 from broker.consumer import Delivery, GroupReader
 from broker.keys import Keys
 from broker.publisher import BacklogFull, Publisher
-from broker.replies import Outcome, ReplyWriter
+from broker.replies import ReplyWriter, Settlement
 from broker.settings import BrokerSettings
 
 __all__ = [
@@ -14,9 +14,9 @@ __all__ = [
     "Delivery",
     "GroupReader",
     "Keys",
-    "Outcome",
     "Publisher",
     "ReplyWriter",
+    "Settlement",
     "connect_async",
     "connect_sync",
 ]

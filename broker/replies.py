@@ -1,10 +1,10 @@
-"""Writing outcomes: the reply, the ack, and (for poison or bad input) the dead letter.
+"""Settling delivered entries: the reply, the ack, and (for poison or bad input) the dead letter.
 
 Everything for one partition goes in one Lua call: the reply lands exactly when the request
 leaves the pending list, so a crash can't leave an answered request pending or an acked
 request unanswered. On Redis Cluster all those keys share the partition's hash tag.
 
-The call is fenced: an outcome is written only while its entry is still pending for this
+The call is fenced: a settlement is written only while its entry is still pending for this
 consumer. A worker that stalled past claim_min_idle_ms (GC pause, frozen VM, SIGSTOP) has
 lost its messages to another worker, and its late results are dropped instead of becoming
 second replies; a commit retried after a lost connection finds its entries already acked
@@ -36,13 +36,13 @@ from schemas.messages import ID_PATTERN
 
 _SESSION = re.compile(ID_PATTERN)
 
-# KEYS: the keys the outcomes name, then (last three) the partition's suspects hash, tap
+# KEYS: the keys the settlements name, then (last three) the partition's suspects hash, tap
 # stream and tap owner. ARGV: group, consumer, reply_maxlen, reply_ttl_s, dlq_maxlen,
-# tap_maxlen, then per outcome: stream key index, entry id, reply key index (0: none), rid,
+# tap_maxlen, then per settlement: stream key index, entry id, reply key index (0: none), rid,
 # reply body, dead-letter key index (0: none), epoch key index and the epoch token the entry
 # was read under (a different current token: Redis lost its data since, so no pending record
 # can vouch for the entry), n, and n dead-letter field/value pairs. Returns 1 (written) or 0
-# (fenced off) per outcome.
+# (fenced off) per settlement.
 _FENCED_COMMIT = """
 local group, consumer = ARGV[1], ARGV[2]
 local suspects, tap, tap_owner = KEYS[#KEYS - 2], KEYS[#KEYS - 1], KEYS[#KEYS]
@@ -105,7 +105,10 @@ def _sha256(data: bytes) -> str:
 
 
 @dataclass
-class Outcome:
+class Settlement:
+    """What committing one delivered entry writes: its reply (if anyone can be answered), its
+    ack, and its dead letter (if it failed for good)."""
+
     delivery: Delivery
     reply: Optional[bytes]  # encoded Reply body; None when nobody can be answered
     dead_letter: Optional[Dict[str, str]] = None  # reason fields when it goes to dead letters
@@ -127,7 +130,7 @@ class ReplyWriter:
         self.worker = worker
         self._script = redis.register_script(_FENCED_COMMIT)
 
-    def reply_stream(self, o: Outcome) -> Optional[str]:
+    def reply_stream(self, o: Settlement) -> Optional[str]:
         """The session's reply stream; None when the session id is unusable as a key part, or
         belongs to a partition other than the entry's (its reply could not share the slot)."""
         sid = o.session or o.delivery.field("sid")
@@ -137,15 +140,15 @@ class ReplyWriter:
             return None
         return self.keys.reply_stream(sid, o.delivery.partition)
 
-    async def commit(self, outcomes: List[Outcome]) -> int:
-        """Write what this consumer still holds; returns how many outcomes were fenced off
+    async def commit(self, settlements: List[Settlement]) -> int:
+        """Write what this consumer still holds; returns how many settlements were fenced off
         (their entries had been taken over or answered by another consumer)."""
-        by_partition: Dict[int, List[Outcome]] = {}
-        for o in outcomes:
+        by_partition: Dict[int, List[Settlement]] = {}
+        for o in settlements:
             if not o.committed:
                 by_partition.setdefault(o.delivery.partition, []).append(o)
         fenced = 0
-        for o in outcomes:  # hashing a large body takes milliseconds: not on the event loop
+        for o in settlements:  # hashing a large body takes milliseconds: not on the event loop
             body = o.delivery.fields.get(b"body")
             if (
                 o.dead_letter is not None
@@ -163,7 +166,7 @@ class ReplyWriter:
                 fenced += o.fenced
         return fenced
 
-    def _script_args(self, partition: int, group: List[Outcome]) -> Tuple[List[str], List[object]]:
+    def _script_args(self, partition: int, group: List[Settlement]) -> Tuple[List[str], List[object]]:
         index: Dict[str, int] = {}  # key -> its 1-based position in KEYS (0 means "none")
 
         def key(name: Optional[str]) -> int:
@@ -197,7 +200,7 @@ class ReplyWriter:
         keys += [self.keys.suspects(partition), self.keys.tap(partition), self.keys.tap_owner(partition)]
         return keys, args
 
-    def _dead_letter_fields(self, o: Outcome) -> Dict[str, object]:
+    def _dead_letter_fields(self, o: Settlement) -> Dict[str, object]:
         d = o.delivery
         fields: Dict[str, object] = {}
         for name in _ENVELOPE:

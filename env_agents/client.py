@@ -437,23 +437,22 @@ class AsyncAgentClient:
             if not pieces.accept(piece):
                 self.partials_dropped += 1
 
+    async def _wind_down(self, reader: asyncio.Task) -> None:
+        """Let a reader's blocking XREAD end by itself, cancelling it only when it does not:
+        cancelling a command in flight can leave redis-py's connection in an unusable state
+        (and on Python < 3.12 wait_for may swallow the cancellation altogether)."""
+        self._closing = True
+        try:
+            await asyncio.wait_for(asyncio.shield(reader), _BLOCK_MS / 1000 + 2)
+        except (asyncio.TimeoutError, Exception):
+            reader.cancel()
+
     async def close(self) -> None:
         if self._parts_reader is not None:
-            self._closing = True
-            try:
-                await asyncio.wait_for(asyncio.shield(self._parts_reader), _BLOCK_MS / 1000 + 2)
-            except (asyncio.TimeoutError, Exception):
-                self._parts_reader.cancel()
+            await self._wind_down(self._parts_reader)
             self._parts_reader = None
         if self._reader is not None:
-            # Let the blocking XREAD end by itself: cancelling a command in flight can leave
-            # redis-py's connection in an unusable state (and on Python < 3.12 wait_for may
-            # swallow the cancellation altogether).
-            self._closing = True
-            try:
-                await asyncio.wait_for(asyncio.shield(self._reader), _BLOCK_MS / 1000 + 2)
-            except (asyncio.TimeoutError, Exception):
-                self._reader.cancel()
+            await self._wind_down(self._reader)
             self._reader = None
         if self._watchdog is not None:
             self._watchdog.cancel()

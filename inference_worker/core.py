@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from inference_worker.handlers.base import Generate, Handler, HandlerOutput, Outcome
+from inference_worker.handlers.base import Generate, Handler, HandlerOutput, HandlerResult
 from inference_worker.handlers.chat_base import ChatHandler, advance
 from inference_worker.scheduler import Batch, EngineState, Item, Plan, Policy, Scheduler
 from inference_worker.timing import Stopwatch
@@ -43,7 +43,7 @@ class Output:
     """A request's answer: its result, or the ProtocolError it gets as an error reply."""
 
     item: Item
-    result: Outcome
+    result: HandlerResult
     timings: Dict[str, float] = field(default_factory=dict)
     batch_size: int = 0
 
@@ -104,7 +104,7 @@ class EngineCore:
         bad prompt). Runs off the model thread."""
         handler = self.handlers[item.request.kind]
         item.program = handler.program(item.request)  # type: ignore[attr-defined]
-        answered: List[Outcome] = []
+        answered: List[HandlerResult] = []
         advance(item.program, None, lambda op: setattr(item, "op", op), answered.append)
         return Output(item, answered[0]) if answered else None
 
@@ -257,7 +257,7 @@ class EngineCore:
         return out
 
     def _advance(self, item: Item, answer: Any, rows: int) -> List[Output]:
-        done: List[Outcome] = []
+        done: List[HandlerResult] = []
 
         def next_op(op: Any) -> None:
             item.op = op
@@ -270,7 +270,7 @@ class EngineCore:
         stages["postprocess"] = stages.get("postprocess", 0.0) + (time.perf_counter() - t0) * 1000.0
         return [self._finish(item, done[0], rows)] if done else []
 
-    def _finish(self, item: Item, result: Outcome, rows: int = 1) -> Output:
+    def _finish(self, item: Item, result: HandlerResult, rows: int = 1) -> Output:
         self.active.pop(id(item), None)
         with self._lock:
             self.scheduler.finished(item)

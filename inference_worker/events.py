@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable, Dict, Optional, Sequence
 
-from broker.replies import Outcome
+from broker.replies import Settlement
 from inference_worker.scheduler import Batch, Item
 
 if TYPE_CHECKING:
@@ -35,8 +35,8 @@ class WorkerObserver:
     def on_dead_letter(self, kind: str, code: str) -> None:
         """A message went to the dead-letter stream."""
 
-    def on_committed(self, outcomes: Sequence[Outcome], seconds: float) -> None:
-        """Replies, acks and dead letters of these outcomes were written to Redis in `seconds`."""
+    def on_committed(self, settlements: Sequence[Settlement], seconds: float) -> None:
+        """Replies, acks and dead letters of these settlements were written to Redis in `seconds`."""
 
     def on_tick(self, queued: int, in_flight: int, kinds: Sequence[str]) -> None:
         """Called with each heartbeat."""

@@ -4,7 +4,7 @@ Closed-loop clients send their next request as soon as a reply arrives. Sessions
 answered while others waited come back a few ms after the next batch has started, and
 from then on a kind's sessions run in two half-size batches that alternate for good;
 for a model whose step time hardly depends on batch size (decoding) that costs much of
-its throughput (docs/BENCHMARKS.md, issue 4). So after a batch, a kind whose queue is not
+its throughput (docs/BENCHMARKS.md). So after a batch, a kind whose queue is not
 full waits for the sessions of that batch to come back, at most `window` from when their
 replies were written.
 

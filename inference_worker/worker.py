@@ -44,7 +44,7 @@ from broker.connection import connect_async
 from broker.consumer import Delivery, GroupReader
 from broker.keys import Keys
 from broker.meta import agree_partitions
-from broker.replies import Outcome, ReplyWriter
+from broker.replies import ReplyWriter, Settlement
 from inference_worker.core import EngineCore, Output, PartialOutput, StepInfo
 from inference_worker.events import Observers, WorkerObserver
 from inference_worker.failures import (
@@ -281,7 +281,7 @@ class Worker:
                 alone = dict(zip(map(id, again), await self.reader.runs_alone(again)))
             except Exception as exc:  # unknown: run them alone (again) rather than dead-letter
                 self._redis_error("runs_alone", exc)
-        rejected: List[Outcome] = []
+        rejected: List[Settlement] = []
         valid: List[Item] = []
         for d in deliveries:
             runs = alone.get(id(d), 0)
@@ -332,7 +332,7 @@ class Worker:
         if rejected:
             await self._commit(rejected)
 
-    async def _queue(self, items: List[Item]) -> List[Outcome]:
+    async def _queue(self, items: List[Item]) -> List[Settlement]:
         """Hand valid requests to the core (chat requests of stepped kinds prepared first, on
         the prep thread); returns the replies of those answered at once."""
         alone = [i for i in items if isinstance(self.handlers[i.request.kind], AsyncHandler)]
@@ -340,11 +340,11 @@ class Worker:
             self._serve_alone(self.handlers[item.request.kind], item)  # type: ignore[arg-type]
         items = [i for i in items if i not in alone]
         stepped = [i for i in items if self.core.stepped(i.request.kind)]
-        answered: List[Outcome] = []
+        answered: List[Settlement] = []
         if stepped:
             loop = asyncio.get_running_loop()
             for output in await loop.run_in_executor(self._prep, _prepare_all, self.core, stepped):
-                answered.append(self._outcome(output))
+                answered.append(self._settlement(output))
                 items = [i for i in items if i is not output.item]
         for item in items:
             old = self.core.add_request(item)
@@ -517,7 +517,7 @@ class Worker:
         if self.partials is not None:
             self.partials.finished([o.item for o in outputs])
         task = asyncio.create_task(
-            self._commit([self._outcome(o) for o in outputs], [o.item for o in outputs])
+            self._commit([self._settlement(o) for o in outputs], [o.item for o in outputs])
         )
         self._commits.add(task)
         task.add_done_callback(self._commits.discard)
@@ -526,7 +526,7 @@ class Worker:
         if self.partials is not None:
             self.partials.push(partials)
 
-    def _outcome(self, o: Output) -> Outcome:
+    def _settlement(self, o: Output) -> Settlement:
         if isinstance(o.result, ProtocolError):
             dead = o.result.code != ErrorCode.SUPERSEDED
             return self._error(o.item.delivery, o.item.request, o.result, dead, o.batch_size, o.timings)
@@ -555,7 +555,7 @@ class Worker:
                 "model_ms": (time.time() - started) * 1000.0,
             }
             self.stats["requests"] += 1
-            await self._commit([self._outcome(Output(item, result, timings, 1))], [item])
+            await self._commit([self._settlement(Output(item, result, timings, 1))], [item])
 
         task = asyncio.create_task(serve())
         self._commits.add(task)
@@ -587,11 +587,11 @@ class Worker:
         )
         return packb(reply.to_wire())
 
-    def _ok(self, item: Item, result, batch_size: int, timings: Dict[str, float]) -> Outcome:
+    def _ok(self, item: Item, result, batch_size: int, timings: Dict[str, float]) -> Settlement:
         body = self._reply(
             item.delivery, item.request, True, result=result, batch_size=batch_size, timings=timings
         )
-        return Outcome(item.delivery, body)
+        return Settlement(item.delivery, body)
 
     def _error(
         self,
@@ -604,7 +604,7 @@ class Worker:
         session: Optional[str] = None,
         request_id: Optional[str] = None,
         answer: bool = True,
-    ) -> Outcome:
+    ) -> Settlement:
         """An error reply (to `session` when given, else the entry's sid; to nobody unless
         `answer`) and, when `dead`, a dead letter."""
         detail = exc.detail if exc.detail is not None else {}
@@ -620,14 +620,14 @@ class Worker:
             timings=timings or {},
         )
         reason = {"code": exc.code.value, "reason": exc.message} if dead else None
-        return Outcome(
+        return Settlement(
             d, body if answer else None, reason, exc.code.value, session=session, request_id=request_id
         )
 
-    async def _commit(self, outcomes: List[Outcome], items: Sequence[Item] = ()) -> None:
+    async def _commit(self, settlements: List[Settlement], items: Sequence[Item] = ()) -> None:
         """Write replies, acks and dead letters. Transient Redis errors are retried for
         commit_retry_s, others _PERMANENT_COMMIT_TRIES times; then the worker fails (a retry
-        writes each outcome once: the commit is fenced)."""
+        writes each settlement once: the commit is fenced)."""
         if self.failure:  # stopping: leave them pending for another worker
             return
         t0 = time.perf_counter()
@@ -642,18 +642,18 @@ class Worker:
 
         retry = self.settings.broker.retry.with_(attempts=None, deadline_s=self.settings.commit_retry_s)
         try:
-            fenced = await retry.run(lambda: self.writer.commit(outcomes), retry_if=retryable)
+            fenced = await retry.run(lambda: self.writer.commit(settlements), retry_if=retryable)
         except Exception as exc:
-            self._fail(f"writing {len(outcomes)} replies failed: {type(exc).__name__}: {exc}")
+            self._fail(f"writing {len(settlements)} replies failed: {type(exc).__name__}: {exc}")
             return
         self.last_commit_at = time.time()
         self.core.replied(items)
         if fenced:
             self.stats["fenced"] += fenced
             log.warning("%d result(s) dropped: their messages were taken over by another worker", fenced)
-            outcomes = [o for o in outcomes if not o.fenced]
-        self.events.on_committed(outcomes, time.perf_counter() - t0)
-        for o in outcomes:
+            settlements = [o for o in settlements if not o.fenced]
+        self.events.on_committed(settlements, time.perf_counter() - t0)
+        for o in settlements:
             self.events.on_reply(o.delivery.kind, o.code)
             if o.code is not None:
                 self.stats["errors"] += 1

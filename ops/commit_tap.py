@@ -26,7 +26,7 @@ from typing import Dict, List, Tuple
 from broker.keys import Keys
 from broker.responses import stream_entries, text
 from broker.settings import BrokerSettings
-from ops.tap import REPLY, REQUEST, Sink, TapEvent, TapFilter
+from ops.tap import REPLY, REQUEST, Sink, TapEvent, TapFilter, deliver_events
 
 
 class TapBusy(RuntimeError):
@@ -169,7 +169,7 @@ class CommitTap:
         try:
             while not stop.is_set():
                 _, events = await self._read(block=True)
-                await self._deliver(sink, events)
+                await deliver_events(sink, events, self.seen)
                 if time.monotonic() - refreshed >= refresh_every:
                     await self._trim()
                     await self._refresh()
@@ -178,23 +178,15 @@ class CommitTap:
             for part in self._parts:  # release first: nothing is copied after this
                 if text(await self.redis.get(part.owner) or b"") == self.owner_id:
                     await self.redis.delete(part.owner)
-        while True:  # commits that ran before the release (a commit is atomic: none is cut)
+        while True:  # commits that ran before the release (a commit is one Lua call, run whole: none is cut)
             read, events = await self._read(block=False)
-            await self._deliver(sink, events)
+            await deliver_events(sink, events, self.seen)
             if not read:
                 break
         for part in self._parts:
             added, _ = await self._added(part)
             self.missed += max(0, added - part.added_at_start - part.read)
         await self._trim()
-
-    async def _deliver(self, sink: Sink, events: List[TapEvent]) -> None:
-        for ev in events:
-            self.seen[ev.type] += 1
-        if events:
-            done = sink(events)
-            if done is not None:
-                await done
 
     def status(self) -> Dict[str, int]:
         return {"requests": self.seen[REQUEST], "replies": self.seen[REPLY], "missed": self.missed}

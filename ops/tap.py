@@ -64,6 +64,16 @@ Sink = Callable[[List[TapEvent]], Optional[Awaitable[None]]]
 Raw = Tuple[str, Any, Dict[bytes, bytes], float]
 
 
+async def deliver_events(sink: Sink, events: List[TapEvent], seen: Dict[str, int]) -> None:
+    """Count the events by type and hand them to the sink, awaiting it when it is async."""
+    for ev in events:
+        seen[ev.type] += 1
+    if events:
+        done = sink(events)
+        if done is not None:
+            await done
+
+
 @dataclass
 class TapFilter:
     """What to tap: requests and/or replies, of these kinds, of sessions matching a glob."""
@@ -247,13 +257,7 @@ class StreamTap:
             while True:
                 raw = await queue.get()
                 await asyncio.sleep(0)  # let the reader send its next XREAD before decoding
-                events = self._events(raw)
-                for ev in events:
-                    self.seen[ev.type] += 1
-                if events:
-                    done = sink(events)
-                    if done is not None:
-                        await done
+                await deliver_events(sink, self._events(raw), self.seen)
                 queue.task_done()
 
         async def discoverer() -> None:

@@ -22,7 +22,7 @@ from broker.connection import connect_sync
 from broker.consumer import GroupReader
 from broker.keys import Keys
 from broker.publisher import request_fields
-from broker.replies import Outcome, ReplyWriter
+from broker.replies import ReplyWriter, Settlement
 from env_agents.client import AsyncAgentClient
 from inference_worker.worker import Worker
 from ops.bench.fault_runs import collateral, dead_letter_bytes
@@ -61,14 +61,14 @@ def _broken_writer(monkeypatch, settings, breakage: str) -> None:
     r = connect_sync(settings)
     calls = {"n": 0}
 
-    async def commit(self, outcomes: List[Outcome]) -> int:
+    async def commit(self, settlements: List[Settlement]) -> int:
         if breakage == "drop":  # every 4th reply is acked without being written
-            for o in outcomes:
+            for o in settlements:
                 calls["n"] += 1
                 if calls["n"] % 4 == 0:
                     o.reply = None
-        fenced = await real(self, outcomes)
-        for o in outcomes:
+        fenced = await real(self, settlements)
+        for o in settlements:
             if o.reply is None:
                 continue
             sid = o.delivery.field("sid")

@@ -82,7 +82,7 @@ def test_the_issues_metrics_are_recorded():
     records = {os.path.basename(p): {r["metric"]: r for r in _load(p)} for p in FILES}
     metrics = {name: set(recs) for name, recs in records.items()}
     assert {"overhead_p50_ms", "throughput_rps_16_clients"} <= metrics["transport.json"]
-    # against the same raw bytes over HTTP, and the seeds' PNG JSON beside it
+    # against the same raw bytes over HTTP, and PNG-in-JSON beside it
     assert records["transport.json"]["throughput_rps_16_clients"]["baseline"]
     assert records["transport.json"]["throughput_rps_16_clients_vs_png_json"]["baseline"]
     assert "throughput_rps_128_sessions" in metrics["gpu_chat.json"]

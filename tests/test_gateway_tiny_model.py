@@ -110,7 +110,7 @@ def test_openai_sdk_gets_real_completions(gateway_url):
 def test_qwen_style_http_client_and_minerl_client(gateway_url):
     headers = {"Authorization": f"Bearer {KEY}"}
     with httpx.Client(base_url=gateway_url, timeout=120) as h:
-        # The RL-VLM-F client of the seeds: Qwen-style image parts with data URLs.
+        # An RL-VLM-F style client: Qwen-style image parts with data URLs.
         body = {
             "model": MODEL,
             "messages": [
@@ -130,7 +130,7 @@ def test_qwen_style_http_client_and_minerl_client(gateway_url):
         assert out.status_code == 200, out.text
         assert out.json()["usage"]["completion_tokens"] >= 1
 
-        # The MineRL policy client of the seeds.
+        # The MineRL policy client's API.
         assert h.get("/health").json()["ready"] is True
         payload = {
             "task_name": "MineRLBasaltFindCave-v0",

@@ -1,4 +1,4 @@
-"""Parse rules, table-tested: the MineRL action dict (seed 000) and the RL-VLM-F label (seed 001)."""
+"""Parse rules, table-tested: the MineRL action dict and the RL-VLM-F preference label."""
 
 from __future__ import annotations
 

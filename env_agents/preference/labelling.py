@@ -15,8 +15,8 @@ import numpy as np
 
 from env_agents.control.stats import EpisodeStats
 
-# The seed's vlm_query_log.csv columns first, then what this runner adds.
-SEED_COLUMNS = [
+# RL-VLM-F's vlm_query_log.csv columns first, then what this runner adds.
+RL_VLM_F_COLUMNS = [
     "ground_truth_score_1",
     "ground_truth_score_2",
     "vlm_predicted_label",
@@ -24,7 +24,7 @@ SEED_COLUMNS = [
     "train_iter",
 ]
 COLUMNS = [
-    *SEED_COLUMNS,
+    *RL_VLM_F_COLUMNS,
     "session",
     "episode",
     "step_1",

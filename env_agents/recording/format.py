@@ -1,4 +1,4 @@
-"""The seed's capture format: one folder per episode.
+"""The capture format (a screen-capture tool's, QPC clock): one folder per episode.
 
     video.mp4      the screen, ~10 fps (H.264 through imageio-ffmpeg)
     events.jsonl   one input event per line: {"ts": QPC ticks, "kind": ..., ...}

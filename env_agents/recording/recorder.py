@@ -1,4 +1,4 @@
-"""Record MiniWorld episodes driven by an expert, in the seed's capture format.
+"""Record MiniWorld episodes driven by an expert, in the capture format.
 
 The clock is simulated, as a capture tool on a fixed-rate screen grab would see it: frame
 i is grabbed at i / fps (+ jitter), the expert then presses the key of its action a few

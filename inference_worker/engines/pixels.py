@@ -4,7 +4,8 @@ The stock PIL image processor costs 3-8 ms per 224-px frame on these CPUs, one i
 at a time: 128 frames would take longer than the model. This path does the same steps
 (smart_resize, PIL bicubic resize when the size changes, rescale, normalise, temporal
 duplication, patch/merge layout) with one tensor op per step for all images of a size,
-on the model's device. tests/test_models_pixels.py checks it against the stock processor.
+on the model's device. test_pixels_match_the_stock_image_processor
+(tests/test_models_engine.py) checks it against the stock processor.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from pydantic import BaseModel
 from schemas.errors import ProtocolError
 from schemas.messages import Request
 
-Outcome = Union[BaseModel, ProtocolError]
+HandlerResult = Union[BaseModel, ProtocolError]
 
 
 @dataclass(eq=False)
@@ -39,12 +39,12 @@ class Score:
 
 
 Op = Union[Generate, Score]
-Program = Generator[Op, Any, Outcome]
+Program = Generator[Op, Any, HandlerResult]
 
 
 @dataclass
 class HandlerOutput:
-    results: List[Outcome]
+    results: List[HandlerResult]
     timings: Dict[str, float] = field(default_factory=dict)  # ms per stage, for the whole batch
 
 
@@ -73,7 +73,7 @@ class AsyncHandler(Handler):
     async def warmup_async(self) -> None:
         """Run once on the worker's event loop before serving."""
 
-    async def serve(self, request: Request) -> Outcome:
+    async def serve(self, request: Request) -> HandlerResult:
         """The result of one request, or the ProtocolError it fails with."""
         raise NotImplementedError
 

@@ -23,8 +23,8 @@ from inference_worker.handlers.base import (
     Generate,
     Handler,
     HandlerOutput,
+    HandlerResult,
     Op,
-    Outcome,
     Program,
     Score,
 )
@@ -82,7 +82,7 @@ class ChatHandler(Handler):
 
     def run(self, requests: Sequence[Request]) -> HandlerOutput:
         sw = Stopwatch()
-        results: List[Optional[Outcome]] = [None] * len(requests)
+        results: List[Optional[HandlerResult]] = [None] * len(requests)
         ops: Dict[int, Op] = {}
         programs = [self.program(r) for r in requests]
         for i, p in enumerate(programs):
@@ -123,7 +123,7 @@ class AsyncChatHandler(AsyncHandler):
     async def warmup_async(self) -> None:
         await self.engine.warmup()
 
-    async def serve(self, request: Request) -> Outcome:
+    async def serve(self, request: Request) -> HandlerResult:
         program = self.handler.program(request)
         step: List[Any] = []
         answer: Any = None

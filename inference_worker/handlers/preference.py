@@ -1,6 +1,6 @@
-"""`preference` (RL-VLM-F, seed 001): which of two images makes more progress on a task.
+"""`preference` (RL-VLM-F's preference labels): which of two images makes more progress on a task.
 
-two_step (the seed's `gemini_query_2`): the model describes and compares the images
+two_step (RL-VLM-F's `gemini_query_2`): the model describes and compares the images
 (analysis prompt, answer concise), then a text-only call with the summary prompt and
 max_tokens 16 yields the label, parsed by parsing/preference_label.py. one_pass: one
 prompt with the images and the label question; the label is the best-scoring of "0",

@@ -1,4 +1,4 @@
-"""`structured_action` (the MineRL policy server of seed 000): a frame in, the full MineRL
+"""`structured_action` (what the MineRL policy server answers): a frame in, the full MineRL
 action dict out.
 
 By default the answer is decoded under the action grammar (parsing/minerl_action.py

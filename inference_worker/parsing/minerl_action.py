@@ -1,6 +1,6 @@
 """The MineRL action dict from a model's answer, with fallbacks that never fail the request.
 
-Rules (seed 000, the MineRL policy server; docs/MODELS.md):
+Rules (the MineRL policy server's; docs/MODELS.md):
 - The answer should hold a JSON object, either {"action": {...}, "reasoning": "..."} or the
   action keys at top level; fenced, embedded in prose, or Python-style quoting all work.
 - Every key of the full action is present in the result: forward, back, left, right, jump,

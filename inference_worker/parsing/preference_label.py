@@ -1,4 +1,4 @@
-"""The RL-VLM-F preference label from a model's answer (seed 001, `gemini_query_2`).
+"""The RL-VLM-F preference label from a model's answer (RL-VLM-F's `gemini_query_2`).
 
 In this order, on the answer with any <think>…</think> removed:
 1. an explicit "-1" anywhere -> -1 (searched first, so the 1 of "-1" is never read as 1);

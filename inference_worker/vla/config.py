@@ -1,6 +1,6 @@
 """The VLA's hyperparameters: one dataclass, saved as config.json in the VLA folder.
 
-Defaults mirror the seed's RTX 3090 plan (004): 3 frames t-4, t-2, t; chunks of 50;
+Defaults mirror QwenVLA's RTX 3090 plan: 3 frames t-4, t-2, t; chunks of 50;
 an 8-layer x 512 expert; 10 Euler steps; 384-px frames; the VLM's middle layer.
 """
 

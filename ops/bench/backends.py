@@ -28,13 +28,13 @@ import asyncio
 import logging
 import os
 import subprocess
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from broker import eventloop
+from ops.bench.workers import wait_for_worker
 from ops.cli import argv
 
 log = logging.getLogger("vlmq.bench.backends")
@@ -313,9 +313,7 @@ async def _closed_loop(url: str, prefix: str, items: Sequence[Item], sessions: i
 
 
 def rps(folder: str, args) -> Dict[str, List[float]]:
-    from broker.connection import connect_sync
     from broker.embedded import EmbeddedRedis
-    from broker.keys import Keys
     from broker.settings import BrokerSettings
 
     items = load(args.requests, args.max_tokens)
@@ -325,12 +323,9 @@ def rps(folder: str, args) -> Dict[str, List[float]]:
             prefix = f"bench{os.getpid()}{backend}"
             worker = _worker(server.url, prefix, backend, folder, args)
             try:
-                redis = connect_sync(BrokerSettings(url=server.url, prefix=prefix))
-                give_up = time.time() + 600
-                while not redis.exists(Keys(prefix).worker(f"bench-{backend}")):
-                    if worker.poll() is not None or time.time() > give_up:
-                        raise RuntimeError(f"the {backend} worker did not start (see its output above)")
-                    time.sleep(0.5)
+                wait_for_worker(
+                    BrokerSettings(url=server.url, prefix=prefix), f"bench-{backend}", worker, 600
+                )
                 eventloop.run(_closed_loop(server.url, prefix, items, args.sessions, 2 * args.sessions))
                 out[backend] = [
                     eventloop.run(_closed_loop(server.url, prefix, items, args.sessions, args.rps_requests))
@@ -351,8 +346,8 @@ def rps(folder: str, args) -> Dict[str, List[float]]:
 
 def nf4(args) -> List[Any]:
     """bf16 and nf4 workers on the 2B shape, one after the other, vlmq bench chat's load."""
-    from inference_worker.models.make import make_model
     from ops.bench import chat
+    from ops.bench.models import checkpoint
     from ops.bench.records import machine_description, record
 
     p = argparse.ArgumentParser()
@@ -369,8 +364,7 @@ def nf4(args) -> List[Any]:
             str(args.runs),
         ]
     )
-    with tempfile.TemporaryDirectory(prefix="vlmq-bench-model-") as tmp:
-        folder = args.model or make_model("qwen2-vl", tmp, preset="2b", seed=0, device="cuda")
+    with checkpoint(args.model, "qwen2-vl", "2b", "cuda") as folder:
         from transformers import AutoTokenizer
 
         text = chat.prompt_text(AutoTokenizer.from_pretrained(folder), cargs.prompt_tokens)
@@ -404,7 +398,7 @@ def nf4(args) -> List[Any]:
 def run(args) -> int:
     import json
 
-    from inference_worker.models.make import make_model
+    from ops.bench.models import checkpoint
     from ops.bench.records import Record, machine_description, record, write_results
 
     old: List[Dict[str, Any]] = []
@@ -426,8 +420,7 @@ def run(args) -> int:
         import vllm
 
         new = []
-        with tempfile.TemporaryDirectory(prefix="vlmq-bench-model-") as tmp:
-            folder = args.model or make_model("qwen2-vl", tmp, preset="tiny", seed=0)
+        with checkpoint(args.model, "qwen2-vl", "tiny", "cpu") as folder:
             where = (
                 f"{'tiny qwen2-vl' if not args.model else folder}, {args.dtype}, vllm {vllm.__version__}, "
                 f"transformers {transformers.__version__}, torch {torch.__version__}; {machine_description()}"

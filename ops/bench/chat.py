@@ -2,10 +2,10 @@
 
 Baselines, same checkpoint, card and run: the strongest thing a user could run instead,
 batched `generate` (--sessions requests per call: the processor and plain `generate`,
-left-padded), and the seeds' style, one request at a time (batch 1). vlmq: a `vlmq worker
---backend hf` process and --sessions concurrent agent sessions (in --procs processes),
-each sending a text_action request (one --image-size frame, a ~--prompt-tokens prompt,
---max-tokens new tokens) and the next as soon as its reply arrives. Each served figure is
+left-padded), and a per-request policy server's style, one request at a time (batch 1).
+vlmq: a `vlmq worker --backend hf` process and --sessions concurrent agent sessions (in
+--procs processes), each sending a text_action request (one --image-size frame, a
+~--prompt-tokens prompt, --max-tokens new tokens) and the next as soon as its reply arrives. Each served figure is
 the median of --runs measurement windows of --seconds after one warm-up.
 
 Records throughput_rps_<N>_sessions (baseline: batched generate), the same against batch
@@ -28,11 +28,11 @@ import multiprocessing as mp
 import os
 import statistics
 import subprocess
-import tempfile
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 from broker import eventloop
+from ops.bench.workers import wait_for_worker
 from ops.cli import argv
 
 log = logging.getLogger("vlmq.bench.chat")
@@ -121,7 +121,7 @@ def gpu_memory() -> Tuple[str, float]:
 
 
 def baselines(vlm, args, text: str, frame) -> Dict[str, Any]:
-    """transformers' processor and plain `generate`: batch 1 (the seeds' style) and a batch of
+    """transformers' processor and plain `generate`: batch 1 (a per-request server's style) and a batch of
     --sessions (left-padded); each the list of --runs runs' requests/s."""
     import torch
 
@@ -319,9 +319,7 @@ def served(
 ) -> List[Dict[str, float]]:
     """One `vlmq worker` (with `worker_flags`) and --sessions closed-loop agent sessions;
     after --warmup-s, --runs windows of --seconds, each summarised on its own."""
-    from broker.connection import connect_sync
     from broker.embedded import EmbeddedRedis
-    from broker.keys import Keys
     from broker.settings import BrokerSettings
 
     prefix = f"bench{os.getpid()}{serving}"
@@ -340,12 +338,7 @@ def served(
         cmd += list(worker_flags)
         worker = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         try:
-            redis = connect_sync(BrokerSettings(url=server.url, prefix=prefix))
-            give_up = time.time() + 900
-            while not redis.exists(Keys(prefix).worker("bench-worker")):
-                if worker.poll() is not None or time.time() > give_up:
-                    raise RuntimeError("the worker did not start (see its output above)")
-                time.sleep(0.5)
+            wait_for_worker(BrokerSettings(url=server.url, prefix=prefix), "bench-worker", worker, 900)
             start = time.time() + args.warmup_s
             end = start + args.runs * args.seconds
             ctx = mp.get_context("spawn")
@@ -401,20 +394,13 @@ def run(args) -> int:
     import torch
 
     from inference_worker.models.loading import load_vlm
-    from inference_worker.models.make import make_model
+    from ops.bench.models import checkpoint
     from ops.bench.records import Record, machine_description, record, write_results
 
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
-    folder = args.model
-    tmp: Optional[tempfile.TemporaryDirectory] = None
-    if not folder:
-        tmp = tempfile.TemporaryDirectory(prefix="vlmq-bench-model-")
-        t0 = time.perf_counter()
-        folder = make_model(args.arch, tmp.name, preset=args.preset, seed=0, device=args.device)
-        log.info("built %s %s in %.1f s", args.arch, args.preset, time.perf_counter() - t0)
     a: Dict[str, Any] = {}
     served_runs: Dict[str, List[Dict[str, float]]] = {}
-    try:
+    with checkpoint(args.model, args.arch, args.preset, args.device) as folder:
         from transformers import AutoTokenizer
 
         text = prompt_text(AutoTokenizer.from_pretrained(folder), args.prompt_tokens)
@@ -436,9 +422,6 @@ def run(args) -> int:
             for serving in ("continuous", "batch"):
                 served_runs[serving] = served(folder, args, text, serving, lengths)
                 log.info("mixed lengths, %s: %s", serving, served_runs[serving])
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
     card = next((r["card"] for rs in served_runs.values() for r in rs if r.get("card")), "")
     card = card or (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
     n = args.sessions

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Two GPU runs in one device call (docs/BENCHMARKS.md):
-#  1. issue 6: 64 agent sessions at 30 Hz against the VLA worker (2B-shape Qwen2-VL + an
+#  1. 64 agent sessions at 30 Hz against the VLA worker (2B-shape Qwen2-VL + an
 #     untrained expert) on one GPU, async control vs synchronous (`vlmq bench agents`);
 #     the env is Frames-v0 (synthetic frames): the GPU machine has no simulator.
-#  2. issue 10's one-GPU stand-in: chat throughput with one worker vs two workers sharing
+#  2. what one GPU can show of multi-GPU scaling: chat throughput with one worker vs two workers sharing
 #     one GPU and one Redis (`vlmq bench multigpu`).
 # From the repository root on the device machine, carrying [".devcarry", ".devcarry-chat"]
 # (see ops/bench/gpu_chat.sh). PRESET=tiny DEVICE=cpu runs the same steps on a CPU.

@@ -4,7 +4,7 @@ no-op handler the vlmq worker calls, one uvicorn process each:
 - `raw_app`: the fair baseline, the strongest plain-HTTP alternative. A bare ASGI app:
   the POST body is the raw uint8 frame (shape in an `X-Shape` header), the reply body the
   raw float32 chunk. The same bytes vlmq moves, no encoding on either side.
-- `png_app`: the seeds' style, a FastAPI server like their MineRL policy server: base64
+- `png_app`: a FastAPI server like the MineRL policy server: base64
   PNG inside JSON in, JSON out.
 
 Run with `uvicorn ops.bench.http_baseline:raw_app` (or `:png_app`).
@@ -88,7 +88,7 @@ async def raw_app(scope: Dict[str, Any], receive: Receive, send: Send) -> None:
     await send({"type": "http.response.body", "body": chunk.tobytes()})
 
 
-# ----------------------------------------------------------------------------- the seeds' style
+# ----------------------------------------------------------------------------- base64 PNG in JSON
 
 png_app = FastAPI()
 

@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import tempfile
-import time
 from typing import List
 
 from ops.bench import chat
@@ -54,19 +52,12 @@ def _label(devices: List[str]) -> str:
 def run(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
-    from inference_worker.models.make import make_model
+    from ops.bench.models import checkpoint
 
     sets = [[d.strip() for d in s.split(",") if d.strip()] for s in args.device_sets.split("|") if s.strip()]
-    folder = args.model
-    tmp = None
-    if not folder:
-        tmp = tempfile.TemporaryDirectory(prefix="vlmq-bench-model-")
-        t0 = time.perf_counter()
-        folder = make_model(args.arch, tmp.name, preset=args.preset, seed=0, device=sets[0][0])
-        log.info("built %s %s in %.1f s", args.arch, args.preset, time.perf_counter() - t0)
     max_batch = int(str(args.max_batch).split(",")[0])
     results: List[List[dict]] = [[] for _ in sets]
-    try:
+    with checkpoint(args.model, args.arch, args.preset, sets[0][0]) as folder:
         text = chat.prompt_text(AutoTokenizer.from_pretrained(folder), args.prompt_tokens)
         for rep in range(args.repeats):
             for i, devices in enumerate(sets):
@@ -79,9 +70,6 @@ def run(args: argparse.Namespace) -> int:
                     flush=True,
                 )
                 results[i].append(r)
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
     base = [r["rps"] for r in results[0]]
     card = results[0][0].get("card") or os.environ.get("VLMQ_BENCH_GPU", "")
     where = (

@@ -155,7 +155,7 @@ def hook_cost_us(requests: int = 20_000, batch: int = 8) -> float:
     """CPU microseconds the WorkerMetrics hooks add per request, in process: steadier than a
     throughput difference on a shared machine."""
     from broker.consumer import Delivery
-    from broker.replies import Outcome
+    from broker.replies import Settlement
     from inference_worker.scheduler import Batch, Item
     from inference_worker.settings import WorkerSettings
     from ops.metrics.worker import WorkerMetrics
@@ -173,8 +173,8 @@ def hook_cost_us(requests: int = 20_000, batch: int = 8) -> float:
             metrics.on_admitted("text_action", item)
         now = time.time()
         metrics.on_batch(Batch("text_action", items), timings, now, now)
-        outcomes = [Outcome(i.delivery, b"") for i in items]
-        metrics.on_committed(outcomes, 0.001)
+        settlements = [Settlement(i.delivery, b"") for i in items]
+        metrics.on_committed(settlements, 0.001)
         for _ in items:
             metrics.on_reply("text_action", None)
     return (time.process_time() - t0) / (requests // batch * batch) * 1e6

@@ -31,10 +31,11 @@ import statistics
 import subprocess
 import tempfile
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 from broker import eventloop
 from ops.bench.chat import frames, prompt_text
+from ops.bench.workers import wait_for_worker
 from ops.cli import argv
 
 log = logging.getLogger("vlmq.bench.structured")
@@ -189,9 +190,7 @@ class Served:
         self.folder, self.args, self.kinds, self.ignore_eos = folder, args, kinds, ignore_eos
 
     def __enter__(self) -> Served:
-        from broker.connection import connect_sync
         from broker.embedded import EmbeddedRedis
-        from broker.keys import Keys
         from broker.settings import BrokerSettings
 
         a = self.args
@@ -209,13 +208,13 @@ class Served:
         for o in a.option:
             cmd += ["--option", o]
         self.worker = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        redis = connect_sync(BrokerSettings(url=self.server.url, prefix=self.prefix))
-        give_up = time.time() + 900
-        while not redis.exists(Keys(self.prefix).worker("bench-worker")):
-            if self.worker.poll() is not None or time.time() > give_up:
-                self.__exit__()
-                raise RuntimeError("the worker did not start (see its output above)")
-            time.sleep(0.5)
+        try:
+            wait_for_worker(
+                BrokerSettings(url=self.server.url, prefix=self.prefix), "bench-worker", self.worker, 900
+            )
+        except RuntimeError:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
@@ -365,18 +364,13 @@ def mask_cost(tokenizer_path: str, vocab: int, rows: int, steps: int) -> Dict[st
 
 
 def run(args) -> int:
-    from inference_worker.models.make import make_model
+    from ops.bench.models import checkpoint
     from ops.bench.records import Record, machine_description, record, write_results
 
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
-    folder = args.model
-    tmp: Optional[tempfile.TemporaryDirectory] = None
-    if not folder:
-        tmp = tempfile.TemporaryDirectory(prefix="vlmq-bench-model-")
-        folder = make_model(args.arch, tmp.name, preset=args.preset, seed=0, device=args.device)
     n = args.sessions
     figures: Dict[str, Any] = {}
-    try:
+    with checkpoint(args.model, args.arch, args.preset, args.device) as folder:
         from transformers import AutoConfig, AutoTokenizer
 
         text = prompt_text(AutoTokenizer.from_pretrained(folder), args.prompt_tokens)
@@ -412,9 +406,6 @@ def run(args) -> int:
                     figures["constrained_windows"] = s.windows({**spec, "constraint": never_ending_actions()})
                 if "stream" in parts:
                     figures["stream_windows"] = s.windows({**spec, "stream": True})
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
 
     where = (
         f"{args.arch} {args.preset if not args.model else 'checkpoint'}, {args.image_size}-px image; {n} sessions "

@@ -1,4 +1,4 @@
-"""Transport round trip: vlmq vs the same raw bytes over HTTP (and the seeds' PNG-in-JSON), same no-op handler.
+"""Transport round trip: vlmq vs the same raw bytes over HTTP (and PNG-in-JSON), same no-op handler.
 
 Every server serves `action_chunk` with the synthetic handler (no model), so the numbers
 are the cost of the transport alone: a 224x224x3 frame in, a 50x7 chunk out, 1 client and
@@ -12,7 +12,7 @@ figures.
 - raw HTTP (the fair baseline, the `baseline` of the main records): one uvicorn process
   with a bare ASGI app; the POST body is the raw frame, the reply the raw float32 chunk,
   over keep-alive connections with a minimal asyncio HTTP/1.1 client.
-- PNG JSON (the seeds' style, records `*_vs_png_json`): one uvicorn process with FastAPI;
+- PNG JSON (a FastAPI policy server's style, records `*_vs_png_json`): one uvicorn process with FastAPI;
   the client PNG-encodes the frame, base64s it into JSON, and decodes a JSON chunk.
 
 The frame is a rendered-looking scene (flat walls, a floor grid, boxes, shading), not
@@ -153,7 +153,7 @@ class HTTPConnection:
 
 def http_window(port: int, style: str, sessions: int, size: int, start: float, stop: float) -> List[float]:
     """One client process of the HTTP baselines: `sessions` connections on one event loop.
-    style "raw": the frame's bytes in, the chunk's bytes out; "png": the seeds' JSON."""
+    style "raw": the frame's bytes in, the chunk's bytes out; "png": base64 PNG in JSON."""
     from PIL import Image
 
     frame = scene(size)

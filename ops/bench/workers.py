@@ -1,9 +1,10 @@
-"""Worker processes for the benchmarks that need no model."""
+"""Worker processes for the benchmarks: a synthetic one, and waiting for any to be up."""
 
 from __future__ import annotations
 
 import os
 import subprocess
+import time
 
 from broker.settings import BrokerSettings
 from ops.cli import argv
@@ -19,3 +20,17 @@ def synthetic_worker(
         *extra, log_level="WARNING",
     )  # fmt: skip
     return subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def wait_for_worker(settings: BrokerSettings, name: str, worker: subprocess.Popen, timeout: float) -> None:
+    """Block until worker `name` has written its heartbeat; raises RuntimeError when its
+    process exits first or `timeout` seconds pass."""
+    from broker.connection import connect_sync
+    from broker.keys import Keys
+
+    redis = connect_sync(settings)
+    give_up = time.time() + timeout
+    while not redis.exists(Keys(settings.prefix).worker(name)):
+        if worker.poll() is not None or time.time() > give_up:
+            raise RuntimeError(f"worker {name} did not start (see its output above)")
+        time.sleep(0.5)

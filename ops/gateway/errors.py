@@ -64,7 +64,7 @@ class GatewayError(Exception):
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
     def detail_body(self) -> dict:
-        """FastAPI's shape, which the MineRL policy server of the seeds answered with."""
+        """FastAPI's shape, which the MineRL policy server answered with."""
         return {"detail": self.message, "code": self.code}
 
 

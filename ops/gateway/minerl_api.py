@@ -1,4 +1,4 @@
-"""The MineRL policy server's API from the seeds, unchanged for its client.
+"""The MineRL policy server's API (`qwen_policy_server.py`), unchanged for its client.
 
 `GET /` and `GET /health` report whether a worker serving `structured_action` is alive;
 `POST /get_action` takes `{"task_name", "image": {"data": base64 PNG/JPEG}, "step",

@@ -1,10 +1,10 @@
 """OpenAI-compatible chat completions: `POST /v1/chat/completions`, `GET /v1/models`.
 
 A chat completion is a `text_action` request: the messages go through (image parts as data
-URLs, OpenAI's `image_url` or Qwen's `image` form, as the vLLM and OpenAI clients of the
-seeds send them) and the reply's text is the assistant message. Every OpenAI and vLLM
-request field is either honoured or refused with a 400 that names it (`param`); none is
-silently ignored (docs/GATEWAY.md has the list):
+URLs, OpenAI's `image_url` or Qwen's `image` form, as vLLM and OpenAI clients send them)
+and the reply's text is the assistant message. Every OpenAI and vLLM request field is
+either honoured or refused with a 400 that names it (`param`); none is silently ignored
+(docs/GATEWAY.md has the list):
 - `response_format` json_object / json_schema, vLLM's `guided_json`, `guided_regex`,
   `guided_choice`, `guided_grammar` (and `structured_outputs`) become the request's
   `constraint`: the worker decodes under it, token by token;

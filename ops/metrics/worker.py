@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Dict, Optional, Sequence, Tuple
 
-from broker.replies import Outcome
+from broker.replies import Settlement
 from inference_worker.events import WorkerObserver
 from inference_worker.scheduler import Batch, Item
 from inference_worker.settings import WorkerSettings
@@ -92,10 +92,10 @@ class WorkerMetrics(WorkerObserver):
     def on_dead_letter(self, kind: str, code: str) -> None:
         self._km(n.DEAD_LETTERS, kind, code).inc()
 
-    def on_committed(self, outcomes: Sequence[Outcome], seconds: float) -> None:
+    def on_committed(self, settlements: Sequence[Settlement], seconds: float) -> None:
         now = time.time()
         kinds = set()
-        for o in outcomes:
+        for o in settlements:
             d = o.delivery
             kinds.add(d.kind)
             self._km(n.WORKER_LATENCY, d.kind).observe(max(0.0, now - d.received_at))

@@ -175,9 +175,7 @@ def register(sub) -> None:
     )
     vsub = p.add_subparsers(dest="vla_command", metavar="STEP")
 
-    r = vsub.add_parser(
-        "record", help="record MiniWorld episodes of a scripted expert (the seed's capture format)"
-    )
+    r = vsub.add_parser("record", help="record MiniWorld episodes of a scripted expert (the capture format)")
     flag(r, "--env", var="VLA_ENV", default="MiniWorld-OneRoom-v0", help="MiniWorld env id")
     r.add_argument("--out", required=True, help="folder for episode_NNNNN/ folders")
     r.add_argument("--episodes", type=int, default=100, help="episodes to record (%(default)s)")

@@ -1,4 +1,4 @@
-"""Recordings (the seed's capture format) -> aligned training shards with splits.
+"""Recordings (the capture format, env_agents/recording/format.py) -> aligned training shards with splits.
 
 Alignment, per episode:
   * frame times: frame_ts.bin ticks -> ms (ticks * 1000 / qpc_freq); a frame whose
