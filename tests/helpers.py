@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
 import threading
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
+from broker.connection import connect_sync
+from broker.keys import Keys
 from broker.settings import BrokerSettings
 from inference_worker.handlers import build_handlers
 from inference_worker.handlers.base import Handler, HandlerOutput
 from inference_worker.handlers.synthetic import SyntheticHandler
 from inference_worker.settings import WorkerSettings
 from inference_worker.worker import Worker
+from ops.bench.reliability_agents import agent_command
 from ops.cli import argv
 from schemas.messages import Request
 
@@ -113,6 +117,56 @@ def start_worker_process(broker: BrokerSettings, *extra: str, env: Optional[dict
         stderr=subprocess.STDOUT,
         text=True,
     )
+
+
+def start_text_worker_process(broker: BrokerSettings, name: str = "w") -> subprocess.Popen:
+    """A synthetic text_action worker process (3 ms a batch), returned once its heartbeat is up."""
+    proc = start_worker_process(
+        broker,
+        "--backend",
+        "synthetic",
+        "--synthetic-latency-ms",
+        "3",
+        "--kinds",
+        "text_action",
+        "--name",
+        name,
+    )
+    r = connect_sync(broker)
+    try:
+        up = wait_for(lambda: r.exists(Keys(broker.prefix).worker(name)), 60)
+    finally:
+        r.close()
+    if not up:
+        stop_process(proc, signal.SIGKILL)
+        raise AssertionError("worker did not start")
+    return proc
+
+
+def start_agent_process(
+    broker: BrokerSettings, session_prefix: str, sessions: int, requests: int, timeout: float
+) -> subprocess.Popen:
+    """An agent process of ops/bench/reliability_agents.py sending text_action requests."""
+    return subprocess.Popen(
+        agent_command(broker, session_prefix, sessions, requests, kind="text_action", timeout=timeout),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def agent_summary(agent: subprocess.Popen, timeout: float) -> Dict[str, Any]:
+    """Wait for an agent process to end well and return the JSON summary it printed last."""
+    out, err = agent.communicate(timeout=timeout)
+    assert agent.returncode == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def kill_process(proc: Optional[subprocess.Popen]) -> None:
+    if proc is not None and proc.poll() is None:
+        proc.kill()
+        proc.wait()
 
 
 def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:

@@ -4,7 +4,6 @@ and the new process resumes, ignoring those stale replies and getting each of it
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
@@ -15,8 +14,15 @@ import pytest
 from broker.connection import connect_sync
 from broker.keys import Keys
 from broker.settings import BrokerSettings
-from ops.bench.reliability_agents import agent_command
-from tests.helpers import REPO, GatedHandler, WorkerThread, synthetic_settings, wait_for
+from tests.helpers import (
+    REPO,
+    GatedHandler,
+    WorkerThread,
+    agent_summary,
+    start_agent_process,
+    synthetic_settings,
+    wait_for,
+)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -69,19 +75,11 @@ def test_agent_killed_and_restarted_resumes_and_ignores_stale_replies(redis_serv
         first.wait()
         assert len(old_ids) == OLD_REQUESTS
 
-        second = subprocess.Popen(
-            agent_command(broker, "phoenix", 1, NEW_REQUESTS, kind="text_action", timeout=60),
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        second = start_agent_process(broker, "phoenix", 1, NEW_REQUESTS, timeout=60)
         # The new life has started reading (it publishes only after that): let the old replies come.
         assert wait_for(lambda: _published(r, requests) > OLD_REQUESTS, 60), "the new life never published"
         gated.gate.set()
-        out, err = second.communicate(timeout=120)
-        assert second.returncode == 0, err[-3000:]
-        summary = json.loads(out.strip().splitlines()[-1])
+        summary = agent_summary(second, timeout=120)
         rids = [f[b"rid"].decode() for _, f in r.xrange(reply_stream)]
     # The new life: each of its requests answered once, with its own reply.
     assert summary["sent"] == summary["answered"] == NEW_REQUESTS

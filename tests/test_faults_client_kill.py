@@ -9,9 +9,7 @@ they are idle). Both paths are exercised here."""
 
 from __future__ import annotations
 
-import json
 import signal
-import subprocess
 import time
 import uuid
 
@@ -20,8 +18,14 @@ import pytest
 from broker.connection import connect_sync
 from broker.keys import Keys
 from broker.settings import BrokerSettings
-from ops.bench.reliability_agents import agent_command
-from tests.helpers import REPO, start_worker_process, stop_process, wait_for
+from tests.helpers import (
+    agent_summary,
+    kill_process,
+    start_agent_process,
+    start_text_worker_process,
+    stop_process,
+    wait_for,
+)
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -33,27 +37,10 @@ def test_client_kill_under_load_loses_nothing(fresh_redis) -> None:
     broker = BrokerSettings(url=fresh_redis.url, prefix=f"ck{uuid.uuid4().hex[:6]}", claim_min_idle_ms=1500)
     keys = Keys(broker.prefix)
     admin = connect_sync(broker)
-    worker = start_worker_process(
-        broker,
-        "--backend",
-        "synthetic",
-        "--synthetic-latency-ms",
-        "3",
-        "--kinds",
-        "text_action",
-        "--name",
-        "w",
-    )
+    worker = start_text_worker_process(broker)
     agent = None
     try:
-        assert wait_for(lambda: admin.exists(keys.worker("w")), 60), "worker did not start"
-        agent = subprocess.Popen(
-            agent_command(broker, "ck-", SESSIONS, REQUESTS, kind="text_action", timeout=90),
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        agent = start_agent_process(broker, "ck-", SESSIONS, REQUESTS, timeout=90)
         assert wait_for(lambda: admin.xlen(keys.reply_stream("ck-0")) >= 10, 60), "no load"
         killed = 0
         rounds = 0
@@ -61,17 +48,13 @@ def test_client_kill_under_load_loses_nothing(fresh_redis) -> None:
             killed += admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
             rounds += 1
             time.sleep(0.15)
-        out, err = agent.communicate(timeout=180)
-        assert agent.returncode == 0, err[-3000:]
-        summary = json.loads(out.strip().splitlines()[-1])
+        summary = agent_summary(agent, timeout=180)
         assert worker.poll() is None, "the worker must survive its connections being killed"
         stream = keys.request_stream("text_action", 0)
         assert wait_for(lambda: admin.xpending(stream, broker.group)["pending"] == 0, 30)
         assert admin.xlen(stream) == 0
     finally:
-        if agent is not None and agent.poll() is None:
-            agent.kill()
-            agent.wait()
+        kill_process(agent)
         stop_process(worker, signal.SIGKILL)
     assert rounds >= 3 and killed >= 3 * 2, (rounds, killed)
     assert summary["not_accepted"] == 0, summary["errors"]

@@ -5,9 +5,7 @@ the application."""
 
 from __future__ import annotations
 
-import json
 import signal
-import subprocess
 import uuid
 from typing import Any, Dict, List
 
@@ -18,13 +16,14 @@ from broker.embedded import EmbeddedRedis
 from broker.keys import Keys
 from broker.settings import BrokerSettings
 from env_agents.client import AgentClient
-from ops.bench.reliability_agents import agent_command
 from schemas.messages import ChatMessage, TextActionRequest
 from tests.helpers import (
-    REPO,
     GatedHandler,
     WorkerThread,
-    start_worker_process,
+    agent_summary,
+    kill_process,
+    start_agent_process,
+    start_text_worker_process,
     stop_process,
     synthetic_settings,
     wait_for,
@@ -39,28 +38,11 @@ REQUESTS = 150
 def _run_with_outage(server: EmbeddedRedis, outage: str) -> Dict[str, Any]:
     broker = BrokerSettings(url=server.url, prefix=f"rr{uuid.uuid4().hex[:6]}", claim_min_idle_ms=1500)
     keys = Keys(broker.prefix)
-    worker = start_worker_process(
-        broker,
-        "--backend",
-        "synthetic",
-        "--synthetic-latency-ms",
-        "3",
-        "--kinds",
-        "text_action",
-        "--name",
-        "w",
-    )
+    worker = start_text_worker_process(broker)
     agent = None
     try:
         r = connect_sync(broker)
-        assert wait_for(lambda: r.exists(keys.worker("w")), 60), "worker did not start"
-        agent = subprocess.Popen(
-            agent_command(broker, "rr-", SESSIONS, REQUESTS, kind="text_action", timeout=90),
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        agent = start_agent_process(broker, "rr-", SESSIONS, REQUESTS, timeout=90)
         # Under way: the first session has replies, and most of the load is still to come.
         assert wait_for(lambda: r.xlen(keys.reply_stream("rr-0")) >= 15, 60), "no load"
         answered_before = r.xlen(keys.reply_stream("rr-0"))
@@ -70,9 +52,7 @@ def _run_with_outage(server: EmbeddedRedis, outage: str) -> Dict[str, Any]:
         else:
             server.kill()  # SIGKILL: only what was fsynced survives
             server.start()
-        out, err = agent.communicate(timeout=180)
-        assert agent.returncode == 0, err[-3000:]
-        summary = json.loads(out.strip().splitlines()[-1])
+        summary = agent_summary(agent, timeout=180)
         assert worker.poll() is None, "the worker must survive the outage"
         r = connect_sync(broker)
         stream = keys.request_stream("text_action", 0)
@@ -81,9 +61,7 @@ def _run_with_outage(server: EmbeddedRedis, outage: str) -> Dict[str, Any]:
         assert answered_before < REQUESTS <= r.xlen(keys.reply_stream("rr-0")), "the outage missed the load"
         return summary
     finally:
-        if agent is not None and agent.poll() is None:
-            agent.kill()
-            agent.wait()
+        kill_process(agent)
         stop_process(worker, signal.SIGKILL)
 
 
