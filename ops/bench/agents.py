@@ -43,7 +43,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from broker.settings import BrokerSettings
 from ops.bench.records import Record, machine_description, record, write_results
-from ops.bench.workers import synthetic_worker
+from ops.bench.workers import stop_worker, synthetic_worker
 
 MODES = ("sync", "fixed", "adaptive")
 DEFAULT_CHAT = (16, 256)  # the chat load `_mixed` names without a size
@@ -502,12 +502,7 @@ def run(args) -> int:
             records += _measure(args, broker, n, modes, describe(args, n, modes, label, render, text), text)
     finally:
         if worker is not None:
-            worker.terminate()
-            try:
-                worker.wait(30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
+            stop_worker(worker, 30)
         if server is not None:
             server.stop()
     if not args.fresh and os.path.exists(args.out):

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from broker import eventloop
-from ops.bench.workers import wait_for_worker
+from ops.bench.workers import stop_worker, wait_for_worker
 from ops.cli import argv
 
 log = logging.getLogger("vlmq.bench.backends")
@@ -333,11 +333,7 @@ def rps(folder: str, args) -> Dict[str, List[float]]:
                 ]
                 log.info("%s: %s req/s", backend, [round(x, 2) for x in out[backend]])
             finally:
-                worker.terminate()
-                try:
-                    worker.wait(60)
-                except subprocess.TimeoutExpired:
-                    worker.kill()
+                stop_worker(worker)
     return out
 
 

@@ -32,14 +32,15 @@ import time
 from typing import Any, Dict, List, Sequence, Tuple
 
 from broker import eventloop
-from ops.bench.workers import wait_for_worker
+from ops.bench.workers import stop_worker, wait_for_worker
 from ops.cli import argv
 
 log = logging.getLogger("vlmq.bench.chat")
 
 
-def add_args(p) -> None:
-    p.set_defaults(out="benchmarks/results/gpu_chat.json")
+def add_checkpoint_args(p) -> None:
+    """The checkpoint, the worker's device and the agent sessions: the same for every
+    benchmark that serves a Qwen-VL through a worker process (chat, structured)."""
     p.add_argument("--model", default="", help="checkpoint folder; empty: build one with make-model")
     p.add_argument("--arch", default="qwen2-vl", help="arch of the built checkpoint (%(default)s)")
     p.add_argument("--preset", default="2b", help="preset of the built checkpoint (%(default)s)")
@@ -47,12 +48,13 @@ def add_args(p) -> None:
     p.add_argument("--dtype", default="auto", help="model dtype (%(default)s)")
     p.add_argument("--sessions", type=int, default=128, help="concurrent agent sessions (%(default)s)")
     p.add_argument("--procs", type=int, default=4, help="agent processes (%(default)s)")
-    p.add_argument("--max-tokens", type=int, default=32, help="new tokens per request (%(default)s)")
+
+
+def add_served_args(p) -> None:
+    """The requests' frame and prompt, the measurement windows and the worker's batching:
+    shared with the structured benchmark so that both measure the same served setup."""
     p.add_argument("--image-size", type=int, default=224, help="frame side in pixels (%(default)s)")
     p.add_argument("--prompt-tokens", type=int, default=100, help="text tokens in the prompt (%(default)s)")
-    p.add_argument(
-        "--baseline-requests", type=int, default=4, help="requests per run of batch 1 (%(default)s)"
-    )
     p.add_argument("--runs", type=int, default=3, help="measured runs of every figure (%(default)s)")
     p.add_argument(
         "--warmup-s", type=float, default=10.0, help="served: time before the first window (%(default)s)"
@@ -61,6 +63,16 @@ def add_args(p) -> None:
     p.add_argument("--max-batch", type=int, default=128, help="worker --max-batch (%(default)s)")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="worker --max-wait-ms (%(default)s)")
     p.add_argument("--prefill-min", type=int, default=32, help="worker --prefill-min (%(default)s)")
+
+
+def add_args(p) -> None:
+    p.set_defaults(out="benchmarks/results/gpu_chat.json")
+    add_checkpoint_args(p)
+    p.add_argument("--max-tokens", type=int, default=32, help="new tokens per request (%(default)s)")
+    add_served_args(p)
+    p.add_argument(
+        "--baseline-requests", type=int, default=4, help="requests per run of batch 1 (%(default)s)"
+    )
     p.add_argument(
         "--batch-serving-wait-ms",
         type=float,
@@ -363,11 +375,7 @@ def served(
             for p in procs:
                 p.join(60)
         finally:
-            worker.terminate()
-            try:
-                worker.wait(60)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+            stop_worker(worker)
     runs = []
     for k in range(args.runs):
         lo, hi = start + k * args.seconds, start + (k + 1) * args.seconds

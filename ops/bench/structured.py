@@ -34,8 +34,8 @@ import time
 from typing import Any, Dict, List, Tuple
 
 from broker import eventloop
-from ops.bench.chat import frames, prompt_text
-from ops.bench.workers import wait_for_worker
+from ops.bench.chat import add_checkpoint_args, add_served_args, frames, prompt_text
+from ops.bench.workers import stop_worker, wait_for_worker
 from ops.cli import argv
 
 log = logging.getLogger("vlmq.bench.structured")
@@ -46,13 +46,7 @@ Done = Tuple[float, float, float, int]
 
 def add_args(p) -> None:
     p.set_defaults(out="benchmarks/results/structured.json")
-    p.add_argument("--model", default="", help="checkpoint folder; empty: build one with make-model")
-    p.add_argument("--arch", default="qwen2-vl", help="arch of the built checkpoint (%(default)s)")
-    p.add_argument("--preset", default="2b", help="preset of the built checkpoint (%(default)s)")
-    p.add_argument("--device", default="cuda", help="model device (%(default)s)")
-    p.add_argument("--dtype", default="auto", help="model dtype (%(default)s)")
-    p.add_argument("--sessions", type=int, default=128, help="concurrent agent sessions (%(default)s)")
-    p.add_argument("--procs", type=int, default=4, help="agent processes (%(default)s)")
+    add_checkpoint_args(p)
     p.add_argument(
         "--requests", type=int, default=256, help="valid: structured_action requests per run (%(default)s)"
     )
@@ -60,16 +54,7 @@ def add_args(p) -> None:
     p.add_argument(
         "--max-tokens", type=int, default=64, help="overhead/stream: new tokens per request (%(default)s)"
     )
-    p.add_argument("--image-size", type=int, default=224, help="frame side in pixels (%(default)s)")
-    p.add_argument("--prompt-tokens", type=int, default=100, help="text tokens in the prompt (%(default)s)")
-    p.add_argument("--runs", type=int, default=3, help="measured runs of every figure (%(default)s)")
-    p.add_argument(
-        "--warmup-s", type=float, default=10.0, help="served: time before the first window (%(default)s)"
-    )
-    p.add_argument("--seconds", type=float, default=8.0, help="served: length of one window (%(default)s)")
-    p.add_argument("--max-batch", type=int, default=128, help="worker --max-batch (%(default)s)")
-    p.add_argument("--max-wait-ms", type=float, default=5.0, help="worker --max-wait-ms (%(default)s)")
-    p.add_argument("--prefill-min", type=int, default=32, help="worker --prefill-min (%(default)s)")
+    add_served_args(p)
     p.add_argument("--mask-rows", type=int, default=128, help="mask: rows per step (%(default)s)")
     p.add_argument("--mask-steps", type=int, default=60, help="mask: steps measured (%(default)s)")
     p.add_argument(
@@ -218,11 +203,7 @@ class Served:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.worker.terminate()
-        try:
-            self.worker.wait(60)
-        except subprocess.TimeoutExpired:
-            self.worker.kill()
+        stop_worker(self.worker)
         self.server.__exit__(None, None, None)
 
     def agents(self, mode: str, spec: Dict[str, Any], timeout: float) -> List[Done]:

@@ -34,3 +34,14 @@ def wait_for_worker(settings: BrokerSettings, name: str, worker: subprocess.Pope
         if worker.poll() is not None or time.time() > give_up:
             raise RuntimeError(f"worker {name} did not start (see its output above)")
         time.sleep(0.5)
+
+
+def stop_worker(worker: subprocess.Popen, timeout: float = 60.0) -> None:
+    """SIGTERM, so that the worker finishes its batch and exits 0; SIGKILL if it has not
+    within `timeout` seconds (a benchmark must not hang on a stuck one)."""
+    worker.terminate()
+    try:
+        worker.wait(timeout)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+        worker.wait()
