@@ -251,12 +251,7 @@ class AsyncAgentClient:
                 if now - s.checked >= wait:
                     look.append(s)
         if lost:
-            log.warning(
-                "session %s: Redis lost its data (epoch token changed); publishing %d request(s) again",
-                self.session_id,
-                len(lost),
-            )
-            await self._republish(lost)
+            await self._republish(lost, "lost with Redis's data (epoch token changed)")
         if look and not self._presence_denied:
             await self._look_for(look, epoch)
 
@@ -297,14 +292,10 @@ class AsyncAgentClient:
                 return  # the reader is behind (Redis trouble): decide next round
         lost = [s for s in gone if s.req.request_id in self._sent]
         if lost:
-            log.warning(
-                "session %s: %d request(s) no longer in Redis and unanswered; publishing them again",
-                self.session_id,
-                len(lost),
-            )
-            await self._republish(lost)
+            await self._republish(lost, "no longer in Redis and unanswered")
 
-    async def _republish(self, sent: List[_Sent]) -> None:
+    async def _republish(self, sent: List[_Sent], why: str) -> None:
+        log.warning("session %s: %d request(s) %s; publishing them again", self.session_id, len(sent), why)
         for s in sent:
             if s.req.request_id not in self._sent:
                 continue  # answered meanwhile
