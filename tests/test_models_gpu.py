@@ -30,17 +30,12 @@ def _prompts():
     return out
 
 
-@pytest.mark.parametrize("fixture", ["tiny_qwen2_vl", "tiny_qwen3_vl"])
-def test_graph_decoding_equals_eager_and_generate(request, fixture):
-    from inference_worker.engines.chat_engine import ChatEngine
-    from inference_worker.engines.options import EngineOptions
+def _graphs_agree_with_eager(graphs, eager):
+    """Decode _prompts() with both engines, batched and (graphs) one at a time: the tokens
+    must agree and graphs must have been captured. Returns the prompts and the batched
+    graph outputs for the caller's own reference."""
     from inference_worker.engines.sampling import Sampling
-    from inference_worker.models import load_vlm
 
-    vlm = load_vlm(request.getfixturevalue(fixture), device="cuda", dtype="float32")
-    graphs = ChatEngine(vlm, EngineOptions(decode="graphs", fuse="on"))
-    eager = ChatEngine(vlm, EngineOptions(decode="eager", fuse="off"))
-    assert graphs.decoder.graphs is not None and eager.decoder.graphs is None
     prompts = _prompts()
     samp = [Sampling(max_tokens=10)] * len(prompts)
     g = graphs.generate(prompts, samp)
@@ -48,6 +43,20 @@ def test_graph_decoding_equals_eager_and_generate(request, fixture):
     alone = [graphs.generate([p], [s])[0] for p, s in zip(prompts, samp)]
     assert [x.token_ids for x in g] == [x.token_ids for x in e] == [x.token_ids for x in alone]
     assert graphs.decoder.graphs.captured >= 2
+    return prompts, g
+
+
+@pytest.mark.parametrize("fixture", ["tiny_qwen2_vl", "tiny_qwen3_vl"])
+def test_graph_decoding_equals_eager_and_generate(request, fixture):
+    from inference_worker.engines.chat_engine import ChatEngine
+    from inference_worker.engines.options import EngineOptions
+    from inference_worker.models import load_vlm
+
+    vlm = load_vlm(request.getfixturevalue(fixture), device="cuda", dtype="float32")
+    graphs = ChatEngine(vlm, EngineOptions(decode="graphs", fuse="on"))
+    eager = ChatEngine(vlm, EngineOptions(decode="eager", fuse="off"))
+    assert graphs.decoder.graphs is not None and eager.decoder.graphs is None
+    prompts, g = _graphs_agree_with_eager(graphs, eager)
     batch = graphs.inputs.build(prompts[:1])
     kw = batch.model_kwargs()
     kw.pop("position_ids")
@@ -160,7 +169,6 @@ def test_nf4_through_the_engine(tiny_qwen2_vl):
     from inference_worker.engines.chat_engine import ChatEngine
     from inference_worker.engines.options import EngineOptions
     from inference_worker.engines.parity import compare_topk, engine_trace, reference_trace
-    from inference_worker.engines.sampling import Sampling
     from inference_worker.models import load_vlm
 
     vlm = load_vlm(tiny_qwen2_vl, device="cuda", dtype="float32", quantize="nf4")
@@ -172,13 +180,7 @@ def test_nf4_through_the_engine(tiny_qwen2_vl):
     graphs = ChatEngine(vlm, EngineOptions(decode="graphs", fuse="on"))
     eager = ChatEngine(vlm, EngineOptions(decode="eager", fuse="off"))
     assert graphs.decoder.graphs is not None and all(f is None for f in graphs.stack.fused)
-    prompts = _prompts()
-    samp = [Sampling(max_tokens=10)] * len(prompts)
-    g = graphs.generate(prompts, samp)
-    e = eager.generate(prompts, samp)
-    alone = [graphs.generate([p], [s])[0] for p, s in zip(prompts, samp)]
-    assert [x.token_ids for x in g] == [x.token_ids for x in e] == [x.token_ids for x in alone]
-    assert graphs.decoder.graphs.captured >= 2
+    prompts, g = _graphs_agree_with_eager(graphs, eager)
     for prompt, ours in zip(prompts[:2], g):
         ref = reference_trace(pristine, prompt, max_tokens=10)
         assert ours.token_ids == ref.tokens[: len(ours.token_ids)]

@@ -212,24 +212,17 @@ def run(args: argparse.Namespace) -> int:
     def each(name: str, key: str) -> List[float]:
         return [x[key] for x in runs[name]]
 
-    base_rps, base_p50 = each("plain", "rps"), each("plain", "p50_ms")
+    def against_plain(metric: str, key: str, unit: str) -> List[Record]:
+        base = each("plain", key)
+        return [
+            record(f"{metric}_plain", base, unit),
+            record(f"{metric}_with_metrics", each("metrics", key), unit, baseline=base),
+            record(f"{metric}_with_metrics_and_record", each("metrics_record", key), unit, baseline=base),
+        ]
+
     records: List[Record] = [
-        record("throughput_rps_plain", base_rps, "req/s"),
-        record("throughput_rps_with_metrics", each("metrics", "rps"), "req/s", baseline=base_rps),
-        record(
-            "throughput_rps_with_metrics_and_record",
-            each("metrics_record", "rps"),
-            "req/s",
-            baseline=base_rps,
-        ),
-        record("latency_p50_ms_plain", base_p50, "ms"),
-        record("latency_p50_ms_with_metrics", each("metrics", "p50_ms"), "ms", baseline=base_p50),
-        record(
-            "latency_p50_ms_with_metrics_and_record",
-            each("metrics_record", "p50_ms"),
-            "ms",
-            baseline=base_p50,
-        ),
+        *against_plain("throughput_rps", "rps", "req/s"),
+        *against_plain("latency_p50_ms", "p50_ms", "ms"),
         record("record_captured_fraction_noop_handler", captured, "fraction"),
         record(f"record_captured_fraction_{args.model_latency_ms:g}ms_handler", captured_model, "fraction"),
         record("metrics_hooks_cpu_us_per_request", [hook_cost_us() for _ in range(3)], "us"),
