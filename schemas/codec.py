@@ -107,19 +107,8 @@ _WIDE = {
     0xC9: ("skip", 4, 1),  # ext 8/16/32
     0xCA: ("fixed", 0, 4),
     0xCB: ("fixed", 0, 8),  # float 32/64
-    0xCC: ("fixed", 0, 1),
-    0xCD: ("fixed", 0, 2),
-    0xCE: ("fixed", 0, 4),
-    0xCF: ("fixed", 0, 8),
-    0xD0: ("fixed", 0, 1),
-    0xD1: ("fixed", 0, 2),
-    0xD2: ("fixed", 0, 4),
-    0xD3: ("fixed", 0, 8),
-    0xD4: ("fixed", 0, 2),
-    0xD5: ("fixed", 0, 3),
-    0xD6: ("fixed", 0, 5),
-    0xD7: ("fixed", 0, 9),
-    0xD8: ("fixed", 0, 17),  # fixext 1/2/4/8/16 (type byte included)
+    **{0xCC + i: ("fixed", 0, n) for i, n in enumerate((1, 2, 4, 8) * 2)},  # uint, int 8/16/32/64
+    **{0xD4 + i: ("fixed", 0, 1 + n) for i, n in enumerate((1, 2, 4, 8, 16))},  # fixext 1/2/4/8/16 + type
     0xD9: ("skip", 1, 0),
     0xDA: ("skip", 2, 0),
     0xDB: ("skip", 4, 0),  # str 8/16/32
