@@ -60,6 +60,23 @@ def test_fixed_and_adaptive_are_measured_against_sync_and_adaptive_requests_agai
     assert recs["requests_per_env_step_30hz_64_sessions"].baseline == 0.02  # fixed vs sync
 
 
+def test_no_chat_latency_where_no_chat_request_finished_in_a_window():
+    done = [(10.5, 2.0, True), (11.0, 3.0, True), (11.5, 9.0, False)]  # (finished at, seconds, ok)
+    assert agents.chat_figures(done, (10.0, 12.0)) == {
+        "chat_rps": 1.0,
+        "chat_errors": 1.0,
+        "chat_latency_p50_s": 2.5,
+    }
+    starved = agents.chat_figures(done, (20.0, 22.0))  # the control traffic had the worker
+    assert starved["chat_rps"] == 0.0 and starved["chat_latency_p50_s"] is None
+
+    args = _args("--worker", "external", "--chat-sessions", "16", "--chat-max-tokens", "256")
+    runs = {"fixed": [_summary(0.0, 0.04) | starved for _ in range(3)]}
+    names = {r.metric for r in agents.build_records(args, 64, runs, "test machine")}
+    assert "chat_rps_30hz_64_sessions_mixed" in names  # 0 requests/s is a measurement
+    assert "chat_latency_p50_s_30hz_64_sessions_mixed" not in names  # 0 s would not be
+
+
 def test_a_short_run_with_a_chat_load_writes_what_it_names(tmp_path):
     out = tmp_path / "agents.json"
     out.write_text(json.dumps([{"metric": "kept", "value": 1.0, "unit": "x", "machine": "m"}]))

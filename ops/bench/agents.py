@@ -330,7 +330,9 @@ def chat_prompt(args) -> str:
     return " ".join(words[i % len(words)] for i in range(args.chat_prompt_tokens))
 
 
-def chat_figures(done: List[Done], window: Tuple[float, float]) -> Dict[str, float]:
+def chat_figures(done: List[Done], window: Tuple[float, float]) -> Dict[str, Optional[float]]:
+    """The chat load's figures in one run's window; no latency (None) where no chat request
+    finished in it: the control traffic had the worker, and 0 s would read as instant."""
     t0, t1 = window
     inside = [d for d in done if t0 <= d[0] <= t1]
     ok = [d for d in inside if d[2]]
@@ -338,7 +340,7 @@ def chat_figures(done: List[Done], window: Tuple[float, float]) -> Dict[str, flo
     return {
         "chat_rps": len(ok) / (t1 - t0) if t1 > t0 else 0.0,
         "chat_errors": float(len(inside) - len(ok)),
-        "chat_latency_p50_s": statistics.median(lat) if lat else 0.0,
+        "chat_latency_p50_s": statistics.median(lat) if lat else None,
     }
 
 
@@ -372,6 +374,9 @@ def build_records(args, n: int, runs: Dict[str, List[Dict[str, Any]]], machine: 
             if family == "requests_per_env_step" and mode == "adaptive":
                 base = "fixed" if "fixed" in runs else None  # the ratio is adaptive g's extra requests
             baseline = series(base, key) if base else None
+            if any(s.get(key, 0.0) is None for s in runs[mode]):
+                print(f"no {family} record for {mode}: no chat request finished in a run's window")
+                continue
             out.append(record(metric_name(family, args, n, mode), series(mode, key), unit, baseline, machine))
         if mode == "adaptive":
             out.append(
