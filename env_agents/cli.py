@@ -17,6 +17,7 @@ import socket
 import time
 from typing import Any, Dict
 
+from broker.commands import Command
 from broker.settings import add_broker_args, broker_settings_from_args, env, flag
 from env_agents.control.merge import MERGES
 from env_agents.control.threshold import G_MAX, G_MIN, MARGIN, WINDOW
@@ -426,15 +427,15 @@ def run(args: argparse.Namespace) -> int:
     return 1 if result.failures else 0
 
 
-def register(sub) -> None:
-    p = sub.add_parser(
-        "agents",
-        help="run N env agent sessions over P processes against the workers",
-        description="Each session runs its own env and talks to the workers through Redis; each process "
-        "runs many sessions on one event loop. Prints a summary and writes a JSON results file. "
-        "docs/AGENTS.md explains the control loop (queue, threshold g, merges, similarity filter).",
-        epilog="Every flag has an environment variable, shown in [brackets].",
-    )
-    add_agent_args(p)
+COMMAND = Command(
+    "agents",
+    help="run N env agent sessions over P processes against the workers",
+    description="Each session runs its own env and talks to the workers through Redis; each process "
+    "runs many sessions on one event loop. Prints a summary and writes a JSON results file. "
+    "docs/AGENTS.md explains the control loop (queue, threshold g, merges, similarity filter).",
+    epilog="Every flag has an environment variable, shown in [brackets].",
+    add_args=add_agent_args,
+    run=run,
     # `vlmq` puts its metrics here (ops/metrics/plug.py): this package never imports ops.
-    p.set_defaults(func=run, metrics_export=None)
+    defaults={"metrics_export": None},
+)

@@ -7,6 +7,7 @@ import asyncio
 import signal
 
 from broker import eventloop
+from broker.commands import Command
 from broker.settings import add_broker_args, broker_settings_from_args, env, flag
 from schemas.limits import Limits
 from schemas.messages import KINDS
@@ -280,13 +281,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub) -> None:
-    p = sub.add_parser(
-        "worker",
-        help="serve task kinds from the request streams",
-        description="Read requests in dynamic batches, run the model, write replies, ack. "
-        "Stops cleanly on SIGTERM/SIGINT: finishes the batch in flight, replies, acks, exits 0.",
-    )
-    add_worker_args(p)
+COMMAND = Command(
+    "worker",
+    help="serve task kinds from the request streams",
+    description="Read requests in dynamic batches, run the model, write replies, ack. "
+    "Stops cleanly on SIGTERM/SIGINT: finishes the batch in flight, replies, acks, exits 0.",
+    add_args=add_worker_args,
+    run=run,
     # `vlmq` adds its metrics here (ops/metrics/plug.py): this package never imports ops.
-    p.set_defaults(func=run, observer_factories=())
+    defaults={"observer_factories": ()},
+)

@@ -1,5 +1,6 @@
 """`vlmq`: the one console script. Each subcommand lives next to what it drives and
-registers its own flags; heavy imports (torch) happen only when a command runs."""
+declares itself there (`COMMAND`, a `broker.commands.Command`); this module builds every
+parser from those declarations. Heavy imports (torch) happen only when a command runs."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import re
 import sys
 from typing import Any, Iterator, List, Optional, Sequence, Set
 
+from broker.commands import Command
 from broker.settings import BrokerSettings
 from ops.metrics.plug import plug as plug_metrics
 from schemas import settings as tree
@@ -24,7 +26,7 @@ COMMANDS = [
     "ops.tail",  # tail
     "ops.record",  # record
     "ops.replay",  # replay
-    "ops.bench",  # bench
+    "ops.bench.cli",  # bench
     "ops.acl.cli",  # acl
     "ops.gateway.cli",  # gateway
     "ops.vla.cli",  # vla
@@ -174,6 +176,26 @@ def check_variables(parser: argparse.ArgumentParser, environ: Optional[dict] = N
     tree.check_environ(known_variables(parser), environ, prefixes=OTHER_PREFIXES)
 
 
+def add_command(sub: argparse._SubParsersAction, command: Command) -> argparse.ArgumentParser:
+    """The parser of one declared command, and of its subcommands below it."""
+    extra = {"formatter_class": command.formatter_class} if command.formatter_class else {}
+    p = sub.add_parser(
+        command.name, help=command.help, description=command.description, epilog=command.epilog, **extra
+    )
+    if command.add_args:
+        command.add_args(p)
+    if command.subcommands:
+        steps = p.add_subparsers(dest=f"{command.name}_command", metavar=command.metavar)
+        for step in command.subcommands:
+            add_command(steps, step)
+        # a group without its step has nothing to run: say what there is, as a usage error
+        p.set_defaults(func=lambda args: p.print_help() or 2)
+    else:
+        p.set_defaults(func=command.run)
+    p.set_defaults(**command.defaults)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vlmq",
@@ -183,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (%(default)s)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in COMMANDS:
-        importlib.import_module(module).register(sub)
+        add_command(sub, importlib.import_module(module).COMMAND)
     plug_metrics(sub)
     add_env_vars(parser)
     return parser

@@ -20,6 +20,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from broker import eventloop
+from broker.commands import Command
 from broker.embedded import EmbeddedRedis
 from broker.settings import BrokerSettings, flag
 from ops.cli import argv
@@ -247,13 +248,7 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failed or code != 0 else 0
 
 
-def register(sub) -> None:
-    p = sub.add_parser(
-        "demo",
-        help="embedded Redis + a worker + N agents, end to end, on CPU with a tiny model",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--redis-url",
         default=os.environ.get("VLMQ_REDIS_URL"),
@@ -279,4 +274,13 @@ def register(sub) -> None:
     p.add_argument("--max-batch", type=int, default=8, help="worker batch size (%(default)s)")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="worker batching wait (%(default)s)")
     p.add_argument("--image-size", type=int, default=64, help="observation side in pixels (%(default)s)")
-    p.set_defaults(func=run)
+
+
+COMMAND = Command(
+    "demo",
+    help="embedded Redis + a worker + N agents, end to end, on CPU with a tiny model",
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+    add_args=add_args,
+    run=run,
+)

@@ -7,6 +7,7 @@ import json
 import time
 from typing import Any, Dict, List
 
+from broker.commands import Command
 from broker.connection import check_reachable, connect_sync
 from broker.keys import Keys
 from broker.meta import read_meta
@@ -130,12 +131,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub) -> None:
-    p = sub.add_parser(
-        "inspect",
-        help="show streams, pending entries, consumers, workers and dead letters",
-        description="A one-shot view of what is queued, what is in flight and with whom, and what failed.",
-    )
+def add_args(p: argparse.ArgumentParser) -> None:
     add_broker_args(p)
     p.add_argument(
         "--dead-letters",
@@ -145,4 +141,12 @@ def register(sub) -> None:
         help="show the N newest dead letters per stream (%(default)s)",
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
-    p.set_defaults(func=run)
+
+
+COMMAND = Command(
+    "inspect",
+    help="show streams, pending entries, consumers, workers and dead letters",
+    description="A one-shot view of what is queued, what is in flight and with whom, and what failed.",
+    add_args=add_args,
+    run=run,
+)

@@ -19,6 +19,7 @@ import time
 from typing import Callable, List, Optional
 
 from broker import eventloop
+from broker.commands import Command
 from broker.connection import check_reachable, connect_async, safe_url
 from broker.settings import BrokerSettings, add_broker_args, broker_settings_from_args
 from ops.commit_tap import CommitTap, TapBusy
@@ -98,16 +99,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub) -> None:
-    p = sub.add_parser(
-        "record",
-        help="record every request answered, and its reply, into a file",
-        description="Record every request answered while it runs, with its reply, into FILE (a "
-        "sequence of msgpack maps, gzip-compressed if FILE ends in .gz): workers copy each one in "
-        "the commit that writes its reply, so nothing is missed at any rate, and no work is taken "
-        "from them. One recorder per prefix at a time. Replay it with `vlmq replay FILE`, print it "
-        "with `vlmq tail --file FILE`.",
-    )
+def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", metavar="FILE", help="where to write the recording (.gz: compressed)")
     add_broker_args(p)
     add_filter_args(p)
@@ -117,4 +109,16 @@ def register(sub) -> None:
     p.add_argument(
         "--max-entries", type=int, default=0, help="stop after this many requests + replies (0 = no limit)"
     )
-    p.set_defaults(func=run)
+
+
+COMMAND = Command(
+    "record",
+    help="record every request answered, and its reply, into a file",
+    description="Record every request answered while it runs, with its reply, into FILE (a "
+    "sequence of msgpack maps, gzip-compressed if FILE ends in .gz): workers copy each one in "
+    "the commit that writes its reply, so nothing is missed at any rate, and no work is taken "
+    "from them. One recorder per prefix at a time. Replay it with `vlmq replay FILE`, print it "
+    "with `vlmq tail --file FILE`.",
+    add_args=add_args,
+    run=run,
+)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from broker import eventloop
+from broker.commands import Command
 from broker.connection import check_reachable, connect_async, connect_sync, safe_url
 from broker.settings import BrokerSettings, add_broker_args, broker_settings_from_args
 from env_agents.client import AsyncAgentClient
@@ -293,16 +294,7 @@ def run(args: argparse.Namespace) -> int:
     return exit_status(cases)
 
 
-def register(sub) -> None:
-    p = sub.add_parser(
-        "replay",
-        help="re-send recorded requests to a running worker and diff the replies",
-        description="Replay a recording made by `vlmq record` against the workers of --redis-url/--prefix "
-        "and compare each new reply with the recorded one: strings and ints exactly (greedy decoding is "
-        "deterministic), floats and action chunks within --atol/--rtol. Sampled requests without a seed "
-        "and outcomes that depended on timing (expired, superseded) are skipped. "
-        "Exit status: 0 no differences, 1 differences, 2 requests without a reply.",
-    )
+def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", metavar="FILE", help="a recording from `vlmq record`")
     add_broker_args(p)
     p.add_argument("--concurrency", type=int, default=16, help="sessions replayed at once (%(default)s)")
@@ -321,4 +313,16 @@ def register(sub) -> None:
     p.add_argument("--limit", type=int, default=0, help="replay only the first N requests (0 = all)")
     p.add_argument("--show", type=int, default=20, help="requests with differences to print (%(default)s)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the full report as JSON here")
-    p.set_defaults(func=run)
+
+
+COMMAND = Command(
+    "replay",
+    help="re-send recorded requests to a running worker and diff the replies",
+    description="Replay a recording made by `vlmq record` against the workers of --redis-url/--prefix "
+    "and compare each new reply with the recorded one: strings and ints exactly (greedy decoding is "
+    "deterministic), floats and action chunks within --atol/--rtol. Sampled requests without a seed "
+    "and outcomes that depended on timing (expired, superseded) are skipped. "
+    "Exit status: 0 no differences, 1 differences, 2 requests without a reply.",
+    add_args=add_args,
+    run=run,
+)

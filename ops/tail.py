@@ -15,6 +15,7 @@ import time
 from typing import Any, Dict, List, TextIO
 
 from broker import eventloop
+from broker.commands import Command
 from broker.connection import check_reachable, connect_async, safe_url
 from broker.settings import add_broker_args, broker_settings_from_args
 from ops import summary
@@ -131,14 +132,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub) -> None:
-    p = sub.add_parser(
-        "tail",
-        help="print request and reply traffic live, frames summarised",
-        description="Follow every request and reply stream of the prefix without consuming anything "
-        "(XREAD, no consumer group): one line per message, frames and chunks summarised, bad messages "
-        "shown as UNDECODABLE. With --file, print a recording made by `vlmq record` instead.",
-    )
+def add_args(p: argparse.ArgumentParser) -> None:
     add_broker_args(p)
     add_filter_args(p)
     p.add_argument("--json", action="store_true", help="one JSON object per line instead of text")
@@ -148,4 +142,14 @@ def register(sub) -> None:
     p.add_argument(
         "--duration", type=float, default=0.0, help="stop after this many seconds (0 = until Ctrl-C)"
     )
-    p.set_defaults(func=run)
+
+
+COMMAND = Command(
+    "tail",
+    help="print request and reply traffic live, frames summarised",
+    description="Follow every request and reply stream of the prefix without consuming anything "
+    "(XREAD, no consumer group): one line per message, frames and chunks summarised, bad messages "
+    "shown as UNDECODABLE. With --file, print a recording made by `vlmq record` instead.",
+    add_args=add_args,
+    run=run,
+)

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
+from broker.commands import Command
 from broker.connection import check_reachable, connect_sync, safe_url
 from broker.settings import BrokerSettings, add_broker_args, broker_settings_from_args
 from ops.inspect import snapshot
@@ -353,14 +354,7 @@ def run(args: argparse.Namespace) -> int:
         top.close()
 
 
-def register(sub) -> None:
-    p = sub.add_parser(
-        "top",
-        help="live terminal dashboard: streams, rates, batch sizes, latency percentiles, workers",
-        description="Refresh a terminal view of the queue every --interval seconds: request streams "
-        "(backlog, waiting, pending, consumers), per-kind rates, batch sizes and latency percentiles "
-        "scraped from each worker's /metrics (the port its heartbeat advertises), workers and dead letters.",
-    )
+def add_args(p: argparse.ArgumentParser) -> None:
     add_broker_args(p)
     p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (%(default)s)")
     p.add_argument(
@@ -372,4 +366,14 @@ def register(sub) -> None:
     )
     p.add_argument("--no-scrape", action="store_true", help="Redis only: do not scrape workers' /metrics")
     p.add_argument("--once", action="store_true", help="print one frame (rates over --interval) and exit")
-    p.set_defaults(func=run)
+
+
+COMMAND = Command(
+    "top",
+    help="live terminal dashboard: streams, rates, batch sizes, latency percentiles, workers",
+    description="Refresh a terminal view of the queue every --interval seconds: request streams "
+    "(backlog, waiting, pending, consumers), per-kind rates, batch sizes and latency percentiles "
+    "scraped from each worker's /metrics (the port its heartbeat advertises), workers and dead letters.",
+    add_args=add_args,
+    run=run,
+)

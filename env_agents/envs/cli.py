@@ -14,6 +14,7 @@ import shutil
 import time
 from typing import List
 
+from broker.commands import Command
 from broker.settings import flag
 
 
@@ -79,30 +80,15 @@ def run_alfworld_make(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub) -> None:
+def add_alfworld_make_args(p: argparse.ArgumentParser) -> None:
     from env_agents.envs.alfworld_games import DEFAULT_FLOOR_PLANS, TASK_TYPES
 
-    p = sub.add_parser(
-        "envs",
-        help="make env data offline (ALFWorld games)",
-        description="Env data that needs no download.",
-    )
-    esub = p.add_subparsers(dest="envs_command", metavar="ACTION")
-    a = esub.add_parser(
-        "alfworld-make",
-        help="write ALFWorld text games (game.tw-pddl + traj_data.json) from the alfworld wheel's floor plans",
-        description="Each game: a real ALFRED floor plan's receptacles, objects of the types that plan "
-        "holds placed where ALFWorld allows them, one of ALFWorld's six text task types with its own PDDL "
-        "goal, and an expert walkthrough checked to win. ALFWorld's own TextWorld env (AlfredTWEnv) loads "
-        "them unchanged. They are not ALFRED's scenes nor its train/valid splits.",
-        epilog="Every flag has an environment variable, shown in [brackets].",
-    )
-    flag(a, "--games", var="ALFWORLD_GAMES", default=24, type=int, help="games to make, task types in turn")
+    flag(p, "--games", var="ALFWORLD_GAMES", default=24, type=int, help="games to make, task types in turn")
     flag(
-        a, "--seed", var="ALFWORLD_SEED", default=0, type=int, help="game i of seed s is always the same game"
+        p, "--seed", var="ALFWORLD_SEED", default=0, type=int, help="game i of seed s is always the same game"
     )
     flag(
-        a,
+        p,
         "--data",
         var="ALFWORLD_MAKE_DATA",
         default="",
@@ -110,7 +96,7 @@ def register(sub) -> None:
         shown="$ALFWORLD_DATA, else ~/.cache/alfworld",
     )
     flag(
-        a,
+        p,
         "--task-types",
         var="ALFWORLD_TASK_TYPES",
         default=",".join(TASK_TYPES),
@@ -118,15 +104,34 @@ def register(sub) -> None:
         shown="all six",
     )
     flag(
-        a,
+        p,
         "--floor-plans",
         var="ALFWORLD_FLOOR_PLANS",
         default=",".join(map(str, DEFAULT_FLOOR_PLANS)),
         help="ALFRED floor plans to draw from (1-30 kitchens, 201-230 living rooms, 301-330 bedrooms, "
         "401-430 bathrooms); each task type uses the room kinds ALFRED allows it",
     )
-    flag(a, "--distractors", var="ALFWORLD_DISTRACTORS", default=8, type=int,
+    flag(p, "--distractors", var="ALFWORLD_DISTRACTORS", default=8, type=int,
          help="object types placed besides the task's")  # fmt: skip
-    a.add_argument("--overwrite", action="store_true", help="replace the games vlmq made there before")
-    a.set_defaults(func=run_alfworld_make)
-    p.set_defaults(func=lambda args: p.print_help() or 2)
+    p.add_argument("--overwrite", action="store_true", help="replace the games vlmq made there before")
+
+
+COMMAND = Command(
+    "envs",
+    help="make env data offline (ALFWorld games)",
+    description="Env data that needs no download.",
+    subcommands=[
+        Command(
+            "alfworld-make",
+            help="write ALFWorld text games (game.tw-pddl + traj_data.json) from the alfworld wheel's "
+            "floor plans",
+            description="Each game: a real ALFRED floor plan's receptacles, objects of the types that plan "
+            "holds placed where ALFWorld allows them, one of ALFWorld's six text task types with its own "
+            "PDDL goal, and an expert walkthrough checked to win. ALFWorld's own TextWorld env "
+            "(AlfredTWEnv) loads them unchanged. They are not ALFRED's scenes nor its train/valid splits.",
+            epilog="Every flag has an environment variable, shown in [brackets].",
+            add_args=add_alfworld_make_args,
+            run=run_alfworld_make,
+        )
+    ],
+)

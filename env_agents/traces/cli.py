@@ -7,6 +7,7 @@ import json
 import sqlite3
 from dataclasses import asdict
 
+from broker.commands import Command
 from broker.settings import flag
 
 
@@ -28,32 +29,35 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub) -> None:
-    p = sub.add_parser(
-        "traces",
-        help="work with agent traces (SQLite written by `vlmq agents --traces`)",
-        description="Agent traces: episodes, frames, requests, replies and timings in SQLite.",
-    )
-    tsub = p.add_subparsers(dest="traces_command", metavar="ACTION")
-    e = tsub.add_parser(
-        "export",
-        help="export SFT JSONL (OpenAI-style messages, images as data URLs) with a train/val split",
-        description="One sample per answered text_action / structured_action request: its messages "
-        "plus the answer as the assistant turn. Episodes go wholly to train or to val. Traces without "
-        "such a request (action_chunk runs) or filters that leave no sample are an error (exit 1).",
-    )
-    e.add_argument("--db", required=True, help="trace database (vlmq agents --traces PATH)")
-    e.add_argument("--out-dir", required=True, help="writes train.jsonl and val.jsonl here")
+def add_export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--db", required=True, help="trace database (vlmq agents --traces PATH)")
+    p.add_argument("--out-dir", required=True, help="writes train.jsonl and val.jsonl here")
     flag(
-        e,
+        p,
         "--val-fraction",
         var="SFT_VAL_FRACTION",
         default=0.1,
         type=float,
         help="share of episodes for validation",
     )
-    flag(e, "--min-steps", var="SFT_MIN_STEPS", default=1, type=int, help="skip episodes shorter than this")
-    e.add_argument("--success-only", action="store_true", help="keep successful episodes only")
-    flag(e, "--seed", var="SFT_SEED", default=0, type=int, help="split seed")
-    e.set_defaults(func=run_export)
-    p.set_defaults(func=lambda args: p.print_help() or 2)
+    flag(p, "--min-steps", var="SFT_MIN_STEPS", default=1, type=int, help="skip episodes shorter than this")
+    p.add_argument("--success-only", action="store_true", help="keep successful episodes only")
+    flag(p, "--seed", var="SFT_SEED", default=0, type=int, help="split seed")
+
+
+COMMAND = Command(
+    "traces",
+    help="work with agent traces (SQLite written by `vlmq agents --traces`)",
+    description="Agent traces: episodes, frames, requests, replies and timings in SQLite.",
+    subcommands=[
+        Command(
+            "export",
+            help="export SFT JSONL (OpenAI-style messages, images as data URLs) with a train/val split",
+            description="One sample per answered text_action / structured_action request: its messages "
+            "plus the answer as the assistant turn. Episodes go wholly to train or to val. Traces without "
+            "such a request (action_chunk runs) or filters that leave no sample are an error (exit 1).",
+            add_args=add_export_args,
+            run=run_export,
+        )
+    ],
+)

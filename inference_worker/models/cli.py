@@ -6,6 +6,7 @@ import argparse
 import os
 import time
 
+from broker.commands import Command
 from broker.settings import flag
 
 ARCH_CHOICES = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
@@ -26,16 +27,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub) -> None:
-    p = sub.add_parser(
-        "make-model",
-        help="write a random-weight Qwen-VL checkpoint (Hugging Face folder)",
-        description="Build a real Qwen2-VL / Qwen2.5-VL / Qwen3-VL architecture from its transformers "
-        "config class with random weights, a tokenizer trained locally, the release's image "
-        "processor and chat template, and save it with save_pretrained. The folder loads like "
-        "a downloaded checkpoint (`vlmq worker --model DIR`). The weights are random: the "
-        "model's answers are noise, its shapes and costs are real.",
-    )
+def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", default="qwen2-vl", choices=ARCH_CHOICES, help="architecture (%(default)s)")
     p.add_argument(
         "--preset",
@@ -52,4 +44,16 @@ def register(sub) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="weight seed (%(default)s)")
     flag(p, "--device", var="MAKE_MODEL_DEVICE", default="cpu", help="where the weights are initialised")
-    p.set_defaults(func=run)
+
+
+COMMAND = Command(
+    "make-model",
+    help="write a random-weight Qwen-VL checkpoint (Hugging Face folder)",
+    description="Build a real Qwen2-VL / Qwen2.5-VL / Qwen3-VL architecture from its transformers "
+    "config class with random weights, a tokenizer trained locally, the release's image "
+    "processor and chat template, and save it with save_pretrained. The folder loads like "
+    "a downloaded checkpoint (`vlmq worker --model DIR`). The weights are random: the "
+    "model's answers are noise, its shapes and costs are real.",
+    add_args=add_args,
+    run=run,
+)

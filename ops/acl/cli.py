@@ -7,6 +7,7 @@ import os
 import re
 import sys
 
+from broker.commands import Command
 from broker.settings import flag
 from ops.acl.rules import render, users
 
@@ -36,15 +37,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub) -> None:
-    p = sub.add_parser(
-        "acl",
-        help="write the Redis ACL file (worker, agents per tenant, observer, gateway, admin)",
-        description="Render the users of docs/RELIABILITY.md ('ACL') for redis-server --aclfile. "
-        "Passwords come from VLMQ_ACL_PASSWORD_<USER> (e.g. VLMQ_ACL_PASSWORD_AGENT_ACME) and are "
-        "stored as SHA-256 hashes; a user without one is written 'off'. Tenant T's agents must "
-        "use session ids that start with 'T.'.",
-    )
+def add_args(p: argparse.ArgumentParser) -> None:
     flag(p, "--prefix", var="PREFIX", default="vlmq", help="key prefix")
     p.add_argument(
         "--tenant",
@@ -54,4 +47,15 @@ def register(sub) -> None:
         help="a tenant (repeatable, or comma-separated): adds the user agent-NAME",
     )
     p.add_argument("--out", default="-", help="file to write, mode 600; '-' for stdout (%(default)s)")
-    p.set_defaults(func=run)
+
+
+COMMAND = Command(
+    "acl",
+    help="write the Redis ACL file (worker, agents per tenant, observer, gateway, admin)",
+    description="Render the users of docs/RELIABILITY.md ('ACL') for redis-server --aclfile. "
+    "Passwords come from VLMQ_ACL_PASSWORD_<USER> (e.g. VLMQ_ACL_PASSWORD_AGENT_ACME) and are "
+    "stored as SHA-256 hashes; a user without one is written 'off'. Tenant T's agents must "
+    "use session ids that start with 'T.'.",
+    add_args=add_args,
+    run=run,
+)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from broker.commands import Command
 from ops.gateway.settings import add_gateway_args, gateway_settings_from_args
 
 log = logging.getLogger("vlmq.gateway")
@@ -39,14 +40,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub) -> None:
-    p = sub.add_parser(
-        "gateway",
-        help="HTTP and WebSocket APIs (OpenAI, MineRL server, msgpack) in front of the streams",
-        description="Turn each HTTP or WebSocket request into a stream message and wait for its reply: "
-        "POST /v1/chat/completions and GET /v1/models (OpenAI-compatible), GET /, GET /health and "
-        "POST /get_action (the MineRL policy server API), and /v1/ws (vlmq's msgpack protocol). "
-        "See docs/GATEWAY.md.",
-    )
-    add_gateway_args(p)
-    p.set_defaults(func=run)
+COMMAND = Command(
+    "gateway",
+    help="HTTP and WebSocket APIs (OpenAI, MineRL server, msgpack) in front of the streams",
+    description="Turn each HTTP or WebSocket request into a stream message and wait for its reply: "
+    "POST /v1/chat/completions and GET /v1/models (OpenAI-compatible), GET /, GET /health and "
+    "POST /get_action (the MineRL policy server API), and /v1/ws (vlmq's msgpack protocol). "
+    "See docs/GATEWAY.md.",
+    add_args=add_gateway_args,
+    run=run,
+)

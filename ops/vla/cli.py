@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 
+from broker.commands import Command
 from broker.settings import env, flag
 
 
@@ -166,90 +167,117 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def register(sub) -> None:
-    p = sub.add_parser(
-        "vla",
-        help="VLA pipeline: record expert episodes, convert, train the action expert, evaluate",
-        description="QwenVLA: a frozen Qwen-VL and a flow-matching action expert. "
-        "record -> convert -> train -> eval; serve with `vlmq worker --option vla=DIR`.",
-    )
-    vsub = p.add_subparsers(dest="vla_command", metavar="STEP")
-
-    r = vsub.add_parser("record", help="record MiniWorld episodes of a scripted expert (the capture format)")
-    flag(r, "--env", var="VLA_ENV", default="MiniWorld-OneRoom-v0", help="MiniWorld env id")
-    r.add_argument("--out", required=True, help="folder for episode_NNNNN/ folders")
-    r.add_argument("--episodes", type=int, default=100, help="episodes to record (%(default)s)")
-    r.add_argument("--size", type=int, default=384, help="canvas size in pixels (%(default)s)")
-    r.add_argument("--fps", type=float, default=10.0, help="capture rate (%(default)s)")
-    r.add_argument(
+def _record_args(p: argparse.ArgumentParser) -> None:
+    flag(p, "--env", var="VLA_ENV", default="MiniWorld-OneRoom-v0", help="MiniWorld env id")
+    p.add_argument("--out", required=True, help="folder for episode_NNNNN/ folders")
+    p.add_argument("--episodes", type=int, default=100, help="episodes to record (%(default)s)")
+    p.add_argument("--size", type=int, default=384, help="canvas size in pixels (%(default)s)")
+    p.add_argument("--fps", type=float, default=10.0, help="capture rate (%(default)s)")
+    p.add_argument(
         "--offset-ms", type=float, default=0.0, help="event clock offset written to meta.json (%(default)s)"
     )
-    r.add_argument(
+    p.add_argument(
         "--duplicate-prob", type=float, default=0.03, help="chance a frame is grabbed twice (%(default)s)"
     )
-    r.add_argument(
+    p.add_argument(
         "--epsilon", type=float, default=0.0, help="chance the expert acts at random (%(default)s)"
     )
-    r.add_argument("--max-steps", type=int, default=0, help="episode step limit, 0 = the env's (%(default)s)")
-    r.add_argument("--seed", type=int, default=0, help="env and timing seed (%(default)s)")
-    r.set_defaults(func=_record)
+    p.add_argument("--max-steps", type=int, default=0, help="episode step limit, 0 = the env's (%(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="env and timing seed (%(default)s)")
 
-    c = vsub.add_parser("convert", help="recordings -> aligned training shards with train/val/test splits")
-    c.add_argument("src", help="a recording folder, or a folder of them")
-    c.add_argument("out", help="output folder (shards + manifest.json)")
-    c.add_argument(
+
+def _convert_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="a recording folder, or a folder of them")
+    p.add_argument("out", help="output folder (shards + manifest.json)")
+    p.add_argument(
         "--image-size", type=int, default=0, help="resize frames to this square size, 0 = keep (%(default)s)"
     )
-    c.add_argument("--splits", default="0.8,0.1,0.1", help="train,val,test ratios by episode (%(default)s)")
-    c.add_argument("--seed", type=int, default=0, help="split shuffle seed (%(default)s)")
-    c.set_defaults(func=_convert)
+    p.add_argument("--splits", default="0.8,0.1,0.1", help="train,val,test ratios by episode (%(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="split shuffle seed (%(default)s)")
 
-    t = vsub.add_parser("train", help="train the action expert on converted shards (VLM frozen)")
-    t.add_argument("--data", required=True, help="converted shards (vlmq vla convert)")
-    t.add_argument("--out", required=True, help="the VLA folder to write")
-    flag(t, "--vlm", var="MODEL", default="", help="Qwen-VL folder for a new VLA", shown=None)
-    t.add_argument("--init-from", default=None, help="start from this VLA folder's weights")
-    t.add_argument("--resume", action="store_true", help="continue training --out from its train_state.pt")
-    _config_args(t)
-    t.add_argument("--steps", type=int, default=2000, help="optimizer steps (%(default)s)")
-    t.add_argument("--batch-size", type=int, default=32, help="(%(default)s)")
-    t.add_argument("--grad-accum", type=int, default=1, help="(%(default)s)")
-    t.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (%(default)s)")
-    t.add_argument("--weight-decay", type=float, default=0.01, help="(%(default)s)")
-    t.add_argument("--warmup", type=int, default=100, help="warm-up steps (%(default)s)")
-    t.add_argument("--grad-clip", type=float, default=1.0, help="(%(default)s)")
-    t.add_argument("--eval-every", type=int, default=200, help="validation period in steps (%(default)s)")
-    t.add_argument("--save-every", type=int, default=500, help="checkpoint period in steps (%(default)s)")
-    t.add_argument(
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="converted shards (vlmq vla convert)")
+    p.add_argument("--out", required=True, help="the VLA folder to write")
+    flag(p, "--vlm", var="MODEL", default="", help="Qwen-VL folder for a new VLA", shown=None)
+    p.add_argument("--init-from", default=None, help="start from this VLA folder's weights")
+    p.add_argument("--resume", action="store_true", help="continue training --out from its train_state.pt")
+    _config_args(p)
+    p.add_argument("--steps", type=int, default=2000, help="optimizer steps (%(default)s)")
+    p.add_argument("--batch-size", type=int, default=32, help="(%(default)s)")
+    p.add_argument("--grad-accum", type=int, default=1, help="(%(default)s)")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (%(default)s)")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="(%(default)s)")
+    p.add_argument("--warmup", type=int, default=100, help="warm-up steps (%(default)s)")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="(%(default)s)")
+    p.add_argument("--eval-every", type=int, default=200, help="validation period in steps (%(default)s)")
+    p.add_argument("--save-every", type=int, default=500, help="checkpoint period in steps (%(default)s)")
+    p.add_argument(
         "--precision", default="auto", choices=["auto", "bf16", "fp32"], help="autocast (%(default)s)"
     )
-    t.add_argument("--seed", type=int, default=0, help="(%(default)s)")
-    _model_args(t)
-    t.set_defaults(func=_train)
+    p.add_argument("--seed", type=int, default=0, help="(%(default)s)")
+    _model_args(p)
 
-    i = vsub.add_parser(
-        "init",
-        help="a new, untrained VLA folder (seeded random expert): to serve or benchmark before training",
-    )
-    i.add_argument("--vlm", required=True, help="Qwen-VL folder the expert reads features from")
-    i.add_argument("--out", required=True, help="the VLA folder to write")
-    i.add_argument("--seed", type=int, default=0, help="(%(default)s)")
-    _config_args(i)
-    _model_args(i)
-    i.set_defaults(func=_init)
 
-    e = vsub.add_parser("eval", help="success rate in MiniWorld: the VLA policy vs a random policy")
-    e.add_argument("--vla", required=True, help="VLA folder")
-    e.add_argument(
+def _init_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--vlm", required=True, help="Qwen-VL folder the expert reads features from")
+    p.add_argument("--out", required=True, help="the VLA folder to write")
+    p.add_argument("--seed", type=int, default=0, help="(%(default)s)")
+    _config_args(p)
+    _model_args(p)
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--vla", required=True, help="VLA folder")
+    p.add_argument(
         "--env", default=env("VLA_ENV", "MiniWorld-OneRoom-v0"), help="[VLMQ_VLA_ENV] (%(default)s)"
     )
-    e.add_argument("--episodes", type=int, default=50, help="(%(default)s)")
-    e.add_argument("--size", type=int, default=384, help="render size, as recorded (%(default)s)")
-    e.add_argument("--max-steps", type=int, default=0, help="episode step limit, 0 = the env's (%(default)s)")
-    e.add_argument("--replan-every", type=int, default=2, help="env steps per chunk request (%(default)s)")
-    e.add_argument(
+    p.add_argument("--episodes", type=int, default=50, help="(%(default)s)")
+    p.add_argument("--size", type=int, default=384, help="render size, as recorded (%(default)s)")
+    p.add_argument("--max-steps", type=int, default=0, help="episode step limit, 0 = the env's (%(default)s)")
+    p.add_argument("--replan-every", type=int, default=2, help="env steps per chunk request (%(default)s)")
+    p.add_argument(
         "--seed", type=int, default=1000, help="env seed (episodes differ from recording's) (%(default)s)"
     )
-    _model_args(e)
-    e.set_defaults(func=_eval)
-    p.set_defaults(func=lambda args: p.print_help() or 2)
+    _model_args(p)
+
+
+COMMAND = Command(
+    "vla",
+    help="VLA pipeline: record expert episodes, convert, train the action expert, evaluate",
+    description="QwenVLA: a frozen Qwen-VL and a flow-matching action expert. "
+    "record -> convert -> train -> eval; serve with `vlmq worker --option vla=DIR`.",
+    metavar="STEP",
+    subcommands=[
+        Command(
+            "record",
+            help="record MiniWorld episodes of a scripted expert (the capture format)",
+            add_args=_record_args,
+            run=_record,
+        ),
+        Command(
+            "convert",
+            help="recordings -> aligned training shards with train/val/test splits",
+            add_args=_convert_args,
+            run=_convert,
+        ),
+        Command(
+            "train",
+            help="train the action expert on converted shards (VLM frozen)",
+            add_args=_train_args,
+            run=_train,
+        ),
+        Command(
+            "init",
+            help="a new, untrained VLA folder (seeded random expert): to serve or benchmark before training",
+            add_args=_init_args,
+            run=_init,
+        ),
+        Command(
+            "eval",
+            help="success rate in MiniWorld: the VLA policy vs a random policy",
+            add_args=_eval_args,
+            run=_eval,
+        ),
+    ],
+)
