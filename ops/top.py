@@ -14,7 +14,7 @@ import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from broker.commands import Command
 from broker.connection import check_reachable, connect_sync, safe_url
@@ -228,9 +228,18 @@ def _f(x: Optional[float], fmt: str = "{:.1f}") -> str:
     return "-" if x is None else fmt.format(x)
 
 
+def _table(title: str, columns: Sequence[str], left: Sequence[str], no_wrap: str = ""):
+    """Names left, figures right; `no_wrap`: the column a row is known by."""
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", expand=True)
+    for col in columns:
+        table.add_column(col, justify="left" if col in left else "right", no_wrap=col == no_wrap)
+    return table
+
+
 def render(frame: Frame, settings: BrokerSettings):
     from rich.console import Group
-    from rich.table import Table
     from rich.text import Text
 
     title = Text.assemble(
@@ -241,20 +250,23 @@ def render(frame: Frame, settings: BrokerSettings):
         + (f"  (rates over {frame.interval:.1f} s)" if frame.interval else "  (rates from the next refresh)"),
     )
 
-    kinds = Table(title="task kinds (from the workers' /metrics)", title_justify="left", expand=True)
-    for col in (
-        "kind",
-        "req/s",
-        "err/s",
-        "batch",
-        "p50 ms",
-        "p95 ms",
-        "p99 ms",
-        "stream wait",
-        "model",
-        "agent p50/p95",
-    ):
-        kinds.add_column(col, justify="left" if col == "kind" else "right", no_wrap=col == "kind")
+    kinds = _table(
+        "task kinds (from the workers' /metrics)",
+        (
+            "kind",
+            "req/s",
+            "err/s",
+            "batch",
+            "p50 ms",
+            "p95 ms",
+            "p99 ms",
+            "stream wait",
+            "model",
+            "agent p50/p95",
+        ),
+        left=("kind",),
+        no_wrap="kind",
+    )
     for k in frame.kinds:
         kinds.add_row(
             k.kind,
@@ -269,9 +281,12 @@ def render(frame: Frame, settings: BrokerSettings):
     if not frame.kinds:
         kinds.add_row("(no metrics: start workers with --metrics-port)", *[""] * 9)
 
-    streams = Table(title="request streams", title_justify="left", expand=True)
-    for col in ("stream", "backlog", "waiting", "pending", "consumers"):
-        streams.add_column(col, justify="left" if col == "stream" else "right", no_wrap=col == "stream")
+    streams = _table(
+        "request streams",
+        ("stream", "backlog", "waiting", "pending", "consumers"),
+        left=("stream",),
+        no_wrap="stream",
+    )
     for s in frame.streams:
         streams.add_row(
             s["stream"],
@@ -281,24 +296,24 @@ def render(frame: Frame, settings: BrokerSettings):
             str(len(s["consumers"])),
         )
 
-    workers = Table(title="workers (heartbeats)", title_justify="left", expand=True)
-    for col in (
-        "worker",
-        "backend",
-        "kinds",
-        "req/s",
-        "batch",
-        "errors",
-        "queued",
-        "in flight",
-        "stalled",
-        "seen",
-        "metrics",
-        "GPU GB",
-    ):
-        workers.add_column(
-            col, justify="left" if col in ("worker", "backend", "kinds", "metrics") else "right"
-        )
+    workers = _table(
+        "workers (heartbeats)",
+        (
+            "worker",
+            "backend",
+            "kinds",
+            "req/s",
+            "batch",
+            "errors",
+            "queued",
+            "in flight",
+            "stalled",
+            "seen",
+            "metrics",
+            "GPU GB",
+        ),
+        left=("worker", "backend", "kinds", "metrics"),
+    )
     for w in frame.workers:
         workers.add_row(
             w.name,
@@ -319,9 +334,7 @@ def render(frame: Frame, settings: BrokerSettings):
 
     parts: List[Any] = [title, kinds, streams, workers]
     if frame.dead_letters:
-        dlq = Table(title="dead letters", title_justify="left", expand=True)
-        dlq.add_column("stream")
-        dlq.add_column("entries", justify="right")
+        dlq = _table("dead letters", ("stream", "entries"), left=("stream",))
         for d in frame.dead_letters:
             dlq.add_row(d["stream"], str(d["length"]))
         parts.append(dlq)
