@@ -51,18 +51,14 @@ class WorkerThread:
     def wait_live(self, timeout: float = 120.0) -> WorkerThread:
         """Block until the worker's first heartbeat: a worker with a model warms it up first,
         and a gateway answers 503 until it sees a live worker."""
-        import redis
-
-        r = redis.Redis.from_url(self.settings.broker.url)
+        r = connect_sync(self.settings.broker)
         key = self.worker.keys.worker(self.worker.name)
-        give_up = time.monotonic() + timeout
         try:
-            while not r.exists(key):
-                assert self.thread.is_alive(), f"the worker exited: {self.error!r}"
-                assert time.monotonic() < give_up, "the worker wrote no heartbeat"
-                time.sleep(0.05)
+            up = wait_for(lambda: r.exists(key) or not self.thread.is_alive(), timeout, interval=0.05)
         finally:
             r.close()
+        assert self.thread.is_alive(), f"the worker exited: {self.error!r}"
+        assert up, "the worker wrote no heartbeat"
         return self
 
     def stop(self, timeout: float = 15.0) -> None:
