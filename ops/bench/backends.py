@@ -19,6 +19,16 @@ With --nf4 (a CUDA machine with bitsandbytes) it instead serves the 2B shape wit
 `--quantize nf4` and with bf16 in the same call (vlmq bench chat's load: 224-px frame,
 ~100-token prompt, 32 new tokens, --nf4-sessions sessions), recording
 `nf4_throughput_rps_<N>_sessions` and `nf4_gpu_memory_mib` against bf16.
+
+With --parity (CUDA) it checks the engine's bf16 fast path on the 2B shape, --parity-prompts
+prompts of vlmq bench chat's load:
+- `graph_eager_identical_fraction_same_shape`: the share of answers (--max-tokens tokens,
+  `ignore_eos`) that are the same token for token when the decode steps are CUDA-graph
+  replays and when the same steps run eagerly at the same batch bucket and KV span.
+- `bf16_topk_logprob_max_abs_diff`: the largest gap in log-probability over the top 5 tokens
+  of a pristine copy of the checkpoint (loaded separately, never given to an engine,
+  transformers' own forward and generate), the engine teacher-forced on the pristine
+  model's greedy tokens; the argmax agreement and near-tie check are in the log.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ import argparse
 import asyncio
 import logging
 import os
+import statistics
 import subprocess
 import time
 import uuid
@@ -53,6 +64,14 @@ def add_args(p) -> None:
     p.add_argument("--skip-agreement", action="store_true", help="only the req/s comparison")
     p.add_argument("--skip-rps", action="store_true", help="only the agreement")
     p.add_argument("--nf4", action="store_true", help="GPU: nf4 against bf16 on the 2B shape instead")
+    p.add_argument(
+        "--parity",
+        action="store_true",
+        help="GPU: graph/eager and pristine-model parity on the 2B shape instead",
+    )
+    p.add_argument(
+        "--parity-prompts", type=int, default=16, help="prompts of the parity checks (%(default)s)"
+    )
     p.add_argument("--nf4-sessions", type=int, default=128, help="sessions of the nf4 step (%(default)s)")
     p.add_argument(
         "--nf4-seconds", type=float, default=15.0, help="each measured nf4/bf16 window (%(default)s)"
@@ -388,6 +407,88 @@ def nf4(args) -> List[Any]:
     ]
 
 
+# ---------------------------------------------------------------------------- parity (GPU)
+
+
+def parity(args) -> List[Any]:
+    """The bf16 fast path against itself (graphs vs eager, same shapes) and a pristine copy."""
+    import argparse as ap
+
+    import torch
+
+    from inference_worker.engines.chat_engine import ChatEngine
+    from inference_worker.engines.options import EngineOptions
+    from inference_worker.engines.parity import compare_topk, engine_trace, reference_trace
+    from inference_worker.engines.prompt import user_prompt
+    from inference_worker.engines.sampling import Sampling
+    from inference_worker.models import load_vlm
+    from ops.bench import chat
+    from ops.bench.models import checkpoint
+    from ops.bench.records import machine_description, record
+
+    if not torch.cuda.is_available():
+        raise SystemExit("vlmq bench backends --parity: needs CUDA")
+    p = ap.ArgumentParser()
+    chat.add_args(p)
+    cargs = p.parse_args([])
+    n, tokens = args.parity_prompts, args.max_tokens
+    identical: List[float] = []
+    worst: List[float] = []
+    with checkpoint(args.model, "qwen2-vl", "2b", "cuda") as folder:
+        from transformers import AutoTokenizer
+
+        text = chat.prompt_text(AutoTokenizer.from_pretrained(folder), cargs.prompt_tokens)
+        prompts = [user_prompt(f, text) for f in chat.frames(n, cargs.image_size)]
+        samp = [Sampling(max_tokens=tokens)] * n
+        vlm = load_vlm(folder, device="cuda", dtype="bfloat16")
+        pristine = load_vlm(folder, device="cuda", dtype="bfloat16")  # never given to an engine
+        opts = dict(ignore_eos=True, kv_slots=n, max_context=1024)
+        graphs = ChatEngine(vlm, EngineOptions(decode="graphs", **opts), max_sequences=n)
+        eager = ChatEngine(vlm, EngineOptions(decode="eager-bucketed", **opts), max_sequences=n)
+        for _ in range(args.runs):
+            a = graphs.generate(prompts, samp)
+            b = eager.generate(prompts, samp)
+            identical.append(sum(x.token_ids == y.token_ids for x, y in zip(a, b)) / n)
+        del eager
+        for run in range(args.runs):
+            reports = []
+            for prompt in prompts:
+                ref = reference_trace(pristine, prompt, max_tokens=tokens)
+                reports.append(compare_topk(ref, engine_trace(graphs, prompt, ref.tokens), k=5))
+            worst.append(max(r.max_abs_diff for r in reports))
+            if run == 0:
+                agree = statistics.mean(r.argmax_agreement for r in reports)
+                close = sum(r.close for r in reports)
+                log.info(
+                    "top-5 parity over %d prompts: max |diff| %.4f, argmax agreement %.3f, %d of %d "
+                    "with every disagreement a near-tie",
+                    n,
+                    worst[-1],
+                    agree,
+                    close,
+                    n,
+                )
+    where = (
+        f"{os.environ.get('VLMQ_BENCH_GPU', '')}; qwen2-vl 2b random weights, bf16, {n} prompts of a "
+        f"{cargs.image_size}-px frame and ~{cargs.prompt_tokens} tokens, {tokens} tokens each; "
+        f"{machine_description()}"
+    )
+    return [
+        record(
+            "graph_eager_identical_fraction_same_shape",
+            identical,
+            "fraction",
+            machine=f"graph replays vs eager steps at the same batch bucket and KV span; {where}",
+        ),
+        record(
+            "bf16_topk_logprob_max_abs_diff",
+            worst,
+            "log-prob",
+            machine=f"engine (graphs) teacher-forced on a pristine copy's greedy tokens, top 5; {where}",
+        ),
+    ]
+
+
 # ---------------------------------------------------------------------------- run
 
 
@@ -403,6 +504,8 @@ def run(args) -> int:
             old = json.load(f)
     if args.nf4:
         new = nf4(args)
+    elif args.parity:
+        new = parity(args)
     else:
         try:
             import vllm
