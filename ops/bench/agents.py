@@ -18,7 +18,8 @@ g), `_adaptive`, `_sync`; fixed and adaptive have sync as their baseline, except
 requests_per_env_step_..._adaptive, whose baseline is fixed g: its ratio is the extra
 requests adaptive g costs. Further parts of the name say what else differs, so that one
 name has one meaning in a results file: the env unless MiniWorld-OneRoom-v0 (`_frames`),
-`_synthetic_<ms>ms` for the synthetic worker, `_mixed` when --chat-sessions closed-loop
+`_synthetic_<ms>ms` for the synthetic worker, --tag as given (e.g. where the env renders),
+`_mixed` when --chat-sessions closed-loop
 text_action sessions (free text, one frame, a ~--chat-prompt-tokens prompt, decoding
 exactly --chat-max-tokens: start the worker with `--option ignore_eos=1`) share the
 worker (`_mixed_<S>x<T>` unless 16 x 256); chat_rps_... is their requests/s while the
@@ -108,6 +109,12 @@ def add_args(p) -> None:
     p.add_argument("--chat-image-size", type=int, default=224, help="chat frame side (%(default)s)")
     p.add_argument("--label", default="", help="what serves the requests, for the records (external)")
     p.add_argument(
+        "--tag",
+        default="",
+        help="appended to every metric name after the env's part, for a setup the name must tell apart "
+        "(e.g. _gl_on_gpu: MiniWorld rendered on the serving GPU)",
+    )
+    p.add_argument(
         "--fresh",
         action="store_true",
         help="write only this run's records; by default the records of other metrics already in --out "
@@ -133,8 +140,8 @@ def _mode_tag(mode: str, g: float) -> str:
 
 
 def metric_name(family: str, args, n: int, mode: str) -> str:
-    """<family>_<R>hz_<N>_sessions[_env][_synthetic_<ms>ms][_mixed[_SxT]][_mode]."""
-    name = f"{family}_{args.rate_hz:g}hz_{n}_sessions{_env_tag(args.env)}"
+    """<family>_<R>hz_<N>_sessions[_env][tag][_synthetic_<ms>ms][_mixed[_SxT]][_mode]."""
+    name = f"{family}_{args.rate_hz:g}hz_{n}_sessions{_env_tag(args.env)}{args.tag}"
     if args.worker == "synthetic":
         name += f"_synthetic_{args.latency_ms:g}ms"
     if args.chat_sessions:

@@ -14,6 +14,9 @@
 # PARTS=vla KEEP_WORKER=1 OUT=/tmp/o (the worker outlives the call in its own session), the
 # second with PARTS=mixed OUT=/tmp/o reuses it (and its Redis, the daemon on 6379 there);
 # copy /tmp/o to the call's $OUT.
+# RENDER=cpu renders MiniWorld with Mesa's llvmpipe on the CPU cores (ops/bench/prepare_mesa.sh,
+# on_device_mesa.sh) instead of through the NVIDIA EGL driver on the serving card; TAG is
+# appended to the metric names (vlmq bench agents --tag).
 # DIAG_FRAMES=1 adds one unrecorded fixed-g run on synthetic frames after the VLA part: with
 # no rendering beside the worker, it tells the simulators' share of the box from the worker's.
 #
@@ -40,6 +43,8 @@ SIZE=${SIZE:-224}
 CHAT_SESSIONS=${CHAT_SESSIONS:-16}  # 0: no mixed part
 CHAT_TOKENS=${CHAT_TOKENS:-256}
 CHAT_PROCS=${CHAT_PROCS:-2}
+RENDER=${RENDER:-gpu}  # where MiniWorld renders: gpu (NVIDIA EGL) or cpu (Mesa llvmpipe)
+TAG=${TAG:-}
 PARTS=${PARTS:-vla,mixed}  # vla: the VLA-only modes (writes agents.json afresh); mixed: with chat beside
 OUT=${OUT:-/tmp/vlmq-out}
 export PYTHONUNBUFFERED=1
@@ -71,6 +76,9 @@ if [ "$DEVICE" != cpu ]; then
   elif [ -d /tmp/site-gl/miniworld ]; then  # installed by an earlier call on this warm machine
     export PYTHONPATH=/tmp/site-gl:$PYTHONPATH
     export __EGL_VENDOR_LIBRARY_FILENAMES=/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json
+  fi
+  if [ "$RENDER" = cpu ]; then
+    source /tmp/mesaroot/env.sh || { echo "RENDER=cpu: run ops/bench/on_device_mesa.sh first"; exit 1; }
   fi
   REDIS=${REDIS:-redis://127.0.0.1:6379/0}
 else
@@ -160,7 +168,7 @@ echo "worker ready after $((SECONDS - t0)) s"
 LABEL="VLA worker ($PRESET-shape Qwen2-VL + untrained expert, vlmq vla init; serves $KINDS) on ${VLMQ_BENCH_GPU:-$DEVICE}"
 common=(bench agents --worker external --redis-url "$REDIS" --prefix "$PREFIX" --env "$ENV_ID" --size "$SIZE"
         --sessions "$SESSIONS" --procs "$PROCS" --seconds "$RUN_S" --runs "$RUNS" --warmup-s "$WARMUP_S"
-        --label "$LABEL" --out "$OUT/agents.json")
+        --label "$LABEL" --tag "$TAG" --out "$OUT/agents.json")
 rc=0
 if [[ ,$PARTS, == *,vla,* ]]; then
 vlmq --log-level WARNING "${common[@]}" --modes sync,fixed,adaptive --fresh 2>&1 | tee "$OUT/bench_vla.log" | grep -v "^ *$" | tail -15
