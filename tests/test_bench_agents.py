@@ -34,6 +34,10 @@ def test_metric_names_carry_everything_that_changes_their_meaning():
     assert agents.metric_name("starvation_fraction", frames, 16, "fixed") == (
         "starvation_fraction_30hz_16_sessions_frames_synthetic_100ms"
     )
+    tagged = _args("--worker", "external", "--tag", "_gl_on_gpu", "--chat-sessions", "16")
+    assert agents.metric_name("starvation_fraction", tagged, 64, "adaptive") == (
+        "starvation_fraction_30hz_64_sessions_gl_on_gpu_mixed_adaptive"
+    )
 
 
 def _summary(starved: float, rps: float) -> dict:
