@@ -16,7 +16,8 @@
 # copy /tmp/o to the call's $OUT.
 # RENDER=cpu renders MiniWorld with Mesa's llvmpipe on the CPU cores (ops/bench/prepare_mesa.sh,
 # on_device_mesa.sh) instead of through the NVIDIA EGL driver on the serving card; TAG is
-# appended to the metric names (vlmq bench agents --tag).
+# appended to the metric names (vlmq bench agents --tag). MIXED_MODES (fixed,adaptive) are the
+# modes of the mixed part.
 # DIAG_FRAMES=1 adds one unrecorded fixed-g run on synthetic frames after the VLA part: with
 # no rendering beside the worker, it tells the simulators' share of the box from the worker's.
 #
@@ -185,7 +186,7 @@ if [ -n "${DIAG_FRAMES:-}" ] && [ "$ENV_ID" != Frames-v0 ]; then
   echo "Frames-v0 diagnostic done after $((SECONDS - t0)) s"
 fi
 if [ "$CHAT_SESSIONS" -gt 0 ] && [[ ,$PARTS, == *,mixed,* ]]; then
-  vlmq --log-level WARNING "${common[@]}" --modes fixed,adaptive --chat-sessions "$CHAT_SESSIONS" \
+  vlmq --log-level WARNING "${common[@]}" --modes "${MIXED_MODES:-fixed,adaptive}" --chat-sessions "$CHAT_SESSIONS" \
     --chat-max-tokens "$CHAT_TOKENS" --chat-procs "$CHAT_PROCS" --chat-tokenizer "$M" 2>&1 \
     | tee "$OUT/bench_mixed.log" | grep -v "^ *$" | tail -15
   [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
