@@ -148,7 +148,10 @@ def test_text_stack_matches_the_full_forward(engine, pristine):
         pos = batch.next_positions[:, None] + torch.arange(cont.shape[1])
         ours = engine.stack.forward(cache, cont, pos, torch.tensor(batch.length))
         ref = pristine.model(**stock_kwargs(batch, cont)).logits[:, -cont.shape[1] :].float()
-    assert torch.allclose(ours, ref, atol=1e-4, rtol=1e-4)
+    # at the logits' scale: both sides sum in their own order over random weights (up to
+    # 4e-4 of it seen on an AMD EPYC, 1e-5 elementwise on others); a wrong position or a
+    # stale cache column is off by the scale itself
+    assert near(ours, ref, rel=1e-3)
 
 
 def test_greedy_matches_the_stock_forward(engine, pristine):
