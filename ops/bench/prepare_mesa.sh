@@ -6,14 +6,16 @@
 # git-ignored folders that each fit a call's 64 MiB carry beside others:
 #   .devcarry-mesa1/  libLLVM, the DRI drivers, z3            (~37 MB)
 #   .devcarry-mesa2/  the rest                                 (~14 MB)
-# Usage, from the repository root (after ../shared/device/prepare-gl.sh):
+# Usage, from the repository root: ../shared/device/prepare-gl.sh, then
+#   python3 ops/bench/slim_miniworld.py .devcarry-gl/whl/miniworld-2.1.0-py3-none-any.whl
 #   bash ops/bench/prepare_mesa.sh
-# On a warm device machine: a call carrying [".devcarry-gl", ".devcarry-mesa2"] that runs
+# (the slim wheel keeps OneRoom's textures only: 1.8 MB instead of 39). On the device tool,
+# a call carrying [".devcarry-gl", ".devcarry-mesa1", ".devcarry-mesa2"] (~54 MB) that runs
 #   source .devcarry-gl/on-device-gl.sh && bash ops/bench/on_device_mesa.sh
-# then a call carrying [".devcarry", ".devcarry-chat", ".devcarry-mesa1"] that runs
-#   bash ops/bench/on_device_mesa.sh && RENDER=cpu VLMQ_BENCH_COMMIT=<sha> bash ops/bench/gpu_agents.sh
-# (on_device_mesa.sh unpacks what each call carries into /tmp/mesaroot; /tmp outlives a
-# call while the machine is warm).
+# then, on the same warm machine, a call carrying [".devcarry", ".devcarry-chat"] that runs
+#   RENDER=cpu VLMQ_BENCH_COMMIT=<sha> bash ops/bench/gpu_agents.sh
+# (/tmp outlives a call while the machine is warm: MiniWorld in /tmp/site-gl, Mesa in
+# /tmp/mesaroot).
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 for d in .devcarry-mesa1 .devcarry-mesa2; do
