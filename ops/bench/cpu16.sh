@@ -4,7 +4,7 @@
 # where 4 agent processes, 4 workers and Redis each get a core, unlike on 2 cores. About 4
 # minutes. Writes scale_cpu16.json/.png, scale_cluster_cpu16.json/.png and
 # transport_cpu16.json into the folder given (default benchmarks/results), and cpu16.log.
-# SKIP_CLUSTER=1 leaves out the cluster part (~1 minute).
+# SKIP_CLUSTER=1 leaves out the cluster part (~1 minute); DURATION (3) is each measured window in s.
 #
 # On the device tool, from the repository root: first, here,
 #   bash ../shared/device/prepare.sh fastapi==0.165.0 starlette==1.10.0 uvicorn==0.55.0 httptools==0.9.0
@@ -28,7 +28,7 @@ vlmq() { python3 -m ops.cli --log-level WARNING "$@"; }
 
 echo "cores: $(nproc), load: $(cut -d' ' -f1-3 /proc/loadavg), redis: $(redis-server --version | cut -d' ' -f3)"
 t0=$SECONDS
-vlmq bench scale --workers 1,4 --procs 1,2,4 --repeats 3 --duration 3 --out "$out/scale_cpu16.json"
+vlmq bench scale --workers 1,4 --procs 1,2,4 --repeats 3 --duration "${DURATION:-3}" --out "$out/scale_cpu16.json"
 echo "scale: $((SECONDS - t0)) s"
 t1=$SECONDS
 if [ -z "${SKIP_CLUSTER:-}" ]; then
@@ -37,5 +37,5 @@ if [ -z "${SKIP_CLUSTER:-}" ]; then
   echo "scale on a cluster: $((SECONDS - t1)) s"
 fi
 t2=$SECONDS
-vlmq bench transport --rounds 3 --duration 3 --out "$out/transport_cpu16.json"
+vlmq bench transport --rounds 3 --duration "${DURATION:-3}" --out "$out/transport_cpu16.json"
 echo "transport: $((SECONDS - t2)) s; all: $((SECONDS - t0)) s"
