@@ -78,9 +78,6 @@ if [ "$DEVICE" != cpu ]; then
     export PYTHONPATH=/tmp/site-gl:$PYTHONPATH
     export __EGL_VENDOR_LIBRARY_FILENAMES=/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json
   fi
-  if [ "$RENDER" = cpu ]; then
-    source /tmp/mesaroot/env.sh || { echo "RENDER=cpu: run ops/bench/on_device_mesa.sh first"; exit 1; }
-  fi
   REDIS=${REDIS:-redis://127.0.0.1:6379/0}
 else
   export PYTHONPATH=$PWD:${PYTHONPATH:-}
@@ -92,6 +89,9 @@ else
     for _ in $(seq 50); do redis-cli -p "$PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
     REDIS=redis://127.0.0.1:$PORT/0
   fi
+fi
+if [ "$RENDER" = cpu ]; then
+  source /tmp/mesaroot/env.sh || { echo "RENDER=cpu: run ops/bench/on_device_mesa.sh first"; exit 1; }
 fi
 vlmq() { python3 -m ops.cli "$@"; }
 
