@@ -219,7 +219,9 @@ def test_good_wait_goes_over_a_second_without_the_structure_scan(settings, monke
     keys = Keys(settings.prefix)
     stream = keys.request_stream(KIND, 0)
     bomb = TextActionRequest(session_id="bomb", messages=[ChatMessage(role="user", content="x")])
-    body = msgpack.packb({**bomb.to_wire(), **{f"f{i}": 0 for i in range(150_000)}})
+    # big enough that the unbounded decoder's scan takes well over a second on a fast core
+    # (150,000 fields took 0.83 s on an AMD EPYC); the bounded one refuses it at the header
+    body = msgpack.packb({**bomb.to_wire(), **{f"f{i}": 0 for i in range(600_000)}})
     good = TextActionRequest(session_id="good", messages=[ChatMessage(role="user", content="hi")])
     with WorkerThread(synthetic_settings(settings, kinds=(KIND,))):
         r.xadd(stream, {"v": "1", "kind": KIND, "rid": bomb.request_id, "sid": "bomb", "body": body})
