@@ -72,6 +72,13 @@ def add_args(p) -> None:
     p.add_argument(
         "--parity-prompts", type=int, default=16, help="prompts of the parity checks (%(default)s)"
     )
+    p.add_argument(
+        "--parity-device",
+        default="cuda",
+        choices=("cuda", "cpu"),
+        help="cpu: a dry run of --parity on the tiny model in fp32, eager steps at exact against padded "
+        "shapes (a check of the bench itself, not a figure) (%(default)s)",
+    )
     p.add_argument("--nf4-sessions", type=int, default=128, help="sessions of the nf4 step (%(default)s)")
     p.add_argument(
         "--nf4-seconds", type=float, default=15.0, help="each measured nf4/bf16 window (%(default)s)"
@@ -411,7 +418,8 @@ def nf4(args) -> List[Any]:
 
 
 def parity(args) -> List[Any]:
-    """The bf16 fast path against itself (graphs vs eager, same shapes) and a pristine copy."""
+    """The bf16 fast path against itself (graphs vs eager, same shapes) and a pristine copy;
+    with --parity-device cpu the same steps on the tiny model in fp32 (no graphs on a CPU)."""
     import argparse as ap
 
     import torch
@@ -426,24 +434,26 @@ def parity(args) -> List[Any]:
     from ops.bench.models import checkpoint
     from ops.bench.records import machine_description, record
 
-    if not torch.cuda.is_available():
-        raise SystemExit("vlmq bench backends --parity: needs CUDA")
+    device = args.parity_device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("vlmq bench backends --parity: needs CUDA (--parity-device cpu: a dry run)")
+    preset, dtype, fast = ("2b", "bfloat16", "graphs") if device == "cuda" else ("tiny", "float32", "eager")
     p = ap.ArgumentParser()
     chat.add_args(p)
     cargs = p.parse_args([])
     n, tokens = args.parity_prompts, args.max_tokens
     identical: List[float] = []
     worst: List[float] = []
-    with checkpoint(args.model, "qwen2-vl", "2b", "cuda") as folder:
+    with checkpoint(args.model, "qwen2-vl", preset, device) as folder:
         from transformers import AutoTokenizer
 
         text = chat.prompt_text(AutoTokenizer.from_pretrained(folder), cargs.prompt_tokens)
         prompts = [user_prompt(f, text) for f in chat.frames(n, cargs.image_size)]
         samp = [Sampling(max_tokens=tokens)] * n
-        vlm = load_vlm(folder, device="cuda", dtype="bfloat16")
-        pristine = load_vlm(folder, device="cuda", dtype="bfloat16")  # never given to an engine
+        vlm = load_vlm(folder, device=device, dtype=dtype)
+        pristine = load_vlm(folder, device=device, dtype=dtype)  # never given to an engine
         opts = dict(ignore_eos=True, kv_slots=n, max_context=1024)
-        graphs = ChatEngine(vlm, EngineOptions(decode="graphs", **opts), max_sequences=n)
+        graphs = ChatEngine(vlm, EngineOptions(decode=fast, **opts), max_sequences=n)
         eager = ChatEngine(vlm, EngineOptions(decode="eager-bucketed", **opts), max_sequences=n)
         for _ in range(args.runs):
             a = graphs.generate(prompts, samp)
@@ -469,7 +479,7 @@ def parity(args) -> List[Any]:
                     n,
                 )
     where = (
-        f"{os.environ.get('VLMQ_BENCH_GPU', '')}; qwen2-vl 2b random weights, bf16, {n} prompts of a "
+        f"{os.environ.get('VLMQ_BENCH_GPU', '')}; qwen2-vl {preset} random weights, {dtype}, {n} prompts of a "
         f"{cargs.image_size}-px frame and ~{cargs.prompt_tokens} tokens, {tokens} tokens each; "
         f"{machine_description()}"
     )
@@ -538,14 +548,17 @@ def run(args) -> int:
                 )
                 new.append(record("vllm_cpu_rps", r["vllm"], "requests/s", r["hf"], machine=load_desc))
                 new.append(record("hf_cpu_rps", r["hf"], "requests/s", machine=load_desc))
-    names = {r.metric for r in new}
-    kept = [Record(**o) for o in old if o["metric"] not in names]
-    write_results(args.out, kept + new)
     for r in new:
         print(
             f"{r.metric}: {r.value} {r.unit}"
             + (f" (baseline {r.baseline}, x{r.ratio})" if r.baseline else "")
         )
+    if args.parity and args.parity_device == "cpu":
+        print("a dry run (--parity-device cpu): nothing written")
+        return 0
+    names = {r.metric for r in new}
+    kept = [Record(**o) for o in old if o["metric"] not in names]
+    write_results(args.out, kept + new)
     return 0
 
 
