@@ -108,7 +108,8 @@ def add_agent_args(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="adapter option, repeatable (textworld: game=PATH, games=N, rooms=N; alfworld: split=...)",
+        help="adapter option, repeatable (textworld: game=PATH, games=N, rooms=N; alfworld: split=...; "
+        "miniworld: render=cpu draws with Mesa on the CPU, off the GPU)",
     )
     flag(
         r,

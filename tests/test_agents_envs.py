@@ -255,3 +255,70 @@ def test_minerl_dict_maps_to_miniworld_actions():
     assert action_from_minerl({"attack": 1}, 8) == PICKUP
     assert action_from_minerl({"attack": 1}, 3) == MOVE_FORWARD  # OneRoom has 3 actions
     assert action_from_minerl({}, 3) == MOVE_FORWARD
+
+
+def _render_in_fresh_process(code: str) -> str:
+    """Run `code` in a new interpreter without EGL loaded (glvnd's vendor choice is
+    process-wide and made once) and no vendor variable of the caller's; its stdout."""
+    import subprocess
+    import sys
+
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("__EGL_VENDOR_LIBRARY_FILENAMES", "LP_NUM_THREADS")
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, check=False
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+def test_miniworld_render_cpu_picks_mesa_before_egl_loads():
+    from env_agents.envs.miniworld import MESA_EGL_VENDOR
+
+    if not os.path.exists(MESA_EGL_VENDOR):
+        pytest.skip("no Mesa EGL vendor library here")
+    out = _render_in_fresh_process(
+        "import os\n"
+        "from env_agents.envs.miniworld import make_miniworld\n"
+        "env = make_miniworld('MiniWorld-OneRoom-v0', size=32, render='cpu')\n"
+        "from pyglet.gl import gl_info\n"
+        "print(gl_info.get_renderer()); print(os.environ['__EGL_VENDOR_LIBRARY_FILENAMES'])\n"
+        "print(os.environ['LP_NUM_THREADS'])\n"
+        "try:\n"
+        "    make_miniworld('MiniWorld-OneRoom-v0', size=32, render='cpu')\n"
+        "    print('again ok')\n"
+        "except RuntimeError as exc:\n"
+        "    print('again', exc)\n"
+    )
+    renderer, vendors, threads, again = out.strip().splitlines()[-4:]
+    assert "llvmpipe" in renderer and vendors == MESA_EGL_VENDOR and threads == "1"
+    assert again == "again ok"  # the same choice again is no change
+
+
+def test_miniworld_render_cpu_after_egl_loaded_or_unknown_is_refused():
+    from env_agents.envs.miniworld import MESA_EGL_VENDOR, choose_renderer
+
+    with pytest.raises(ValueError, match="render='gpu0': use one of auto, cpu"):
+        choose_renderer("gpu0")
+    if not os.path.exists(MESA_EGL_VENDOR):
+        pytest.skip("no Mesa EGL vendor library here")
+    out = _render_in_fresh_process(
+        "from env_agents.envs.miniworld import make_miniworld\n"
+        "make_miniworld('MiniWorld-OneRoom-v0', size=32)\n"
+        "try:\n"
+        "    make_miniworld('MiniWorld-OneRoom-v0', size=32, render='cpu')\n"
+        "except RuntimeError as exc:\n"
+        "    print(exc)\n"
+    )
+    assert "before this process's first MiniWorld env" in out
+
+
+def test_miniworld_render_cpu_without_mesa_says_what_to_install(monkeypatch):
+    import env_agents.envs.miniworld as mw
+
+    monkeypatch.delenv(mw.EGL_VENDORS, raising=False)
+    monkeypatch.setattr(mw, "MESA_EGL_VENDOR", "/nonexistent/50_mesa.json")
+    with pytest.raises(RuntimeError, match="apt-get install -y libegl-mesa0"):
+        mw.choose_renderer("cpu")
+    assert mw.EGL_VENDORS not in os.environ

@@ -1,7 +1,11 @@
 """MiniWorld (3-D navigation), rendered headless, as a Gymnasium env and as an agent adapter.
 
-pyglet must be told to run headless before miniworld is imported (software Mesa through
-EGL, no X server); that is why every MiniWorld env in vlmq comes from `make_miniworld`.
+pyglet must be told to run headless before miniworld is imported (EGL, no X server); that
+is why every MiniWorld env in vlmq comes from `make_miniworld`. EGL draws with whatever
+driver glvnd finds: the GPU's where there is one. `render="cpu"` points glvnd at Mesa's
+vendor library instead (llvmpipe, one thread unless LP_NUM_THREADS says otherwise), so
+simulators on the machine that serves the model leave its GPU to the model: sixteen
+processes rendering on the serving H100 made its batches ~5x slower (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -9,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
+import sys
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -34,6 +40,33 @@ TURN_LEFT, TURN_RIGHT, MOVE_FORWARD, MOVE_BACK, PICKUP, DROP, TOGGLE, DONE = ran
 ACTION_NAMES = ("turn left", "turn right", "move forward", "move back", "pick up", "drop", "toggle", "done")
 
 
+# glvnd's variable naming the EGL vendor libraries to load, and where Mesa installs its own
+EGL_VENDORS = "__EGL_VENDOR_LIBRARY_FILENAMES"
+MESA_EGL_VENDOR = "/usr/share/glvnd/egl_vendor.d/50_mesa.json"
+RENDERS = ("auto", "cpu")
+
+
+def choose_renderer(render: str) -> None:
+    """auto: EGL's own choice; cpu: Mesa's llvmpipe. glvnd reads its vendor list once, when
+    the process first loads EGL, so the choice must come before the first env."""
+    if render not in RENDERS:
+        raise ValueError(f"render={render!r}: use one of {', '.join(RENDERS)}")
+    if render == "auto":
+        return
+    current = os.environ.get(EGL_VENDORS, "")
+    if "mesa" in os.path.basename(current):
+        return  # already Mesa (a vendor file of the user's own)
+    if not os.path.exists(MESA_EGL_VENDOR):
+        raise RuntimeError(
+            f"render=cpu needs Mesa's EGL vendor library ({MESA_EGL_VENDOR}): "
+            "apt-get install -y libegl-mesa0 libgl1-mesa-dri"
+        )
+    if "pyglet.libs.egl.egl" in sys.modules:
+        raise RuntimeError("render=cpu must be chosen before this process's first MiniWorld env")
+    os.environ[EGL_VENDORS] = MESA_EGL_VENDOR
+    os.environ.setdefault("LP_NUM_THREADS", "1")  # an agent process per core: no extra threads
+
+
 def _import_headless() -> None:
     try:
         import pyglet
@@ -51,13 +84,17 @@ def _import_headless() -> None:
         ) from exc
 
 
-def make_miniworld(env_id: str = DEFAULT_ENV, size: int = 224, seed: int = 0, **kwargs: Any):
+def make_miniworld(
+    env_id: str = DEFAULT_ENV, size: int = 224, seed: int = 0, render: str = "auto", **kwargs: Any
+):
     """A headless MiniWorld Gymnasium env whose observations are uint8 (size, size, 3).
 
     The env is reset once with `seed`, so the episodes that follow (reset() without a
-    seed) are reproducible too. `max_episode_steps` replaces the env's time limit; other
-    kwargs go to the env constructor.
+    seed) are reproducible too. `render` is auto or cpu (choose_renderer);
+    `max_episode_steps` replaces the env's time limit; other kwargs go to the env
+    constructor.
     """
+    choose_renderer(render)
     _import_headless()
     import gymnasium as gym
 

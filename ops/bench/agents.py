@@ -109,6 +109,12 @@ def add_args(p) -> None:
     p.add_argument("--chat-image-size", type=int, default=224, help="chat frame side (%(default)s)")
     p.add_argument("--label", default="", help="what serves the requests, for the records (external)")
     p.add_argument(
+        "--render",
+        default="auto",
+        choices=("auto", "cpu"),
+        help="MiniWorld: where it renders; cpu is Mesa's llvmpipe, off the GPU (%(default)s)",
+    )
+    p.add_argument(
         "--tag",
         default="",
         help="appended to every metric name after the env's part, for a setup the name must tell apart "
@@ -188,8 +194,10 @@ def _run_mode(args, broker: BrokerSettings, n: int, mode: str, seconds: float) -
         size=args.size,
         # One episode spans the whole run: the env's own time limit would otherwise end it
         # (and add resets to the measurement).
-        env_options={"max_episode_steps": control.max_steps + 10}
-        if args.env.startswith("MiniWorld-") or args.env == "Frames-v0"
+        env_options={"max_episode_steps": control.max_steps + 10, "render": args.render}
+        if args.env.startswith("MiniWorld-")
+        else {"max_episode_steps": control.max_steps + 10}
+        if args.env == "Frames-v0"
         else {},
         session_prefix=f"bench-{n}-{mode}-{time.time_ns()}",
     )
@@ -406,13 +414,13 @@ def _gpu_name() -> str:
         return ""
 
 
-def renderer(env_id: str, size: int) -> str:
+def renderer(env_id: str, size: int, render: str = "auto") -> str:
     """How the env draws its frames, for the records (MiniWorld: the GL renderer)."""
     if not env_id.startswith("MiniWorld-"):
         return "synthetic frames" if env_id == "Frames-v0" else "its own rendering"
     from env_agents.envs.miniworld import make_miniworld
 
-    env = make_miniworld(env_id, size=size)
+    env = make_miniworld(env_id, size=size, render=render)
     try:
         from pyglet.gl import gl_info
 
@@ -508,7 +516,7 @@ def run(args) -> int:
     records: List[Record] = []
     try:
         wait_for_kinds(broker, ["action_chunk"] + (["text_action"] if args.chat_sessions else []), 120)
-        render = renderer(args.env, args.size)
+        render = renderer(args.env, args.size, args.render)
         text = chat_prompt(args) if args.chat_sessions else ""
         for n in counts:
             records += _measure(args, broker, n, modes, describe(args, n, modes, label, render, text), text)

@@ -96,8 +96,10 @@ fi
 vlmq() { python3 -m ops.cli "$@"; }
 
 # Can the env render here? If not, measure on synthetic frames rather than not at all.
-if ! python3 -c "import sys; from ops.bench.agents import renderer; print(renderer(sys.argv[1], int(sys.argv[2])))" \
-    "$ENV_ID" "$SIZE" 2>"$OUT/render_probe.log"; then
+R=auto
+[ "$RENDER" = cpu ] && R=cpu
+if ! python3 -c "import sys; from ops.bench.agents import renderer; print(renderer(sys.argv[1], int(sys.argv[2]), sys.argv[3]))" \
+    "$ENV_ID" "$SIZE" "$R" 2>"$OUT/render_probe.log"; then
   echo "WARNING: $ENV_ID does not render here ($(tail -1 "$OUT/render_probe.log")); falling back to Frames-v0"
   ENV_ID=Frames-v0
 fi
@@ -169,7 +171,7 @@ echo "worker ready after $((SECONDS - t0)) s"
 LABEL="VLA worker ($PRESET-shape Qwen2-VL + untrained expert, vlmq vla init; serves $KINDS) on ${VLMQ_BENCH_GPU:-$DEVICE}"
 common=(bench agents --worker external --redis-url "$REDIS" --prefix "$PREFIX" --env "$ENV_ID" --size "$SIZE"
         --sessions "$SESSIONS" --procs "$PROCS" --seconds "$RUN_S" --runs "$RUNS" --warmup-s "$WARMUP_S"
-        --label "$LABEL" --tag "$TAG" --out "$OUT/agents.json")
+        --label "$LABEL" --tag "$TAG" --render "$R" --out "$OUT/agents.json")
 rc=0
 if [[ ,$PARTS, == *,vla,* ]]; then
 vlmq --log-level WARNING "${common[@]}" --modes sync,fixed,adaptive --fresh 2>&1 | tee "$OUT/bench_vla.log" | grep -v "^ *$" | tail -15
