@@ -259,13 +259,16 @@ def test_minerl_dict_maps_to_miniworld_actions():
 
 def _render_in_fresh_process(code: str) -> str:
     """Run `code` in a new interpreter without EGL loaded (glvnd's vendor choice is
-    process-wide and made once) and no vendor variable of the caller's; its stdout."""
+    process-wide and made once) and no vendor variable of the caller's; its stdout.
+    Skips where Mesa's EGL vendor library is missing."""
     import subprocess
     import sys
 
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("__EGL_VENDOR_LIBRARY_FILENAMES", "LP_NUM_THREADS")
-    }
+    from env_agents.envs.miniworld import EGL_VENDORS, MESA_EGL_VENDOR
+
+    if not os.path.exists(MESA_EGL_VENDOR):
+        pytest.skip("no Mesa EGL vendor library here")
+    env = {k: v for k, v in os.environ.items() if k not in (EGL_VENDORS, "LP_NUM_THREADS")}
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, check=False
     )
@@ -276,8 +279,6 @@ def _render_in_fresh_process(code: str) -> str:
 def test_miniworld_render_cpu_picks_mesa_before_egl_loads():
     from env_agents.envs.miniworld import MESA_EGL_VENDOR
 
-    if not os.path.exists(MESA_EGL_VENDOR):
-        pytest.skip("no Mesa EGL vendor library here")
     out = _render_in_fresh_process(
         "import os\n"
         "from env_agents.envs.miniworld import make_miniworld\n"
@@ -297,12 +298,10 @@ def test_miniworld_render_cpu_picks_mesa_before_egl_loads():
 
 
 def test_miniworld_render_cpu_after_egl_loaded_or_unknown_is_refused():
-    from env_agents.envs.miniworld import MESA_EGL_VENDOR, choose_renderer
+    from env_agents.envs.miniworld import choose_renderer
 
     with pytest.raises(ValueError, match="render='gpu0': use one of auto, cpu"):
         choose_renderer("gpu0")
-    if not os.path.exists(MESA_EGL_VENDOR):
-        pytest.skip("no Mesa EGL vendor library here")
     out = _render_in_fresh_process(
         "from env_agents.envs.miniworld import make_miniworld\n"
         "make_miniworld('MiniWorld-OneRoom-v0', size=32)\n"

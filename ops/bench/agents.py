@@ -185,6 +185,13 @@ def _run_mode(args, broker: BrokerSettings, n: int, mode: str, seconds: float) -
     from env_agents.runner.spec import RunSpec
 
     control = _control(args, mode, seconds)
+    options: Dict[str, Any] = {}
+    if args.env.startswith("MiniWorld-") or args.env == "Frames-v0":
+        # One episode spans the whole run: the env's own time limit would otherwise end it
+        # (and add resets to the measurement).
+        options["max_episode_steps"] = control.max_steps + 10
+    if args.env.startswith("MiniWorld-"):
+        options["render"] = args.render
     spec = RunSpec(
         args.env,
         control,
@@ -192,13 +199,7 @@ def _run_mode(args, broker: BrokerSettings, n: int, mode: str, seconds: float) -
         n=n,
         procs=args.procs,
         size=args.size,
-        # One episode spans the whole run: the env's own time limit would otherwise end it
-        # (and add resets to the measurement).
-        env_options={"max_episode_steps": control.max_steps + 10, "render": args.render}
-        if args.env.startswith("MiniWorld-")
-        else {"max_episode_steps": control.max_steps + 10}
-        if args.env == "Frames-v0"
-        else {},
+        env_options=options,
         session_prefix=f"bench-{n}-{mode}-{time.time_ns()}",
     )
     result = launch(spec, progress=False)

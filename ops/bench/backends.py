@@ -363,6 +363,19 @@ def rps(folder: str, args) -> Dict[str, List[float]]:
     return out
 
 
+# ---------------------------------------------------------------------------- GPU steps
+
+
+def _chat_load(*argv: str) -> argparse.Namespace:
+    """vlmq bench chat's load settings (frame, prompt tokens, new tokens, sessions...), its
+    defaults unless `argv` says otherwise: the GPU steps measure on the same load."""
+    from ops.bench import chat
+
+    p = argparse.ArgumentParser()
+    chat.add_args(p)
+    return p.parse_args(list(argv))
+
+
 # ---------------------------------------------------------------------------- nf4 (GPU)
 
 
@@ -372,19 +385,15 @@ def nf4(args) -> List[Any]:
     from ops.bench.models import checkpoint
     from ops.bench.records import machine_description, record
 
-    p = argparse.ArgumentParser()
-    chat.add_args(p)
-    cargs = p.parse_args(
-        [
-            "--sessions",
-            str(args.nf4_sessions),
-            "--seconds",
-            str(args.nf4_seconds),
-            "--warmup-s",
-            str(args.nf4_warmup_s),
-            "--runs",
-            str(args.runs),
-        ]
+    cargs = _chat_load(
+        "--sessions",
+        str(args.nf4_sessions),
+        "--seconds",
+        str(args.nf4_seconds),
+        "--warmup-s",
+        str(args.nf4_warmup_s),
+        "--runs",
+        str(args.runs),
     )
     with checkpoint(args.model, "qwen2-vl", "2b", "cuda") as folder:
         from transformers import AutoTokenizer
@@ -420,8 +429,6 @@ def nf4(args) -> List[Any]:
 def parity(args) -> List[Any]:
     """The bf16 fast path against itself (graphs vs eager, same shapes) and a pristine copy;
     with --parity-device cpu the same steps on the tiny model in fp32 (no graphs on a CPU)."""
-    import argparse as ap
-
     import torch
 
     from inference_worker.engines.chat_engine import ChatEngine
@@ -438,9 +445,7 @@ def parity(args) -> List[Any]:
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("vlmq bench backends --parity: needs CUDA (--parity-device cpu: a dry run)")
     preset, dtype, fast = ("2b", "bfloat16", "graphs") if device == "cuda" else ("tiny", "float32", "eager")
-    p = ap.ArgumentParser()
-    chat.add_args(p)
-    cargs = p.parse_args([])
+    cargs = _chat_load()
     n, tokens = args.parity_prompts, args.max_tokens
     identical: List[float] = []
     worst: List[float] = []

@@ -169,7 +169,8 @@ def baselines(vlm, args, text: str, frame) -> Dict[str, Any]:
 
 def engine_checks(vlm, args, text: str) -> Dict[str, Any]:
     """The engine alone (no Redis): --sessions prompts through `generate` (per-run
-    requests/s and stages), a stage probe, and graph vs eager decoding at the same shapes."""
+    requests/s and stages) and a stage probe. (Graph vs eager decoding at the same shapes:
+    `vlmq bench backends --parity`.)"""
     from inference_worker.engines.chat_engine import ChatEngine
     from inference_worker.engines.options import EngineOptions
     from inference_worker.engines.prompt import user_prompt
@@ -180,7 +181,6 @@ def engine_checks(vlm, args, text: str) -> Dict[str, Any]:
     prompts = [user_prompt(f, text) for f in frames(n, args.image_size)]
     samp = [Sampling(max_tokens=args.max_tokens)] * n
     out: Dict[str, Any] = {}
-    on_gpu = vlm.device.type == "cuda"
     engine = ChatEngine(vlm, EngineOptions(ignore_eos=True, kv_slots=n, max_context=1024), max_sequences=n)
     engine.warmup()
     engine.generate(prompts, samp)
@@ -197,17 +197,6 @@ def engine_checks(vlm, args, text: str) -> Dict[str, Any]:
     out["engine_batch_rps"] = rps
     out.update(stages)
     out.update(stage_probe(engine, prompts, args.max_tokens, args.runs))
-    if on_gpu:
-        k = min(16, n)
-        opts = dict(ignore_eos=True, kv_slots=k, max_context=1024)
-        graphs = ChatEngine(vlm, EngineOptions(decode="graphs", **opts), max_sequences=k)
-        eager = ChatEngine(vlm, EngineOptions(decode="eager-bucketed", **opts), max_sequences=k)
-        a = graphs.generate(prompts[:k], samp[:k])
-        b = eager.generate(prompts[:k], samp[:k])
-        out["graph_eager_identical_fraction_same_shape"] = [
-            sum(x.token_ids == y.token_ids for x, y in zip(a, b)) / k
-        ]
-        del graphs, eager
     del engine, fast
     return out
 
@@ -505,7 +494,7 @@ def run(args) -> int:
     if seed:
         recs.append(record("baseline_generate_rps_batch1", seed, "requests/s", machine=where))
     for k, v in a.items():
-        if k.startswith(("engine_", "graph_", "probe_")):
+        if k.startswith(("engine_", "probe_")):
             unit = "ms" if k.endswith("_ms") else ("requests/s" if k.endswith("rps") else "fraction")
             recs.append(record(k, v, unit, batched if k == "engine_batch_rps" else None, machine=where))
     write_results(args.out, recs)

@@ -44,7 +44,7 @@ SIZE=${SIZE:-224}
 CHAT_SESSIONS=${CHAT_SESSIONS:-16}  # 0: no mixed part
 CHAT_TOKENS=${CHAT_TOKENS:-256}
 CHAT_PROCS=${CHAT_PROCS:-2}
-RENDER=${RENDER:-gpu}  # where MiniWorld renders: gpu (NVIDIA EGL) or cpu (Mesa llvmpipe)
+RENDER=${RENDER:-auto}  # where MiniWorld renders (bench agents --render): auto (EGL's driver) or cpu
 TAG=${TAG:-}
 PARTS=${PARTS:-vla,mixed}  # vla: the VLA-only modes (writes agents.json afresh); mixed: with chat beside
 OUT=${OUT:-/tmp/vlmq-out}
@@ -96,10 +96,8 @@ fi
 vlmq() { python3 -m ops.cli "$@"; }
 
 # Can the env render here? If not, measure on synthetic frames rather than not at all.
-R=auto
-[ "$RENDER" = cpu ] && R=cpu
 if ! python3 -c "import sys; from ops.bench.agents import renderer; print(renderer(sys.argv[1], int(sys.argv[2]), sys.argv[3]))" \
-    "$ENV_ID" "$SIZE" "$R" 2>"$OUT/render_probe.log"; then
+    "$ENV_ID" "$SIZE" "$RENDER" 2>"$OUT/render_probe.log"; then
   echo "WARNING: $ENV_ID does not render here ($(tail -1 "$OUT/render_probe.log")); falling back to Frames-v0"
   ENV_ID=Frames-v0
 fi
@@ -171,7 +169,7 @@ echo "worker ready after $((SECONDS - t0)) s"
 LABEL="VLA worker ($PRESET-shape Qwen2-VL + untrained expert, vlmq vla init; serves $KINDS) on ${VLMQ_BENCH_GPU:-$DEVICE}"
 common=(bench agents --worker external --redis-url "$REDIS" --prefix "$PREFIX" --env "$ENV_ID" --size "$SIZE"
         --sessions "$SESSIONS" --procs "$PROCS" --seconds "$RUN_S" --runs "$RUNS" --warmup-s "$WARMUP_S"
-        --label "$LABEL" --tag "$TAG" --render "$R" --out "$OUT/agents.json")
+        --label "$LABEL" --tag "$TAG" --render "$RENDER" --out "$OUT/agents.json")
 rc=0
 if [[ ,$PARTS, == *,vla,* ]]; then
 vlmq --log-level WARNING "${common[@]}" --modes sync,fixed,adaptive --fresh 2>&1 | tee "$OUT/bench_vla.log" | grep -v "^ *$" | tail -15
