@@ -168,6 +168,27 @@ def test_greedy_matches_the_stock_forward(engine, pristine):
         assert report.max_abs_diff < 1e-3, report
 
 
+
+def test_engine_trace_survives_a_reused_step_output(engine, monkeypatch):
+    """A CUDA-graph replay returns its static output buffer, and the next replay overwrites
+    it (the decode's logits are float32 already, so `.float()` is no copy). engine_trace
+    must give the same log-probabilities when every step returns one reused buffer."""
+    prompt = mixed_prompts()[0]
+    tokens = engine.generate([prompt], [Sampling(max_tokens=6)])[0].token_ids
+    plain = engine_trace(engine, prompt, tokens)
+    d = engine.decoder
+    step = d._forward
+    out: dict = {}
+
+    def replay(n, span):
+        logits = step(n, span)
+        buf = out.setdefault("buf", torch.empty_like(logits))
+        return buf.copy_(logits)
+
+    monkeypatch.setattr(d, "_forward", replay)
+    replayed = engine_trace(engine, prompt, tokens)
+    assert len(tokens) > 2 and torch.equal(plain.logprobs, replayed.logprobs)
+
 def test_greedy_matches_transformers_generate(engine, pristine):
     prompt = mixed_prompts()[0]
     ours = engine.generate([prompt], [Sampling(max_tokens=10)])[0]
