@@ -730,6 +730,7 @@ class Worker:
                 "model_name": self.settings.model_name or "",  # gateways route by it
                 "backend": self.settings.backend,
                 "device": self.settings.device,
+                "engine_path": _engine_path(self.handlers),
                 "metrics_port": self.settings.metrics_port,  # `vlmq top` scrapes host:metrics_port
                 "started_at": f"{self.started_at:.3f}",
                 "seen_at": f"{time.time():.3f}",
@@ -760,6 +761,16 @@ class Worker:
 def _prepare_all(core: EngineCore, items: List[Item]) -> List[Output]:
     """Prepare stepped requests (prep thread); the answered ones come back."""
     return [o for o in (core.prepare(i) for i in items) if o is not None]
+
+
+def _engine_path(handlers: Dict[str, Handler]) -> str:
+    """The chat engine's path: "fast", "stock" (asked for) or "stock (self-check failed)";
+    "" for a worker without the hf engine."""
+    for h in handlers.values():
+        path = getattr(getattr(h, "engine", None), "path", None)
+        if isinstance(path, str):
+            return path
+    return ""
 
 
 def _prefill_tokens(handlers: Dict[str, Handler]) -> int:

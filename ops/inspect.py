@@ -105,7 +105,8 @@ def render(snap: Dict[str, Any]) -> str:
     for w in snap["workers"]:
         lines.append(
             f"  {w.get('name'):<32} kinds={w.get('kinds')} backend={w.get('backend')} "
-            f"requests={w.get('requests')} batches={w.get('batches')} errors={w.get('errors')} "
+            + (f"engine={w['engine_path']!r} " if w.get("engine_path") else "")
+            + f"requests={w.get('requests')} batches={w.get('batches')} errors={w.get('errors')} "
             f"queued={w.get('queued')} in_flight={w.get('in_flight')} stalled={w['stalled_s']} s "
             f"redis_errors={w.get('redis_errors', 0)} seen {w['age_s']} s ago"
         )

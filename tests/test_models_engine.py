@@ -168,7 +168,6 @@ def test_greedy_matches_the_stock_forward(engine, pristine):
         assert report.max_abs_diff < 1e-3, report
 
 
-
 def test_engine_trace_survives_a_reused_step_output(engine, monkeypatch):
     """A CUDA-graph replay returns its static output buffer, and the next replay overwrites
     it (the decode's logits are float32 already, so `.float()` is no copy). engine_trace
@@ -188,6 +187,7 @@ def test_engine_trace_survives_a_reused_step_output(engine, monkeypatch):
     monkeypatch.setattr(d, "_forward", replay)
     replayed = engine_trace(engine, prompt, tokens)
     assert len(tokens) > 2 and torch.equal(plain.logprobs, replayed.logprobs)
+
 
 def test_greedy_matches_transformers_generate(engine, pristine):
     prompt = mixed_prompts()[0]

@@ -18,6 +18,7 @@ from inference_worker.engines.parity import compare_topk, engine_trace, referenc
 from inference_worker.handlers import build_handlers  # noqa: E402
 from inference_worker.models import ModelLoadError, load_vlm  # noqa: E402
 from inference_worker.settings import WorkerSettings  # noqa: E402
+from tests.helpers import WorkerThread  # noqa: E402
 
 
 def wrong_patch_embedding(model) -> bool:
@@ -74,6 +75,28 @@ def test_the_worker_serves_on_the_stock_path_after_a_failed_check(tiny_qwen2_vl,
     handlers = build_handlers(settings)
     engines = {id(h.engine) for h in handlers.values()}
     assert len(engines) == 1 and handlers["text_action"].engine.options.vision == "stock"
+    assert handlers["text_action"].engine.path == "stock (self-check failed)"
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_the_heartbeat_and_inspect_say_which_path_serves(settings, tiny_qwen2_vl, monkeypatch, broken):
+    """A fallback is visible without reading the worker's log: `vlmq inspect` shows the
+    engine's path from the heartbeat ("fast", or "stock (self-check failed)")."""
+    from broker.connection import connect_sync
+    from ops.inspect import render, snapshot
+
+    if broken:
+        monkeypatch.setattr(chat_engine_module, "use_linear_patch_embedding", wrong_patch_embedding)
+    worker = WorkerSettings(broker=settings, backend="hf", model_path=tiny_qwen2_vl, kinds=("text_action",))
+    with WorkerThread(worker) as thread:
+        thread.wait_live()
+        r = connect_sync(settings)
+        try:
+            shown = render(snapshot(r, settings))
+        finally:
+            r.close()
+    path = "stock (self-check failed)" if broken else "fast"
+    assert f"engine={path!r}" in shown, shown
 
 
 def test_the_check_can_be_turned_off(tiny_qwen2_vl, monkeypatch):

@@ -51,6 +51,9 @@ class ChatEngine:
     ) -> None:
         self.vlm = vlm
         self.options = options or EngineOptions()
+        # the path it serves, for the worker's heartbeat (`vlmq inspect`); self_check.py
+        # says why when it falls back
+        self.path = "stock" if self.options == self.options.stock() else "fast"
         self.model = vlm.model
         self.tokenizer = vlm.tokenizer
         self.device = vlm.device

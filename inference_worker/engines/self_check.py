@@ -142,6 +142,7 @@ def checked_engine(
     _free_memory()
     vlm = reload()
     engine = ChatEngine(vlm, options.stock(), max_sequences=max_sequences)
+    engine.path = "stock (self-check failed)"
     fallback = compare(engine, ref, tol=tol)
     if not fallback.ok:
         raise ModelLoadError(f"self-check failed on the stock path too: {fallback.reason}")

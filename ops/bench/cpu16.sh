@@ -7,8 +7,10 @@
 # SKIP_CLUSTER=1 leaves out the cluster part (~1 minute); DURATION (3) is each measured window in s.
 #
 # On the device tool, from the repository root: first, here,
-#   bash ../shared/device/prepare.sh fastapi==0.165.0 starlette==1.10.0 uvicorn==0.55.0 httptools==0.9.0
-# (redis-py, pydantic and a redis-server with redis-cli, plus the HTTP baselines' servers),
+#   bash ../shared/device/prepare.sh fastapi==0.165.0 starlette==1.10.0 uvicorn==0.55.0 httptools==0.9.0 \
+#     opentelemetry-api==1.45.3 annotated-doc==0.0.7
+# (redis-py, pydantic and a redis-server with redis-cli, plus the HTTP baselines' servers and
+# what fastapi imports that the GPU image lacks; prepare.sh downloads without dependencies),
 # then a run with carry [".devcarry"] and the command
 #   source .devcarry/on-device.sh && VLMQ_BENCH_COMMIT=<git SHA of this tree> bash ops/bench/cpu16.sh "$OUT"
 # and copy what comes back into benchmarks/results/.

@@ -68,10 +68,7 @@ cleanup() {
 trap cleanup EXIT
 
 if [ "$DEVICE" != cpu ]; then
-  source .devcarry/on-device.sh || exit 1
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-chat .devcarry-chat/*.whl || exit 1
-  export PYTHONPATH=/tmp/site-chat:$PWD:${PYTHONPATH:-}
-  export VLMQ_BENCH_GPU="${VLMQ_BENCH_GPU:-$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)}"
+  source ops/bench/gpu_env.sh || exit 1
   if [ -f .devcarry-gl/on-device-gl.sh ]; then
     source .devcarry-gl/on-device-gl.sh || echo "GL libraries / miniworld not installed"
   elif [ -d /tmp/site-gl/miniworld ]; then  # installed by an earlier call on this warm machine

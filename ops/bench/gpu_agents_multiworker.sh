@@ -11,9 +11,7 @@ set -uo pipefail
 PRESET=${PRESET:-2b}
 DEVICE=${DEVICE:-cuda}
 if [ "$DEVICE" != cpu ]; then
-  source .devcarry/on-device.sh || exit 1
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-chat .devcarry-chat/*.whl || exit 1
-  export PYTHONPATH=/tmp/site-chat:$PWD:${PYTHONPATH:-} VLMQ_BENCH_GPU="$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"
+  source ops/bench/gpu_env.sh || exit 1
 fi
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/vlmq-out}

@@ -1,10 +1,13 @@
 # Sourced by the GPU bench scripts on the device machine: the carried wheels (redis-py,
 # pydantic, ... and the pinned transformers), a redis-server on 6379, PYTHONPATH, $OUT,
-# VLMQ_BENCH_GPU (the card's name, for the records' `machine`).
+# VLMQ_BENCH_GPU (the card's name, for the records' `machine`), VLMQ_STRICT.
 source .devcarry/on-device.sh || return 1
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-chat .devcarry-chat/*.whl || return 1
 export PYTHONPATH=/tmp/site-chat:$PWD:$PYTHONPATH PYTHONUNBUFFERED=1
-export VLMQ_BENCH_GPU="$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"
+export VLMQ_BENCH_GPU="${VLMQ_BENCH_GPU:-$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)}"
+# a benchmark measures the engine's fast path or nothing: a worker whose start-up self-check
+# fails refuses to start instead of serving on the slower stock path (engines/self_check.py)
+export VLMQ_STRICT=${VLMQ_STRICT:-1}
 OUT=${OUT:-/tmp/vlmq-out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.used,memory.total,driver_version --format=csv
