@@ -4,7 +4,8 @@
 # where 4 agent processes, 4 workers and Redis each get a core, unlike on 2 cores. About 4
 # minutes. Writes scale_cpu16.json/.png, scale_cluster_cpu16.json/.png and
 # transport_cpu16.json into the folder given (default benchmarks/results), and cpu16.log.
-# SKIP_CLUSTER=1 leaves out the cluster part (~1 minute); DURATION (3) is each measured window in s.
+# SKIP_CLUSTER=1 leaves out the cluster part (~1 minute), SKIP_SCALE=1 the one-Redis part;
+# DURATION (3) is each measured window in s.
 #
 # On the device tool, from the repository root: first, here,
 #   bash ../shared/device/prepare.sh fastapi==0.165.0 starlette==1.10.0 uvicorn==0.55.0 httptools==0.9.0 \
@@ -30,8 +31,10 @@ vlmq() { python3 -m ops.cli --log-level WARNING "$@"; }
 
 echo "cores: $(nproc), load: $(cut -d' ' -f1-3 /proc/loadavg), redis: $(redis-server --version | cut -d' ' -f3)"
 t0=$SECONDS
-vlmq bench scale --workers 1,4 --procs 1,2,4 --repeats 3 --duration "${DURATION:-3}" --out "$out/scale_cpu16.json"
-echo "scale: $((SECONDS - t0)) s"
+if [ -z "${SKIP_SCALE:-}" ]; then
+  vlmq bench scale --workers 1,4 --procs 1,2,4 --repeats 3 --duration "${DURATION:-3}" --out "$out/scale_cpu16.json"
+  echo "scale: $((SECONDS - t0)) s"
+fi
 t1=$SECONDS
 if [ -z "${SKIP_CLUSTER:-}" ]; then
   vlmq bench scale --workers 4 --procs 1,2,4 --repeats 3 --duration 3 --cluster-nodes 3 \
