@@ -30,7 +30,7 @@ from inference_worker.engines.completion import Completion, TokenLogprob
 from inference_worker.engines.cuda_graphs import Graph, GraphCache
 from inference_worker.engines.kv_cache import KVCache
 from inference_worker.engines.sampling import Sampling, new_generator, select_tokens
-from inference_worker.engines.text import cut_at_stop, find_stop, strip_think
+from inference_worker.engines.text import cut_at_stop, stop_in_tail, strip_think, tokens_until_stop
 from inference_worker.engines.text_stack import TextStack
 
 # Batch sizes the decode graphs are captured at: a step of n rows replays the smallest
@@ -349,7 +349,7 @@ class Decoder:
             return "stop"  # the grammar is done (it accepted an end token), whatever ignore_eos says
         if not self.ignore_eos and last in self.eos:
             return "stop"
-        if s.sampling.stop and find_stop(self._decode(s.tokens), s.sampling.stop) is not None:
+        if s.sampling.stop and stop_in_tail(s.tokens, s.sampling.stop, self._decode):
             return "stop"
         if len(s.tokens) >= s.sampling.max_tokens or s.col >= self.capacity:
             return "length"
@@ -388,15 +388,10 @@ class Decoder:
         raw = self._decode(tokens)
         text, stopped = cut_at_stop(raw, s.sampling.stop)
         if stopped:
-            tokens = tokens[: self._tokens_until_stop(tokens, s.sampling.stop)]
+            tokens = tokens[: tokens_until_stop(tokens, s.sampling.stop, self._decode)]
+            reason = "stop"
         logprobs = s.logprobs[: len(tokens)] if s.logprobs is not None else None
         return Completion(strip_think(text), raw, s.prompt_tokens, len(tokens), reason, tokens, logprobs)
-
-    def _tokens_until_stop(self, tokens: List[int], stops: Sequence[str]) -> int:
-        for k in range(1, len(tokens) + 1):
-            if find_stop(self._decode(tokens[:k]), stops) is not None:
-                return k
-        return len(tokens)
 
     def stats(self) -> Dict[str, int]:
         return {
