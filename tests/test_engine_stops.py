@@ -15,7 +15,16 @@ TEXTS = [
     "🙂🙂🙂 abc 北北北 x\n\nUser",
     "open the door\nclose it\n\n<END> fin",
 ]
-STOPS = [["\n\nUser"], ["北北"], ["🙂 d", "<END>"], ["look", "zzz"], ["x"], ["🙂🙂🙂 abc 北北北"], ["\nUs"], ["b 北"]]
+STOPS = [
+    ["\n\nUser"],
+    ["北北"],
+    ["🙂 d", "<END>"],
+    ["look", "zzz"],
+    ["x"],
+    ["🙂🙂🙂 abc 北北北"],
+    ["\nUs"],
+    ["b 北"],
+]
 
 
 @pytest.fixture(scope="module")
