@@ -79,6 +79,51 @@ def test_constraints_hold_in_one_mixed_batch(engine):
     assert obj.text.startswith("{")
 
 
+@pytest.fixture
+def engine_ignoring_eos(engine):
+    """The engine with --option ignore_eos=1: the end of sequence doesn't end a row, so a
+    constrained row ends where its grammar does (the grammar takes the end token)."""
+    engine.decoder.ignore_eos = True
+    yield engine
+    engine.decoder.ignore_eos = False
+
+
+def test_a_grammar_that_ends_finishes_its_row_with_exactly_its_tokens(engine_ignoring_eos):
+    """A row's grammar takes each token one step late (while the GPU runs the next step):
+    the row whose grammar ended leaves with the tokens up to the end, not the step's extra
+    one, and its finish reason is what it was when the grammar took tokens at once."""
+    engine = engine_ignoring_eos
+    p = engine.check(user_prompt(FRAME, "Answer."))
+    choice = engine.grammar(Constraint("choice", json.dumps(["go north", "open the door now"])))
+    regex = engine.grammar(Constraint("regex", "(yes|no)-[0-9]{2}"))
+    free = Sampling(max_tokens=24)  # keeps the decode running after the constrained rows end
+    rows = [
+        Sampling(max_tokens=30, grammar=choice, logprobs=True),
+        Sampling(max_tokens=30, grammar=regex),
+        free,
+    ]
+    c, r, f = engine.generate([p] * 3, rows)
+    for out in (c, r):
+        assert out.finish_reason == "stop" and out.completion_tokens == len(out.token_ids)
+        assert engine.tokenizer.decode(out.token_ids, skip_special_tokens=True) == out.raw_text
+    assert c.text in ("go north", "open the door now") and len(c.logprobs) == c.completion_tokens
+    assert re.fullmatch("(yes|no)-[0-9]{2}", r.text)
+    assert f.completion_tokens == 24
+    k = c.completion_tokens
+    at_end, short = engine.generate(
+        [p] * 3,
+        [
+            Sampling(max_tokens=k, grammar=choice, logprobs=True),
+            Sampling(max_tokens=k - 1, grammar=choice),
+            free,
+        ],
+    )[:2]
+    assert (
+        at_end.token_ids == c.token_ids and at_end.finish_reason == "stop"
+    )  # its length and its end at once
+    assert short.token_ids == c.token_ids[: k - 1] and short.finish_reason == "length"
+
+
 def test_n_answers_share_one_prefill_and_differ_when_sampled(engine):
     p = engine.check(user_prompt("Say something."))
     greedy, sampled = engine.generate(

@@ -418,7 +418,11 @@ def nf4(args) -> List[Any]:
             machine=where,
         ),
         record(
-            "nf4_gpu_memory_mib", q4[0]["gpu_memory_mib"], "MiB", bf16[0]["gpu_memory_mib"], machine=where
+            "nf4_gpu_memory_mib",
+            [r["gpu_memory_mib"] for r in q4],
+            "MiB",
+            [r["gpu_memory_mib"] for r in bf16],
+            machine=where,
         ),
     ]
 

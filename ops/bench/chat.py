@@ -422,9 +422,15 @@ def run(args) -> int:
     card = next((r["card"] for rs in served_runs.values() for r in rs if r.get("card")), "")
     card = card or (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
     n = args.sessions
+    # the whole prompt's length is counted by the baseline part; without it, the text's
+    prompt = (
+        f"{int(a['prompt_tokens'])} prompt tokens"
+        if "prompt_tokens" in a
+        else f"a ~{args.prompt_tokens}-token text"
+    )
     where = (
         f"{card}; {args.arch} {args.preset if not args.model else 'checkpoint'}, {args.image_size}-px image, "
-        f"{int(a.get('prompt_tokens', 0))} prompt tokens, {args.max_tokens} new tokens; {n} sessions in "
+        f"{prompt}, {args.max_tokens} new tokens; {n} sessions in "
         f"{args.procs} processes; worker --max-batch {args.max_batch} --max-wait-ms {args.max_wait_ms:g} "
         f"--prefill-min {args.prefill_min}; {machine_description()}"
     )
