@@ -104,8 +104,11 @@ def test_a_request_past_its_deadline_is_stopped_mid_generation(worker, broker):
 def test_control_traffic_is_served_while_a_long_chat_request_decodes(worker, broker):
     async def go():
         async with AsyncAgentClient("mixed", settings=broker) as c:
-            long = await c.submit(chat(FRAME, "keep talking", max_tokens=600, step=0))
-            await asyncio.sleep(0.5)  # it is decoding now
+            # ~1.3 ms a step on the tiny model: ~2.6 s of decoding, far longer than the
+            # control requests need if they never wait behind it
+            long = await c.submit(chat(FRAME, "keep talking", max_tokens=2000, step=0))
+            while worker.worker.core.engine.running == 0:  # until it is decoding
+                await asyncio.sleep(0.01)
             control = []
             for i in range(5):
                 t0 = time.time()
@@ -114,7 +117,7 @@ def test_control_traffic_is_served_while_a_long_chat_request_decodes(worker, bro
             return control, await long
 
     control, long = run(go())
-    assert long.ok and long.result.completion_tokens == 600
+    assert long.ok and long.result.completion_tokens == 2000
     assert all(r.ok and r.kind == "action_chunk" for r, _, _ in control)
     assert not any(done for _, _, done in control), "control requests waited for the chat request"
     assert max(dt for _, dt, _ in control) < 2.0
