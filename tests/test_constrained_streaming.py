@@ -118,9 +118,8 @@ def test_a_grammar_that_ends_finishes_its_row_with_exactly_its_tokens(engine_ign
             free,
         ],
     )[:2]
-    assert (
-        at_end.token_ids == c.token_ids and at_end.finish_reason == "stop"
-    )  # its length and its end at once
+    # its length and its grammar's end at once: "stop", as when the grammar took tokens at once
+    assert at_end.token_ids == c.token_ids and at_end.finish_reason == "stop"
     assert short.token_ids == c.token_ids[: k - 1] and short.finish_reason == "length"
 
 
