@@ -123,6 +123,27 @@ def test_a_grammar_that_ends_finishes_its_row_with_exactly_its_tokens(engine_ign
     assert short.token_ids == c.token_ids[: k - 1] and short.finish_reason == "length"
 
 
+def test_the_models_padding_ids_are_never_a_constrained_rows_token(engine):
+    """The model's logits are wider than the tokenizer (embedding padding); the grammar only
+    knows the tokenizer's ids, so the padding columns are masked for constrained rows, and
+    left alone for the others."""
+    import torch
+
+    from inference_worker.engines.grammar import Grammars
+
+    tok = engine.tokenizer
+    own = len(tok)
+    g = Grammars(tok, own + 200, engine.eos_ids)
+    assert g.tokens == own
+    matcher = g.matcher(g.compile(Constraint("choice", json.dumps(["yes", "no"]))))
+    logits = torch.zeros(2, own + 200)
+    logits[:, own:] = 100.0  # a padding id would win any argmax
+    g.new_bitmask(2, "cpu").apply(logits, [0], [matcher])
+    assert torch.isinf(logits[0, own:]).all() and (logits[1, own:] == 100.0).all()
+    first = tok.decode([int(logits[0].argmax())])
+    assert "yes".startswith(first) or "no".startswith(first)
+
+
 def test_n_answers_share_one_prefill_and_differ_when_sampled(engine):
     p = engine.check(user_prompt("Say something."))
     greedy, sampled = engine.generate(

@@ -17,8 +17,8 @@ On the device the mask is applied to the step's logits after the decode graph's 
 and before token choice: the bitmask is filled on the CPU while the GPU runs the step,
 copied over once (pinned memory, non-blocking), and applied in place by xgrammar's kernel
 to the constrained rows only. Rows without a constraint cost nothing. A matcher takes a
-row's token (~18 us a row here, more than the fill) while the GPU runs the next step
-(decoder.py, `Decoder.step`), not between the steps, where the GPU would wait on it.
+row's token while the GPU runs the next step (decoder.py, `Decoder.step`), not between the
+steps, where the GPU would wait on it.
 """
 
 from __future__ import annotations
@@ -71,6 +71,8 @@ class Grammars:
     thread, matchers are made and advanced on the model thread)."""
 
     def __init__(self, tokenizer: Any, vocab_size: int, stop_ids: Sequence[int], threads: int = 1) -> None:
+        """`vocab_size`: the model's logit width, which may exceed the tokenizer's ids (padding
+        rows of the embedding, never valid under a grammar)."""
         try:
             import xgrammar as xgr
         except ImportError:  # pragma: no cover - the worker extra installs it
@@ -80,8 +82,14 @@ class Grammars:
             ) from None
         self.xgr = xgr
         self.vocab_size = vocab_size
+        # xgrammar learns only the tokenizer's own ids: given the padded width, it keeps the
+        # padding ids in a list that `accept_token` scans, ~25 us a token for 151k padding
+        # ids over a 744-token tokenizer (~0.5 us without). The padding columns are masked
+        # here instead (`BitMask.apply`).
+        own = max(len(tokenizer), max(tokenizer.get_vocab().values()) + 1)
+        self.tokens = min(vocab_size, own)
         self.info = xgr.TokenizerInfo.from_huggingface(
-            tokenizer, vocab_size=vocab_size, stop_token_ids=list(stop_ids)
+            tokenizer, vocab_size=self.tokens, stop_token_ids=list(stop_ids)
         )
         self.compiler = xgr.GrammarCompiler(self.info, max_threads=4, cache_limit_bytes=512 * 2**20)
         self._lock = threading.Lock()
@@ -138,7 +146,7 @@ class BitMask:
         import torch
 
         self.g = grammars
-        shape = grammars.xgr.get_bitmask_shape(rows, grammars.vocab_size)
+        shape = grammars.xgr.get_bitmask_shape(rows, grammars.tokens)
         on_gpu = getattr(device, "type", str(device)) == "cuda"
         self.host = torch.full(shape, -1, dtype=torch.int32, pin_memory=on_gpu)
         self.device_mask = torch.empty(shape, dtype=torch.int32, device=device) if on_gpu else self.host
@@ -155,7 +163,12 @@ class BitMask:
         mask = self.device_mask
         if mask is not self.host:
             mask[:n].copy_(self.host[:n], non_blocking=True)
-        g.xgr.apply_token_bitmask_inplace(logits, mask[:n], vocab_size=g.vocab_size, indices=rows)
+        g.xgr.apply_token_bitmask_inplace(logits, mask[:n], vocab_size=g.tokens, indices=rows)
+        if g.tokens < logits.shape[1]:  # the model's padding ids: never a grammar's token
+            import torch
+
+            idx = torch.tensor(rows, device=logits.device)
+            logits[idx, g.tokens :] = float("-inf")
 
 
 def _first_line(exc: Exception) -> str:
