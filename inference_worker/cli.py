@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import signal
 
 from broker import eventloop
@@ -120,6 +121,33 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
         help="serve Prometheus /metrics on this port, 0 = off; needs the ops extra",
     )
     flag(o, "--metrics-addr", var="METRICS_ADDR", default="0.0.0.0", help="address the /metrics server binds")
+    t = p.add_argument_group("profiling")
+    flag(
+        t,
+        "--profile-dir",
+        var="PROFILE_DIR",
+        default="",
+        help="write a torch profiler trace of --profile-steps model steps into this folder (a "
+        "Chrome trace and a summary: the GPU's busy share of the window, the top operators); "
+        "empty = off",
+        shown=None,
+    )
+    flag(
+        t,
+        "--profile-steps",
+        var="PROFILE_STEPS",
+        default=100,
+        type=int,
+        help="model steps in the traced window",
+    )
+    flag(
+        t,
+        "--profile-skip",
+        var="PROFILE_SKIP",
+        default=200,
+        type=int,
+        help="model steps run before the window starts (warm-up, graph captures)",
+    )
     m = p.add_argument_group("model")
     flag(
         m,
@@ -213,6 +241,10 @@ def settings_from_args(args: argparse.Namespace):
     if bad:
         raise SystemExit(f"bad tenant name(s) {bad}: tenants match {TENANT_PATTERN.pattern}")
     options = dict(o.split("=", 1) for o in args.option)
+    if args.profile_dir and args.profile_steps < 1:
+        raise SystemExit("vlmq worker: --profile-steps must be at least 1")
+    if args.profile_dir and importlib.util.find_spec("torch") is None:
+        raise SystemExit("vlmq worker: --profile-dir needs torch on the worker (pip install 'vlmq[worker]')")
     from inference_worker.settings import check_options
 
     try:
@@ -250,6 +282,9 @@ def settings_from_args(args: argparse.Namespace):
         strict=args.strict,
         metrics_port=args.metrics_port,
         metrics_addr=args.metrics_addr,
+        profile_dir=args.profile_dir or None,
+        profile_steps=args.profile_steps,
+        profile_skip=args.profile_skip,
     )
 
 

@@ -112,6 +112,10 @@ class WorkerSettings:
     synthetic_chunk: Tuple[int, int] = (50, 7)
     options: Dict[str, str] = field(default_factory=dict)  # --option pairs, read through OPTION_GROUPS
     strict: bool = False  # refuse to start if the engine's self-check fails (no stock fallback)
+    # a torch profiler trace of `profile_steps` model steps after `profile_skip` (profiling.py)
+    profile_dir: Optional[str] = None
+    profile_steps: int = 100
+    profile_skip: int = 200
 
     def batch_limit(self, kind: str) -> int:
         return self.max_batch_by_kind.get(kind, self.max_batch)

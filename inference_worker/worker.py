@@ -55,6 +55,7 @@ from inference_worker.failures import (
     release_device_memory,
 )
 from inference_worker.handlers.base import AsyncHandler, Handler, HandlerOutput
+from inference_worker.profiling import StepProfiler
 from inference_worker.scheduler import Item, Policy
 from inference_worker.settings import WorkerSettings
 from inference_worker.streaming import PartialWriter
@@ -109,6 +110,17 @@ class Worker:
             regroup_ms=settings.regroup_ms,
         )
         self.core = EngineCore(handlers, policy, _run_safely, settings.serving)
+        self.profiler = (
+            StepProfiler(
+                settings.profile_dir,
+                settings.profile_steps,
+                settings.profile_skip,
+                settings.name,
+                settings.device,
+            )
+            if settings.profile_dir
+            else None
+        )
         self.in_flight: Dict[int, Item] = {}  # by id(): answered, reply being committed
         self._stopping = asyncio.Event()
         self._room = asyncio.Event()
@@ -449,6 +461,9 @@ class Worker:
                 loop.call_soon_threadsafe(
                     self._fail, f"the model thread failed: {type(exc).__name__}: {exc}", exc
                 )
+            finally:
+                if self.profiler is not None:  # on the thread the profiler started on
+                    self.profiler.close()
 
         def steps() -> None:
             while not self.failure:
@@ -456,6 +471,8 @@ class Worker:
                 if plan.alone is not None:  # counted in Redis before it runs
                     asyncio.run_coroutine_threadsafe(self._before_alone(plan.alone), loop).result(15)
                 outputs += self.core.execute(plan)
+                if self.profiler is not None:
+                    self.profiler.after_step(not plan.idle)
                 info = None if plan.idle else self.core.last_step
                 partials = self.core.take_partials()
                 if partials:  # before the step's answers: a request's pieces precede its reply
@@ -477,6 +494,13 @@ class Worker:
         """The same steps on the event loop, for handlers that never block (no model)."""
         event = asyncio.Event()
         self.core.wake = event.set
+        try:
+            await self._inline_steps(event)
+        finally:
+            if self.profiler is not None:
+                self.profiler.close()
+
+    async def _inline_steps(self, event: asyncio.Event) -> None:
         while not self.failure:
             event.clear()
             outputs, plan = self.core.schedule(flush=self._flush)
@@ -489,6 +513,8 @@ class Worker:
                     log.exception("a step failed")
                 self._fail(f"a step failed: {type(exc).__name__}: {exc}", exc)
                 return
+            if self.profiler is not None:
+                self.profiler.after_step(not plan.idle)
             if outputs or not plan.idle:
                 self._on_step(outputs, None if plan.idle else self.core.last_step)
             if not plan.idle:

@@ -1,0 +1,119 @@
+"""`vlmq worker --profile-dir DIR`: a torch profiler trace of a window of model steps.
+
+The question it answers is the one a served benchmark cannot: while the worker serves, how
+much of the time is the GPU running kernels, and what is the model thread doing when it
+is not. After `--profile-skip` steps that ran work (warm-up, graph captures and compiles
+are not in the window), the next `--profile-steps` are traced on the thread that runs
+them: a Chrome trace (chrome://tracing, Perfetto) and a summary with the GPU's busy share
+of the window (the union of its kernel and copy intervals) and the top operators. The
+profiler slows the host side while it records, so a traced window serves less than an
+untraced one; the busy share is a lower bound of what the GPU could keep.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+import time
+from typing import Any, Iterable, List, Optional, Tuple
+
+log = logging.getLogger("vlmq.profile")
+
+# trace event categories that occupy the GPU
+GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def busy_us(intervals: Iterable[Tuple[float, float]]) -> float:
+    """Length of the union of (start, duration) intervals, in their unit."""
+    total, end = 0.0, float("-inf")
+    for start, dur in sorted(intervals):
+        stop = start + dur
+        if stop <= end:
+            continue
+        total += stop - max(start, end)
+        end = stop
+    return total
+
+
+def gpu_intervals(trace: dict) -> List[Tuple[float, float]]:
+    """(start us, duration us) of every GPU event of a Chrome trace."""
+    return [
+        (float(e["ts"]), float(e.get("dur", 0.0)))
+        for e in trace.get("traceEvents", [])
+        if e.get("ph") == "X" and e.get("cat") in GPU_CATEGORIES
+    ]
+
+
+class StepProfiler:
+    """Counts the model's steps (`after_step`, on the thread that runs them) and traces a window."""
+
+    def __init__(self, directory: str, steps: int, skip: int, name: str, device: str) -> None:
+        if steps <= 0:
+            raise ValueError("--profile-steps must be at least 1")
+        self.directory, self.steps, self.skip, self.name = directory, steps, max(0, skip), name
+        self.cuda = device.startswith("cuda")
+        self.seen = 0
+        self.prof: Optional[Any] = None
+        self.started = 0.0
+        self.done = False
+        try:
+            import torch.profiler  # noqa: F401
+        except ImportError:
+            raise ValueError("--profile-dir needs torch on the worker (pip install 'vlmq[worker]')") from None
+        os.makedirs(directory, exist_ok=True)
+
+    def after_step(self, ran: bool) -> None:
+        """A step ended; `ran`: it ran model work (idle waits are not counted)."""
+        if self.done or not ran:
+            return
+        self.seen += 1
+        if self.prof is None and self.seen >= self.skip:
+            self._start()
+        elif self.prof is not None and self.seen >= self.skip + self.steps:
+            self._finish()
+
+    def close(self) -> None:
+        """The worker stops: write what was traced so far."""
+        if self.prof is not None and not self.done:
+            self._finish()
+
+    def _start(self) -> None:
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.prof = profile(activities=activities)
+        self.prof.__enter__()
+        self.started = time.perf_counter()
+
+    def _finish(self) -> None:
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+        window_ms = (time.perf_counter() - self.started) * 1000.0
+        prof, self.done = self.prof, True
+        prof.__exit__(None, None, None)
+        steps = self.seen - self.skip
+        base = os.path.join(self.directory, f"{self.name}-{os.getpid()}")
+        prof.export_chrome_trace(base + ".trace.json")
+        with open(base + ".trace.json") as f:
+            trace = json.load(f)
+        with open(base + ".trace.json", "rb") as src, gzip.open(base + ".trace.json.gz", "wb") as dst:
+            dst.write(src.read())
+        os.remove(base + ".trace.json")
+        busy = busy_us(gpu_intervals(trace)) / 1000.0 if self.cuda else None
+        share = (
+            "no GPU"
+            if busy is None
+            else f"GPU busy {busy:.1f} ms of {window_ms:.1f} ({busy / window_ms:.0%})"
+        )
+        sort = "self_device_time_total" if self.cuda else "self_cpu_time_total"
+        table = prof.key_averages().table(sort_by=sort, row_limit=30)
+        with open(base + ".summary.txt", "w") as f:
+            f.write(f"{steps} steps in {window_ms:.1f} ms; {share}\n\n{table}\n")
+        log.info("profile of %d steps written to %s.trace.json.gz: %s", steps, base, share)

@@ -1,0 +1,96 @@
+"""`vlmq worker --profile-dir`: a torch profiler trace of a window of model steps, from a
+real worker (tiny random-weight Qwen2-VL on CPU, real Redis); the GPU-busy arithmetic on
+hand-made traces (there is no GPU here)."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("torch")
+
+from env_agents.client import AsyncAgentClient
+from inference_worker.profiling import busy_us, gpu_intervals
+from inference_worker.settings import WorkerSettings
+from schemas.messages import ChatMessage, TextActionRequest
+from tests.helpers import REPO, WorkerThread
+
+
+def test_busy_time_is_the_union_of_the_intervals():
+    assert busy_us([]) == 0.0
+    assert busy_us([(0, 10), (20, 5)]) == 15  # apart
+    assert busy_us([(0, 10), (5, 10)]) == 15  # overlapping
+    assert busy_us([(0, 30), (5, 10), (12, 3)]) == 30  # nested
+    assert busy_us([(20, 5), (0, 10), (10, 10)]) == 25  # unsorted, touching
+
+
+def test_only_gpu_events_count_as_busy():
+    trace = {
+        "traceEvents": [
+            {"ph": "X", "cat": "kernel", "ts": 100, "dur": 40},
+            {"ph": "X", "cat": "gpu_memcpy", "ts": 130, "dur": 20},
+            {"ph": "X", "cat": "cpu_op", "ts": 0, "dur": 500},
+            {"ph": "X", "cat": "cuda_runtime", "ts": 90, "dur": 5},
+            {"ph": "i", "cat": "kernel", "ts": 300},
+        ]
+    }
+    assert busy_us(gpu_intervals(trace)) == 50
+
+
+def test_a_worker_traces_the_steps_it_was_asked_for(settings, tiny_qwen2_vl, tmp_path):
+    out = tmp_path / "profile"
+    wsettings = WorkerSettings(
+        broker=settings,
+        name="prof",
+        kinds=("text_action",),
+        backend="hf",
+        model_path=tiny_qwen2_vl,
+        dtype="float32",
+        max_wait_ms=1.0,
+        heartbeat_s=0.5,
+        options={"self_check": "0"},
+        profile_dir=str(out),
+        profile_steps=3,
+        profile_skip=2,
+    )
+
+    async def ask() -> list:
+        async with AsyncAgentClient("prof-1", settings=settings) as c:
+            reqs = [
+                TextActionRequest(messages=[ChatMessage(role="user", content=f"go {i}")], max_tokens=8)
+                for i in range(6)
+            ]
+            return await asyncio.gather(*(c.request(r, timeout=120) for r in reqs))
+
+    with WorkerThread(wsettings) as w:
+        w.wait_live()
+        replies = asyncio.run(ask())
+    assert all(r.ok for r in replies)
+    files = sorted(os.listdir(out))
+    assert [f.split("-", 1)[0] for f in files] == ["prof", "prof"]
+    summary = next(f for f in files if f.endswith(".summary.txt"))
+    first = (out / summary).read_text().splitlines()[0]
+    assert first.startswith("3 steps in ") and first.endswith("; no GPU"), first
+    trace_file = next(f for f in files if f.endswith(".trace.json.gz"))
+    with gzip.open(out / trace_file, "rt") as f:
+        names = {e.get("name", "") for e in json.load(f)["traceEvents"]}
+    # the model's own operators are in the window
+    assert any(n.startswith("aten::") for n in names)
+
+
+def test_a_window_of_no_steps_is_refused_at_start():
+    proc = subprocess.run(
+        [sys.executable, "-m", "ops.cli", "worker", "--profile-dir", "/tmp/x", "--profile-steps", "0"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1] == "vlmq worker: --profile-steps must be at least 1"
