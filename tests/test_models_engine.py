@@ -304,6 +304,31 @@ def test_vision_encoder_matches_the_stock_image_features(engine, pristine):
         assert near(ours, ref)
 
 
+def test_padded_vision_pass_gives_each_frame_its_own_features(engine):
+    """vision_graphs: a group of one frame size padded to its bucket of frames (3 -> 4) gives
+    the real frames the features they get at the group's own size; groups it can't pad (mixed
+    sizes, or a tower that isn't sync-free) run the tower as they are."""
+    from inference_worker.engines.vision_graphs import VisionGraphs
+
+    padded = VisionGraphs(engine.vision, "padded")
+    rs = np.random.RandomState(3)
+    same = [rs.randint(0, 256, (112, 112, 3), dtype=np.uint8) for _ in range(3)]
+    for imgs in (same, frames()):
+        batch = engine.inputs.build([user_prompt(i, "x") for i in imgs])
+        with torch.inference_mode():
+            ref = engine.vision(batch.pixel_values, batch.grids, batch.image_grid_thw)
+            ours = padded(batch.pixel_values, batch.grids, batch.image_grid_thw)
+        assert ours.shape == ref.shape and near(ours, ref)
+    assert padded._bucket(batch.grids) is None  # mixed sizes: not padded
+    pads = padded._bucket([(1, 8, 8)] * 3)
+    assert pads == ((1, 8, 8), 4)
+
+
+def test_vision_graphs_need_a_gpu(tiny_qwen2_vl):
+    with pytest.raises(ValueError, match="vision_graphs=on needs a CUDA device"):
+        ChatEngine(load_vlm(tiny_qwen2_vl), EngineOptions(vision_graphs="on"))
+
+
 def test_fused_projections_are_slices_of_one_weight(engine, pristine):
     """q/k/v and gate/up run as one GEMM each; the model's modules now hold row slices of
     those weights (nothing held twice) and compute what the pristine modules compute."""

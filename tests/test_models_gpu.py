@@ -224,3 +224,35 @@ def test_vla_feature_graphs_equal_the_eager_pass(tiny_vla):
         for a, b, c in zip(eager, graphed, again):
             assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
             assert torch.allclose(a, c, atol=1e-4, rtol=1e-4)
+
+
+def test_vision_graphs_replay_the_padded_pass(tiny_qwen2_vl):
+    """vision_graphs=on: groups of one frame size replay their bucket's graph (3 and 4 frames
+    share one), and give the features and greedy tokens of the eager tower; a group of mixed
+    sizes runs eagerly."""
+    from inference_worker.engines.chat_engine import ChatEngine
+    from inference_worker.engines.options import EngineOptions
+    from inference_worker.engines.prompt import user_prompt
+    from inference_worker.engines.sampling import Sampling
+    from inference_worker.models import load_vlm
+
+    vlm = load_vlm(tiny_qwen2_vl, device="cuda", dtype="float32")
+    graphs = ChatEngine(vlm, EngineOptions(vision_graphs="on"))
+    eager = ChatEngine(vlm, EngineOptions(vision_graphs="off"))
+    rs = np.random.RandomState(4)
+    frames = [rs.randint(0, 256, (112, 112, 3), dtype=np.uint8) for _ in range(4)]
+    for group in (frames[:3], frames, frames[1:]):
+        batch = graphs.inputs.build([user_prompt(f, "x") for f in group])
+        with torch.inference_mode():
+            ours = graphs.vision_pass(batch.pixel_values, batch.grids, batch.image_grid_thw)
+            ref = eager.vision_pass(batch.pixel_values, batch.grids, batch.image_grid_thw)
+        assert ours.shape == ref.shape
+        assert torch.allclose(ours, ref, atol=1e-4, rtol=1e-4)
+    assert graphs.vision_pass.captured == 1
+    prompts = [user_prompt(f, "next action?") for f in frames[:3]] + _prompts()
+    samp = [Sampling(max_tokens=8)] * len(prompts)
+    got = [c.token_ids for c in graphs.generate(prompts[:3], samp[:3])]
+    assert got == [c.token_ids for c in eager.generate(prompts[:3], samp[:3])]
+    mixed = graphs.generate(prompts[3:], samp[3:])  # several sizes: the eager tower
+    assert [c.token_ids for c in mixed] == [c.token_ids for c in eager.generate(prompts[3:], samp[3:])]
+    assert graphs.vision_pass.captured == 1

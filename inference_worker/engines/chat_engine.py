@@ -34,6 +34,7 @@ from inference_worker.engines.text_stack import TextStack
 from inference_worker.engines.vision_attention import use_packed_vision_attention
 from inference_worker.engines.vision_encoder import VisionEncoder, has_deepstack
 from inference_worker.engines.vision_fusion import fuse_vision_ops
+from inference_worker.engines.vision_graphs import VisionGraphs
 from inference_worker.models.loading import LoadedVLM
 from inference_worker.timing import Stopwatch
 
@@ -72,6 +73,9 @@ class ChatEngine:
         if fuse:
             fuse_vision_ops(self.model)
         self.vision = VisionEncoder(self.model)
+        if self.options.vision_graphs == "on" and not on_gpu:
+            raise ValueError("vision_graphs=on needs a CUDA device")
+        self.vision_pass = VisionGraphs(self.vision, self.options.vision_graphs)
         # our prefill covers towers whose features enter the text model only as input
         # embeddings; Qwen3-VL's deepstack also adds them inside early layers
         deepstack = has_deepstack(self.model)
@@ -329,7 +333,7 @@ class ChatEngine:
         images = self.inputs.images(prompts)
         feats = None
         if images is not None and self.own_prefill:
-            feats = self.vision(images.pixel_values, images.grids, images.image_grid_thw)
+            feats = self.vision_pass(images.pixel_values, images.grids, images.image_grid_thw)
         batch = self.inputs.build(prompts, images)
         batch.image_features = feats
         return batch
@@ -339,7 +343,7 @@ class ChatEngine:
         the image placeholders."""
         feats = batch.image_features
         if feats is None and batch.pixel_values is not None:
-            feats = self.vision(batch.pixel_values, batch.grids, batch.image_grid_thw)
+            feats = self.vision_pass(batch.pixel_values, batch.grids, batch.image_grid_thw)
         return self.stack.input_embeddings(batch.input_ids, feats, batch.image_index)
 
     # ------------------------------------------------------------------ scoring

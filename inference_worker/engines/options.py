@@ -30,6 +30,10 @@ class EngineOptions:
     # fast: the vision tower's attention batched across images (vision_attention.py) and its
     # patch embedding as one GEMM (patch_embedding.py); stock: transformers' tower as it is
     vision: str = tree.setting("fast", choices=("fast", "stock"))
+    # on: a prompt group's frames of one size padded to a bucket of frames and the vision tower
+    # replayed as a CUDA graph per bucket (vision_graphs.py; CUDA only); padded: the same
+    # padded shapes, eager; off: the tower eager at the group's own size
+    vision_graphs: str = tree.setting("off", choices=("off", "on", "padded"))
     # The decode pool (decoder.py): `kv_slots` sequences decode at once, each with room for
     # `max_context` tokens (prompt + answer); 0 = sized from memory: on CUDA, `kv_memory`
     # of the free GPU memory once the model is loaded; on CPU, `kv_memory_mb`.
@@ -60,7 +64,7 @@ class EngineOptions:
     def stock(self) -> EngineOptions:
         """Every optional fast path off: eager decode steps, no compiled or Triton kernels,
         transformers' prompt pass and vision tower (self_check.py falls back to this)."""
-        return replace(self, decode="eager", fuse="off", prefill="hf", vision="stock")
+        return replace(self, decode="eager", fuse="off", prefill="hf", vision="stock", vision_graphs="off")
 
 
 @dataclass(frozen=True)

@@ -232,7 +232,7 @@ def stage_probe(engine, prompts, max_tokens: int, runs: int) -> Dict[str, List[f
         if batch.pixel_values is not None:
             timed(
                 "probe_vision_ms",
-                lambda: engine.vision(batch.pixel_values, batch.grids, batch.image_grid_thw),
+                lambda: engine.vision_pass(batch.pixel_values, batch.grids, batch.image_grid_thw),
             )
             timed(
                 "probe_vision_stock_ms",
