@@ -146,7 +146,7 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
         var="PROFILE_SKIP",
         default=200,
         type=int,
-        help="model steps run before the window starts (warm-up, graph captures)",
+        help="model steps run before the window starts (warm-up, graph captures; at least 1)",
     )
     m = p.add_argument_group("model")
     flag(

@@ -52,7 +52,8 @@ class StepProfiler:
     def __init__(self, directory: str, steps: int, skip: int, name: str, device: str) -> None:
         if steps <= 0:
             raise ValueError("--profile-steps must be at least 1")
-        self.directory, self.steps, self.skip, self.name = directory, steps, max(0, skip), name
+        # at least one step runs untraced: the profiler starts after a step, on its thread
+        self.directory, self.steps, self.skip, self.name = directory, steps, max(1, skip), name
         self.cuda = device.startswith("cuda")
         self.seen = 0
         self.prof: Optional[Any] = None

@@ -115,7 +115,7 @@ class WorkerSettings:
     # a torch profiler trace of `profile_steps` model steps after `profile_skip` (profiling.py)
     profile_dir: Optional[str] = None
     profile_steps: int = 100
-    profile_skip: int = 200
+    profile_skip: int = 200  # at least 1
 
     def batch_limit(self, kind: str) -> int:
         return self.max_batch_by_kind.get(kind, self.max_batch)

@@ -43,6 +43,25 @@ def test_only_gpu_events_count_as_busy():
     assert busy_us(gpu_intervals(trace)) == 50
 
 
+def test_the_window_counts_the_steps_that_ran(tmp_path):
+    import torch
+
+    from inference_worker.profiling import StepProfiler
+
+    p = StepProfiler(str(tmp_path), steps=2, skip=0, name="w", device="cpu")  # skip 0 runs as 1
+    p.after_step(True)
+    assert p.prof is not None and not p.done
+    p.after_step(False)  # an idle wait is no step
+    torch.ones(3).sum()
+    p.after_step(True)
+    assert not p.done
+    p.after_step(True)
+    assert p.done
+    p.after_step(True)  # traced once
+    (summary,) = [f for f in os.listdir(tmp_path) if f.endswith(".summary.txt")]
+    assert (tmp_path / summary).read_text().startswith("2 steps in ")
+
+
 def test_a_worker_traces_the_steps_it_was_asked_for(settings, tiny_qwen2_vl, tmp_path):
     out = tmp_path / "profile"
     wsettings = WorkerSettings(
