@@ -428,11 +428,13 @@ def run(args) -> int:
         if "prompt_tokens" in a
         else f"a ~{args.prompt_tokens}-token text"
     )
+    host = machine_description()
+    options = "".join(f" --option {o}" for o in args.option)
     where = (
-        f"{card}; {args.arch} {args.preset if not args.model else 'checkpoint'}, {args.image_size}-px image, "
-        f"{prompt}, {args.max_tokens} new tokens; {n} sessions in "
+        f"{'' if card in host else card + '; '}{args.arch} {args.preset if not args.model else 'checkpoint'}, "
+        f"{args.image_size}-px image, {prompt}, {args.max_tokens} new tokens; {n} sessions in "
         f"{args.procs} processes; worker --max-batch {args.max_batch} --max-wait-ms {args.max_wait_ms:g} "
-        f"--prefill-min {args.prefill_min}; {machine_description()}"
+        f"--prefill-min {args.prefill_min}{options}; {host}"
     )
 
     def col(runs: List[Dict[str, float]], key: str) -> List[float]:

@@ -391,7 +391,7 @@ def run(args) -> int:
     where = (
         f"{args.arch} {args.preset if not args.model else 'checkpoint'}, {args.image_size}-px image; {n} sessions "
         f"in {args.procs} processes; worker --max-batch {args.max_batch} --max-wait-ms {args.max_wait_ms:g} "
-        f"--prefill-min {args.prefill_min}; {machine_description()}"
+        f"--prefill-min {args.prefill_min}{''.join(f' --option {o}' for o in args.option)}; {machine_description()}"
     )
     recs: List[Record] = []
     if "mask_fill_ms_xgrammar" in figures:

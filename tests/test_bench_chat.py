@@ -1,0 +1,37 @@
+"""`vlmq bench chat` end to end on the tiny model (CPU, a private Redis and real worker
+processes): the served figure beside both baselines of the same run, the mixed-length
+comparison against `--serving batch`, and the worker options the run used in its records."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("torch")
+
+from ops.cli import main
+
+
+def test_chat_bench_records_served_throughput_beside_its_baselines(tmp_path):
+    out = tmp_path / "gpu_chat.json"
+    rc = main(
+        ["--log-level", "WARNING", "bench", "chat", "--device", "cpu", "--dtype", "float32", "--preset",
+         "tiny", "--sessions", "4", "--procs", "1", "--runs", "3", "--seconds", "1", "--warmup-s", "2",
+         "--max-tokens", "4", "--image-size", "64", "--prompt-tokens", "20", "--baseline-requests", "2",
+         "--mixed-lengths", "2,4,8", "--batch-serving-wait-ms", "5", "--max-batch", "4",
+         "--parts", "baseline,served,mixed", "--option", "prefill_tokens=4096", "--out", str(out)]
+    )  # fmt: skip
+    assert rc == 0
+    recs = {r["metric"]: r for r in json.loads(out.read_text())}
+    served = recs["throughput_rps_4_sessions"]
+    assert served["value"] > 0 and served["runs"] == 3 and served["min"] <= served["value"] <= served["max"]
+    assert served["baseline"] == recs["baseline_generate_rps_batch4"]["value"] > 0
+    assert (
+        recs["throughput_rps_4_sessions_vs_seed"]["baseline"] == recs["baseline_generate_rps_batch1"]["value"]
+    )
+    mixed = recs["throughput_rps_4_sessions_mixed_lengths"]
+    assert mixed["value"] > 0
+    assert mixed["baseline"] == recs["throughput_rps_4_sessions_mixed_lengths_batch_serving"]["value"] > 0
+    assert "--option prefill_tokens=4096" in served["machine"]
+    assert all(r["commit"] for r in recs.values())
