@@ -34,4 +34,25 @@ def test_chat_bench_records_served_throughput_beside_its_baselines(tmp_path):
     assert mixed["value"] > 0
     assert mixed["baseline"] == recs["throughput_rps_4_sessions_mixed_lengths_batch_serving"]["value"] > 0
     assert "--option prefill_tokens=4096" in served["machine"]
+    assert "gpu_utilization_4_sessions" not in recs  # no nvidia-smi here, so no samples
     assert all(r["commit"] for r in recs.values())
+
+
+def test_gpu_utilization_is_the_mean_of_a_windows_samples(tmp_path):
+    from datetime import datetime, timedelta
+
+    from ops.bench.chat import Utilization
+
+    t0 = datetime(2026, 12, 7, 9, 0, 0)
+    stamp = [(t0 + timedelta(milliseconds=100 * i)).strftime("%Y/%m/%d %H:%M:%S.%f")[:-3] for i in range(4)]
+    path = tmp_path / "u.csv"
+    # nvidia-smi's lines, a card without the field, and a last line cut off mid-write
+    path.write_text(
+        "".join(f"{s}, {u}\n" for s, u in zip(stamp, (10, 20, 30, 40))) + f"{stamp[3]}, [N/A]\n2026/12/0"
+    )
+    u = Utilization(str(path))
+    lo = t0.timestamp()
+    assert u.mean(lo, lo + 0.25) == 20
+    assert u.mean(lo + 0.25, lo + 1) == 40
+    assert u.mean(lo + 1, lo + 2) is None
+    assert Utilization(str(tmp_path / "none.csv")).mean(lo, lo + 1) is None  # no nvidia-smi: no file

@@ -12,7 +12,8 @@ Records throughput_rps_<N>_sessions (baseline: batched generate), the same again
 1 (`_vs_seed`), tokens/s and latency; with mixed lengths (max_tokens drawn from
 --mixed-lengths per request) the continuous core against `--serving batch`, the
 batch-at-a-time path; the engine's own throughput and stage times without Redis; whether
-graph and eager decoding agree token for token at the same shapes; and GPU memory.
+graph and eager decoding agree token for token at the same shapes; GPU memory, and the
+GPU's utilization in the served windows (nvidia-smi, where there is one).
 
 The checkpoint is --model, or one built here with `make_model --preset 2b` (random
 weights: the shapes and costs of the release, not its answers). Random weights end at
@@ -26,10 +27,12 @@ import asyncio
 import logging
 import multiprocessing as mp
 import os
+import shutil
 import statistics
 import subprocess
+import tempfile
 import time
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from broker import eventloop
 from ops.bench.workers import stop_worker, wait_for_worker
@@ -127,6 +130,55 @@ def gpu_memory() -> Tuple[str, float]:
         return name.strip(), float(used)
     except Exception:
         return "", 0.0
+
+
+class Utilization:
+    """`nvidia-smi`'s utilization.gpu (the share of its sample period in which a kernel ran),
+    read every `period_ms` into a file between `start` and `stop`; nothing without nvidia-smi."""
+
+    def __init__(self, path: str, period_ms: int = 100) -> None:
+        self.path, self.period_ms = path, period_ms
+        self.proc: Any = None
+
+    def start(self) -> None:
+        try:
+            self.proc = subprocess.Popen(
+                ["nvidia-smi", "--query-gpu=timestamp,utilization.gpu", "--format=csv,noheader,nounits",
+                 "-lms", str(self.period_ms), "-f", self.path],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+        except OSError:
+            self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    def mean(self, lo: float, hi: float) -> Optional[float]:
+        """Mean utilization (%) of the samples taken in [lo, hi) (epoch seconds), or None."""
+        try:
+            with open(self.path) as f:
+                samples = utilization_samples(f.read())
+        except OSError:
+            return None
+        window = [u for t, u in samples if lo <= t < hi]
+        return statistics.mean(window) if window else None
+
+
+def utilization_samples(text: str) -> List[Tuple[float, float]]:
+    """(epoch seconds, %) of nvidia-smi's `timestamp, utilization.gpu` lines (local time)."""
+    from datetime import datetime
+
+    out = []
+    for line in text.splitlines():
+        try:
+            stamp, util = line.rsplit(",", 1)
+            when = datetime.strptime(stamp.strip(), "%Y/%m/%d %H:%M:%S.%f").timestamp()
+            out.append((when, float(util)))
+        except ValueError:
+            continue  # a partial last line, or a card that reports [N/A]
+    return out
 
 
 # ---------------------------------------------------------------------------- baselines and checks
@@ -338,8 +390,10 @@ def served(
             cmd += ["--option", o]
         cmd += list(worker_flags)
         worker = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        util = Utilization(os.path.join(tempfile.mkdtemp(prefix="vlmq-util-"), "utilization.csv"))
         try:
             wait_for_worker(BrokerSettings(url=server.url, prefix=prefix), "bench-worker", worker, 900)
+            util.start()
             start = time.time() + args.warmup_s
             end = start + args.runs * args.seconds
             ctx = mp.get_context("spawn")
@@ -364,6 +418,7 @@ def served(
             for p in procs:
                 p.join(60)
         finally:
+            util.stop()
             stop_worker(worker)
     runs = []
     for k in range(args.runs):
@@ -378,9 +433,11 @@ def served(
                 "latency_p95_s": lat[int(0.95 * (len(lat) - 1))] if lat else 0.0,
                 "batch_size_mean": statistics.mean(d[3] for d in window) if window else 0.0,
                 "gpu_memory_mib": mib,
+                "gpu_utilization": util.mean(lo, hi),  # type: ignore[dict-item]
                 "card": card,  # type: ignore[dict-item]
             }
         )
+    shutil.rmtree(os.path.dirname(util.path), ignore_errors=True)
     return runs
 
 
@@ -459,6 +516,15 @@ def run(args) -> int:
             record(f"decode_rows_mean_{n}_sessions", col(u, "batch_size_mean"), "sequences", machine=where),
             record("gpu_memory_used_mib", col(u, "gpu_memory_mib"), "MiB", machine=where),
         ]
+        if all(r["gpu_utilization"] is not None for r in u):  # nvidia-smi sampled every window
+            recs.append(
+                record(
+                    f"gpu_utilization_{n}_sessions",
+                    col(u, "gpu_utilization"),
+                    "percent",
+                    machine=f"nvidia-smi utilization.gpu every 100 ms, mean of a window; {where}",
+                )
+            )
     cont, batch = served_runs.get("continuous"), served_runs.get("batch")
     mixed = f"max_tokens from {{{args.mixed_lengths}}}"
     if cont:
