@@ -2,7 +2,7 @@
 
 A profile of the served 2B chat load on an H100 (docs/BENCHMARKS.md, "Chat throughput")
 found the model thread spending ~15% of its time launching the vision tower's kernels one
-by one for prompt groups of ~32-42 frames, about as long as the kernels ran. When every
+by one for prompt groups of ~32-42 frames, time in which it does nothing else. When every
 image of a group has one patch grid (a simulator's frames all have one size), the tower's
 work depends only on the number of frames, so the group is padded to a bucket of frames
 (decoder.py's BUCKETS) and the bucket's pass is captured once and replayed with one
