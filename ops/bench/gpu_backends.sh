@@ -15,9 +15,9 @@ set -uo pipefail
 source ops/bench/gpu_env.sh || exit 1
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-nf4 .devcarry-nf4/*.whl || exit 1
 export PYTHONPATH=/tmp/site-nf4:$PYTHONPATH
-M=/tmp/vlmq-qwen2vl-2b
+M=$VLMQ_2B
 t0=$SECONDS
-[ -f "$M/config.json" ] || python3 -m ops.cli make-model --arch qwen2-vl --preset 2b --out "$M" --device cuda 2>&1 | tail -1
+ensure_2b
 echo "model ready after $((SECONDS - t0)) s"
 if [ -z "${SKIP_GPU_TESTS:-}" ]; then
   # every test runs (no -x) and a failure's own lines stay in the log (no captured logging)

@@ -7,6 +7,7 @@
 # logs and results go to $OUT. VLMQ_BENCH_COMMIT names the commit (the copy has no .git).
 set -uo pipefail
 source ops/bench/gpu_env.sh || exit 1
+ensure_2b  # for --model /tmp/vlmq-qwen2vl-2b, as docs/BENCHMARKS.md runs it
 if [ -z "${SKIP_GPU_TESTS:-}" ]; then
   python3 -m pytest tests/test_models_gpu.py -q -x -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
 fi

@@ -8,9 +8,9 @@
 # Results and logs under $OUT.
 set -uo pipefail
 source ops/bench/gpu_env.sh || exit 1
-M=/tmp/vlmq-qwen2vl-2b
+M=$VLMQ_2B
 t0=$SECONDS
-[ -f "$M/config.json" ] || python3 -m ops.cli make-model --arch qwen2-vl --preset 2b --out "$M" --device cuda 2>&1 | tail -1
+ensure_2b
 echo "model ready after $((SECONDS - t0)) s"
 if [ -z "${SKIP_GPU_TESTS:-}" ]; then
   timeout "${TESTS_S:-150}" python3 -m pytest tests/test_models_gpu.py -q -x -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/gpu_tests.log"

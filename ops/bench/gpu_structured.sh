@@ -12,6 +12,7 @@
 # it), then the benchmark; logs and results go to $OUT. VLMQ_BENCH_COMMIT names the commit.
 set -uo pipefail
 source ops/bench/gpu_env.sh || exit 1
+ensure_2b  # for --model /tmp/vlmq-qwen2vl-2b, as docs/BENCHMARKS.md runs it
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-structured \
   .devcarry-structured/xgrammar-*.whl .devcarry-structured/apache_tvm_ffi-*.whl || exit 1
 # llguidance is only the mask-cost baseline: without it that record has no baseline
