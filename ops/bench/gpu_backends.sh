@@ -15,7 +15,7 @@ set -uo pipefail
 source ops/bench/gpu_env.sh || exit 1
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-nf4 .devcarry-nf4/*.whl || exit 1
 export PYTHONPATH=/tmp/site-nf4:$PYTHONPATH
-M=$VLMQ_2B
+M=$BENCH_2B
 t0=$SECONDS
 ensure_2b
 echo "model ready after $((SECONDS - t0)) s"

@@ -2,7 +2,7 @@
 # pydantic, ... and the pinned transformers), a redis-server on 6379, PYTHONPATH, $OUT,
 # VLMQ_BENCH_GPU (the card's name, for the records' `machine`), VLMQ_STRICT, and
 # `ensure_2b`, which builds the random-weight 2B-shape Qwen2-VL the benches share in
-# $VLMQ_2B (/tmp/vlmq-qwen2vl-2b) once per machine.
+# $BENCH_2B (/tmp/vlmq-qwen2vl-2b) once per machine.
 source .devcarry/on-device.sh || return 1
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-chat .devcarry-chat/*.whl || return 1
 export PYTHONPATH=/tmp/site-chat:$PWD:$PYTHONPATH PYTHONUNBUFFERED=1
@@ -14,8 +14,8 @@ OUT=${OUT:-/tmp/vlmq-out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.used,memory.total,driver_version --format=csv
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
-VLMQ_2B=/tmp/vlmq-qwen2vl-2b
+BENCH_2B=/tmp/vlmq-qwen2vl-2b
 ensure_2b() {
-  [ -f "$VLMQ_2B/config.json" ] ||
-    python3 -m ops.cli make-model --arch qwen2-vl --preset 2b --out "$VLMQ_2B" --device cuda 2>&1 | tail -1
+  [ -f "$BENCH_2B/config.json" ] ||
+    python3 -m ops.cli make-model --arch qwen2-vl --preset 2b --out "$BENCH_2B" --device cuda 2>&1 | tail -1
 }

@@ -8,7 +8,7 @@
 # Results and logs under $OUT.
 set -uo pipefail
 source ops/bench/gpu_env.sh || exit 1
-M=$VLMQ_2B
+M=$BENCH_2B
 t0=$SECONDS
 ensure_2b
 echo "model ready after $((SECONDS - t0)) s"
