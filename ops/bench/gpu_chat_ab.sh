@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# An A/B of served chat on the device tool's GPU machine, both sides in one call on one card
+# (docs/BENCHMARKS.md, "Chat throughput"): `vlmq bench chat --parts served` with the worker
+# as it is (A), then with the worker options given as arguments (B), each into its own
+# file; with PROFILE=1 each side's worker also writes a torch profiler trace of 100 steps
+# (`vlmq worker --profile-dir`) into $OUT/profile_a, $OUT/profile_b. With the carry of
+# gpu_chat.sh ([".devcarry", ".devcarry-chat"]):
+#   VLMQ_BENCH_COMMIT=<sha> PROFILE=1 bash ops/bench/gpu_chat_ab.sh vision_graphs=on
+# Each side takes ~80 s on an H100: worker start, an 8-s warm-up (14 s with PROFILE=1, so
+# that the trace is taken and written before the windows), 3 windows of 6 s. GPU_TESTS=1
+# runs tests/test_models_gpu.py first. Comes back: chat_a.json, chat_b.json, ab.log and,
+# with PROFILE=1, two traces and two summaries (7 files; the device tool returns 8 at most).
+set -uo pipefail
+[ $# -ge 1 ] || { echo "usage: bash ops/bench/gpu_chat_ab.sh KEY=VALUE [KEY=VALUE ...]"; exit 2; }
+source ops/bench/gpu_env.sh || exit 1
+ensure_2b
+if [ -n "${GPU_TESTS:-}" ]; then
+  timeout "${TESTS_S:-150}" python3 -m pytest tests/test_models_gpu.py -q -p no:cacheprovider -p no:logging \
+    -W ignore --tb=short 2>&1 | tail -15 | tee -a "$OUT/ab.log"
+fi
+side() {  # side NAME [--option KEY=VALUE ...]
+  local name=$1
+  shift
+  local warmup=${WARMUP_S:-8}
+  if [ -n "${PROFILE:-}" ]; then
+    export VLMQ_PROFILE_DIR=$OUT/profile_$name VLMQ_PROFILE_SKIP=${PROFILE_SKIP:-300}
+    warmup=${WARMUP_S:-14}
+  else
+    unset VLMQ_PROFILE_DIR VLMQ_PROFILE_SKIP
+  fi
+  timeout "${SIDE_S:-240}" python3 -m ops.cli bench chat --model "$BENCH_2B" --parts served --runs 3 \
+    --warmup-s "$warmup" --seconds "${SECONDS_PER_RUN:-6}" --out "$OUT/chat_$name.json" "$@" 2>&1 |
+    grep -v "WARNING: Target" | tee -a "$OUT/ab.log" | grep -E "^(throughput|gpu_util|decode_rows)"
+}
+opts=()
+for kv in "$@"; do opts+=(--option "$kv"); done
+echo "A: the worker as it is"
+side a
+echo "B: ${opts[*]}"
+side b "${opts[@]}"
