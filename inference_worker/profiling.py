@@ -5,9 +5,10 @@ much of the time is the GPU running kernels, and what is the model thread doing 
 is not. After `--profile-skip` steps that ran work (warm-up, graph captures and compiles
 are not in the window), the next `--profile-steps` are traced on the thread that runs
 them: a Chrome trace (chrome://tracing, Perfetto) and a summary with the GPU's busy share
-of the window (the union of its kernel and copy intervals) and the top operators. The
-profiler slows the host side while it records, so a traced window serves less than an
-untraced one; the busy share is a lower bound of what the GPU could keep.
+of the window (the union of its kernel and copy intervals) and the longest kernels and
+operators, written by a thread of its own. The profiler slows the host side while it records, so a traced
+window serves less than an untraced one; the busy share is a lower bound of what the GPU
+could keep.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import gzip
 import json
 import logging
 import os
+import threading
 import time
-from typing import Any, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 log = logging.getLogger("vlmq.profile")
 
@@ -46,6 +48,22 @@ def gpu_intervals(trace: dict) -> List[Tuple[float, float]]:
     ]
 
 
+def top(title: str, trace: dict, categories: Sequence[str], rows: int = 30) -> str:
+    """The trace's events of these categories by name, the longest in total first (an
+    operator's time includes the operators it calls)."""
+    total: Dict[str, float] = {}
+    count: Dict[str, int] = {}
+    for e in trace.get("traceEvents", []):
+        if e.get("ph") == "X" and e.get("cat") in categories:
+            name = str(e.get("name", ""))
+            total[name] = total.get(name, 0.0) + float(e.get("dur", 0.0))
+            count[name] = count.get(name, 0) + 1
+    lines = [f"{title}: total ms, calls, name"]
+    for name in sorted(total, key=total.get, reverse=True)[:rows]:  # type: ignore[arg-type]
+        lines.append(f"{total[name] / 1000.0:10.2f} {count[name]:7d}  {name[:100]}")
+    return "\n".join(lines)
+
+
 class StepProfiler:
     """Counts the model's steps (`after_step`, on the thread that runs them) and traces a window."""
 
@@ -59,6 +77,7 @@ class StepProfiler:
         self.prof: Optional[Any] = None
         self.started = 0.0
         self.done = False
+        self._writer: Optional[threading.Thread] = None
         try:
             import torch.profiler  # noqa: F401
         except ImportError:
@@ -76,9 +95,11 @@ class StepProfiler:
             self._finish()
 
     def close(self) -> None:
-        """The worker stops: write what was traced so far."""
+        """The worker stops: write what was traced so far, and wait until it is written."""
         if self.prof is not None and not self.done:
             self._finish()
+        if self._writer is not None:
+            self._writer.join()
 
     def _start(self) -> None:
         import torch
@@ -98,8 +119,17 @@ class StepProfiler:
             torch.cuda.synchronize()
         window_ms = (time.perf_counter() - self.started) * 1000.0
         prof, self.done = self.prof, True
-        prof.__exit__(None, None, None)
-        steps = self.seen - self.skip
+        prof.__exit__(None, None, None)  # recording stops on the thread it started on
+        # writing a large trace takes seconds: off the model thread, which goes on serving
+        self._writer = threading.Thread(
+            target=self._write,
+            args=(prof, self.seen - self.skip, window_ms),
+            name="vlmq-profile",
+            daemon=True,
+        )
+        self._writer.start()
+
+    def _write(self, prof: Any, steps: int, window_ms: float) -> None:
         base = os.path.join(self.directory, f"{self.name}-{os.getpid()}")
         prof.export_chrome_trace(base + ".trace.json")
         with open(base + ".trace.json") as f:
@@ -107,14 +137,18 @@ class StepProfiler:
         with open(base + ".trace.json", "rb") as src, gzip.open(base + ".trace.json.gz", "wb") as dst:
             dst.write(src.read())
         os.remove(base + ".trace.json")
-        busy = busy_us(gpu_intervals(trace)) / 1000.0 if self.cuda else None
-        share = (
-            "no GPU"
-            if busy is None
-            else f"GPU busy {busy:.1f} ms of {window_ms:.1f} ({busy / window_ms:.0%})"
-        )
-        sort = "self_device_time_total" if self.cuda else "self_cpu_time_total"
-        table = prof.key_averages().table(sort_by=sort, row_limit=30)
+        share = "no GPU"
+        if self.cuda:
+            gpu = gpu_intervals(trace)
+            busy = busy_us(gpu) / 1000.0
+            share = (
+                f"GPU busy {busy:.1f} ms of {window_ms:.1f} ({busy / window_ms:.0%})"
+                if gpu
+                else "no GPU activity was recorded (the profiler could not trace the GPU)"
+            )
+        tables = [top("CPU operators", trace, ("cpu_op",))]
+        if self.cuda:
+            tables.insert(0, top("GPU kernels and copies", trace, GPU_CATEGORIES))
         with open(base + ".summary.txt", "w") as f:
-            f.write(f"{steps} steps in {window_ms:.1f} ms; {share}\n\n{table}\n")
+            f.write(f"{steps} steps in {window_ms:.1f} ms; {share}\n\n" + "\n\n".join(tables) + "\n")
         log.info("profile of %d steps written to %s.trace.json.gz: %s", steps, base, share)

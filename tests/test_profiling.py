@@ -43,6 +43,22 @@ def test_only_gpu_events_count_as_busy():
     assert busy_us(gpu_intervals(trace)) == 50
 
 
+def test_the_summary_lists_the_longest_events_first():
+    from inference_worker.profiling import top
+
+    trace = {
+        "traceEvents": [
+            {"ph": "X", "cat": "kernel", "name": "gemm", "ts": 0, "dur": 300},
+            {"ph": "X", "cat": "kernel", "name": "norm", "ts": 300, "dur": 100},
+            {"ph": "X", "cat": "kernel", "name": "gemm", "ts": 400, "dur": 300},
+            {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 5000},
+        ]
+    }
+    lines = top("GPU", trace, ("kernel",)).splitlines()
+    assert lines[1].split() == ["0.60", "2", "gemm"] and lines[2].split() == ["0.10", "1", "norm"]
+    assert len(lines) == 3  # the CPU operator is not a kernel
+
+
 def test_the_window_counts_the_steps_that_ran(tmp_path):
     import torch
 
@@ -58,6 +74,7 @@ def test_the_window_counts_the_steps_that_ran(tmp_path):
     p.after_step(True)
     assert p.done
     p.after_step(True)  # traced once
+    p.close()  # the trace is written off the stepping thread: wait for it
     (summary,) = [f for f in os.listdir(tmp_path) if f.endswith(".summary.txt")]
     assert (tmp_path / summary).read_text().startswith("2 steps in ")
 

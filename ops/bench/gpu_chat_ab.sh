@@ -10,10 +10,24 @@
 # that the trace is taken and written before the windows), 3 windows of 6 s. GPU_TESTS=1
 # runs tests/test_models_gpu.py first. Comes back: chat_a.json, chat_b.json, ab.log and,
 # with PROFILE=1, two traces and two summaries (7 files; the device tool returns 8 at most).
+# On a CPU: DEVICE=cpu builds a tiny checkpoint, and BENCH_ARGS adds bench chat flags, e.g.
+#   DEVICE=cpu BENCH_ARGS="--sessions 4 --procs 1 --image-size 64 --max-tokens 4 --seconds 1" \
+#     OUT=/tmp/ab bash ops/bench/gpu_chat_ab.sh vision_graphs=padded
 set -uo pipefail
 [ $# -ge 1 ] || { echo "usage: bash ops/bench/gpu_chat_ab.sh KEY=VALUE [KEY=VALUE ...]"; exit 2; }
-source ops/bench/gpu_env.sh || exit 1
-ensure_2b
+DEVICE=${DEVICE:-cuda}
+if [ "$DEVICE" = cpu ]; then
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+  OUT=${OUT:-/tmp/vlmq-out}
+  mkdir -p "$OUT"
+  BENCH_2B=$OUT/tiny-qwen2-vl  # the name is the GPU's; on a CPU the checkpoint is tiny
+  [ -f "$BENCH_2B/config.json" ] || python3 -m ops.cli make-model --out "$BENCH_2B" 2>&1 | tail -1
+  DTYPE=float32
+else
+  source ops/bench/gpu_env.sh || exit 1
+  ensure_2b
+  DTYPE=auto
+fi
 if [ -n "${GPU_TESTS:-}" ]; then
   timeout "${TESTS_S:-150}" python3 -m pytest tests/test_models_gpu.py -q -p no:cacheprovider -p no:logging \
     -W ignore --tb=short 2>&1 | tail -15 | tee -a "$OUT/ab.log"
@@ -28,8 +42,10 @@ side() {  # side NAME [--option KEY=VALUE ...]
   else
     unset VLMQ_PROFILE_DIR VLMQ_PROFILE_SKIP
   fi
-  timeout "${SIDE_S:-240}" python3 -m ops.cli bench chat --model "$BENCH_2B" --parts served --runs 3 \
-    --warmup-s "$warmup" --seconds "${SECONDS_PER_RUN:-6}" --out "$OUT/chat_$name.json" "$@" 2>&1 |
+  # shellcheck disable=SC2086 # BENCH_ARGS is a list of flags
+  timeout "${SIDE_S:-240}" python3 -m ops.cli bench chat --model "$BENCH_2B" --device "$DEVICE" --dtype "$DTYPE" \
+    --parts served --runs 3 --warmup-s "$warmup" --seconds "${SECONDS_PER_RUN:-6}" ${BENCH_ARGS:-} \
+    --out "$OUT/chat_$name.json" "$@" 2>&1 |
     grep -v "WARNING: Target" | tee -a "$OUT/ab.log" | grep -E "^(throughput|gpu_util|decode_rows)"
 }
 opts=()
