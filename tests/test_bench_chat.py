@@ -56,3 +56,34 @@ def test_gpu_utilization_is_the_mean_of_a_windows_samples(tmp_path):
     assert u.mean(lo + 0.25, lo + 1) == 40
     assert u.mean(lo + 1, lo + 2) is None
     assert Utilization(str(tmp_path / "none.csv")).mean(lo, lo + 1) is None  # no nvidia-smi: no file
+
+
+def test_the_ab_script_serves_both_sides_and_traces_each_worker(tmp_path):
+    """ops/bench/gpu_chat_ab.sh, the GPU run's A/B command, on the CPU path: A as the worker
+    is, B with the given option, each worker's trace written before the measured windows."""
+    import os
+    import subprocess
+
+    from tests.helpers import REPO
+
+    env = {
+        **os.environ,
+        "DEVICE": "cpu",
+        "PROFILE": "1",
+        "PROFILE_SKIP": "5",
+        "WARMUP_S": "4",
+        "OUT": str(tmp_path),
+        "BENCH_ARGS": "--sessions 4 --procs 1 --image-size 64 --max-tokens 4 --seconds 1 --max-batch 4",
+    }
+    proc = subprocess.run(
+        ["bash", "ops/bench/gpu_chat_ab.sh", "vision_graphs=padded"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    for side, option in (("a", False), ("b", True)):
+        recs = {r["metric"]: r for r in json.loads((tmp_path / f"chat_{side}.json").read_text())}
+        served = recs["throughput_rps_4_sessions"]
+        assert served["min"] > 0  # every window served: the trace was written before them
+        assert ("--option vision_graphs=padded" in served["machine"]) == option
+        (summary,) = [f for f in os.listdir(tmp_path / f"profile_{side}") if f.endswith(".summary.txt")]
+        assert (tmp_path / f"profile_{side}" / summary).read_text().startswith("100 steps in ")
