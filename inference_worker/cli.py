@@ -128,8 +128,8 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
         var="PROFILE_DIR",
         default="",
         help="write a torch profiler trace of --profile-steps model steps into this folder (a "
-        "Chrome trace and a summary: the GPU's busy share of the window, the top operators); "
-        "empty = off",
+        "Chrome trace and a summary: the GPU's busy share of the window, the longest kernels "
+        "and operators); empty = off",
         shown=None,
     )
     flag(
