@@ -6,9 +6,9 @@ is not. After `--profile-skip` steps that ran work (warm-up, graph captures and 
 are not in the window), the next `--profile-steps` are traced on the thread that runs
 them: a Chrome trace (chrome://tracing, Perfetto) and a summary with the GPU's busy share
 of the window (the union of its kernel and copy intervals) and the longest kernels and
-operators, written by a thread of its own. The profiler slows the host side while it records, so a traced
-window serves less than an untraced one; the busy share is a lower bound of what the GPU
-could keep.
+operators, written by a thread of its own. The profiler slows the host side while it
+records, so a traced window serves less than an untraced one; the busy share is a lower
+bound of what the GPU could keep.
 """
 
 from __future__ import annotations
@@ -132,11 +132,12 @@ class StepProfiler:
     def _write(self, prof: Any, steps: int, window_ms: float) -> None:
         base = os.path.join(self.directory, f"{self.name}-{os.getpid()}")
         prof.export_chrome_trace(base + ".trace.json")
-        with open(base + ".trace.json") as f:
-            trace = json.load(f)
-        with open(base + ".trace.json", "rb") as src, gzip.open(base + ".trace.json.gz", "wb") as dst:
-            dst.write(src.read())
+        with open(base + ".trace.json", "rb") as f:
+            raw = f.read()
         os.remove(base + ".trace.json")
+        with gzip.open(base + ".trace.json.gz", "wb") as f:
+            f.write(raw)
+        trace = json.loads(raw)
         share = "no GPU"
         if self.cuda:
             gpu = gpu_intervals(trace)

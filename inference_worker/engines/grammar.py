@@ -81,7 +81,6 @@ class Grammars:
                 "constrained decoding needs xgrammar on the worker (pip install 'vlmq[worker]')",
             ) from None
         self.xgr = xgr
-        self.vocab_size = vocab_size
         # xgrammar learns only the tokenizer's own ids: given the padded width, it keeps the
         # padding ids in a list that `accept_token` scans, ~25 us a token for 151k padding
         # ids over a 744-token tokenizer (~0.5 us without). The padding columns are masked
