@@ -89,9 +89,9 @@ def engine_ignoring_eos(engine):
 
 
 def test_a_grammar_that_ends_finishes_its_row_with_exactly_its_tokens(engine_ignoring_eos):
-    """A row's grammar takes each token one step late (while the GPU runs the next step):
-    the row whose grammar ended leaves with the tokens up to the end, not the step's extra
-    one, and its finish reason is what it was when the grammar took tokens at once."""
+    """The row whose grammar ended leaves with the tokens up to the end, not the extra one a
+    step launched before its end was read gave it; a row at its length whose grammar ends
+    with that token ends with "stop"."""
     engine = engine_ignoring_eos
     p = engine.check(user_prompt(FRAME, "Answer."))
     choice = engine.grammar(Constraint("choice", json.dumps(["go north", "open the door now"])))
@@ -118,7 +118,7 @@ def test_a_grammar_that_ends_finishes_its_row_with_exactly_its_tokens(engine_ign
             free,
         ],
     )[:2]
-    # its length and its grammar's end at once: "stop", as when the grammar took tokens at once
+    # its length and its grammar's end at once: "stop"
     assert at_end.token_ids == c.token_ids and at_end.finish_reason == "stop"
     assert short.token_ids == c.token_ids[: k - 1] and short.finish_reason == "length"
 

@@ -393,9 +393,10 @@ def test_joining_a_running_decode_gives_the_tokens_of_decoding_alone(engine):
     together, finished_at = _run_continuously(engine, plan)
     alone = [engine.generate([p], [s])[0] for _, p, s in plan]
     assert [c.token_ids for c in together] == [c.token_ids for c in alone]
-    # each is reported at the step its last token came out (its first comes from the prompt
-    # pass at admission, each later one from one step), whatever else is still decoding
-    assert finished_at == [at + max(0, len(c.token_ids) - 2) for (at, _, _), c in zip(plan, together)]
+    # each is reported one step after the step its last token came out (its first comes from
+    # the prompt pass at admission, each later one from one step; a step's tokens are read
+    # once the next step is launched), whatever else is still decoding
+    assert finished_at == [at + max(0, len(c.token_ids) - 1) for (at, _, _), c in zip(plan, together)]
     assert engine.running == 0 and engine.free_slots == engine.decoder.slots
 
 

@@ -94,6 +94,38 @@ def test_graph_steps_equal_eager_steps_bit_for_bit_at_the_same_shapes(tiny_qwen2
     assert runs[0] == runs[1]
 
 
+def test_decoding_ahead_on_cuda_equals_reading_every_step_first(tiny_qwen2_vl):
+    """Graph steps launched before the previous step's tokens are read (the copies go
+    through pinned memory and an event) give the tokens, reasons and logprobs of reading
+    every step first, with rows joining mid-decode, sampled rows and logprobs."""
+    from inference_worker.engines.chat_engine import ChatEngine
+    from inference_worker.engines.options import EngineOptions
+    from inference_worker.engines.sampling import Sampling
+    from inference_worker.models import load_vlm
+
+    vlm = load_vlm(tiny_qwen2_vl, device="cuda", dtype="float32")
+    prompts = _prompts()
+    rows = [
+        Sampling(max_tokens=16),
+        Sampling(max_tokens=9, temperature=0.8, seed=4, logprobs=True, top_logprobs=2),
+        Sampling(max_tokens=12, n=2, temperature=1.0, seed=1),
+        Sampling(max_tokens=1),
+        Sampling(max_tokens=20, logprobs=True),
+        Sampling(max_tokens=5),
+    ]
+    runs = []
+    for ahead in (True, False):
+        engine = ChatEngine(vlm, EngineOptions(decode="graphs", fuse="on", kv_slots=16, decode_ahead=ahead))
+        assert engine.decoder.ahead is ahead
+        out = []
+        for c in engine.generate(prompts, rows):
+            for a in c if isinstance(c, list) else [c]:
+                lp = a.logprobs and [(t, round(v, 3)) for t, v, _ in a.logprobs]
+                out.append((a.token_ids, a.finish_reason, lp))
+        runs.append(out)
+    assert runs[0] == runs[1]
+
+
 def _rotate_half(x):
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

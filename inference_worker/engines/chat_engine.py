@@ -99,6 +99,7 @@ class ChatEngine:
             max_graphs=self.options.max_graphs,
             ignore_eos=self.options.ignore_eos,
             bucketed=self.options.decode == "eager-bucketed",
+            ahead=self.options.decode_ahead,
         )
         self._grammars: Optional[Grammars] = None
         self._token_text: dict = {}

@@ -14,6 +14,12 @@ bucket are free slots whose results are ignored, and attention reads only the fi
 `span` columns (rounded up to `span_step`), so a 4,096-token sequence slows the steps it
 runs in, not the memory layout of the others. Eager steps run exactly n rows and span.
 
+Steps run ahead of the host by one (`step`): step k+1 is launched before the host reads
+step k's tokens, which reach it through an asynchronous copy, so the host's per-step
+work (stop checks, grammars, replies, the scheduler) overlaps the GPU's instead of
+leaving it idle between steps. A sequence is found done one step late; the token that
+step gave it is dropped.
+
 Per-row extras, each paid for only by the rows that ask: a grammar (its token mask is
 applied to the step's logits after the forward, before token choice; a row whose grammar
 is finished ends with "stop"), log-probabilities of the chosen and the most likely tokens,
@@ -24,7 +30,7 @@ slots), and streaming (each step's new tokens are handed out by `take_deltas`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Collection, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Collection, Dict, List, Optional, Sequence, Tuple
 
 from inference_worker.engines.completion import Completion, TokenLogprob
 from inference_worker.engines.cuda_graphs import Graph, GraphCache
@@ -58,10 +64,20 @@ class Running:
     tokens: List[int] = field(default_factory=list)
     index: int = 0  # which of the request's n answers
     matcher: Optional[Any] = None  # the grammar state of a constrained row
-    pending: Optional[int] = None  # its last token, not yet fed to the grammar (see `step`)
     broken: bool = False  # its grammar refused a token (cannot happen under the mask)
     logprobs: Optional[List[TokenLogprob]] = None
     sent: int = 0  # tokens already handed out as deltas (streaming)
+    left: bool = False  # it left the pool (a step still in flight drops its token)
+
+
+@dataclass(eq=False)
+class _Flight:
+    """A launched step whose tokens the host has not read yet."""
+
+    seqs: List[Running]  # row i of the step belongs to seqs[i]
+    toks: Any  # its tokens, on their way to the host
+    lp: Optional[Any]  # (rows, chosen logprobs, (top values, top indices) or None), likewise
+    copied: Optional[Any]  # the CUDA event after the copies (None on a CPU)
 
 
 Finished = Tuple[Any, Any]  # (key, Completion; a list of n Completions when n > 1)
@@ -82,6 +98,7 @@ class Decoder:
         max_graphs: int = 48,
         ignore_eos: bool = False,
         bucketed: bool = False,
+        ahead: bool = True,
     ) -> None:
         import torch
 
@@ -107,6 +124,8 @@ class Decoder:
         self.grammars: Optional[Any] = None  # grammar.Grammars, set by the engine
         self._bitmask: Optional[Any] = None
         self._groups: Dict[int, List[Optional[Completion]]] = {}  # n > 1: answers so far, by id(key)
+        self.ahead = ahead
+        self._flight: Optional[_Flight] = None
         self._deltas: List[Delta] = []
 
     # ------------------------------------------------------------------ state
@@ -176,8 +195,8 @@ class Decoder:
         self.pos[lo : lo + n] = next_positions
         self.col[lo : lo + n] = width
         self.seqs += new
-        self._took(new, first.tolist(), lp)
-        return self._collect(range(lo, lo + n))
+        self._took(new, first.tolist(), _lists(lp))
+        return self._finish(self._check(new))
 
     @staticmethod
     def rows_of(samplings: Sequence[Sampling]) -> int:
@@ -187,48 +206,110 @@ class Decoder:
     # ------------------------------------------------------------------ stepping
 
     def step(self) -> List[Finished]:
-        """One token for every running sequence; returns those that finished.
+        """One decode step of every running sequence; returns the sequences that finished.
 
-        A constrained row's grammar takes the row's previous token here, while the GPU runs
-        the step, not right after that token was read back, when the GPU would wait on it
-        (xgrammar's accept_token is ~0.5-1 us a row; a grammar's work per token is its own).
-        So a row whose grammar ended with that token is found one step late: it leaves now,
-        and the token this step gave it is dropped. A row leaving for another reason
-        feeds its grammar first (`_stop_reason`), so its finish reason is unchanged."""
+        With `ahead` (the default), a call launches this step's forward pass first and only
+        then reads the tokens the previous call chose: the GPU runs step k+1 while the CPU
+        takes step k's tokens (stop checks, grammars, replies), so the host's per-step work
+        is off the GPU's critical path. The price: what a call returns is the previous
+        step's news, and a sequence that ends at step k has computed one more token, which
+        is dropped. A call where some row has no column left for that extra token reads
+        first and launches after (`_needs_reading_first`)."""
+        flight, self._flight = self._flight, None
+        out: List[Finished] = []
+        if flight is not None and (not self.ahead or self._needs_reading_first(flight)):
+            out = self._land(flight, self._read(flight))
+            flight = None
+        if not self.seqs:
+            return out
         n = len(self.seqs)
-        if not n:
-            return []
         span = max(s.col for s in self.seqs) + 1
         logits = self._forward(n, span)  # on CUDA: queued, the CPU goes on meanwhile
-        ended = self._advance_grammars()
-        seqs = self.seqs
-        toks, lp = self._choose(logits, seqs, skip=ended)
+        launched = list(self.seqs)
+        for s in launched:
+            s.col += 1
+        done: List[Tuple[Running, str]] = []
+        if flight is not None:
+            done = self._take(flight, self._read(flight), ahead={id(s) for s in launched})
+        # rows that ended at the step just read get no mask (a finished grammar allows nothing)
+        gone = {id(s) for s, _ in done}
+        toks, lp = self._choose(logits, launched, skip={i for i, s in enumerate(launched) if id(s) in gone})
         self.tok[:n] = toks
         self.pos[:n] += 1
         self.col[:n] += 1
-        for s in seqs:
-            s.col += 1
-        self._took(seqs, toks.tolist(), lp)  # the one GPU->CPU sync of a step
+        self._flight = _Flight(launched, *self._send(toks, lp))
         self.steps += 1
-        return self._collect(range(n), ended)
+        out += self._finish(done)
+        if not self.ahead:
+            out += self.step_results()
+        return out
 
-    def _advance_grammars(self) -> Set[int]:
-        """Feed each constrained row's pending token to its grammar; the slots of the rows
-        whose grammar is done (or refused the token)."""
-        ended: Set[int] = set()
-        for i, s in enumerate(self.seqs):
-            if s.matcher is not None and s.pending is not None and self._feed(s):
-                ended.add(i)
-        return ended
+    def step_results(self) -> List[Finished]:
+        """Read the launched step's tokens now (the pool goes on from there): what `step`
+        would return at its next call."""
+        flight, self._flight = self._flight, None
+        return self._land(flight, self._read(flight)) if flight is not None else []
+
+    def _needs_reading_first(self, flight: _Flight) -> bool:
+        """Whether a row's next column is past the end of its slot (it ends at the step in
+        flight; launching first would write past the cache), or every row ends there for
+        certain (a step launched first would be wasted)."""
+        if any(s.col >= self.capacity for s in self.seqs):
+            return True
+        flying = {id(s) for s in flight.seqs}
+        return all(id(s) in flying and len(s.tokens) + 1 >= s.sampling.max_tokens for s in self.seqs)
+
+    def _send(self, toks: Any, lp: Optional[Any]) -> Tuple[Any, Optional[Any], Optional[Any]]:
+        """Start copying a step's tokens (and logprobs) to the host; (tokens, logprobs, the
+        CUDA event that marks them copied, or None on a CPU)."""
+        if toks.device.type != "cuda":
+            return toks, lp, None
+        import torch
+
+        toks = toks.to("cpu", non_blocking=True)
+        if lp is not None:
+            rows, chosen, top = lp
+            chosen = chosen.to("cpu", non_blocking=True)
+            if top is not None:
+                top = (top.values.to("cpu", non_blocking=True), top.indices.to("cpu", non_blocking=True))
+            lp = rows, chosen, top
+        event = torch.cuda.Event()
+        event.record()
+        return toks, lp, event
 
     @staticmethod
-    def _feed(s: Running) -> bool:
-        """The row's pending token into its grammar; whether the grammar is done."""
-        if s.pending is not None:
-            if not s.matcher.accept_token(s.pending):
-                s.broken = True
-            s.pending = None
-        return s.broken or s.matcher.is_terminated()
+    def _read(flight: _Flight) -> List[int]:
+        if flight.copied is not None:
+            flight.copied.synchronize()  # this step's copy, not the work queued after it
+        return flight.toks.tolist()
+
+    def _land(self, flight: _Flight, toks: List[int]) -> List[Finished]:
+        return self._finish(self._take(flight, toks))
+
+    def _take(
+        self, flight: _Flight, toks: List[int], ahead: Collection[int] = ()
+    ) -> List[Tuple[Running, str]]:
+        """A step's tokens into its rows still running; the rows it finished, with their
+        reasons. `ahead`: ids of the rows a later step was launched for already."""
+        alive = [k for k, s in enumerate(flight.seqs) if not s.left]
+        seqs = [flight.seqs[k] for k in alive]
+        self._took(seqs, [toks[k] for k in alive], _keep_rows(_lists(flight.lp), alive))
+        return self._check(seqs, ahead)
+
+    def _check(self, seqs: Sequence[Running], ahead: Collection[int] = ()) -> List[Tuple[Running, str]]:
+        """The rows that are done, with their reasons; the others' new tokens go out as
+        deltas if they stream."""
+        done: List[Tuple[Running, str]] = []
+        for s in seqs:
+            reason = self._stop_reason(s, 1 if id(s) in ahead else 0)
+            if reason is not None:
+                done.append((s, reason))
+            elif s.sampling.stream:
+                self._deltas.append(
+                    (s.key, s.index, s.tokens[s.sent :], s.logprobs[s.sent :] if s.logprobs else None)
+                )
+                s.sent = len(s.tokens)
+        return done
 
     def _choose(
         self, logits: Any, seqs: Sequence[Running], skip: Collection[int] = ()
@@ -263,20 +344,19 @@ class Decoder:
         chosen = lp.gather(1, toks.index_select(0, idx)[:, None])[:, 0]
         k = max(seqs[i].sampling.top_logprobs for i in rows)
         top = lp.topk(k, dim=-1) if k else None
-        return rows, chosen, top
+        return rows, chosen, ((top.values, top.indices) if top is not None else None)
 
-    def _took(self, seqs: Sequence[Running], toks: List[int], lp: Optional[Any]) -> None:
-        """The rows took these tokens (their grammars take them at the next step), their
-        logprobs are kept."""
+    def _took(self, seqs: Sequence[Running], toks: List[int], lp: Optional[_Logprobs]) -> None:
+        """The rows took these tokens, their grammars too, and their logprobs are kept
+        (`lp`: the rows of `seqs` that asked, their chosen tokens' logprobs, top values and
+        ids)."""
         for s, t in zip(seqs, toks):
             s.tokens.append(t)
-            if s.matcher is not None:
-                s.pending = t
+            if s.matcher is not None and not s.broken and not s.matcher.accept_token(t):
+                s.broken = True  # cannot happen under the mask
         if lp is None:
             return
-        rows, chosen, top = lp
-        chosen = chosen.tolist()
-        top_v, top_i = (top.values.tolist(), top.indices.tolist()) if top is not None else ([], [])
+        rows, chosen, top_v, top_i = lp
         for k, i in enumerate(rows):
             s = seqs[i]
             want = s.sampling.top_logprobs
@@ -340,29 +420,11 @@ class Decoder:
         self._remove(gone)
         return found
 
-    def _collect(self, indices: Sequence[int], ended: Collection[int] = ()) -> List[Finished]:
-        """Finish the rows of these slots that are done; `ended`: slots whose grammar ended
-        with the token before this step's, which is dropped."""
-        done: List[Tuple[int, str]] = []
-        for i in indices:
-            s = self.seqs[i]
-            if i in ended:
-                s.tokens.pop()
-                if s.logprobs:
-                    s.logprobs.pop()
-                done.append((i, "stop"))
-                continue
-            reason = self._stop_reason(s)
-            if reason is not None:
-                done.append((i, reason))
-            elif s.sampling.stream:
-                self._deltas.append(
-                    (s.key, s.index, s.tokens[s.sent :], s.logprobs[s.sent :] if s.logprobs else None)
-                )
-                s.sent = len(s.tokens)
+    def _finish(self, done: Sequence[Tuple[Running, str]]) -> List[Finished]:
+        """The completions of these rows (a request of n answers once all n are done); their
+        slots are freed."""
         out: List[Finished] = []
-        for i, reason in done:
-            s = self.seqs[i]
+        for s, reason in done:
             c = self._completion(s, reason)
             group = self._groups.get(id(s.key)) if s.sampling.n > 1 else None
             if group is None:
@@ -372,7 +434,9 @@ class Decoder:
             if all(x is not None for x in group):
                 del self._groups[id(s.key)]
                 out.append((s.key, group))
-        self._remove([i for i, _ in done])
+        if done:
+            slot = {id(s): i for i, s in enumerate(self.seqs)}
+            self._remove([slot[id(s)] for s, _ in done])
         return out
 
     def take_deltas(self) -> List[Delta]:
@@ -381,16 +445,18 @@ class Decoder:
         out, self._deltas = self._deltas, []
         return out
 
-    def _stop_reason(self, s: Running) -> Optional[str]:
+    def _stop_reason(self, s: Running, ahead: int = 0) -> Optional[str]:
+        """Why the row is done after its last token, or None. `ahead`: columns written for
+        it past that token (a step in flight)."""
+        if s.matcher is not None and (s.broken or s.matcher.is_terminated()):
+            return "stop"  # whatever ignore_eos says
         if not self.ignore_eos and s.tokens[-1] in self.eos:
             return "stop"
         if s.sampling.stop and stop_in_tail(s.tokens, s.sampling.stop, self._decode):
             return "stop"
-        if len(s.tokens) < s.sampling.max_tokens and s.col < self.capacity:
+        if len(s.tokens) < s.sampling.max_tokens and s.col - ahead < self.capacity:
             return None
-        # leaving at its length: a grammar done with this token makes it "stop", as it
-        # would be a step later (an ended grammar is "stop" whatever ignore_eos says)
-        return "stop" if s.matcher is not None and self._feed(s) else "length"
+        return "length"
 
     def _remove(self, indices: Sequence[int]) -> None:
         """Free these slots; the last sequences move into the freed slots below the new end."""
@@ -399,6 +465,8 @@ class Decoder:
         import torch
 
         gone = set(indices)
+        for i in gone:
+            self.seqs[i].left = True
         keep = len(self.seqs) - len(gone)
         holes = [i for i in sorted(gone) if i < keep]
         tail = [i for i in range(keep, len(self.seqs)) if i not in gone]
@@ -437,3 +505,27 @@ class Decoder:
             "running": len(self.seqs),
             "graphs": len(self.graphs) if self.graphs is not None else 0,
         }
+
+
+_Logprobs = Tuple[List[int], List[float], List[List[float]], List[List[int]]]
+
+
+def _lists(lp: Optional[Any]) -> Optional[_Logprobs]:
+    """A step's logprobs (`Decoder._logprobs`, on the device or copied) as host lists."""
+    if lp is None:
+        return None
+    rows, chosen, top = lp
+    top_v, top_i = (top[0].tolist(), top[1].tolist()) if top is not None else ([[] for _ in rows],) * 2
+    return rows, chosen.tolist(), top_v, top_i
+
+
+def _keep_rows(lp: Optional[_Logprobs], alive: List[int]) -> Optional[_Logprobs]:
+    """`lp` of the rows `alive` (indices into the step's rows), renumbered within them."""
+    if lp is None:
+        return None
+    where = {k: j for j, k in enumerate(alive)}
+    picks = [(where[r], c, v, i) for r, c, v, i in zip(*lp) if r in where]
+    if not picks:
+        return None
+    rows, chosen, top_v, top_i = (list(x) for x in zip(*picks))
+    return rows, chosen, top_v, top_i

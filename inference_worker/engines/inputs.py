@@ -16,6 +16,7 @@ import numpy as np
 from inference_worker.engines.pixels import ImagePolicy, pixel_values
 from inference_worker.engines.positions import mrope_positions
 from inference_worker.engines.prompt import ChatPrompt
+from inference_worker.engines.upload import upload
 from schemas.errors import ErrorCode, ProtocolError
 
 
@@ -155,14 +156,14 @@ class InputBuilder:
         pos, nxt = mrope_positions(mm_np, mask.numpy(), grids, self.policy.merge_size)
         dev = self.device
         return BatchInputs(
-            input_ids=input_ids.to(dev),
-            attention_mask=mask.to(dev),
-            mm_token_type_ids=mm.to(dev),
-            position_ids=torch.from_numpy(pos).to(dev),
-            next_positions=torch.from_numpy(nxt).to(dev),
+            input_ids=upload(input_ids, dev),
+            attention_mask=upload(mask, dev),
+            mm_token_type_ids=upload(mm, dev),
+            position_ids=upload(torch.from_numpy(pos), dev),
+            next_positions=upload(torch.from_numpy(nxt), dev),
             pixel_values=images.pixel_values if images is not None else None,
             image_grid_thw=images.image_grid_thw if images is not None else None,
             grids=grids,
-            image_index=torch.from_numpy(np.flatnonzero(mm_np)).to(dev) if images is not None else None,
+            image_index=upload(torch.from_numpy(np.flatnonzero(mm_np)), dev) if images is not None else None,
             row_lengths=[len(r) for r in rows],
         )

@@ -41,6 +41,9 @@ class EngineOptions:
     kv_slots: int = 0
     kv_memory: float = 0.5
     kv_memory_mb: int = 1024
+    # on: each decode step is launched before the host reads the previous step's tokens, so
+    # the host's per-step work overlaps the GPU's (decoder.py `step`); off: launch, read, repeat
+    decode_ahead: bool = True
     span_step: int = 256  # attention reads cache columns in multiples of this (a graph per span)
     max_graphs: int = 48  # captured decode-step shapes kept on the GPU
     prefill_tokens: int = 8192  # prompt tokens prefilled in one step (bounds a step's length)

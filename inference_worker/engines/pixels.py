@@ -15,6 +15,8 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
+from inference_worker.engines.upload import constant, upload
+
 
 @dataclass(frozen=True)
 class ImagePolicy:
@@ -80,10 +82,9 @@ def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
 
 def normalize(x, policy: ImagePolicy):
     """uint8 (n, C, H, W) -> float32, rescaled and normalised as the processor does it."""
-    import torch
 
-    mean = torch.tensor(policy.mean, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(policy.std, device=x.device).view(1, 3, 1, 1)
+    mean = constant(policy.mean, x.device).view(1, 3, 1, 1)
+    std = constant(policy.std, x.device).view(1, 3, 1, 1)
     return (x.float() * policy.rescale - mean) / std
 
 
@@ -110,10 +111,10 @@ def pixel_values(images: Sequence[np.ndarray], policy: ImagePolicy, device="cpu"
         groups.setdefault(img.shape[:2], []).append(i)
     per_image: List = [None] * len(sized)
     for idx in groups.values():
-        batch = torch.from_numpy(np.stack([sized[i] for i in idx])).to(device, non_blocking=True)
+        batch = upload(torch.from_numpy(np.stack([sized[i] for i in idx])), device)
         x, grid = patchify(normalize(batch.permute(0, 3, 1, 2), policy), policy, dtype)
         for j, i in enumerate(idx):
             per_image[i] = (x[j], grid)
     values = torch.cat([v for v, _ in per_image], dim=0)
-    grid = torch.tensor([g for _, g in per_image], dtype=torch.long, device=device)
+    grid = constant([g for _, g in per_image], device, torch.long)
     return values, grid

@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from inference_worker.engines.upload import upload
 from inference_worker.vla.config import EXPERT_FILE, VLAConfig
 from inference_worker.vla.expert import Context, FlowMatchingExpert
 from inference_worker.vla.features import FeatureExtractor
@@ -137,7 +138,7 @@ class QwenVLA:
         for s in seeds:
             g = torch.Generator().manual_seed(int(s)) if s is not None else None
             rows.append(torch.randn(shape, generator=g))
-        return torch.stack(rows).to(self.device)
+        return upload(torch.stack(rows), self.device)
 
     def sample(self, ctx: Context, noise: torch.Tensor, guidance: Optional[Guidance] = None) -> torch.Tensor:
         return euler_sample(self.expert, ctx, noise, self.config.num_steps, guidance)

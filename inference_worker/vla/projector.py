@@ -7,6 +7,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from inference_worker.engines.upload import upload
+
 
 class FeatureProjector(nn.Module):
     """LayerNorm + Linear from the VLM's hidden size, plus a learned embedding of the frame
@@ -56,9 +58,9 @@ def pack_frames(
         dst.append(b * L + np.arange(lengths[b]))
     flat = torch.cat([f.to(device=device, dtype=first.dtype) for frames in samples for f in frames])
     feats = torch.zeros(B * L, D, dtype=first.dtype, device=device)
-    feats.index_copy_(0, torch.from_numpy(np.concatenate(dst)).to(device), flat)
+    feats.index_copy_(0, upload(torch.from_numpy(np.concatenate(dst)), device), flat)
     return (
         feats.view(B, L, D),
-        torch.from_numpy(ids).to(device),
-        torch.from_numpy(mask).to(device),
+        upload(torch.from_numpy(ids), device),
+        upload(torch.from_numpy(mask), device),
     )
