@@ -33,6 +33,7 @@ class TextStack:
         self.lm_head = model.lm_head
         cfg = lm.config
         self.kv_heads = cfg.num_key_value_heads
+        self.groups = cfg.num_attention_heads // cfg.num_key_value_heads  # query heads per KV head
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.swiglu = getattr(cfg, "hidden_act", "silu") == "silu"
         self.dtype = self.embed.weight.dtype
@@ -120,6 +121,7 @@ class TextStack:
         k_ = self.k
         b, t = h.shape[:2]
         cos, sin = self.rotary(h, positions)
+        bias = attention_bias(allowed, self.groups, h.dtype)
         pending = None  # the last sublayer's output, added to h by the next norm
         for i, layer in enumerate(self.layers[:layers]):
             attn, mlp = layer.self_attn, layer.mlp
@@ -148,7 +150,7 @@ class TextStack:
                 cache.keys[i].index_copy_(2, cols, k)
                 cache.values[i].index_copy_(2, cols, v)
             keys, values = cache.keys[i][:, :, :span], cache.values[i][:, :, :span]
-            o = grouped_attention(q, keys, values, allowed, attn.scaling)
+            o = grouped_attention(q, keys, values, bias, attn.scaling)
             post = layer.post_attention_layernorm
             h, x = k_.add_rms_norm(
                 h, attn.o_proj(o.transpose(1, 2).reshape(b, t, -1)), post.weight, post.variance_epsilon
@@ -163,8 +165,26 @@ class TextStack:
         return h, pending
 
 
-def grouped_attention(q, k, v, allowed, scale: float):
-    """Attention of q (B, H, T, D) over a GQA cache k, v (B, KV, S, D), mask (B, 1, T, S).
+def attention_bias(allowed, groups: int, dtype):
+    """The additive mask of `grouped_attention` (0 where `allowed` (B, 1, T, S), -inf
+    elsewhere), made once per forward instead of once per layer. Its rows are the T query
+    positions of each of the `groups` query heads folded into the query length (one row when
+    T = 1: it broadcasts over them), and start at 16-element boundaries: SDPA's
+    memory-efficient kernel copies a mask into that layout on every call otherwise."""
+    import torch
+
+    b, _, t, s = allowed.shape
+    if t > 1:
+        allowed = allowed.unsqueeze(2).expand(b, 1, groups, t, s).reshape(b, 1, groups * t, s)
+    full = torch.full(
+        (b, 1, allowed.shape[2], s + (-s % 16)), float("-inf"), dtype=dtype, device=allowed.device
+    )
+    return full[..., :s].masked_fill_(allowed, 0.0)
+
+
+def grouped_attention(q, k, v, bias, scale: float):
+    """Attention of q (B, H, T, D) over a GQA cache k, v (B, KV, S, D) under the additive
+    mask `bias` of `attention_bias`.
 
     The H/KV query heads that share a KV head are folded into the query length, so one
     SDPA call reads each cached key and value once; expanding the cache to H heads (what
@@ -173,9 +193,7 @@ def grouped_attention(q, k, v, allowed, scale: float):
     import torch.nn.functional as F
 
     b, h, t, d = q.shape
-    kv, s = k.shape[1], k.shape[2]
-    g = h // kv
-    qg = q.reshape(b, kv, g * t, d)  # query head i reads KV head i // g, as transformers' repeat_kv
-    mask = allowed.unsqueeze(2).expand(b, 1, g, t, s).reshape(b, 1, g * t, s)
-    o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
+    kv = k.shape[1]
+    qg = q.reshape(b, kv, (h // kv) * t, d)  # query head i reads KV head i // g, as transformers' repeat_kv
+    o = F.scaled_dot_product_attention(qg, k, v, attn_mask=bias, scale=scale)
     return o.reshape(b, h, t, d)
