@@ -38,6 +38,7 @@ from inference_worker.engines.kv_cache import KVCache
 from inference_worker.engines.sampling import Sampling, new_generator, select_tokens
 from inference_worker.engines.text import cut_at_stop, stop_in_tail, strip_think, tokens_until_stop
 from inference_worker.engines.text_stack import TextStack
+from inference_worker.engines.upload import constant
 
 # Batch sizes the decode graphs are captured at: a step of n rows replays the smallest
 # bucket >= n (every multiple of 8 would be ~30 graphs for 256 slots; these keep padding
@@ -170,9 +171,9 @@ class Decoder:
         extra = [(k, j) for k, s in enumerate(samplings) for j in range(1, s.n)]
         if extra:
             dev = self.rows.device
-            src = torch.tensor([lo + k for k, _ in extra], device=dev)
+            src = constant([lo + k for k, _ in extra], dev)
             self.cache.move_rows(torch.arange(lo + b, lo + b + len(extra), device=dev), src, width)
-            again = torch.tensor([k for k, _ in extra], device=first_logits.device)
+            again = constant([k for k, _ in extra], first_logits.device)
             first_logits = torch.cat([first_logits, first_logits.index_select(0, again)])
             next_positions = torch.cat(
                 [next_positions, next_positions.index_select(0, again.to(next_positions.device))]
@@ -271,7 +272,7 @@ class Decoder:
             rows, chosen, top = lp
             chosen = chosen.to("cpu", non_blocking=True)
             if top is not None:
-                top = (top.values.to("cpu", non_blocking=True), top.indices.to("cpu", non_blocking=True))
+                top = tuple(x.to("cpu", non_blocking=True) for x in top)
             lp = rows, chosen, top
         event = torch.cuda.Event()
         event.record()
@@ -339,7 +340,7 @@ class Decoder:
         `_took`, after the tokens."""
         import torch
 
-        idx = torch.tensor(rows, device=logits.device)
+        idx = constant(rows, logits.device)
         lp = torch.log_softmax(logits.index_select(0, idx), dim=-1)
         chosen = lp.gather(1, toks.index_select(0, idx)[:, None])[:, 0]
         k = max(seqs[i].sampling.top_logprobs for i in rows)
@@ -462,7 +463,6 @@ class Decoder:
         """Free these slots; the last sequences move into the freed slots below the new end."""
         if not indices:
             return
-        import torch
 
         gone = set(indices)
         for i in gone:
@@ -472,8 +472,8 @@ class Decoder:
         tail = [i for i in range(keep, len(self.seqs)) if i not in gone]
         if holes:
             span = max(self.seqs[i].col for i in tail) + 1
-            dst = torch.tensor(holes, device=self.rows.device)
-            src = torch.tensor(tail, device=self.rows.device)
+            dst = constant(holes, self.rows.device)
+            src = constant(tail, self.rows.device)
             self.cache.move_rows(dst, src, min(span, self.capacity))
             for x in (self.tok, self.pos, self.col):
                 x[dst] = x[src]

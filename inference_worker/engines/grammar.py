@@ -29,6 +29,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence
 
+from inference_worker.engines.upload import constant
 from schemas.errors import ErrorCode, ProtocolError
 
 log = logging.getLogger("vlmq.grammar")
@@ -164,10 +165,7 @@ class BitMask:
             mask[:n].copy_(self.host[:n], non_blocking=True)
         g.xgr.apply_token_bitmask_inplace(logits, mask[:n], vocab_size=g.tokens, indices=rows)
         if g.tokens < logits.shape[1]:  # the model's padding ids: never a grammar's token
-            import torch
-
-            idx = torch.tensor(rows, device=logits.device)
-            logits[idx, g.tokens :] = float("-inf")
+            logits[constant(rows, logits.device), g.tokens :] = float("-inf")
 
 
 def _first_line(exc: Exception) -> str:

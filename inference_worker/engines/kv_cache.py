@@ -1,4 +1,5 @@
-"""A static KV cache: one preallocated (rows, kv_heads, capacity, head_dim) tensor per layer.
+"""A static KV cache: one preallocated (rows, kv_heads, capacity, head_dim) block per layer for
+keys and for values, all in one tensor.
 
 Fixed shapes and addresses are what lets a decode step be captured in a CUDA graph, and
 what lets one prompt's cache be repeated across its candidate continuations. Each row is
@@ -12,11 +13,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, List
 
+from inference_worker.engines.upload import constant
+
 
 @dataclass
 class KVCache:
-    keys: List[Any]  # per layer: (B, kv_heads, capacity, head_dim)
-    values: List[Any]
+    # (2 * layers, B, kv_heads, capacity, head_dim): every layer's keys and values in one
+    # tensor, so moving rows is one copy, not one per layer
+    store: Any
     mask: Any  # (B, capacity) bool: column holds a real token of that row
 
     @classmethod
@@ -25,12 +29,16 @@ class KVCache:
     ) -> KVCache:
         import torch
 
-        shape = (batch, kv_heads, capacity, head_dim)
         return cls(
-            keys=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)],
-            values=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)],
-            mask=torch.zeros((batch, capacity), dtype=torch.bool, device=device),
+            torch.zeros((2 * layers, batch, kv_heads, capacity, head_dim), dtype=dtype, device=device),
+            torch.zeros((batch, capacity), dtype=torch.bool, device=device),
         )
+
+    def __post_init__(self) -> None:
+        self.keys: List[Any] = list(
+            self.store[0::2].unbind(0)
+        )  # per layer: (B, kv_heads, capacity, head_dim)
+        self.values: List[Any] = list(self.store[1::2].unbind(0))
 
     @property
     def batch(self) -> int:
@@ -48,13 +56,12 @@ class KVCache:
         """A view of rows [lo, hi) (writes go to this cache)."""
         if lo == 0 and hi == self.batch:
             return self
-        return KVCache([k[lo:hi] for k in self.keys], [v[lo:hi] for v in self.values], self.mask[lo:hi])
+        return KVCache(self.store[:, lo:hi], self.mask[lo:hi])
 
     def move_rows(self, dst: Any, src: Any, span: int) -> None:
         """Copy the first `span` columns of rows `src` onto rows `dst` (index tensors of equal
         length; no row is both), with their masks."""
-        for x in (*self.keys, *self.values):
-            x[dst, :, :span] = x[src, :, :span]
+        self.store[:, dst, :, :span] = self.store[:, src, :, :span]
         self.mask[dst] = self.mask[src]
 
     def load_prefix(self, hf_cache: Any, attention_mask: Any) -> None:
@@ -73,18 +80,16 @@ class KVCache:
         import torch
 
         index = torch.repeat_interleave(
-            torch.arange(len(counts), device=self.mask.device), torch.tensor(counts, device=self.mask.device)
+            torch.arange(len(counts), device=self.mask.device), constant(counts, self.mask.device)
         )
         cap = self.capacity + extra_capacity
-
-        def grow(x):
-            out = x.new_zeros((len(index), *x.shape[1:2], cap, *x.shape[3:]))
-            out[:, :, : self.capacity].copy_(x.index_select(0, index))
-            return out
-
+        store = self.store.new_zeros(
+            (self.store.shape[0], len(index), *self.store.shape[2:3], cap, self.store.shape[4])
+        )
+        store[:, :, :, : self.capacity].copy_(self.store.index_select(1, index))
         mask = self.mask.new_zeros((len(index), cap))
         mask[:, : self.capacity].copy_(self.mask.index_select(0, index))
-        return KVCache([grow(k) for k in self.keys], [grow(v) for v in self.values], mask)
+        return KVCache(store, mask)
 
 
 def layer_tensors(hf_cache: Any) -> List[Any]:
