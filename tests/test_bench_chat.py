@@ -35,6 +35,9 @@ def test_chat_bench_records_served_throughput_beside_its_baselines(tmp_path):
     assert mixed["baseline"] == recs["throughput_rps_4_sessions_mixed_lengths_batch_serving"]["value"] > 0
     assert "--option prefill_tokens=4096" in served["machine"]
     assert "gpu_utilization_4_sessions" not in recs  # no nvidia-smi here, so no samples
+    # the client waits longer than the worker holds a request: Redis, reading, replying
+    outside = recs["outside_worker_ms_p50_4_sessions"]
+    assert 0 < outside["value"] < recs["latency_p50_4_sessions"]["value"] * 1000
     assert all(r["commit"] for r in recs.values())
 
 

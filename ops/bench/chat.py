@@ -338,7 +338,8 @@ def _sessions(url, prefix, first, count, text, size, lengths, t_end, queue) -> N
 
     broker = BrokerSettings(url=url, prefix=prefix)
     frame = frames(1, size)[0]
-    done: List[Tuple[float, float, int, int]] = []
+    # (answered at, latency, completion tokens, decode rows, the worker's queue + model ms)
+    done: List[Tuple[float, float, int, int, float]] = []
 
     async def session(i: int) -> None:
         pick = random.Random(i)
@@ -357,7 +358,10 @@ def _sessions(url, prefix, first, count, text, size, lengths, t_end, queue) -> N
                 )
                 t0 = time.time()
                 reply = await client.request(req, timeout=300)
-                done.append((time.time(), time.time() - t0, reply.result.completion_tokens, reply.batch_size))
+                inside = reply.timings.get("queue_ms", 0.0) + reply.timings.get("model_ms", 0.0)
+                done.append(
+                    (time.time(), time.time() - t0, reply.result.completion_tokens, reply.batch_size, inside)
+                )
                 step += 1
 
     async def main() -> None:
@@ -432,6 +436,9 @@ def served(
                 "latency_p50_s": statistics.median(lat) if lat else 0.0,
                 "latency_p95_s": lat[int(0.95 * (len(lat) - 1))] if lat else 0.0,
                 "batch_size_mean": statistics.mean(d[3] for d in window) if window else 0.0,
+                # the client's wait outside the worker's queue and model: Redis both ways, the
+                # worker's reading, preparing and replying, the agent process
+                "outside_ms_p50": statistics.median(d[1] * 1000.0 - d[4] for d in window) if window else 0.0,
                 "gpu_memory_mib": mib,
                 "gpu_utilization": util.mean(lo, hi),  # type: ignore[dict-item]
                 "card": card,  # type: ignore[dict-item]
@@ -514,6 +521,7 @@ def run(args) -> int:
             record(f"latency_p50_{n}_sessions", col(u, "latency_p50_s"), "s", machine=where),
             record(f"latency_p95_{n}_sessions", col(u, "latency_p95_s"), "s", machine=where),
             record(f"decode_rows_mean_{n}_sessions", col(u, "batch_size_mean"), "sequences", machine=where),
+            record(f"outside_worker_ms_p50_{n}_sessions", col(u, "outside_ms_p50"), "ms", machine=where),
             record("gpu_memory_used_mib", col(u, "gpu_memory_mib"), "MiB", machine=where),
         ]
         if all(r["gpu_utilization"] is not None for r in u):  # nvidia-smi sampled every window

@@ -46,7 +46,7 @@ side() {  # side NAME [--option KEY=VALUE ...]
   timeout "${SIDE_S:-240}" python3 -m ops.cli bench chat --model "$BENCH_2B" --device "$DEVICE" --dtype "$DTYPE" \
     --parts served --runs 3 --warmup-s "$warmup" --seconds "${SECONDS_PER_RUN:-6}" ${BENCH_ARGS:-} \
     --out "$OUT/chat_$name.json" "$@" 2>&1 |
-    grep -v "WARNING: Target" | tee -a "$OUT/ab.log" | grep -E "^(throughput|gpu_util|decode_rows)"
+    grep -v "WARNING: Target" | tee -a "$OUT/ab.log" | grep -E "^(throughput|gpu_util|decode_rows|outside)"
 }
 opts=()
 for kv in "$@"; do opts+=(--option "$kv"); done
