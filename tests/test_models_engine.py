@@ -144,7 +144,7 @@ def test_text_stack_matches_the_full_forward(engine, pristine):
     cont = torch.tensor([[5, 9, 11, 4]] * batch.batch)
     with torch.inference_mode():
         cache = engine.stack.new_cache(batch.batch, batch.length + cont.shape[1])
-        engine._prefill_into(cache, batch)
+        engine._prefill_into(cache, batch, padded=False)
         pos = batch.next_positions[:, None] + torch.arange(cont.shape[1])
         ours = engine.stack.forward(cache, cont, pos, torch.tensor(batch.length))
         ref = pristine.model(**stock_kwargs(batch, cont)).logits[:, -cont.shape[1] :].float()
@@ -278,7 +278,7 @@ def test_own_prefill_matches_the_full_forward(engine, pristine):
     batch = engine.inputs.build(mixed_prompts())
     with torch.inference_mode():
         cache = engine.stack.new_cache(batch.batch, batch.length)
-        ours = engine._prefill_into(cache, batch)
+        ours = engine._prefill_into(cache, batch, padded=False)[0]
         ref = pristine.model(**stock_kwargs(batch)).logits[:, -1].float()
     # the image features differ from the stock tower's at fp32 rounding (near() above),
     # and a 2-layer model with a wide init carries that to ~2e-5 of its logits' scale
@@ -324,9 +324,45 @@ def test_padded_vision_pass_gives_each_frame_its_own_features(engine):
     assert pads == ((1, 8, 8), 4)
 
 
+def test_padded_prefill_decodes_the_tokens_of_the_groups_own_shape(tiny_qwen2_vl):
+    """prefill_graphs: a group's prompts padded to a width bucket and its rows to a rows
+    bucket give every prompt the greedy tokens of the unpadded pass, whatever the group's
+    size (1, 3 -> 4, 5 -> 8 rows) and with rows joining a running decode; a group past the
+    token budget runs unpadded."""
+    from inference_worker.engines.prefill_graphs import PrefillGraphs
+
+    vlm = load_vlm(tiny_qwen2_vl)
+    plain = ChatEngine(vlm)
+    padded = ChatEngine(load_vlm(tiny_qwen2_vl), EngineOptions(prefill_graphs="padded"))
+    prompts = mixed_prompts()
+    for group in (prompts[:1], prompts[1:4], prompts[3:8]):
+        samp = [Sampling(max_tokens=6)] * len(group)
+        assert [c.token_ids for c in padded.generate(group, samp)] == [
+            c.token_ids for c in plain.generate(group, samp)
+        ]
+    together, _ = _run_continuously(
+        padded, [(0, prompts[0], Sampling(max_tokens=9)), (2, prompts[5], Sampling(max_tokens=4))]
+    )
+    alone = [plain.generate([p], [Sampling(max_tokens=n)])[0] for p, n in ((prompts[0], 9), (prompts[5], 4))]
+    assert [c.token_ids for c in together] == [c.token_ids for c in alone]
+    # the decode starts at the bucket's width: a multiple of the width step
+    batch = padded.inputs.build(prompts[1:4])
+    with torch.inference_mode():
+        logits, width = padded._prefill_into(padded.decoder.reserve(3), batch)
+    assert width % padded.prefill_pass.width_step == 0 and width >= batch.length and logits.shape[0] == 3
+    small = PrefillGraphs(padded.stack, "padded", max_tokens=batch.length)
+    with torch.inference_mode():
+        assert (
+            small(padded.decoder.reserve(3), padded.embed(batch), batch.position_ids, batch.attention_mask)[1]
+            == batch.length
+        )
+
+
 def test_vision_graphs_need_a_gpu(tiny_qwen2_vl):
     with pytest.raises(ValueError, match="vision_graphs=on needs a CUDA device"):
         ChatEngine(load_vlm(tiny_qwen2_vl), EngineOptions(vision_graphs="on"))
+    with pytest.raises(ValueError, match="prefill_graphs=on needs a CUDA device"):
+        ChatEngine(load_vlm(tiny_qwen2_vl), EngineOptions(prefill_graphs="on"))
 
 
 def test_fused_projections_are_slices_of_one_weight(engine, pristine):

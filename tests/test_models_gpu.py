@@ -288,3 +288,24 @@ def test_vision_graphs_replay_the_padded_pass(tiny_qwen2_vl):
     mixed = graphs.generate(prompts[3:], samp[3:])  # several sizes: the eager tower
     assert [c.token_ids for c in mixed] == [c.token_ids for c in eager.generate(prompts[3:], samp[3:])]
     assert graphs.vision_pass.captured == 1
+
+
+def test_prefill_graphs_replay_the_padded_pass(tiny_qwen2_vl):
+    """prefill_graphs=on: a group's text layers replay the graph of its (rows, width) bucket
+    and give the greedy tokens of the eager unpadded pass, groups of 3 and 4 prompts of one
+    width sharing a graph; decoding continues from the bucket's width."""
+    from inference_worker.engines.chat_engine import ChatEngine
+    from inference_worker.engines.options import EngineOptions
+    from inference_worker.engines.sampling import Sampling
+    from inference_worker.models import load_vlm
+
+    vlm = load_vlm(tiny_qwen2_vl, device="cuda", dtype="float32")
+    graphs = ChatEngine(vlm, EngineOptions(prefill_graphs="on", vision_graphs="on"))
+    eager = ChatEngine(vlm, EngineOptions())
+    prompts = _prompts()
+    same = [prompts[0]] * 4
+    samp = [Sampling(max_tokens=8)] * 6
+    for group in (same[:3], same, prompts):
+        want = [c.token_ids for c in eager.generate(group, samp[: len(group)])]
+        assert [c.token_ids for c in graphs.generate(group, samp[: len(group)])] == want
+    assert graphs.prefill_pass.captured == 2  # (4 rows, w) for 3 and 4 prompts; (8 rows, w') for 6

@@ -28,6 +28,7 @@ from inference_worker.engines.kv_cache import KVCache
 from inference_worker.engines.options import EngineOptions
 from inference_worker.engines.patch_embedding import use_linear_patch_embedding
 from inference_worker.engines.pixels import ImagePolicy
+from inference_worker.engines.prefill_graphs import PrefillGraphs
 from inference_worker.engines.prompt import ChatPrompt
 from inference_worker.engines.sampling import Sampling
 from inference_worker.engines.text_stack import TextStack
@@ -82,6 +83,13 @@ class ChatEngine:
         if self.options.prefill == "stack" and deepstack:
             raise ValueError("option prefill=stack: this model's deepstack features need prefill=hf or auto")
         self.own_prefill = self.options.prefill != "hf" and not deepstack
+        if self.options.prefill_graphs == "on" and not (on_gpu and self.own_prefill):
+            raise ValueError("prefill_graphs=on needs a CUDA device and the engine's own prefill")
+        self.prefill_pass = PrefillGraphs(
+            self.stack,
+            self.options.prefill_graphs if self.own_prefill else "off",
+            max_tokens=self.options.prefill_tokens,
+        )
         eos = self.model.generation_config.eos_token_id
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         if self.tokenizer.eos_token_id is not None:
@@ -239,9 +247,9 @@ class ChatEngine:
             with sw("preprocess"):
                 batch = self._build(prompts)
             with sw("prefill"):
-                first = self._prefill_into(self.decoder.reserve(Decoder.rows_of(samplings)), batch)
+                first, width = self._prefill_into(self.decoder.reserve(Decoder.rows_of(samplings)), batch)
                 return self.decoder.join(
-                    keys, first, samplings, batch.prompt_tokens(), batch.length, batch.next_positions
+                    keys, first, samplings, batch.prompt_tokens(), width, batch.next_positions
                 )
 
     def step(self) -> List[Finished]:
@@ -313,9 +321,16 @@ class ChatEngine:
 
     # ------------------------------------------------------------------ prompt pass
 
-    def _prefill_into(self, cache: KVCache, batch) -> Any:
-        """The prompts' keys and values into cache rows [0, B); logits of each last token."""
-        if self.own_prefill:
+    def _prefill_into(self, cache: KVCache, batch, padded: bool = True) -> Tuple[Any, int]:
+        """The prompts' keys and values into cache rows [0, B); (logits of each last token,
+        the column decoding starts at). `padded`: the prompt pass may pad the group
+        (prefill_graphs), which moves that column past the batch's own width."""
+        width = batch.length
+        if self.own_prefill and padded:
+            logits, width = self.prefill_pass(
+                cache, self.embed(batch), batch.position_ids, batch.attention_mask
+            )
+        elif self.own_prefill:
             logits = self.stack.prefill(cache, self.embed(batch), batch.position_ids, batch.attention_mask)
         else:
             out = self.model(**batch.model_kwargs(), use_cache=True, logits_to_keep=1)
@@ -325,7 +340,7 @@ class ChatEngine:
             import torch
 
             torch.cuda.synchronize(self.device)  # stage timings measure the GPU, not the launches
-        return logits
+        return logits, width
 
     def _build(self, prompts: Sequence[ChatPrompt]):
         """Model inputs. With our prefill the vision tower is queued on the GPU first (its
@@ -371,7 +386,7 @@ class ChatEngine:
                 ]
             with sw("prefill"):
                 prefix = self.stack.new_cache(batch.batch, batch.length)
-                first = torch.log_softmax(self._prefill_into(prefix, batch), dim=-1)
+                first = torch.log_softmax(self._prefill_into(prefix, batch, padded=False)[0], dim=-1)
             with sw("score"):
                 rows = [(r, c) for r in range(len(ids)) for c in ids[r]]
                 totals: List[float] = []

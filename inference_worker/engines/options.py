@@ -34,6 +34,10 @@ class EngineOptions:
     # replayed as a CUDA graph per bucket (vision_graphs.py; CUDA only); padded: the same
     # padded shapes, eager; off: the tower eager at the group's own size
     vision_graphs: str = tree.setting("off", choices=("off", "on", "padded"))
+    # on: a prompt group's text layers run at a padded (rows bucket, width bucket) shape,
+    # replayed as a CUDA graph per shape (prefill_graphs.py; CUDA only, our prefill only);
+    # padded: the same padded shapes, eager; off: the group's own shape, eager
+    prefill_graphs: str = tree.setting("off", choices=("off", "on", "padded"))
     # The decode pool (decoder.py): `kv_slots` sequences decode at once, each with room for
     # `max_context` tokens (prompt + answer); 0 = sized from memory: on CUDA, `kv_memory`
     # of the free GPU memory once the model is loaded; on CPU, `kv_memory_mb`.
@@ -67,7 +71,15 @@ class EngineOptions:
     def stock(self) -> EngineOptions:
         """Every optional fast path off: eager decode steps, no compiled or Triton kernels,
         transformers' prompt pass and vision tower (self_check.py falls back to this)."""
-        return replace(self, decode="eager", fuse="off", prefill="hf", vision="stock", vision_graphs="off")
+        return replace(
+            self,
+            decode="eager",
+            fuse="off",
+            prefill="hf",
+            vision="stock",
+            vision_graphs="off",
+            prefill_graphs="off",
+        )
 
 
 @dataclass(frozen=True)

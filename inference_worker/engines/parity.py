@@ -136,12 +136,13 @@ def engine_trace(engine: Any, prompt: ChatPrompt, tokens: Sequence[int]) -> Trac
     with torch.inference_mode():
         engine.check(prompt)
         batch = engine._build([prompt])
-        rows = [engine._prefill_into(d.reserve(1), batch)[0].float()]
-        d.tok[0], d.pos[0], d.col[0] = tokens[0], batch.next_positions[0], batch.length
+        first, width = engine._prefill_into(d.reserve(1), batch)
+        rows = [first[0].float()]
+        d.tok[0], d.pos[0], d.col[0] = tokens[0], batch.next_positions[0], width
         for n in range(1, len(tokens)):
             # a graph replay returns its static output buffer, which the next replay overwrites:
             # keep a copy (float32 logits would make `.float()` a view)
-            rows.append(d._forward(1, batch.length + n)[0].to(torch.float32, copy=True))
+            rows.append(d._forward(1, width + n)[0].to(torch.float32, copy=True))
             d.tok[0] = tokens[n]
             d.pos[0] += 1
             d.col[0] += 1

@@ -276,7 +276,7 @@ def stage_probe(engine, prompts, max_tokens: int, runs: int) -> Dict[str, List[f
     def prefill(own: bool) -> None:
         engine.own_prefill, was = own, engine.own_prefill
         try:
-            engine._prefill_into(engine.stack.new_cache(batch.batch, batch.length), batch)
+            engine._prefill_into(engine.stack.new_cache(batch.batch, batch.length), batch, padded=False)
         finally:
             engine.own_prefill = was
 
