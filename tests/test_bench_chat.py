@@ -63,7 +63,8 @@ def test_gpu_utilization_is_the_mean_of_a_windows_samples(tmp_path):
 
 def test_the_ab_script_serves_both_sides_and_traces_each_worker(tmp_path):
     """ops/bench/gpu_chat_ab.sh, the GPU run's A/B command, on the CPU path: A as the worker
-    is, B with the given option, each worker's trace written before the measured windows."""
+    is, B and C with their options, each worker's trace summary written before the measured
+    windows (TRACES=0: the traces themselves are not kept)."""
     import os
     import subprocess
 
@@ -76,17 +77,21 @@ def test_the_ab_script_serves_both_sides_and_traces_each_worker(tmp_path):
         "PROFILE_SKIP": "5",
         "WARMUP_S": "4",
         "OUT": str(tmp_path),
+        "TRACES": "0",
         "BENCH_ARGS": "--sessions 4 --procs 1 --image-size 64 --max-tokens 4 --seconds 1 --max-batch 4",
     }
     proc = subprocess.run(
-        ["bash", "ops/bench/gpu_chat_ab.sh", "vision_graphs=padded"],
+        ["bash", "ops/bench/gpu_chat_ab.sh", "vision_graphs=padded", "prefill_graphs=padded,decode_ahead=off"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    for side, option in (("a", False), ("b", True)):
+    sides = {"a": [], "b": ["vision_graphs=padded"], "c": ["prefill_graphs=padded", "decode_ahead=off"]}
+    for side, options in sides.items():
         recs = {r["metric"]: r for r in json.loads((tmp_path / f"chat_{side}.json").read_text())}
         served = recs["throughput_rps_4_sessions"]
         assert served["min"] > 0  # every window served: the trace was written before them
-        assert ("--option vision_graphs=padded" in served["machine"]) == option
-        (summary,) = [f for f in os.listdir(tmp_path / f"profile_{side}") if f.endswith(".summary.txt")]
+        for o in options:
+            assert f"--option {o}" in served["machine"]
+        assert (side == "a") == ("--option" not in served["machine"])
+        (summary,) = os.listdir(tmp_path / f"profile_{side}")  # the summary alone: TRACES=0
         assert (tmp_path / f"profile_{side}" / summary).read_text().startswith("100 steps in ")

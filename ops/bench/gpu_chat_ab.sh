@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
-# An A/B of served chat on the device tool's GPU machine, both sides in one call on one card
+# An A/B of served chat on the device tool's GPU machine, every side in one call on one card
 # (docs/BENCHMARKS.md, "Chat throughput"): `vlmq bench chat --parts served` with the worker
-# as it is (A), then with the worker options given as arguments (B), each into its own
-# file; with PROFILE=1 each side's worker also writes a torch profiler trace of 100 steps
-# (`vlmq worker --profile-dir`) into $OUT/profile_a, $OUT/profile_b. With the carry of
-# gpu_chat.sh ([".devcarry", ".devcarry-chat"]):
-#   VLMQ_BENCH_COMMIT=<sha> PROFILE=1 bash ops/bench/gpu_chat_ab.sh vision_graphs=on
+# as it is (A), then once per argument with that argument's worker options (B, C, ...; a
+# side's options comma-separated), each into its own file; with PROFILE=1 each side's
+# worker also writes a torch profiler trace of 100 steps (`vlmq worker --profile-dir`) and
+# its summary into $OUT/profile_<side> (TRACES=0 keeps the summaries only). With the carry
+# of gpu_chat.sh ([".devcarry", ".devcarry-chat"]):
+#   VLMQ_BENCH_COMMIT=<sha> PROFILE=1 bash ops/bench/gpu_chat_ab.sh decode_ahead=off vision_graphs=on,prefill_graphs=on
 # Each side takes ~80 s on an H100: worker start, an 8-s warm-up (14 s with PROFILE=1, so
 # that the trace is taken and written before the windows), 3 windows of 6 s. GPU_TESTS=1
-# runs tests/test_models_gpu.py first. Comes back: chat_a.json, chat_b.json, ab.log and,
-# with PROFILE=1, two traces and two summaries (7 files; the device tool returns 8 at most).
+# runs tests/test_models_gpu.py first. Comes back: chat_<side>.json, ab.log and, with
+# PROFILE=1, a trace and a summary per side (the device tool returns 8 files at most).
 # On a CPU: DEVICE=cpu builds a tiny checkpoint, and BENCH_ARGS adds bench chat flags, e.g.
 #   DEVICE=cpu BENCH_ARGS="--sessions 4 --procs 1 --image-size 64 --max-tokens 4 --seconds 1" \
 #     OUT=/tmp/ab bash ops/bench/gpu_chat_ab.sh vision_graphs=padded
 set -uo pipefail
-[ $# -ge 1 ] || { echo "usage: bash ops/bench/gpu_chat_ab.sh KEY=VALUE [KEY=VALUE ...]"; exit 2; }
+[ $# -ge 1 ] || { echo "usage: bash ops/bench/gpu_chat_ab.sh KEY=VALUE[,KEY=VALUE...] [...]"; exit 2; }
 DEVICE=${DEVICE:-cuda}
 if [ "$DEVICE" = cpu ]; then
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -48,9 +49,15 @@ side() {  # side NAME [--option KEY=VALUE ...]
     --out "$OUT/chat_$name.json" "$@" 2>&1 |
     grep -v "WARNING: Target" | tee -a "$OUT/ab.log" | grep -E "^(throughput|gpu_util|decode_rows|outside)"
 }
-opts=()
-for kv in "$@"; do opts+=(--option "$kv"); done
-echo "A: the worker as it is"
+echo "a: the worker as it is"
 side a
-echo "B: ${opts[*]}"
-side b "${opts[@]}"
+names=(b c d e f g)
+sides=("$@")
+for i in "${!sides[@]}"; do
+  opts=()
+  IFS=, read -ra kvs <<<"${sides[$i]}"
+  for kv in "${kvs[@]}"; do opts+=(--option "$kv"); done
+  echo "${names[$i]}: ${opts[*]}"
+  side "${names[$i]}" "${opts[@]}"
+done
+if [ "${TRACES:-1}" = 0 ]; then rm -f "$OUT"/profile_*/*.trace.json.gz; fi
