@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from inference_worker.engines.decoder import BUCKETS
+from inference_worker.engines.upload import upload
 from inference_worker.handlers.base import Handler, HandlerOutput
 from inference_worker.settings import VLAOptions
 from inference_worker.timing import Stopwatch
@@ -183,14 +184,17 @@ class ActionChunkHandler(Handler):
             reqs = [req for _, req, _ in items]
             state = None
             if self.cfg.state_dim:
-                state = torch.stack(
-                    [
-                        torch.tensor(np.array(r.state))
-                        if r.state is not None
-                        else torch.zeros(self.cfg.state_dim)
-                        for r in reqs
-                    ]
-                ).to(self.vla.device)
+                state = upload(
+                    torch.stack(
+                        [
+                            torch.tensor(np.array(r.state))
+                            if r.state is not None
+                            else torch.zeros(self.cfg.state_dim)
+                            for r in reqs
+                        ]
+                    ),
+                    self.vla.device,
+                )
             noise = self.vla.noise([r.noise_seed for r in reqs])
             guidance = self._guidance(reqs)
             if self.graphs is not None and guidance is None:
