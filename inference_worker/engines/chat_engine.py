@@ -76,7 +76,7 @@ class ChatEngine:
         self.vision = VisionEncoder(self.model)
         if self.options.vision_graphs == "on" and not on_gpu:
             raise ValueError("vision_graphs=on needs a CUDA device")
-        self.vision_pass = VisionGraphs(self.vision, self.options.vision_graphs)
+        self.vision_pass = VisionGraphs(self.vision, _auto(self.options.vision_graphs, on_gpu))
         # our prefill covers towers whose features enter the text model only as input
         # embeddings; Qwen3-VL's deepstack also adds them inside early layers
         deepstack = has_deepstack(self.model)
@@ -87,7 +87,7 @@ class ChatEngine:
             raise ValueError("prefill_graphs=on needs a CUDA device and the engine's own prefill")
         self.prefill_pass = PrefillGraphs(
             self.stack,
-            self.options.prefill_graphs if self.own_prefill else "off",
+            _auto(self.options.prefill_graphs, on_gpu) if self.own_prefill else "off",
             max_tokens=self.options.prefill_tokens,
         )
         eos = self.model.generation_config.eos_token_id
@@ -429,6 +429,11 @@ class ChatEngine:
     def close(self) -> None:
         self.decoder = None  # type: ignore[assignment]
         self.stack = None  # type: ignore[assignment]
+
+
+def _auto(mode: str, on_gpu: bool) -> str:
+    """A graphs option's mode: auto is on on CUDA, off elsewhere."""
+    return ("on" if on_gpu else "off") if mode == "auto" else mode
 
 
 def _byte_decoder() -> dict:

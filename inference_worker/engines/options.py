@@ -32,12 +32,13 @@ class EngineOptions:
     vision: str = tree.setting("fast", choices=("fast", "stock"))
     # on: a prompt group's frames of one size padded to a bucket of frames and the vision tower
     # replayed as a CUDA graph per bucket (vision_graphs.py; CUDA only); padded: the same
-    # padded shapes, eager; off: the tower eager at the group's own size
-    vision_graphs: str = tree.setting("off", choices=("off", "on", "padded"))
+    # padded shapes, eager; off: the tower eager at the group's own size; auto: on on CUDA
+    vision_graphs: str = tree.setting("auto", choices=("auto", "off", "on", "padded"))
     # on: a prompt group's text layers run at a padded (rows bucket, width bucket) shape,
     # replayed as a CUDA graph per shape (prefill_graphs.py; CUDA only, our prefill only);
-    # padded: the same padded shapes, eager; off: the group's own shape, eager
-    prefill_graphs: str = tree.setting("off", choices=("off", "on", "padded"))
+    # padded: the same padded shapes, eager; off: the group's own shape, eager; auto: on
+    # on CUDA with our prefill
+    prefill_graphs: str = tree.setting("auto", choices=("auto", "off", "on", "padded"))
     # The decode pool (decoder.py): `kv_slots` sequences decode at once, each with room for
     # `max_context` tokens (prompt + answer); 0 = sized from memory: on CUDA, `kv_memory`
     # of the free GPU memory once the model is loaded; on CPU, `kv_memory_mb`.
