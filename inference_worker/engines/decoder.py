@@ -241,15 +241,10 @@ class Decoder:
         self._flight = _Flight(launched, *self._send(toks, lp))
         self.steps += 1
         out += self._finish(done)
-        if not self.ahead:
-            out += self.step_results()
+        if not self.ahead:  # read the step just launched now, not at the next call
+            flight, self._flight = self._flight, None
+            out += self._land(flight, self._read(flight))
         return out
-
-    def step_results(self) -> List[Finished]:
-        """Read the launched step's tokens now (the pool goes on from there): what `step`
-        would return at its next call."""
-        flight, self._flight = self._flight, None
-        return self._land(flight, self._read(flight)) if flight is not None else []
 
     def _needs_reading_first(self, flight: _Flight) -> bool:
         """Whether a row's next column is past the end of its slot (it ends at the step in

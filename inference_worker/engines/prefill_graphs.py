@@ -12,8 +12,10 @@ alone), so the real rows' keys, values and last logits are those of the unpadded
 A captured pass writes keys and values to fixed addresses: a staging cache (one flat
 buffer of `max_tokens` columns, viewed at each bucket's shape), copied into the group's
 decode slots after the replay. The group then decodes from column `width` (the bucket's),
-which the engine hands to the decoder. Groups past `max_tokens` padded tokens, or wider
-than a slot, run eagerly. `padded` runs the same padded shapes eagerly: what the CPU
+which the engine hands to the decoder, so the padding takes up to `width_step` - 1
+columns from the room a slot leaves for the answer; groups wider than half a slot run
+eagerly (their prompt pass is long enough that launches don't matter, and their answers
+keep all their room), and so do groups past `max_tokens` padded tokens. `padded` runs the same padded shapes eagerly: what the CPU
 tests run, and what a graph is compared with.
 """
 
@@ -89,7 +91,7 @@ class PrefillGraphs:
         b, t = attention_mask.shape
         width = -(-t // self.width_step) * self.width_step
         rows = bucket(b) if bucket(b) * width <= self.max_tokens else b
-        if self.mode == "off" or rows * width > self.max_tokens or width > cache.capacity:
+        if self.mode == "off" or rows * width > self.max_tokens or 2 * width > cache.capacity:
             return self.stack.prefill(cache, embeds, positions, attention_mask), t
         if self.graphs is None:  # padded, eager
             inputs = _Inputs(self._stage(), self.stack, rows, width, embeds.shape[-1])
