@@ -163,6 +163,17 @@ def test_triton_kernels_match_the_reference_ops(dtype):
         for got, x in ((qo, q), (ko, k)):
             want = (x.float() * c + _rotate_half(x.float()) * s).to(dtype)
             assert got.shape == x.shape and torch.allclose(got.float(), want.float(), **tol)
+        # the language model's rotary (rope=triton): GQA q/k views of one projection
+        h, kv, d = 12, 2, 128
+        proj = torch.randn(2, rows, (h + 2 * kv) * d, device="cuda", generator=g).to(dtype)
+        tq = proj[..., : h * d].view(2, rows, h, d).transpose(1, 2)
+        tk_ = proj[..., h * d : (h + kv) * d].view(2, rows, kv, d).transpose(1, 2)
+        ang = torch.randn(2, rows, d // 2, device="cuda", generator=g)
+        tcos, tsin = torch.cat((ang, ang), -1).cos().to(dtype), torch.cat((ang, ang), -1).sin().to(dtype)
+        for got, x in zip(tk.rope(tq, tk_, tcos, tsin), (tq, tk_)):
+            c2, s2 = tcos.float().unsqueeze(1), tsin.float().unsqueeze(1)
+            want = (x.float() * c2 + _rotate_half(x.float()) * s2).to(dtype)
+            assert got.shape == x.shape and torch.allclose(got.float(), want.float(), **tol)
 
 
 def test_fused_vision_tower_equals_the_plain_one(tiny_qwen2_vl):
@@ -309,3 +320,18 @@ def test_prefill_graphs_replay_the_padded_pass(tiny_qwen2_vl):
         want = [c.token_ids for c in eager.generate(group, samp[: len(group)])]
         assert [c.token_ids for c in graphs.generate(group, samp[: len(group)])] == want
     assert graphs.prefill_pass.captured == 2  # (4 rows, w) for 3 and 4 prompts; (8 rows, w') for 6
+
+
+def test_rope_triton_decodes_the_tokens_of_the_compiled_rope(tiny_qwen2_vl):
+    """rope=triton through the engine (prompt pass and decode graphs): the greedy tokens of
+    the compiled rotary, fp32."""
+    from inference_worker.engines.chat_engine import ChatEngine
+    from inference_worker.engines.options import EngineOptions
+    from inference_worker.engines.sampling import Sampling
+    from inference_worker.models import load_vlm
+
+    vlm = load_vlm(tiny_qwen2_vl, device="cuda", dtype="float32")
+    prompts, samp = _prompts(), [Sampling(max_tokens=10)] * 6
+    want = [c.token_ids for c in ChatEngine(vlm, EngineOptions()).generate(prompts, samp)]
+    got = [c.token_ids for c in ChatEngine(vlm, EngineOptions(rope="triton")).generate(prompts, samp)]
+    assert got == want

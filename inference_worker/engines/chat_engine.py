@@ -64,7 +64,7 @@ class ChatEngine:
         self.inputs = InputBuilder(self.model, vlm.processor, self.policy, vlm.device, vlm.dtype)
         on_gpu = vlm.device.type == "cuda"
         fuse = self.options.fuse == "on" or (self.options.fuse == "auto" and on_gpu)
-        self.stack = TextStack(self.model, compile=fuse)
+        self.stack = TextStack(self.model, compile=fuse, rotary=self.options.rope)
         use_graphs = self.options.decode == "graphs" or (self.options.decode == "auto" and on_gpu)
         if use_graphs and not on_gpu:
             raise ValueError("decode=graphs needs a CUDA device")

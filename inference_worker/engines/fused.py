@@ -49,14 +49,20 @@ def silu_mul(gate, up):
 
 class Kernels:
     """The functions above, compiled or not; SwiGLU as a Triton kernel where it can be
-    (triton_kernels.py: the compiled one runs at ~1.6 TB/s on the prompt pass)."""
+    (triton_kernels.py: the compiled one runs at ~1.6 TB/s on the prompt pass), and the
+    rotary embedding with `rotary="triton"` (CUDA and Triton only)."""
 
-    def __init__(self, compile: bool, cuda: bool = False) -> None:
+    def __init__(self, compile: bool, cuda: bool = False, rotary: str = "torch") -> None:
         from inference_worker.engines import triton_kernels
 
         self.rms_norm = _maybe_compiled(rms_norm, compile)
         self.add_rms_norm = _maybe_compiled(add_rms_norm, compile)
-        self.rope = _maybe_compiled(rope, compile)
+        if rotary == "triton":
+            if not (cuda and triton_kernels.available()):
+                raise ValueError("rope=triton needs a CUDA device and Triton")
+            self.rope = triton_kernels.rope
+        else:
+            self.rope = _maybe_compiled(rope, compile)
         if compile and cuda and triton_kernels.available():
             self.silu_mul = triton_kernels.silu_mul
         else:

@@ -23,7 +23,7 @@ from inference_worker.engines.kv_cache import KVCache
 
 
 class TextStack:
-    def __init__(self, model: Any, compile: bool = False) -> None:
+    def __init__(self, model: Any, compile: bool = False, rotary: str = "torch") -> None:
         lm = model.model.language_model
         self.model = model
         self.layers = list(lm.layers)
@@ -38,7 +38,7 @@ class TextStack:
         self.swiglu = getattr(cfg, "hidden_act", "silu") == "silu"
         self.dtype = self.embed.weight.dtype
         self.device = self.embed.weight.device
-        self.k = Kernels(compile, cuda=self.device.type == "cuda")
+        self.k = Kernels(compile, cuda=self.device.type == "cuda", rotary=rotary)
         self.fused = [fuse_layer(layer) for layer in self.layers]
 
     def new_cache(self, batch: int, capacity: int, layers: Optional[int] = None) -> KVCache:
