@@ -41,6 +41,7 @@ def test_the_triton_text_rotary_matches_the_reference_in_tritons_interpreter():
     sizes that are not multiples of its block. Runs where Triton is installed (not in CI,
     whose CPU torch has none; tests/test_models_gpu.py runs it on a GPU)."""
     pytest.importorskip("triton")
+    import os
     import subprocess
     import sys
 
@@ -65,7 +66,7 @@ for b, t in ((1, 1), (3, 37)):
         assert torch.allclose(x, y, atol=1e-5, rtol=1e-5), (x - y).abs().max()
 print("ok")
 """
-    env = {**__import__("os").environ, "TRITON_INTERPRET": "1"}
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
     )
