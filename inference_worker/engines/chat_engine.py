@@ -63,7 +63,7 @@ class ChatEngine:
         self.policy = ImagePolicy.from_image_processor(ip, self.options.min_pixels, self.options.max_pixels)
         self.inputs = InputBuilder(self.model, vlm.processor, self.policy, vlm.device, vlm.dtype)
         on_gpu = vlm.device.type == "cuda"
-        fuse = self.options.fuse == "on" or (self.options.fuse == "auto" and on_gpu)
+        fuse = _auto(self.options.fuse, on_gpu) == "on"
         self.stack = TextStack(self.model, compile=fuse, rotary=self.options.rope)
         use_graphs = self.options.decode == "graphs" or (self.options.decode == "auto" and on_gpu)
         if use_graphs and not on_gpu:
@@ -432,7 +432,8 @@ class ChatEngine:
 
 
 def _auto(mode: str, on_gpu: bool) -> str:
-    """A graphs option's mode: auto is on on CUDA, off elsewhere."""
+    """An on/off option's mode (fuse, vision_graphs, prefill_graphs): auto is on on CUDA,
+    off elsewhere."""
     return ("on" if on_gpu else "off") if mode == "auto" else mode
 
 

@@ -13,10 +13,10 @@ A captured pass writes keys and values to fixed addresses: a staging cache (one 
 buffer of `max_tokens` columns, viewed at each bucket's shape), copied into the group's
 decode slots after the replay. The group then decodes from column `width` (the bucket's),
 which the engine hands to the decoder, so the padding takes up to `width_step` - 1
-columns from the room a slot leaves for the answer; groups wider than half a slot run
+columns from the room a slot leaves for the answer. Groups wider than half a slot run
 eagerly (their prompt pass is long enough that launches don't matter, and their answers
-keep all their room), and so do groups past `max_tokens` padded tokens. `padded` runs the same padded shapes eagerly: what the CPU
-tests run, and what a graph is compared with.
+keep all their room), and so do groups past `max_tokens` padded tokens. `padded` runs the
+same padded shapes eagerly: what the CPU tests run, and what a graph is compared with.
 """
 
 from __future__ import annotations
