@@ -35,10 +35,11 @@ def test_more_variants_than_torchs_default_limit_stay_compiled(caplog):
     assert not [r for r in caplog.records if "op by op" in r.getMessage()], "a compiled op fell back to eager"
 
 
-def test_the_triton_text_rotary_matches_the_reference_in_tritons_interpreter():
+def test_the_triton_text_rotary_and_add_norm_match_the_reference_in_tritons_interpreter():
     """rope=triton: the kernel, run by Triton's CPU interpreter, gives fused.rope's result
     (computed in float32, rounded once) for GQA q/k views of one q/k/v projection, with
-    sizes that are not multiples of its block. Runs where Triton is installed (not in CI,
+    sizes that are not multiples of its block; the vision blocks' add + LayerNorm gives
+    fused.add_layer_norm's sum and norm at a width that is not a power of two. Runs where Triton is installed (not in CI,
     whose CPU torch has none; tests/test_models_gpu.py runs it on a GPU)."""
     pytest.importorskip("triton")
     import os
@@ -50,8 +51,15 @@ def test_the_triton_text_rotary_matches_the_reference_in_tritons_interpreter():
     code = """
 import torch
 from inference_worker.engines import triton_kernels as tk
-from inference_worker.engines.fused import rope
+from inference_worker.engines.fused import add_layer_norm, rope
 g = torch.Generator().manual_seed(0)
+for rows, n in ((1, 80), (5, 80), (3, 64)):
+    h, d = torch.randn(rows, n, generator=g), torch.randn(rows, n, generator=g)
+    w, b = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    s, y = tk.add_layer_norm(h, d, w, b, 1e-6)
+    s_ref, y_ref = add_layer_norm(h, d, w, b, 1e-6)
+    assert torch.equal(s, s_ref)
+    assert torch.allclose(y, y_ref, atol=1e-5, rtol=1e-5), (y - y_ref).abs().max()
 for b, t in ((1, 1), (3, 37)):
     heads, kv, d = 6, 2, 16
     qkv = torch.randn(b, t, (heads + 2 * kv) * d, generator=g)
@@ -71,6 +79,42 @@ print("ok")
         [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+def test_fused_block_norms_give_the_stock_towers_features(tiny_qwen2_vl):
+    """The vision blocks with each residual add fused into the LayerNorm after it (the
+    reference add + norm, as on a CPU): the stock tower's features bit for bit, and only
+    the first block norms its own input (each later one gets it from the block before)."""
+    import numpy as np
+
+    from inference_worker.engines.chat_engine import ChatEngine
+    from inference_worker.engines.fused import add_layer_norm
+    from inference_worker.engines.options import EngineOptions
+    from inference_worker.engines.prompt import user_prompt
+    from inference_worker.engines.vision_fusion import fuse_block_norms
+    from inference_worker.models import load_vlm
+
+    rs = np.random.RandomState(0)
+    prompts = [user_prompt(rs.randint(0, 256, (s, s, 3), dtype=np.uint8), "next?") for s in (64, 100, 64)]
+
+    def features(fuse: bool):
+        engine = ChatEngine(load_vlm(tiny_qwen2_vl, device="cpu", dtype="float32"), EngineOptions(fuse="off"))
+        blocks = list(engine.model.model.visual.blocks)
+        own_norms = []
+        for blk in blocks:
+            blk.norm1.register_forward_hook(lambda *_, b=blk: own_norms.append(b))
+        if fuse:
+            assert fuse_block_norms(blocks, lambda h, d, n: add_layer_norm(h, d, n.weight, n.bias, n.eps))
+        batch = engine.inputs.build(prompts)
+        with torch.inference_mode():
+            out = engine.vision(batch.pixel_values, batch.grids, batch.image_grid_thw)
+        return out, own_norms, blocks
+
+    plain, plain_norms, blocks = features(False)
+    fused, fused_norms, fused_blocks = features(True)
+    assert len(blocks) > 1 and plain_norms == blocks
+    assert fused_norms == fused_blocks[:1]
+    assert torch.equal(plain, fused)
 
 
 def test_rope_triton_is_refused_without_cuda():

@@ -133,9 +133,10 @@ def _rotate_half(x):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_kernels_match_the_reference_ops(dtype):
-    """QuickGELU, SiLU(gate)*up on the halves of one tensor, and the vision rotary embedding
-    on the strided q/k views of a qkv projection, at sizes that are and are not multiples
-    of the block: as transformers' ops computed in float32 and rounded once."""
+    """QuickGELU, SiLU(gate)*up on the halves of one tensor, the vision rotary embedding on
+    the strided q/k views of a qkv projection, the vision blocks' add + LayerNorm and the
+    text rotary, at sizes that are and are not multiples of the block: as transformers' ops
+    computed in float32 and rounded once."""
     from inference_worker.engines import triton_kernels as tk
 
     if not tk.available():
@@ -163,6 +164,13 @@ def test_triton_kernels_match_the_reference_ops(dtype):
         for got, x in ((qo, q), (ko, k)):
             want = (x.float() * c + _rotate_half(x.float()) * s).to(dtype)
             assert got.shape == x.shape and torch.allclose(got.float(), want.float(), **tol)
+        # the vision blocks' residual add + LayerNorm: the sum as h + d, the norm as torch's
+        h, d = (torch.randn(rows, 1280, device="cuda", generator=g).to(dtype) for _ in range(2))
+        w, b = (torch.randn(1280, device="cuda", generator=g).to(dtype) for _ in range(2))
+        got_s, got_y = tk.add_layer_norm(h, d, w, b, 1e-6)
+        assert torch.equal(got_s, h + d)
+        want = torch.nn.functional.layer_norm((h + d).float(), (1280,), w.float(), b.float(), 1e-6)
+        assert torch.allclose(got_y.float(), want.to(dtype).float(), **tol)
         # the language model's rotary (rope=triton): GQA q/k views of one projection
         h, kv, d = 12, 2, 128
         proj = torch.randn(2, rows, (h + 2 * kv) * d, device="cuda", generator=g).to(dtype)
@@ -177,7 +185,8 @@ def test_triton_kernels_match_the_reference_ops(dtype):
 
 
 def test_fused_vision_tower_equals_the_plain_one(tiny_qwen2_vl):
-    """The tower with the Triton rotary and QuickGELU gives the plain tower's features."""
+    """The tower with the Triton rotary, QuickGELU and add + LayerNorm gives the plain
+    tower's features."""
     import transformers.models.qwen2_vl.modeling_qwen2_vl as modeling
 
     from inference_worker.engines.chat_engine import ChatEngine
@@ -188,6 +197,8 @@ def test_fused_vision_tower_equals_the_plain_one(tiny_qwen2_vl):
 
     def features(fuse: str):
         engine = ChatEngine(load_vlm(tiny_qwen2_vl, device="cuda", dtype="float32"), EngineOptions(fuse=fuse))
+        blocks = engine.model.model.visual.blocks
+        assert all("forward" in vars(b) for b in blocks) == (fuse == "on")  # fuse_block_norms
         batch = engine.inputs.build(prompts)
         with torch.inference_mode():
             return engine.vision(batch.pixel_values, batch.grids, batch.image_grid_thw)

@@ -28,6 +28,14 @@ def add_rms_norm(h, delta, weight, eps: float):
     return h, rms_norm(h, weight, eps)
 
 
+def add_layer_norm(h, delta, weight, bias, eps: float):
+    """(h + delta, layer_norm(h + delta)): a residual add and the LayerNorm after it."""
+    import torch.nn.functional as F
+
+    h = h + delta
+    return h, F.layer_norm(h, (h.shape[-1],), weight, bias, eps)
+
+
 def _rotate_half(x):
     import torch
 
@@ -113,4 +121,4 @@ def _maybe_compiled(fn: Callable, compile: bool) -> Callable:
     return call
 
 
-__all__ = ["Kernels", "Tuple", "add_rms_norm", "rms_norm", "rope", "silu_mul"]
+__all__ = ["Kernels", "Tuple", "add_layer_norm", "add_rms_norm", "rms_norm", "rope", "silu_mul"]

@@ -8,18 +8,21 @@ and QuickGELU run as the Triton kernels of triton_kernels.py where Triton is ins
 activations run compiled, one kernel each. The rotary function is swapped in the model's
 modeling module (the blocks look it up there); activations are wrapped per block around
 one shared function of the activation's own class. Falls back to the original ops if
-compiling fails.
+compiling fails. With Triton, each block's residual adds run fused with the LayerNorm that
+reads their sum (`fuse_block_norms`).
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import Any, Callable, Sequence
 
 from inference_worker.engines import triton_kernels
 from inference_worker.engines.fused import _maybe_compiled
 
 ROTARY = "apply_rotary_pos_emb_vision"
+# the attribute of a block's output that carries the next block's normed input
+NORMED = "vlmq_normed"
 
 
 def fuse_vision_ops(model: Any) -> bool:
@@ -68,4 +71,54 @@ def fuse_vision_ops(model: Any) -> bool:
                 else:
                     shared[kind] = _maybe_compiled(lambda x, _a=sample: type(_a).forward(_a, x), True)
             setattr(blk.mlp, name, FusedActivation(shared[kind]))
+    if on_triton:
+        fuse_block_norms(blocks, _triton_add_norm)
     return True
+
+
+def _triton_add_norm(h: Any, delta: Any, norm: Any) -> Any:
+    return triton_kernels.add_layer_norm(h, delta, norm.weight, norm.bias, norm.eps)
+
+
+def _fits(block: Any) -> bool:
+    """A pre-norm block as Qwen2-VL's: x + attn(norm1(x)), then x + mlp(norm2(x)), LayerNorms."""
+    from torch import nn
+
+    norms = [getattr(block, n, None) for n in ("norm1", "norm2")]
+    return (
+        all(isinstance(n, nn.LayerNorm) and n.weight is not None and n.bias is not None for n in norms)
+        and type(block).__name__ in FUSABLE_BLOCKS
+    )
+
+
+FUSABLE_BLOCKS = ("Qwen2VLVisionBlock",)
+
+
+def fuse_block_norms(blocks: Sequence[Any], add_norm: Callable[[Any, Any, Any], Any]) -> bool:
+    """Run each block's residual adds fused with the LayerNorm after them: norm2 in the
+    block, and the next block's norm1 at its end. transformers' loop passes only the hidden
+    states from block to block, so a block hands the next one its normed input as an
+    attribute of its output, tagged with the norm that made it; a block whose input lacks
+    it (the first, or one called out of order) norms its input itself. `add_norm(h, delta,
+    norm)` returns (h + delta, norm(h + delta))."""
+    if not blocks or not all(_fits(b) for b in blocks):
+        return False
+    for i, blk in enumerate(blocks):
+        nxt = blocks[i + 1].norm1 if i + 1 < len(blocks) else None
+        blk.forward = _fused_forward(blk, nxt, add_norm)
+    return True
+
+
+def _fused_forward(blk: Any, next_norm: Any, add_norm: Callable[[Any, Any, Any], Any]) -> Callable:
+    def forward(hidden_states: Any, *args: Any, **kwargs: Any) -> Any:
+        normed = getattr(hidden_states, NORMED, None)
+        x = normed[1] if normed is not None and normed[0] is blk.norm1 else blk.norm1(hidden_states)
+        h, x = add_norm(hidden_states, blk.attn(x, *args, **kwargs), blk.norm2)
+        delta = blk.mlp(x)
+        if next_norm is None:
+            return h + delta
+        h, x = add_norm(h, delta, next_norm)
+        setattr(h, NORMED, (next_norm, x))
+        return h
+
+    return forward
