@@ -82,13 +82,13 @@ print("ok")
 
 
 def test_fused_block_norms_give_the_stock_towers_features(tiny_qwen2_vl):
-    """The vision blocks with each residual add fused into the LayerNorm after it (the
-    reference add + norm, as on a CPU): the stock tower's features bit for bit, and only
+    """The vision blocks with each residual add fused into the LayerNorm after it (on a CPU
+    add_norm is the torch add and norm): the stock tower's features bit for bit, and only
     the first block norms its own input (each later one gets it from the block before)."""
     import numpy as np
 
     from inference_worker.engines.chat_engine import ChatEngine
-    from inference_worker.engines.fused import add_layer_norm
+    from inference_worker.engines.fused import add_norm
     from inference_worker.engines.options import EngineOptions
     from inference_worker.engines.prompt import user_prompt
     from inference_worker.engines.vision_fusion import fuse_block_norms
@@ -104,7 +104,7 @@ def test_fused_block_norms_give_the_stock_towers_features(tiny_qwen2_vl):
         for blk in blocks:
             blk.norm1.register_forward_hook(lambda *_, b=blk: own_norms.append(b))
         if fuse:
-            assert fuse_block_norms(blocks, lambda h, d, n: add_layer_norm(h, d, n.weight, n.bias, n.eps))
+            assert fuse_block_norms(blocks, add_norm)
         batch = engine.inputs.build(prompts)
         with torch.inference_mode():
             out = engine.vision(batch.pixel_values, batch.grids, batch.image_grid_thw)

@@ -258,6 +258,36 @@ def test_nf4_self_check_passes_in_bf16(tiny_qwen2_vl):
     assert served is vlm and engine.options.vision == "fast"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vla_expert_graph_and_triton_norms_equal_the_plain_blocks(dtype):
+    """The expert's Euler steps replayed as a CUDA graph (bucketed batch and key length, the
+    Triton add + norm) give the eager steps and the plain pre-norm blocks' (test_vla_model)."""
+    from inference_worker.vla.config import TINY, VLAConfig
+    from inference_worker.vla.expert import FlowMatchingExpert
+    from inference_worker.vla.flow import euler_sample
+    from inference_worker.vla.graphs import GraphedSampler
+    from tests.test_vla_model import plain_velocity
+
+    torch.manual_seed(0)
+    cfg = VLAConfig(**TINY, vlm_hidden=48)
+    expert = FlowMatchingExpert(cfg).to("cuda", dtype).eval()
+    feats = torch.randn(3, 20, 48, device="cuda", dtype=dtype)
+    ids = torch.randint(0, 3, (3, 20), device="cuda")
+    mask = torch.ones(3, 20, dtype=torch.bool, device="cuda")
+    mask[1, 12:] = False
+    noise = torch.randn(3, cfg.chunk_size, cfg.action_dim, device="cuda")
+    with torch.no_grad():
+        eager = euler_sample(expert, expert.prepare(feats, ids, mask), noise, cfg.num_steps)
+        graphed = GraphedSampler(expert, cfg.num_steps)(feats, ids, mask, noise)
+        want, dt = noise, 1.0 / cfg.num_steps
+        for k in range(cfg.num_steps):
+            t = torch.full((3,), 1.0 - k * dt, device="cuda")
+            want = want - dt * plain_velocity(expert, want, t, feats, ids, mask).float()
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=5e-2, rtol=5e-2)
+    assert torch.allclose(graphed, eager, **tol)
+    assert torch.allclose(eager, want, **tol), (eager - want).abs().max()
+
+
 def test_vla_feature_graphs_equal_the_eager_pass(tiny_vla):
     """The VLM feature pass replayed as a CUDA graph (padded to a length bucket) gives the
     eager pass's features, at batch 1 and at a batch of mixed instruction lengths."""

@@ -38,7 +38,7 @@ def test_shapes_and_parameter_counts(vla):
     feats = vla.encode(frames(2), ["go to the red box", "go"])
     assert [f.shape[1] for f in feats] == [64, 64] and feats[0].shape[0] > feats[1].shape[0]
     ctx = vla.context([[feats[0]] * 3, [feats[1]] * 3])
-    assert ctx.mask.shape == (2, 1, 1, 3 * feats[0].shape[0])
+    assert ctx.key_bias.shape == (2, 1, 1, 3 * feats[0].shape[0])
     v = vla.expert(torch.randn(2, 50, ACTION_DIM), torch.rand(2), ctx)
     assert v.shape == (2, 50, ACTION_DIM)
     chunks = vla.predict([frames(3, 1), frames(3, 2)], ["go", "go"], seeds=[1, 2])
@@ -46,6 +46,57 @@ def test_shapes_and_parameter_counts(vla):
     counts = vla.parameter_counts()
     assert counts["frozen"] > 0 and counts["trainable"] == sum(p.numel() for p in vla.expert.parameters())
     assert "trainable" in vla.describe() and "frozen" in vla.describe()
+
+
+def plain_velocity(expert, x, t, feats, ids, mask):
+    """The expert as plain pre-norm blocks, a boolean key mask and t's own time embedding:
+    the reference for its fused loop (adds fused with norms, additive mask, shared time
+    embeddings)."""
+    import torch.nn.functional as F
+
+    from inference_worker.vla.expert import time_embedding
+
+    ctx = expert.features(feats, ids)
+    keep = mask[:, None, None, :]
+
+    def attend(att, q_in, kv_in, causal=False, m=None):
+        q = att._split(att.q(q_in))
+        k, v = (att._split(z) for z in att.kv(kv_in).chunk(2, dim=-1))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=causal)
+        return att.out(y.transpose(1, 2).reshape(q_in.shape[0], q_in.shape[1], -1))
+
+    H = x.shape[1]
+    a = expert.action_in(x.to(expert.action_in.weight.dtype))
+    te = time_embedding(t, a.shape[-1]).to(a.dtype)[:, None, :].expand(-1, H, -1)
+    h = expert.action_time(torch.cat([a, te], dim=-1)) + expert.pos[:H]
+    for blk in expert.blocks:
+        h = h + attend(blk.cross, blk.norm_cross(h), ctx, m=keep)
+        n = blk.norm_self(h)
+        h = h + attend(blk.self_attn, n, n, causal=True)
+        h = h + blk.mlp(blk.norm_mlp(h))
+    return expert.action_out(expert.norm_out(h))
+
+
+def test_sampling_equals_plain_blocks_bit_for_bit():
+    """Euler sampling with the expert's fused loop (on a CPU: the torch add and norm) gives
+    the Euler steps of plain_velocity exactly, padding keys masked."""
+    from inference_worker.vla.expert import FlowMatchingExpert
+    from inference_worker.vla.flow import euler_sample
+
+    torch.manual_seed(0)
+    cfg = VLAConfig(**TINY, vlm_hidden=48)
+    expert = FlowMatchingExpert(cfg).eval()
+    feats, ids = torch.randn(3, 20, 48), torch.randint(0, 3, (3, 20))
+    mask = torch.ones(3, 20, dtype=torch.bool)
+    mask[1, 12:] = False
+    noise = torch.randn(3, cfg.chunk_size, cfg.action_dim)
+    with torch.no_grad():
+        got = euler_sample(expert, expert.prepare(feats, ids, mask), noise, cfg.num_steps)
+        want, dt = noise, 1.0 / cfg.num_steps
+        for k in range(cfg.num_steps):
+            t = torch.full((3,), 1.0 - k * dt)
+            want = want - dt * plain_velocity(expert, want, t, feats, ids, mask)
+    assert torch.equal(got, want)
 
 
 def test_no_gradient_reaches_the_vlm(tiny_qwen2_vl):

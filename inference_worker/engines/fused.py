@@ -36,6 +36,18 @@ def add_layer_norm(h, delta, weight, bias, eps: float):
     return h, F.layer_norm(h, (h.shape[-1],), weight, bias, eps)
 
 
+def add_norm(h, delta, norm):
+    """(h + delta, norm(h + delta)) for an nn.LayerNorm `norm`: one Triton kernel on CUDA
+    while no gradient is recorded (the kernel has no backward), else the torch ops."""
+    import torch
+
+    from inference_worker.engines import triton_kernels
+
+    if h.is_cuda and triton_kernels.available() and not torch.is_grad_enabled():
+        return triton_kernels.add_layer_norm(h, delta, norm.weight, norm.bias, norm.eps)
+    return add_layer_norm(h, delta, norm.weight, norm.bias, norm.eps)
+
+
 def _rotate_half(x):
     import torch
 
@@ -121,4 +133,4 @@ def _maybe_compiled(fn: Callable, compile: bool) -> Callable:
     return call
 
 
-__all__ = ["Kernels", "Tuple", "add_layer_norm", "add_rms_norm", "rms_norm", "rope", "silu_mul"]
+__all__ = ["Kernels", "Tuple", "add_layer_norm", "add_norm", "add_rms_norm", "rms_norm", "rope", "silu_mul"]

@@ -18,7 +18,7 @@ import importlib
 from typing import Any, Callable, Sequence
 
 from inference_worker.engines import triton_kernels
-from inference_worker.engines.fused import _maybe_compiled
+from inference_worker.engines.fused import _maybe_compiled, add_norm
 
 ROTARY = "apply_rotary_pos_emb_vision"
 # the attribute of a block's output that carries the next block's normed input
@@ -72,12 +72,8 @@ def fuse_vision_ops(model: Any) -> bool:
                     shared[kind] = _maybe_compiled(lambda x, _a=sample: type(_a).forward(_a, x), True)
             setattr(blk.mlp, name, FusedActivation(shared[kind]))
     if on_triton:
-        fuse_block_norms(blocks, _triton_add_norm)
+        fuse_block_norms(blocks, add_norm)
     return True
-
-
-def _triton_add_norm(h: Any, delta: Any, norm: Any) -> Any:
-    return triton_kernels.add_layer_norm(h, delta, norm.weight, norm.bias, norm.eps)
 
 
 def _fits(block: Any) -> bool:

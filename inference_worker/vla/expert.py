@@ -4,8 +4,10 @@ Each block: cross-attention from the action tokens to the (projected) VLM featur
 causal self-attention over the action sequence, and a GELU MLP, all pre-norm residual.
 Inputs per token: the noisy action, the flow time (sinusoidal, mixed with the action by an
 MLP as in SmolVLA) and a learned position. Output: the velocity of each action.
-The cross-attention keys/values depend only on the context, so `prepare` computes them
-once per chunk and the Euler steps reuse them.
+The cross-attention keys/values and the additive key mask depend only on the context, so
+`prepare` computes them once per chunk and the Euler steps reuse them. Each residual add
+runs with the LayerNorm that reads its sum (fused.add_norm: one Triton kernel when serving
+on CUDA): at small batches the expert's time is its kernel count, not its arithmetic.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from inference_worker.engines.fused import add_norm
 from inference_worker.vla.config import VLAConfig
 from inference_worker.vla.projector import FeatureProjector, StateProjector
 
@@ -64,6 +67,9 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
+    """Pre-norm: x + cross(norm_cross(x)), x + self_attn(norm_self(x)), x + mlp(norm_mlp(x));
+    FlowMatchingExpert.forward runs the blocks (each add fused with the next norm)."""
+
     def __init__(self, dim: int, heads: int, mlp_ratio: float) -> None:
         super().__init__()
         self.norm_cross = nn.LayerNorm(dim)
@@ -74,24 +80,19 @@ class Block(nn.Module):
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
 
-    def forward(
-        self, x: torch.Tensor, kv: Tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor
-    ) -> torch.Tensor:
-        x = x + self.cross(self.norm_cross(x), kv=kv, mask=mask)
-        x = x + self.self_attn(self.norm_self(x), causal=True)
-        return x + self.mlp(self.norm_mlp(x))
-
 
 @dataclass
 class Context:
     """What the Euler steps need from the observation, computed once per chunk."""
 
     kv: List[Tuple[torch.Tensor, torch.Tensor]]  # per block
-    mask: torch.Tensor  # [B, 1, 1, L] True where a key is real
+    # [B, 1, 1, L] added to the attention scores: 0 where a key is real, -inf at padding
+    # (SDPA would convert a boolean mask to this on every call)
+    key_bias: torch.Tensor
 
     @property
     def batch(self) -> int:
-        return self.mask.shape[0]
+        return self.key_bias.shape[0]
 
 
 class FlowMatchingExpert(nn.Module):
@@ -127,14 +128,25 @@ class FlowMatchingExpert(nn.Module):
             ctx = torch.cat([ctx, self.state(state)], dim=1)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         kv = [blk.cross.keys_values(ctx) for blk in self.blocks]
-        return Context(kv, mask[:, None, None, :])
+        bias = torch.zeros(mask.shape, dtype=ctx.dtype, device=ctx.device).masked_fill(~mask, float("-inf"))
+        return Context(kv, bias[:, None, None, :])
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, ctx: Context) -> torch.Tensor:
-        """Velocity of the noisy chunk x [B, H, A] at flow time t [B]."""
-        H = x.shape[1]
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, ctx: Context, te: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """Velocity of the noisy chunk x [B, H, A] at flow time t [B]; `te` is t's
+        time_embedding if the caller has it ([B or 1, expert_dim])."""
+        B, H = x.shape[:2]
         a = self.action_in(x.to(self.action_in.weight.dtype))
-        te = time_embedding(t, a.shape[-1]).to(a.dtype)[:, None, :].expand(-1, H, -1)
+        if te is None:
+            te = time_embedding(t, a.shape[-1])
+        te = te.to(a.dtype)[:, None, :].expand(B, H, -1)
         h = self.action_time(torch.cat([a, te], dim=-1)) + self.pos[:H]
-        for blk, kv in zip(self.blocks, ctx.kv):
-            h = blk(h, kv, ctx.mask)
-        return self.action_out(self.norm_out(h)).float()
+        blocks = list(self.blocks)
+        x = (blocks[0].norm_cross if blocks else self.norm_out)(h)
+        after = [b.norm_cross for b in blocks[1:]] + [self.norm_out]
+        for blk, kv, norm in zip(blocks, ctx.kv, after):
+            h, x = add_norm(h, blk.cross(x, kv=kv, mask=ctx.key_bias), blk.norm_self)
+            h, x = add_norm(h, blk.self_attn(x, causal=True), blk.norm_mlp)
+            h, x = add_norm(h, blk.mlp(x), norm)
+        return self.action_out(x).float()
