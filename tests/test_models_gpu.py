@@ -365,7 +365,8 @@ def test_prefill_graphs_replay_the_padded_pass(tiny_qwen2_vl):
 
 def test_rope_triton_decodes_the_tokens_of_the_compiled_rope(tiny_qwen2_vl):
     """rope=triton through the engine (prompt pass and decode graphs): the greedy tokens of
-    the compiled rotary, fp32."""
+    the compiled rotary, fp32; auto (the default) picks the kernel on CUDA."""
+    from inference_worker.engines import triton_kernels
     from inference_worker.engines.chat_engine import ChatEngine
     from inference_worker.engines.options import EngineOptions
     from inference_worker.engines.sampling import Sampling
@@ -373,6 +374,7 @@ def test_rope_triton_decodes_the_tokens_of_the_compiled_rope(tiny_qwen2_vl):
 
     vlm = load_vlm(tiny_qwen2_vl, device="cuda", dtype="float32")
     prompts, samp = _prompts(), [Sampling(max_tokens=10)] * 6
-    want = [c.token_ids for c in ChatEngine(vlm, EngineOptions()).generate(prompts, samp)]
-    got = [c.token_ids for c in ChatEngine(vlm, EngineOptions(rope="triton")).generate(prompts, samp)]
-    assert got == want
+    want = [c.token_ids for c in ChatEngine(vlm, EngineOptions(rope="torch")).generate(prompts, samp)]
+    engine = ChatEngine(vlm, EngineOptions())
+    assert engine.stack.k.rope is triton_kernels.rope
+    assert [c.token_ids for c in engine.generate(prompts, samp)] == want

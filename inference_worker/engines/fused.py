@@ -68,15 +68,18 @@ def silu_mul(gate, up):
 
 
 class Kernels:
-    """The functions above, compiled or not; SwiGLU as a Triton kernel where it can be
-    (triton_kernels.py: the compiled one runs at ~1.6 TB/s on the prompt pass), and the
-    rotary embedding with `rotary="triton"` (CUDA and Triton only)."""
+    """The functions above, compiled or not; SwiGLU and the rotary embedding as Triton
+    kernels where they can be (triton_kernels.py: the compiled ones run at ~1.6 TB/s and a
+    tenth of the bandwidth on the prompt pass): `rotary` auto (Triton when compiling on
+    CUDA with Triton), torch or triton (CUDA and Triton only)."""
 
-    def __init__(self, compile: bool, cuda: bool = False, rotary: str = "torch") -> None:
+    def __init__(self, compile: bool, cuda: bool = False, rotary: str = "auto") -> None:
         from inference_worker.engines import triton_kernels
 
         self.rms_norm = _maybe_compiled(rms_norm, compile)
         self.add_rms_norm = _maybe_compiled(add_rms_norm, compile)
+        if rotary == "auto":
+            rotary = "triton" if compile and cuda and triton_kernels.available() else "torch"
         if rotary == "triton":
             if not (cuda and triton_kernels.available()):
                 raise ValueError("rope=triton needs a CUDA device and Triton")

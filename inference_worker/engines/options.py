@@ -22,9 +22,10 @@ class EngineOptions:
     decode: str = tree.setting("auto", choices=("auto", "eager", "eager-bucketed", "graphs"))
     # torch.compile the per-token ops of the decode step (fused.py): auto = on CUDA
     fuse: str = tree.setting("auto", choices=("auto", "on", "off"))
-    # the language model's rotary embedding: torch (fused.py's ops, compiled when `fuse` is on)
-    # or triton (triton_kernels.py, CUDA only; not yet measured on a GPU)
-    rope: str = tree.setting("torch", choices=("torch", "triton"))
+    # the language model's rotary embedding: torch (fused.py's ops, compiled when `fuse` is on),
+    # triton (triton_kernels.py, CUDA only) or auto (triton where `fuse` is on, on CUDA with
+    # Triton installed; torch elsewhere)
+    rope: str = tree.setting("auto", choices=("auto", "torch", "triton"))
     # The prompt pass: stack = the engine's own layer loop (text_stack.py), writing the
     # decode cache directly; hf = transformers' forward; auto = stack where the model
     # allows it (not Qwen3-VL, whose deepstack features enter inside the text layers;

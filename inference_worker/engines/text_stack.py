@@ -23,7 +23,7 @@ from inference_worker.engines.kv_cache import KVCache
 
 
 class TextStack:
-    def __init__(self, model: Any, compile: bool = False, rotary: str = "torch") -> None:
+    def __init__(self, model: Any, compile: bool = False, rotary: str = "auto") -> None:
         lm = model.model.language_model
         self.model = model
         self.layers = list(lm.layers)
