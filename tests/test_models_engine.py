@@ -88,8 +88,11 @@ def test_pixels_match_the_stock_image_processor(engine):
 
 
 def test_inputs_match_the_stock_processor(engine):
+    """Ids, masks, grids and M-RoPE positions as the processor and get_rope_index give them,
+    with rows repeated (positions are cached per row shape) and built twice."""
     proc = engine.vlm.processor
     prompts = mixed_prompts()[:6]
+    prompts = prompts + prompts[1:3]
     texts = [
         proc.apply_chat_template(p.messages, tokenize=False, add_generation_prompt=True) for p in prompts
     ]
@@ -103,8 +106,9 @@ def test_inputs_match_the_stock_processor(engine):
         image_grid_thw=ref["image_grid_thw"],
         attention_mask=ref["attention_mask"],
     )
-    assert torch.equal(ours.position_ids.cpu(), pos)
-    assert torch.equal(ours.next_positions.cpu(), deltas[:, 0] + ref["attention_mask"].sum(1))
+    for built in (ours, engine.inputs.build(prompts)):
+        assert torch.equal(built.position_ids.cpu(), pos)
+        assert torch.equal(built.next_positions.cpu(), deltas[:, 0] + ref["attention_mask"].sum(1))
 
 
 def test_image_token_counts_follow_the_release_policy(tiny_qwen2_vl, tiny_qwen2_5_vl, tiny_qwen3_vl):

@@ -147,13 +147,15 @@ class InputBuilder:
         # image tokens per image from the grids the tower gets (merge x merge patches a token)
         per_image = iter([t * h * w // self.policy.merge_size**2 for t, h, w in grids])
         rows = [self._expand(p.short_ids, [next(per_image) for _ in p.images]) for p in prompts]
-        width = max(len(r) for r in rows)
-        pad = self.tokenizer.pad_token_id or 0
-        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
-        mm = (input_ids == self.image_token_id).int()
-        mm_np = mm.numpy()
-        pos, nxt = mrope_positions(mm_np, mask.numpy(), grids, self.policy.merge_size)
+        lengths = np.array([len(r) for r in rows])
+        width = int(lengths.max())
+        ids_np = np.full((len(rows), width), self.tokenizer.pad_token_id or 0, dtype=np.int64)
+        for i, r in enumerate(rows):
+            ids_np[i, width - len(r) :] = r
+        mask_np = (np.arange(width)[None, :] >= (width - lengths)[:, None]).astype(np.int64)
+        mm_np = (ids_np == self.image_token_id).astype(np.int32)
+        input_ids, mask, mm = (torch.from_numpy(a) for a in (ids_np, mask_np, mm_np))
+        pos, nxt = mrope_positions(mm_np, mask_np, grids, self.policy.merge_size)
         dev = self.device
         return BatchInputs(
             input_ids=upload(input_ids, dev),
