@@ -454,19 +454,3 @@ def test_abort_frees_the_slot_and_others_continue(engine):
         done += engine.step()
     alone = engine.generate([prompts[1]], [Sampling(max_tokens=6)])[0]
     assert [k for k, _ in done] == [b] and done[0][1].token_ids == alone.token_ids
-
-
-def test_device_resize_is_torchs_antialiased_bicubic():
-    """pixels.resize (the VLA's frames on the device) as two matrix products: torch's
-    antialiased bicubic within float rounding, up and down, square or not."""
-    import torch.nn.functional as F
-
-    from inference_worker.engines.pixels import resize
-
-    x = torch.from_numpy(np.random.default_rng(0).integers(0, 255, (2, 3, 224, 160), dtype=np.uint8)).float()
-    for size in ((392, 392), (112, 84), (224, 160), (300, 100)):
-        want = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
-        got = resize(x, *size)
-        assert got.shape == want.shape and (got - want).abs().max() < 0.02
-        differ = got.round().clamp(0, 255) != want.round().clamp(0, 255)
-        assert differ.float().mean() < 2e-3  # a rounding tie now and then, off by one

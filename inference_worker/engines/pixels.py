@@ -10,7 +10,6 @@ on the model's device. test_pixels_match_the_stock_image_processor
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
 
@@ -79,32 +78,6 @@ def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
     from PIL import Image
 
     return np.asarray(Image.fromarray(image).resize((width, height), Image.BICUBIC))
-
-
-def resize(x, height: int, width: int):
-    """Float images (n, C, H, W) -> (n, C, height, width) as PIL's bicubic resize (torch's
-    antialiased bicubic), as two matrix products: the resampling of each axis is a fixed
-    matrix, taken once per size pair from torch's own kernel applied to the unit vectors.
-    On a GPU the antialiased kernel took ~8 ms for any batch of 224-px frames on an H100;
-    the products take microseconds."""
-    import torch
-
-    h, w = x.shape[-2:]
-    rows = _axis_matrix(h, height, str(x.device))
-    cols = _axis_matrix(w, width, str(x.device))
-    return torch.matmul(torch.matmul(rows, x), cols.T)
-
-
-@functools.lru_cache(maxsize=16)
-def _axis_matrix(size: int, out: int, device: str):
-    """(out, size) in float32: resampling one axis (unit vectors through F.interpolate, 4
-    columns wide: torch's CPU kernel mishandles a width of 1)."""
-    import torch
-    import torch.nn.functional as F
-
-    eye = torch.eye(size, dtype=torch.float64).view(size, 1, size, 1).expand(size, 1, size, 4)
-    cols = F.interpolate(eye.contiguous(), size=(out, 4), mode="bicubic", antialias=True, align_corners=False)
-    return upload(cols[:, 0, :, 0].T.contiguous().float(), device)
 
 
 def normalize(x, policy: ImagePolicy):

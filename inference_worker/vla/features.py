@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from inference_worker.engines.decoder import BUCKETS, bucket
@@ -115,11 +116,10 @@ class FeatureExtractor:
     def _pixels(self, frames: Sequence[np.ndarray]):
         """Frames -> the tower's inputs, on the device: one bicubic resize to the model's
         input size (image_size rounded by the processor's policy) per group of equal-size
-        frames (pixels.resize), then normalise and patchify as the processor does. Resizing
-        on the device keeps ~2 ms of PIL work per frame off the CPU (a batch of 64 would
-        wait ~130 ms)."""
+        frames, then normalise and patchify as the processor does. Resizing on the device
+        keeps ~2 ms of PIL work per frame off the CPU (a batch of 64 would wait ~130 ms)."""
         from inference_worker.engines.inputs import ImageInputs
-        from inference_worker.engines.pixels import normalize, patchify, resize
+        from inference_worker.engines.pixels import normalize, patchify
         from inference_worker.engines.upload import constant, upload
 
         h, w = self.input_size
@@ -133,7 +133,8 @@ class FeatureExtractor:
             )
             x = upload(torch.from_numpy(stack), self.device).permute(0, 3, 1, 2)
             if x.shape[-2:] != (h, w):
-                x = resize(x.float(), h, w).round().clamp(0, 255)
+                x = F.interpolate(x.float(), size=(h, w), mode="bicubic", antialias=True, align_corners=False)
+                x = x.round().clamp(0, 255)
             values, grid = patchify(normalize(x, self.inputs.policy), self.inputs.policy, self.dtype)
             for j, i in enumerate(idx):
                 per_frame[i] = values[j]
