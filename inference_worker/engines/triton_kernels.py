@@ -10,14 +10,14 @@ launch sizes, so these simple kernels vectorise:
   from the strided q/k views of the qkv projection;
 - SiLU(gate) * up of the language model's MLP, reading gate and up as the two halves of
   the fused gate/up projection;
-- the residual add and the following LayerNorm of the vision blocks (`add_layer_norm`),
-  one pass that writes both the new residual and the normed rows: as separate kernels the
-  add and torch's LayerNorm (at about half the bandwidth) took ~18 ms of a 64-frame VLA
-  feature pass on an H100;
-- the language model's rotary embedding (`rope`, engine option `rope=triton`), read from
-  the strided q/k views of the q/k/v projection: the compiled version took ~190 us a layer
-  for ~67 MB of a 48-prompt group on an H100, a tenth of the bandwidth. Checked in Triton's
-  interpreter on a CPU; not yet run on a GPU, so not the default.
+- the residual add and the following LayerNorm (`add_layer_norm`; the vision blocks and
+  the VLA's expert), one pass that writes both the new residual and the normed rows: as
+  separate kernels the add and torch's LayerNorm (at about half the bandwidth) took ~18 ms
+  of a 64-frame VLA feature pass on an H100; fused, the tower took 146.6 ms against 157.1;
+- the language model's rotary embedding (`rope`, engine option `rope`, Triton by default on
+  CUDA), read from the strided q/k views of the q/k/v projection: the compiled version
+  took ~190 us a layer for ~67 MB of a 48-prompt group on an H100, a tenth of the
+  bandwidth.
 Each one computes in float32 and rounds once to the input dtype, like the compiled
 functions it replaces (transformers' eager ops round after every step). Where Triton is
 missing (the CPU machines), `available()` is False and callers keep their other path.

@@ -23,6 +23,7 @@ from inference_worker.engines.fused import _maybe_compiled, add_norm
 ROTARY = "apply_rotary_pos_emb_vision"
 # the attribute of a block's output that carries the next block's normed input
 NORMED = "vlmq_normed"
+FUSABLE_BLOCKS = ("Qwen2VLVisionBlock",)
 
 
 def fuse_vision_ops(model: Any) -> bool:
@@ -87,33 +88,30 @@ def _fits(block: Any) -> bool:
     )
 
 
-FUSABLE_BLOCKS = ("Qwen2VLVisionBlock",)
-
-
-def fuse_block_norms(blocks: Sequence[Any], add_norm: Callable[[Any, Any, Any], Any]) -> bool:
+def fuse_block_norms(blocks: Sequence[Any], adder: Callable[[Any, Any, Any], Any]) -> bool:
     """Run each block's residual adds fused with the LayerNorm after them: norm2 in the
     block, and the next block's norm1 at its end. transformers' loop passes only the hidden
     states from block to block, so a block hands the next one its normed input as an
     attribute of its output, tagged with the norm that made it; a block whose input lacks
-    it (the first, or one called out of order) norms its input itself. `add_norm(h, delta,
-    norm)` returns (h + delta, norm(h + delta))."""
+    it (the first, or one called out of order) norms its input itself. `adder(h, delta,
+    norm)` returns (h + delta, norm(h + delta)): fused.add_norm."""
     if not blocks or not all(_fits(b) for b in blocks):
         return False
     for i, blk in enumerate(blocks):
         nxt = blocks[i + 1].norm1 if i + 1 < len(blocks) else None
-        blk.forward = _fused_forward(blk, nxt, add_norm)
+        blk.forward = _fused_forward(blk, nxt, adder)
     return True
 
 
-def _fused_forward(blk: Any, next_norm: Any, add_norm: Callable[[Any, Any, Any], Any]) -> Callable:
+def _fused_forward(blk: Any, next_norm: Any, adder: Callable[[Any, Any, Any], Any]) -> Callable:
     def forward(hidden_states: Any, *args: Any, **kwargs: Any) -> Any:
         normed = getattr(hidden_states, NORMED, None)
         x = normed[1] if normed is not None and normed[0] is blk.norm1 else blk.norm1(hidden_states)
-        h, x = add_norm(hidden_states, blk.attn(x, *args, **kwargs), blk.norm2)
+        h, x = adder(hidden_states, blk.attn(x, *args, **kwargs), blk.norm2)
         delta = blk.mlp(x)
         if next_norm is None:
             return h + delta
-        h, x = add_norm(h, delta, next_norm)
+        h, x = adder(h, delta, next_norm)
         setattr(h, NORMED, (next_norm, x))
         return h
 

@@ -143,10 +143,10 @@ class FlowMatchingExpert(nn.Module):
         te = te.to(a.dtype)[:, None, :].expand(B, H, -1)
         h = self.action_time(torch.cat([a, te], dim=-1)) + self.pos[:H]
         blocks = list(self.blocks)
-        x = (blocks[0].norm_cross if blocks else self.norm_out)(h)
+        normed = (blocks[0].norm_cross if blocks else self.norm_out)(h)
         after = [b.norm_cross for b in blocks[1:]] + [self.norm_out]
         for blk, kv, norm in zip(blocks, ctx.kv, after):
-            h, x = add_norm(h, blk.cross(x, kv=kv, mask=ctx.key_bias), blk.norm_self)
-            h, x = add_norm(h, blk.self_attn(x, causal=True), blk.norm_mlp)
-            h, x = add_norm(h, blk.mlp(x), norm)
-        return self.action_out(x).float()
+            h, normed = add_norm(h, blk.cross(normed, kv=kv, mask=ctx.key_bias), blk.norm_self)
+            h, normed = add_norm(h, blk.self_attn(normed, causal=True), blk.norm_mlp)
+            h, normed = add_norm(h, blk.mlp(normed), norm)
+        return self.action_out(normed).float()

@@ -65,8 +65,8 @@ def euler_sample(
     x = noise
     dt = 1.0 / num_steps
     B = noise.shape[0]
-    # every step's time embedding at once (t in float64 as the Python floats below, then
-    # rounded as torch.full rounds them): one set of kernels instead of one per step
+    # every step's time embedding at once, one set of kernels instead of one per step (t in
+    # float64 like the Python float t below, then rounded to float32)
     times = (1.0 - torch.arange(num_steps, dtype=torch.float64, device=x.device) * dt).float()
     embeddings = time_embedding(times, expert.cfg.expert_dim)
     for k in range(num_steps):
