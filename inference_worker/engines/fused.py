@@ -76,17 +76,18 @@ class Kernels:
     def __init__(self, compile: bool, cuda: bool = False, rotary: str = "auto") -> None:
         from inference_worker.engines import triton_kernels
 
+        on_triton = cuda and triton_kernels.available()
         self.rms_norm = _maybe_compiled(rms_norm, compile)
         self.add_rms_norm = _maybe_compiled(add_rms_norm, compile)
         if rotary == "auto":
-            rotary = "triton" if compile and cuda and triton_kernels.available() else "torch"
+            rotary = "triton" if compile and on_triton else "torch"
         if rotary == "triton":
-            if not (cuda and triton_kernels.available()):
+            if not on_triton:
                 raise ValueError("rope=triton needs a CUDA device and Triton")
             self.rope = triton_kernels.rope
         else:
             self.rope = _maybe_compiled(rope, compile)
-        if compile and cuda and triton_kernels.available():
+        if compile and on_triton:
             self.silu_mul = triton_kernels.silu_mul
         else:
             self.silu_mul = _maybe_compiled(silu_mul, compile)

@@ -167,5 +167,5 @@ class InputBuilder:
             image_grid_thw=images.image_grid_thw if images is not None else None,
             grids=grids,
             image_index=upload(torch.from_numpy(np.flatnonzero(mm_np)), dev) if images is not None else None,
-            row_lengths=[len(r) for r in rows],
+            row_lengths=lengths.tolist(),
         )

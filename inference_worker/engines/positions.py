@@ -31,10 +31,9 @@ def mrope_positions(
     for r in range(b):
         cols = np.flatnonzero(mask[r])
         row_types = types[r, cols]
-        bounds = np.flatnonzero(np.diff(row_types)) + 1
-        starts = np.concatenate(([0], bounds)).tolist() if len(row_types) else []
-        ends = np.concatenate((bounds, [len(row_types)])).tolist() if len(row_types) else []
-        segments = tuple((int(row_types[a]) != 0, e - a) for a, e in zip(starts, ends))
+        bounds = (np.flatnonzero(np.diff(row_types)) + 1).tolist()
+        edges = [0, *bounds, len(row_types)] if len(row_types) else []
+        segments = tuple((int(row_types[a]) != 0, e - a) for a, e in zip(edges, edges[1:]))
         count = sum(1 for is_image, _ in segments if is_image)
         row_grids = tuple(tuple(int(x) for x in g) for g in grids[image : image + count])
         image += count
