@@ -272,7 +272,7 @@ def test_batches_padded_to_a_graph_bucket_give_each_frame_its_own_features(vla):
         max_batch = 64
         captured = 0
 
-        def __call__(self, batch):
+        def __call__(self, batch, feats):
             self.seen = batch.batch
             return None
 

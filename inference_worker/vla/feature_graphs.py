@@ -1,12 +1,15 @@
-"""CUDA-graph replay of the VLM feature pass (vision tower + first k decoder layers).
+"""CUDA-graph replay of the VLM feature pass's text side (the first k decoder layers).
 
 At small batches the pass is ~700 kernels (32 vision blocks, k text layers) and the GPU
 waits on their launches: eager, one 392-px frame took 70-80 ms on an H100 whose compute
-for it is a few ms. The pass has no GPU->CPU sync (engines/vision_encoder.py), so it is
-captured once per (batch, padded prompt length, image grids) and replayed with one
-launch. Prompts are left-padded to a multiple of `length_step` tokens so instructions
-of slightly different lengths share a graph; padding is masked, so features are equal.
-Batches above `max_batch` run eagerly. Capture and replay go through engines/cuda_graphs.py.
+for it is a few ms. The pass has no GPU->CPU sync (engines/vision_encoder.py), so both of
+its halves replay as CUDA graphs: the vision tower per frame bucket (the chat engine's
+engines/vision_graphs.py), started as soon as the frames are on the device, and the text
+layers here, per (batch, padded prompt length, image grids), once the CPU has built the
+prompts (which it does while the tower runs). Prompts are left-padded to a multiple of
+`length_step` tokens so instructions of slightly different lengths share a graph; padding
+is masked, so features are equal. Batches above `max_batch` run eagerly. Capture and
+replay go through engines/cuda_graphs.py.
 """
 
 from __future__ import annotations
@@ -19,29 +22,26 @@ from inference_worker.engines.cuda_graphs import Graph, GraphCache
 
 
 class _Graph:
-    def __init__(self, extractor: Any, batch: Any, width: int, pool: Any) -> None:
+    def __init__(self, extractor: Any, batch: Any, feats: Any, width: int, pool: Any) -> None:
         stack, dev = extractor.stack, extractor.device
         b = batch.batch
         self.width = width
-        self.grids = list(batch.grids)
         self.ids = torch.zeros((b, width), dtype=torch.long, device=dev)
         self.mask = torch.zeros((b, width), dtype=torch.long, device=dev)
         self.pos = torch.zeros((3, b, width), dtype=torch.long, device=dev)
-        self.pixels = torch.zeros_like(batch.pixel_values)
+        # the captured kernels read their inputs by address: every input is copied in
+        self.feats = torch.zeros_like(feats)
         self.index = torch.zeros_like(batch.image_index)
         self.cache = stack.new_cache(b, width, layers=extractor.layer)
-        # the captured kernels read the plan's tensors by address: hold them
-        self.plan = extractor.vision.plan(self.grids, dev)
-        self.load(batch)
+        self.load(batch, feats)
 
         def run() -> torch.Tensor:
-            feats = extractor.vision(self.pixels, self.grids, None)
-            h = stack.input_embeddings(self.ids, feats, self.index)
+            h = stack.input_embeddings(self.ids, self.feats, self.index)
             return stack.prefill(self.cache, h, self.pos, self.mask, layers=extractor.layer)
 
         self.graph = Graph(run, pool)
 
-    def load(self, batch: Any) -> None:
+    def load(self, batch: Any, feats: Any) -> None:
         s = batch.length
         pad = self.width - s
         self.ids.zero_()
@@ -50,12 +50,12 @@ class _Graph:
         self.mask[:, pad:].copy_(batch.attention_mask)
         self.pos.zero_()
         self.pos[:, :, pad:].copy_(batch.position_ids)
-        self.pixels.copy_(batch.pixel_values)
+        self.feats.copy_(feats)
         idx = batch.image_index
         self.index.copy_(idx // s * self.width + idx % s + pad)
 
-    def run(self, batch: Any) -> torch.Tensor:
-        self.load(batch)
+    def run(self, batch: Any, feats: Any) -> torch.Tensor:
+        self.load(batch, feats)
         return self.graph.replay()[:, self.width - batch.length :].clone()
 
 
@@ -73,11 +73,12 @@ class FeatureGraphs:
     def captured(self) -> int:
         return self.graphs.captured
 
-    def __call__(self, batch: Any) -> Optional[torch.Tensor]:
-        """Hidden states (B, S, hidden) by graph replay, or None where a graph does not apply."""
-        if batch.batch > self.max_batch or batch.pixel_values is None:
+    def __call__(self, batch: Any, feats: Any) -> Optional[torch.Tensor]:
+        """Hidden states (B, S, hidden) of a batch whose image features the tower gave
+        (`feats`), by graph replay, or None where a graph does not apply."""
+        if batch.batch > self.max_batch or batch.image_index is None:
             return None
         width = -(-batch.length // self.length_step) * self.length_step
         key = (batch.batch, width, tuple(tuple(g) for g in batch.grids))
-        g = self.graphs.get(key, lambda pool: _Graph(self.extractor, batch, width, pool))
-        return g.run(batch)
+        g = self.graphs.get(key, lambda pool: _Graph(self.extractor, batch, feats, width, pool))
+        return g.run(batch, feats)

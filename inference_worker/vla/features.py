@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from inference_worker.engines.decoder import BUCKETS, bucket
+from inference_worker.engines.decoder import bucket
+from inference_worker.engines.upload import FrameStaging
 
 VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
 RESERVED = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
@@ -53,9 +54,10 @@ class FeatureExtractor:
     device, M-RoPE positions precomputed) and the vision tower gets the engine's
     batched-attention and patch-embedding speedups (elementwise fusion on CUDA); a VLM
     shared with the chat handlers has them already. The pass itself is the engine's: the
-    vision tower with precomputed plans (vision_encoder.py), then the first k layers of
-    the text stack (text_stack.py), replayed as a CUDA graph at small batches
-    (feature_graphs.py); Qwen3-VL (deepstack) runs transformers' forward of the cut model."""
+    vision tower with precomputed plans (vision_encoder.py), started on the frames before
+    the CPU builds the prompts, then the first k layers of the text stack (text_stack.py);
+    at small batches each half replays as a CUDA graph (engines/vision_graphs.py,
+    feature_graphs.py). Qwen3-VL (deepstack) runs transformers' forward of the cut model."""
 
     def __init__(self, vlm: Any, layer: Optional[int], image_size: int) -> None:
         from inference_worker.engines.inputs import InputBuilder
@@ -87,6 +89,8 @@ class FeatureExtractor:
             None if has_deepstack(vlm.model) else TextStack(vlm.model, compile=vlm.device.type == "cuda")
         )
         self.graphs: Optional[Any] = None
+        self.vision_pass: Any = self.vision
+        self._frames = FrameStaging()
         self.image_token = getattr(vlm.processor, "image_token", "<|image_pad|>")
         policy = ImagePolicy.from_image_processor(vlm.processor.image_processor)
         self.inputs = InputBuilder(vlm.model, vlm.processor, policy, vlm.device, vlm.dtype)
@@ -97,8 +101,10 @@ class FeatureExtractor:
         """Replay the feature pass of batches up to max_batch as CUDA graphs (feature_graphs.py)."""
         if self.device.type != "cuda" or self.stack is None or not self.vision.sync_free:
             return False
+        from inference_worker.engines.vision_graphs import VisionGraphs
         from inference_worker.vla.feature_graphs import FeatureGraphs
 
+        self.vision_pass = VisionGraphs(self.vision, "on", max_frames=max_batch)
         self.graphs = FeatureGraphs(self, max_batch=max_batch)
         return True
 
@@ -120,7 +126,7 @@ class FeatureExtractor:
         keeps ~2 ms of PIL work per frame off the CPU (a batch of 64 would wait ~130 ms)."""
         from inference_worker.engines.inputs import ImageInputs
         from inference_worker.engines.pixels import normalize, patchify
-        from inference_worker.engines.upload import constant, upload
+        from inference_worker.engines.upload import constant
 
         h, w = self.input_size
         groups: Dict[Tuple[int, ...], List[int]] = {}
@@ -128,10 +134,7 @@ class FeatureExtractor:
             groups.setdefault(f.shape, []).append(i)
         per_frame: List[Any] = [None] * len(frames)
         for idx in groups.values():
-            stack = np.stack([np.ascontiguousarray(frames[i][..., :3]) for i in idx]).astype(
-                np.uint8, copy=False
-            )
-            x = upload(torch.from_numpy(stack), self.device).permute(0, 3, 1, 2)
+            x = self._frames.upload([frames[i][..., :3] for i in idx], self.device).permute(0, 3, 1, 2)
             if x.shape[-2:] != (h, w):
                 x = F.interpolate(x.float(), size=(h, w), mode="bicubic", antialias=True, align_corners=False)
                 x = x.round().clamp(0, 255)
@@ -163,15 +166,24 @@ class FeatureExtractor:
             if tok in text:
                 raise ValueError(f"the instruction must not contain the special token {tok}")
 
-    def hidden_states(self, batch) -> torch.Tensor:
-        """(B, S, hidden) after layer k for a built batch."""
+    def image_features(self, images) -> Optional[torch.Tensor]:
+        """The vision tower's output for the frames (queued on the GPU, not waited for);
+        None where the model's own forward runs the tower (deepstack)."""
+        if self.stack is None:
+            return None
+        return self.vision_pass(images.pixel_values, images.grids, images.image_grid_thw)
+
+    def hidden_states(self, batch, feats: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, S, hidden) after layer k for a built batch; `feats`: its image features if
+        image_features already gave them."""
         if self.stack is None:
             return self.view(**batch.model_kwargs(), use_cache=False).last_hidden_state
+        if feats is None:
+            feats = self.vision_pass(batch.pixel_values, batch.grids, batch.image_grid_thw)
         if self.graphs is not None:
-            out = self.graphs(batch)
+            out = self.graphs(batch, feats)
             if out is not None:
                 return out
-        feats = self.vision(batch.pixel_values, batch.grids, batch.image_grid_thw)
         h = self.stack.input_embeddings(batch.input_ids, feats, batch.image_index)
         cache = self.stack.new_cache(batch.batch, batch.length, layers=self.layer)
         return self.stack.prefill(cache, h, batch.position_ids, batch.attention_mask, layers=self.layer)
@@ -192,22 +204,11 @@ class FeatureExtractor:
             frames = list(frames) + [frames[-1]] * pad
             instructions = list(instructions) + [instructions[-1]] * pad
         images = self._pixels(frames)
+        # the tower runs on the GPU while the CPU builds the prompts
+        feats = self.image_features(images)
         prompts = [self._prompt(f, t) for f, t in zip(frames, instructions)]
         batch = self.inputs.build(prompts, images)
-        hidden = self.hidden_states(batch)
+        hidden = self.hidden_states(batch, feats)
         # left-padded rows: each frame's tokens are the last `length` columns of its row
         # (lengths are known on the CPU: slicing needs no GPU->CPU sync)
         return [hidden[i, batch.length - k :] for i, k in enumerate(batch.row_lengths[:n])]
-
-    def capture(self, instruction: str = "go") -> int:
-        """Capture the feature graphs of every batch bucket at the configured frame size (at
-        warm-up, so serving never pays a capture)."""
-        if self.graphs is None:
-            return 0
-        frame = np.zeros((self.image_size, self.image_size, 3), np.uint8)
-        before = self.graphs.captured
-        for b in BUCKETS:
-            if b > self.graphs.max_batch:
-                break
-            self.encode([frame] * b, [instruction] * b)
-        return self.graphs.captured - before
