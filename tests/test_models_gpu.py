@@ -258,10 +258,12 @@ def test_nf4_self_check_passes_in_bf16(tiny_qwen2_vl):
     assert served is vlm and engine.options.vision == "fast"
 
 
+@pytest.mark.parametrize("served", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_vla_expert_graph_and_triton_norms_equal_the_plain_blocks(dtype):
+def test_vla_expert_graph_and_triton_norms_equal_the_plain_blocks(dtype, served):
     """The expert's Euler steps replayed as a CUDA graph (bucketed batch and key length, the
-    Triton add + norm) give the eager steps and the plain pre-norm blocks' (test_vla_model)."""
+    Triton add + norm, the GELU in the up projection's epilogue; served: q/k/v fused) give
+    the eager steps and the plain pre-norm blocks' (test_vla_model)."""
     from inference_worker.vla.config import TINY, VLAConfig
     from inference_worker.vla.expert import FlowMatchingExpert
     from inference_worker.vla.flow import euler_sample
@@ -271,6 +273,8 @@ def test_vla_expert_graph_and_triton_norms_equal_the_plain_blocks(dtype):
     torch.manual_seed(0)
     cfg = VLAConfig(**TINY, vlm_hidden=48)
     expert = FlowMatchingExpert(cfg).to("cuda", dtype).eval()
+    if served:
+        expert.serve()
     feats = torch.randn(3, 20, 48, device="cuda", dtype=dtype)
     ids = torch.randint(0, 3, (3, 20), device="cuda")
     mask = torch.ones(3, 20, dtype=torch.bool, device="cuda")
@@ -289,21 +293,23 @@ def test_vla_expert_graph_and_triton_norms_equal_the_plain_blocks(dtype):
 
 
 def test_vla_feature_graphs_equal_the_eager_pass(tiny_vla):
-    """The VLM feature pass replayed as a CUDA graph (padded to a length bucket) gives the
-    eager pass's features, at batch 1 and at a batch of mixed instruction lengths."""
+    """The VLM feature pass replayed as CUDA graphs (padded to a length bucket) gives the
+    eager pass's features: at batch 1 and 2 (one frame size: pixels and tower replay as one
+    graph) and at a batch of mixed instruction lengths and frame sizes (eager tower, text
+    graph)."""
     from inference_worker.vla.model import QwenVLA
 
     vla = QwenVLA.load(tiny_vla, device="cuda", dtype="float32")
     ex = vla.extractor
     rs = np.random.RandomState(5)
-    frames = [rs.randint(0, 256, (112, 112, 3), dtype=np.uint8) for _ in range(3)]
+    frames = [rs.randint(0, 256, (s, s, 3), dtype=np.uint8) for s in (112, 112, 96)]
     texts = ["go", "go to the red box please", "turn"]
-    for n in (1, 3):
+    for n in (1, 2, 3):
         eager = ex.encode(frames[:n], texts[:n])
         assert ex.use_cuda_graphs()
         graphed = ex.encode(frames[:n], texts[:n])
         again = ex.encode(frames[:n][::-1], texts[:n][::-1])[::-1]  # replay with other inputs
-        ex.graphs, ex.vision_pass = None, ex.vision  # eager again for the next n
+        ex.graphs = None  # eager again for the next n
         for a, b, c in zip(eager, graphed, again):
             assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
             assert torch.allclose(a, c, atol=1e-4, rtol=1e-4)

@@ -99,6 +99,30 @@ def test_sampling_equals_plain_blocks_bit_for_bit():
     assert torch.equal(got, want)
 
 
+def test_the_served_expert_samples_what_the_trained_one_does():
+    """serve() freezes the expert and fuses self-attention's q and k/v projections: the
+    chunks match the unfused expert's (to float rounding), and the saved weights are the
+    trained ones (the fused copies are not saved)."""
+    import copy
+
+    from inference_worker.vla.expert import FlowMatchingExpert
+    from inference_worker.vla.flow import euler_sample
+
+    torch.manual_seed(1)
+    cfg = VLAConfig(**TINY, vlm_hidden=48)
+    trained = FlowMatchingExpert(cfg).eval()
+    served = copy.deepcopy(trained).serve()
+    assert not any(p.requires_grad for p in served.parameters())
+    assert served.state_dict().keys() == trained.state_dict().keys()
+    feats, ids = torch.randn(2, 20, 48), torch.randint(0, 3, (2, 20))
+    mask = torch.ones(2, 20, dtype=torch.bool)
+    noise = torch.randn(2, cfg.chunk_size, cfg.action_dim)
+    with torch.no_grad():
+        a = euler_sample(trained, trained.prepare(feats, ids, mask), noise, cfg.num_steps)
+        b = euler_sample(served, served.prepare(feats, ids, mask), noise, cfg.num_steps)
+    assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_no_gradient_reaches_the_vlm(tiny_qwen2_vl):
     model = QwenVLA.build(VLAConfig(vlm_path=tiny_qwen2_vl, **TINY), seed=1)
     loss = model.forward_loss([frames(3, 3), frames(3, 4)], ["go", "go"], torch.randn(2, 50, ACTION_DIM))
@@ -271,6 +295,9 @@ def test_batches_padded_to_a_graph_bucket_give_each_frame_its_own_features(vla):
     class Buckets:  # graphs that never replay: the eager pass of the padded batch runs
         max_batch = 64
         captured = 0
+
+        def image_features(self, frames):
+            return None
 
         def __call__(self, batch, feats):
             self.seen = batch.batch

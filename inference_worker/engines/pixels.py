@@ -11,6 +11,7 @@ on the model's device. test_pixels_match_the_stock_image_processor
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
@@ -82,10 +83,15 @@ def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
 
 def normalize(x, policy: ImagePolicy):
     """uint8 (n, C, H, W) -> float32, rescaled and normalised as the processor does it."""
-
-    mean = constant(policy.mean, x.device).view(1, 3, 1, 1)
-    std = constant(policy.std, x.device).view(1, 3, 1, 1)
+    mean, std = _channel_stats(policy.mean, policy.std, str(x.device))
     return (x.float() * policy.rescale - mean) / std
+
+
+@lru_cache(maxsize=16)
+def _channel_stats(mean: Tuple[float, ...], std: Tuple[float, ...], device: str):
+    """The policy's mean and std as (1, 3, 1, 1) tensors on the device, made once: a graph
+    that captures `normalize` reads them by address."""
+    return constant(mean, device).view(1, 3, 1, 1), constant(std, device).view(1, 3, 1, 1)
 
 
 def patchify(x, policy: ImagePolicy, dtype):
@@ -94,10 +100,11 @@ def patchify(x, policy: ImagePolicy, dtype):
     p, m, t = policy.patch_size, policy.merge_size, policy.temporal_patch_size
     n, c, h, w = x.shape
     gh, gw = h // p, w // p
+    x = x.to(dtype)  # rounded before the layout copy, which then moves fewer bytes
     x = x.reshape(n, c, gh // m, m, p, gw // m, m, p)
     x = x.permute(0, 2, 5, 3, 6, 1, 4, 7)  # (n, gh/m, gw/m, m, m, C, p, p)
     x = x.unsqueeze(6).expand(*x.shape[:6], t, p, p)  # a still image fills the temporal patch
-    return x.reshape(n, gh * gw, c * t * p * p).to(dtype), (1, gh, gw)
+    return x.reshape(n, gh * gw, c * t * p * p), (1, gh, gw)
 
 
 def pixel_values(images: Sequence[np.ndarray], policy: ImagePolicy, device="cpu", dtype=None):

@@ -74,13 +74,11 @@ class ActionChunkHandler(Handler):
         self.cache: FeatureCache[Any] = FeatureCache(
             self.cfg.num_frames, self.cfg.frame_skip, max_sessions=max_sessions, ttl_s=ttl_s
         )
-        for p in vla.expert.parameters():
-            p.requires_grad_(False)
-        vla.expert.eval()
         if vla.device.type == "cuda" and vla.extractor is not None and vla.extractor.dtype != torch.float32:
             # serve the expert in the VLM's half precision: autocast would re-cast every fp32
             # weight on every Euler step (its cast cache does not survive graph capture)
             vla.expert.to(vla.extractor.dtype)
+        vla.expert.serve()
         self.graphs: Optional[GraphedSampler] = None
         if cuda_graphs and vla.device.type == "cuda":
             self.graphs = GraphedSampler(vla.expert, self.cfg.num_steps)

@@ -5,9 +5,11 @@ causal self-attention over the action sequence, and a GELU MLP, all pre-norm res
 Inputs per token: the noisy action, the flow time (sinusoidal, mixed with the action by an
 MLP as in SmolVLA) and a learned position. Output: the velocity of each action.
 The cross-attention keys/values and the additive key mask depend only on the context, so
-`prepare` computes them once per chunk and the Euler steps reuse them. Each residual add
-runs with the LayerNorm that reads its sum (fused.add_norm: one Triton kernel when serving
-on CUDA): at small batches the expert's time is its kernel count, not its arithmetic.
+`prepare` computes them once per chunk and the Euler steps reuse them. At small batches
+the expert's time is its kernel count, not its arithmetic, so serving on CUDA runs fewer:
+each residual add with the LayerNorm that reads its sum (fused.add_norm, one Triton
+kernel), the MLP's GELU in its up projection, and (after `serve`) self-attention's q and
+k/v projections as one product.
 """
 
 from __future__ import annotations
@@ -52,6 +54,12 @@ class Attention(nn.Module):
         k, v = self.kv(ctx).chunk(2, dim=-1)
         return self._split(k), self._split(v)
 
+    def fuse_projections(self) -> None:
+        """Self-attention's q and k/v projections as one matrix product (for serving, on
+        frozen weights: the fused copy does not follow later changes of q and kv)."""
+        self.register_buffer("qkv_weight", torch.cat([self.q.weight, self.kv.weight]), persistent=False)
+        self.register_buffer("qkv_bias", torch.cat([self.q.bias, self.kv.bias]), persistent=False)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -59,8 +67,13 @@ class Attention(nn.Module):
         mask: Optional[torch.Tensor] = None,
         causal: bool = False,
     ) -> torch.Tensor:
-        q = self._split(self.q(x))
-        k, v = kv if kv is not None else self.keys_values(x)
+        if kv is None and hasattr(self, "qkv_weight"):
+            B, L, D = x.shape
+            qkv = F.linear(x, self.qkv_weight, self.qkv_bias).view(B, L, 3, self.heads, D // self.heads)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        else:
+            q = self._split(self.q(x))
+            k, v = kv if kv is not None else self.keys_values(x)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         B, _, L, _ = y.shape
         return self.out(y.transpose(1, 2).reshape(B, L, -1))
@@ -79,6 +92,15 @@ class Block(nn.Module):
         self.norm_mlp = nn.LayerNorm(dim)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and not torch.is_grad_enabled():
+            # the tanh GELU in the up projection's cuBLASLt epilogue: a kernel less per
+            # block and Euler step, where the expert's time is its kernel count
+            up, _, down = self.mlp
+            y = torch._addmm_activation(up.bias, x.reshape(-1, x.shape[-1]), up.weight.t(), use_gelu=True)
+            return down(y).view(*x.shape[:-1], -1)
+        return self.mlp(x)
 
 
 @dataclass
@@ -112,6 +134,15 @@ class FlowMatchingExpert(nn.Module):
         )
         self.norm_out = nn.LayerNorm(D)
         self.action_out = nn.Linear(D, cfg.action_dim)
+
+    def serve(self) -> FlowMatchingExpert:
+        """Frozen, in eval mode, self-attention projections fused: the serving expert."""
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.eval()
+        for blk in self.blocks:
+            blk.self_attn.fuse_projections()
+        return self
 
     def prepare(
         self,
@@ -148,5 +179,5 @@ class FlowMatchingExpert(nn.Module):
         for blk, kv, norm in zip(blocks, ctx.kv, after):
             h, normed = add_norm(h, blk.cross(normed, kv=kv, mask=ctx.key_bias), blk.norm_self)
             h, normed = add_norm(h, blk.self_attn(normed, causal=True), blk.norm_mlp)
-            h, normed = add_norm(h, blk.mlp(normed), norm)
+            h, normed = add_norm(h, blk.feed_forward(normed), norm)
         return self.action_out(normed).float()

@@ -56,8 +56,8 @@ class FeatureExtractor:
     shared with the chat handlers has them already. The pass itself is the engine's: the
     vision tower with precomputed plans (vision_encoder.py), started on the frames before
     the CPU builds the prompts, then the first k layers of the text stack (text_stack.py);
-    at small batches each half replays as a CUDA graph (engines/vision_graphs.py,
-    feature_graphs.py). Qwen3-VL (deepstack) runs transformers' forward of the cut model."""
+    at small batches each half replays as a CUDA graph (feature_graphs.py). Qwen3-VL
+    (deepstack) runs transformers' forward of the cut model."""
 
     def __init__(self, vlm: Any, layer: Optional[int], image_size: int) -> None:
         from inference_worker.engines.inputs import InputBuilder
@@ -89,7 +89,6 @@ class FeatureExtractor:
             None if has_deepstack(vlm.model) else TextStack(vlm.model, compile=vlm.device.type == "cuda")
         )
         self.graphs: Optional[Any] = None
-        self.vision_pass: Any = self.vision
         self._frames = FrameStaging()
         self.image_token = getattr(vlm.processor, "image_token", "<|image_pad|>")
         policy = ImagePolicy.from_image_processor(vlm.processor.image_processor)
@@ -101,10 +100,8 @@ class FeatureExtractor:
         """Replay the feature pass of batches up to max_batch as CUDA graphs (feature_graphs.py)."""
         if self.device.type != "cuda" or self.stack is None or not self.vision.sync_free:
             return False
-        from inference_worker.engines.vision_graphs import VisionGraphs
         from inference_worker.vla.feature_graphs import FeatureGraphs
 
-        self.vision_pass = VisionGraphs(self.vision, "on", max_frames=max_batch)
         self.graphs = FeatureGraphs(self, max_batch=max_batch)
         return True
 
@@ -119,30 +116,49 @@ class FeatureExtractor:
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.vlm.model.parameters())
 
-    def _pixels(self, frames: Sequence[np.ndarray]):
-        """Frames -> the tower's inputs, on the device: one bicubic resize to the model's
-        input size (image_size rounded by the processor's policy) per group of equal-size
-        frames, then normalise and patchify as the processor does. Resizing on the device
-        keeps ~2 ms of PIL work per frame off the CPU (a batch of 64 would wait ~130 ms)."""
-        from inference_worker.engines.inputs import ImageInputs
-        from inference_worker.engines.pixels import normalize, patchify
-        from inference_worker.engines.upload import constant
-
-        h, w = self.input_size
+    def _upload(self, frames: Sequence[np.ndarray]) -> List[Tuple[List[int], torch.Tensor]]:
+        """The frames as uint8 (n, H, W, 3) tensors on the device, one per frame size, with
+        the indices of the frames each holds."""
         groups: Dict[Tuple[int, ...], List[int]] = {}
         for i, f in enumerate(frames):
             groups.setdefault(f.shape, []).append(i)
-        per_frame: List[Any] = [None] * len(frames)
-        for idx in groups.values():
-            x = self._frames.upload([frames[i][..., :3] for i in idx], self.device).permute(0, 3, 1, 2)
-            if x.shape[-2:] != (h, w):
-                x = F.interpolate(x.float(), size=(h, w), mode="bicubic", antialias=True, align_corners=False)
-                x = x.round().clamp(0, 255)
-            values, grid = patchify(normalize(x, self.inputs.policy), self.inputs.policy, self.dtype)
-            for j, i in enumerate(idx):
-                per_frame[i] = values[j]
-        grids = [grid] * len(frames)
-        values = torch.cat(per_frame, dim=0)
+        return [
+            (idx, self._frames.upload([frames[i][..., :3] for i in idx], self.device))
+            for idx in groups.values()
+        ]
+
+    def prepare_pixels(self, frames: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int, int]]:
+        """uint8 frames (n, H, W, 3) on the device -> the tower's pixel rows (n * patches,
+        C*T*p*p) and the frames' patch grid: one bicubic resize to the model's input size
+        (image_size rounded by the processor's policy), then normalise and patchify as the
+        processor does. Resizing on the device keeps ~2 ms of PIL work per frame off the
+        CPU (a batch of 64 would wait ~130 ms). Device work only: the frame graphs capture it."""
+        from inference_worker.engines.pixels import normalize, patchify
+
+        h, w = self.input_size
+        x = frames.permute(0, 3, 1, 2)
+        if x.shape[-2:] != (h, w):
+            x = F.interpolate(x.float(), size=(h, w), mode="bicubic", antialias=True, align_corners=False)
+            x = x.round().clamp(0, 255)
+        values, grid = patchify(normalize(x, self.inputs.policy), self.inputs.policy, self.dtype)
+        return values.reshape(-1, values.shape[-1]), grid
+
+    def _pixels(self, frames: Sequence[np.ndarray]):
+        """Frames -> the tower's inputs (ImageInputs), on the device, in order."""
+        return self._images(self._upload(frames), len(frames))
+
+    def _images(self, groups: List[Tuple[List[int], torch.Tensor]], n: int):
+        from inference_worker.engines.inputs import ImageInputs
+        from inference_worker.engines.upload import constant
+
+        prepared = [self.prepare_pixels(x) for _, x in groups]
+        grids: List[Any] = [None] * n
+        rows: List[Any] = [None] * n
+        for (idx, _), (values, grid) in zip(groups, prepared):
+            for i, part in zip(idx, values.chunk(len(idx))):
+                grids[i], rows[i] = grid, part
+        # one frame size (the usual case): the rows are in order already
+        values = prepared[0][0] if len(groups) == 1 else torch.cat(rows, dim=0)
         return ImageInputs(values, constant(grids, self.device, torch.long), grids)
 
     def _prompt(self, frame: np.ndarray, instruction: str):
@@ -166,12 +182,23 @@ class FeatureExtractor:
             if tok in text:
                 raise ValueError(f"the instruction must not contain the special token {tok}")
 
-    def image_features(self, images) -> Optional[torch.Tensor]:
-        """The vision tower's output for the frames (queued on the GPU, not waited for);
-        None where the model's own forward runs the tower (deepstack)."""
+    def image_features(self, frames: Sequence[np.ndarray]):
+        """(ImageInputs, the tower's output) for the frames, queued on the GPU and not
+        waited for. With frame graphs, frames of one size run pixel preparation and tower
+        as one replay (the ImageInputs then hold only the grids); the output is None where
+        the model's own forward runs the tower (deepstack)."""
+        from inference_worker.engines.inputs import ImageInputs
+
+        groups = self._upload(frames)
+        if self.graphs is not None and len(groups) == 1:
+            out = self.graphs.image_features(groups[0][1])
+            if out is not None:
+                feats, grid = out
+                return ImageInputs(None, None, [grid] * len(frames)), feats
+        images = self._images(groups, len(frames))
         if self.stack is None:
-            return None
-        return self.vision_pass(images.pixel_values, images.grids, images.image_grid_thw)
+            return images, None
+        return images, self.vision(images.pixel_values, images.grids, images.image_grid_thw)
 
     def hidden_states(self, batch, feats: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(B, S, hidden) after layer k for a built batch; `feats`: its image features if
@@ -179,7 +206,7 @@ class FeatureExtractor:
         if self.stack is None:
             return self.view(**batch.model_kwargs(), use_cache=False).last_hidden_state
         if feats is None:
-            feats = self.vision_pass(batch.pixel_values, batch.grids, batch.image_grid_thw)
+            feats = self.vision(batch.pixel_values, batch.grids, batch.image_grid_thw)
         if self.graphs is not None:
             out = self.graphs(batch, feats)
             if out is not None:
@@ -203,9 +230,8 @@ class FeatureExtractor:
             pad = bucket(n) - n
             frames = list(frames) + [frames[-1]] * pad
             instructions = list(instructions) + [instructions[-1]] * pad
-        images = self._pixels(frames)
         # the tower runs on the GPU while the CPU builds the prompts
-        feats = self.image_features(images)
+        images, feats = self.image_features(frames)
         prompts = [self._prompt(f, t) for f, t in zip(frames, instructions)]
         batch = self.inputs.build(prompts, images)
         hidden = self.hidden_states(batch, feats)
