@@ -35,12 +35,14 @@ def test_more_variants_than_torchs_default_limit_stay_compiled(caplog):
     assert not [r for r in caplog.records if "op by op" in r.getMessage()], "a compiled op fell back to eager"
 
 
-def test_the_triton_text_rotary_and_add_norm_match_the_reference_in_tritons_interpreter():
-    """rope=triton: the kernel, run by Triton's CPU interpreter, gives fused.rope's result
-    (computed in float32, rounded once) for GQA q/k views of one q/k/v projection, with
-    sizes that are not multiples of its block; the vision blocks' add + LayerNorm gives
-    fused.add_layer_norm's sum and norm at a width that is not a power of two. Runs where Triton is installed (not in CI,
-    whose CPU torch has none; tests/test_models_gpu.py runs it on a GPU)."""
+def test_triton_kernels_match_the_reference_in_tritons_interpreter():
+    """Run by Triton's CPU interpreter: rope=triton gives fused.rope's result (computed in
+    float32, rounded once) for GQA q/k views of one q/k/v projection, with sizes that are
+    not multiples of its block; the vision blocks' add + LayerNorm gives
+    fused.add_layer_norm's sum and norm at a width that is not a power of two; the fused
+    fc1 + QuickGELU product, over row counts that do and do not fill its tiles, gives the
+    product then the activation. Runs where Triton is installed (not in CI, whose CPU torch
+    has none; tests/test_models_gpu.py runs them on a GPU)."""
     pytest.importorskip("triton")
     import os
     import subprocess
@@ -72,6 +74,21 @@ for b, t in ((1, 1), (3, 37)):
     for x, y in zip(got, want):
         assert x.shape == y.shape and x.is_contiguous(), (x.shape, y.shape)
         assert torch.allclose(x, y, atol=1e-5, rtol=1e-5), (x - y).abs().max()
+# the fused fc1 + QuickGELU kernel itself (the interpreter has no Hopper check and no bf16:
+# launched as linear_quick_gelu launches it, in float32, with small tiles)
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor as D
+
+for rows in (64, 300):
+    x, w, b = torch.randn(rows, 128, generator=g), torch.randn(512, 128, generator=g), torch.randn(512, generator=g)
+    y = torch.empty(rows, 512)
+    tk._linear_quick_gelu[(3,)](
+        D.from_tensor(x, [64, 64]), D.from_tensor(w, [128, 64]), D.from_tensor(y, [64, 128]), b, rows, 512, 128,
+        BM=64, BN=128, BK=64, GROUP=8, PROGRAMS=3, OUT=tl.float32,
+    )
+    ref = torch.nn.functional.linear(x, w, b)
+    ref = ref * torch.sigmoid(1.702 * ref)
+    assert torch.allclose(y, ref, atol=1e-4, rtol=1e-4), (y - ref).abs().max()
 print("ok")
 """
     env = {**os.environ, "TRITON_INTERPRET": "1"}

@@ -184,6 +184,29 @@ def test_triton_kernels_match_the_reference_ops(dtype):
             assert got.shape == x.shape and torch.allclose(got.float(), want.float(), **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_linear_quick_gelu_matches_the_product_then_the_activation(dtype):
+    """The vision MLP's fc1 with QuickGELU in its epilogue (half precision on Hopper: the
+    persistent TMA kernel; float32: cuBLAS then the elementwise kernel) equals the product
+    and the activation computed in float32 and rounded once, for row counts that are and
+    are not multiples of the tile, 2-D and batched inputs."""
+    from inference_worker.engines import triton_kernels as tk
+
+    if not tk.available():
+        pytest.skip("triton is not installed")
+    g = torch.Generator(device="cuda").manual_seed(1)
+    w = (torch.randn(5120, 1280, device="cuda", generator=g) * 0.03).to(dtype)
+    b = (torch.randn(5120, device="cuda", generator=g) * 0.1).to(dtype)
+    for shape in ((300, 1280), (6272, 1280), (2, 131, 1280)):
+        x = torch.randn(*shape, device="cuda", generator=g).to(dtype)
+        ref = torch.nn.functional.linear(x.float(), w.float(), b.float())
+        ref = (ref * torch.sigmoid(1.702 * ref)).to(dtype).float()
+        got = tk.linear_quick_gelu(x, w, b)
+        assert got.shape == (*shape[:-1], 5120) and got.dtype == dtype
+        tol = 1e-3 if dtype == torch.float32 else 2e-2
+        assert torch.allclose(got.float(), ref, atol=tol, rtol=tol), (got.float() - ref).abs().max()
+
+
 def test_fused_vision_tower_equals_the_plain_one(tiny_qwen2_vl):
     """The tower with the Triton rotary, QuickGELU and add + LayerNorm gives the plain
     tower's features."""

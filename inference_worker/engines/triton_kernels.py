@@ -26,6 +26,7 @@ tests/test_models_gpu.py checks each kernel against the reference ops.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any, Tuple
 
 try:
@@ -128,6 +129,33 @@ if triton is not None:
         b = tl.load(b_ptr + cols, mask=m, other=0.0).to(tl.float32)
         tl.store(y_ptr + offs, (xc * rstd * w + b).to(y_ptr.dtype.element_ty), mask=m)
 
+    @triton.jit
+    def _tile_of(tile, tiles_m, tiles_n, GROUP: tl.constexpr):
+        # tiles in groups of GROUP row blocks, so neighbouring programs share weight columns in L2
+        per = GROUP * tiles_n
+        first = (tile // per) * GROUP
+        rows = min(tiles_m - first, GROUP)
+        return first + (tile % per) % rows, (tile % per) // rows
+
+    @triton.jit
+    def _linear_quick_gelu(
+        x_desc, w_desc, y_desc, bias_ptr, M, N, K,
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr, PROGRAMS: tl.constexpr,
+        OUT: tl.constexpr,
+    ):  # fmt: skip
+        tiles_m, tiles_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
+        for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, PROGRAMS, flatten=True):
+            pm, pn = _tile_of(tile, tiles_m, tiles_n, GROUP)
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+            for kk in range(tl.cdiv(K, BK)):
+                a = x_desc.load([pm * BM, kk * BK])
+                b = w_desc.load([pn * BN, kk * BK])
+                acc = tl.dot(a, b.T, acc)
+            cols = pn * BN + tl.arange(0, BN)
+            acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+            acc = acc * tl.sigmoid(1.702 * acc)
+            y_desc.store([pm * BM, pn * BN], acc.to(OUT))
+
 
 def _grid(n: int) -> Tuple[int]:
     return ((n + BLOCK - 1) // BLOCK,)
@@ -211,3 +239,69 @@ def rope(q: Any, k: Any, cos: Any, sin: Any) -> Tuple[Any, Any]:
         )
         out.append(o)
     return out[0], out[1]
+
+
+# (BM, BN, BK, stages, warps) of the fused fc1: measured on an H100 against cuBLAS + quick_gelu
+GEMM_TILE = (128, 256, 64, 3, 8)
+
+
+def linear_quick_gelu(x: Any, weight: Any, bias: Any) -> Any:
+    """quick_gelu(x @ weight.T + bias), the Qwen2-VL vision MLP's fc1 and activation, with
+    the activation in the product's epilogue: a persistent Triton kernel reading through
+    Hopper's tensor-memory descriptors. The activation as its own kernel rereads and rewrites
+    the (rows, 5120) product: ~0.34 ms a block at 64 frames. Elsewhere (fp32, pre-Hopper,
+    small or unaligned shapes) it is cuBLAS and the elementwise kernel."""
+    import torch
+    import torch.nn.functional as F
+
+    BM, BN, BK, stages, warps = GEMM_TILE
+    shape = x.shape
+    x = x.reshape(-1, shape[-1])
+    (M, K), N = x.shape, weight.shape[0]
+    if not (
+        _descriptors() is not None
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and weight.dtype == x.dtype
+        and bias is not None
+        and torch.cuda.get_device_capability(x.device)[0] >= 9
+        and M >= BM and N >= BN and K >= BK and K % 8 == 0 and N % 8 == 0
+        and x.stride(1) == 1 and x.stride(0) % 8 == 0 and weight.is_contiguous()
+    ):  # fmt: skip
+        return quick_gelu(F.linear(x, weight, bias)).view(*shape[:-1], N)
+    desc = _descriptors()
+    y = x.new_empty((M, N))
+    programs = min(_sm_count(x.device.index or 0), triton.cdiv(M, BM) * triton.cdiv(N, BN))
+    _linear_quick_gelu[(programs,)](
+        desc.from_tensor(x, [BM, BK]),
+        desc.from_tensor(weight, [BN, BK]),
+        desc.from_tensor(y, [BM, BN]),
+        bias,
+        M,
+        N,
+        K,
+        BM=BM,
+        BN=BN,
+        BK=BK,
+        GROUP=8,
+        PROGRAMS=programs,
+        OUT=tl.bfloat16 if x.dtype == torch.bfloat16 else tl.float16,
+        num_stages=stages,
+        num_warps=warps,
+    )
+    return y.view(*shape[:-1], N)
+
+
+@lru_cache(maxsize=1)
+def _descriptors() -> Any:
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:  # Triton before 3.4
+        return None
+    return TensorDescriptor
+
+
+@lru_cache(maxsize=8)
+def _sm_count(device: int) -> int:
+    import torch
+
+    return torch.cuda.get_device_properties(device).multi_processor_count

@@ -4,8 +4,9 @@ For 128 frames the 2B vision tower holds 32k patch rows per layer; transformers 
 its rotary embedding in float32 op by op and its MLP activation as separate kernels, each
 a full pass over tens of MB: ~50 ms a batch on an H100. The Qwen2-VL rotary embedding
 and QuickGELU run as the Triton kernels of triton_kernels.py where Triton is installed
-(their compiled versions took 17 and 18 ms a batch); other towers' functions and
-activations run compiled, one kernel each. The rotary function is swapped in the model's
+(their compiled versions took 17 and 18 ms a batch), QuickGELU inside the epilogue of the
+MLP's first product (`linear_quick_gelu`); other towers' functions and activations run
+compiled, one kernel each. The rotary function is swapped in the model's
 modeling module (the blocks look it up there); activations are wrapped per block around
 one shared function of the activation's own class. Falls back to the original ops if
 compiling fails. With Triton, each block's residual adds run fused with the LayerNorm that
@@ -60,6 +61,9 @@ def fuse_vision_ops(model: Any) -> bool:
 
     shared: dict = {}
     for blk in blocks:
+        if on_triton and _quick_gelu_mlp(blk.mlp):
+            blk.mlp.forward = _fused_mlp(blk.mlp)
+            continue
         for name in ("act", "act_fn"):
             act = getattr(blk.mlp, name, None)
             if act is None or isinstance(act, FusedActivation) or any(True for _ in act.parameters()):
@@ -75,6 +79,22 @@ def fuse_vision_ops(model: Any) -> bool:
     if on_triton:
         fuse_block_norms(blocks, add_norm)
     return True
+
+
+def _quick_gelu_mlp(mlp: Any) -> bool:
+    """Qwen2-VL's vision MLP: fc2(QuickGELU(fc1(x)))."""
+    return (
+        type(mlp).__name__ == "VisionMlp"
+        and type(getattr(mlp, "act", None)).__name__ == "QuickGELUActivation"
+        and all(hasattr(mlp, n) for n in ("fc1", "fc2"))
+    )
+
+
+def _fused_mlp(mlp: Any) -> Callable:
+    def forward(x: Any) -> Any:
+        return mlp.fc2(triton_kernels.linear_quick_gelu(x, mlp.fc1.weight, mlp.fc1.bias))
+
+    return forward
 
 
 def _fits(block: Any) -> bool:
