@@ -331,19 +331,25 @@ def test_padded_vision_pass_gives_each_frame_its_own_features(engine):
 def test_padded_prefill_decodes_the_tokens_of_the_groups_own_shape(tiny_qwen2_vl):
     """prefill_graphs: a group's prompts padded to a width bucket and its rows to a rows
     bucket give every prompt the greedy tokens of the unpadded pass, whatever the group's
-    size (1, 3 -> 4, 5 -> 8 rows) and with rows joining a running decode; a group past the
-    token budget runs unpadded."""
+    size (1; 3 as passes of 2 and 1, 5 of 4 and 1) and with rows joining a running decode; a
+    group past the token budget runs unpadded."""
     from inference_worker.engines.prefill_graphs import PrefillGraphs
 
     vlm = load_vlm(tiny_qwen2_vl)
     plain = ChatEngine(vlm)
     padded = ChatEngine(load_vlm(tiny_qwen2_vl), EngineOptions(prefill_graphs="padded"))
     prompts = mixed_prompts()
+    passes = []
+    admit = padded._admit
+    padded._admit = lambda keys, *rest: passes.append(len(keys)) or admit(keys, *rest)
     for group in (prompts[:1], prompts[1:4], prompts[3:8]):
         samp = [Sampling(max_tokens=6)] * len(group)
         assert [c.token_ids for c in padded.generate(group, samp)] == [
             c.token_ids for c in plain.generate(group, samp)
         ]
+    assert passes == [1, 2, 1, 4, 1]  # not 4 and 8 padded rows
+    # where padding wastes less than another pass costs, the group stays whole; no padding, no split
+    assert padded.prefill_pass.pieces(23, 100) == [23] and plain.prefill_pass.pieces(5, 100) == [5]
     together, _ = _run_continuously(
         padded, [(0, prompts[0], Sampling(max_tokens=9)), (2, prompts[5], Sampling(max_tokens=4))]
     )

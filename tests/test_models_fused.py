@@ -41,7 +41,8 @@ def test_triton_kernels_match_the_reference_in_tritons_interpreter():
     not multiples of its block; the vision blocks' add + LayerNorm gives
     fused.add_layer_norm's sum and norm at a width that is not a power of two; the fused
     fc1 + QuickGELU product, over row counts that do and do not fill its tiles, gives the
-    product then the activation. Runs where Triton is installed (not in CI, whose CPU torch
+    product then the activation; a decode step's rope + cache write and its attention give
+    fused.rope, the indexed cache writes and grouped_attention under its mask. Runs where Triton is installed (not in CI, whose CPU torch
     has none; tests/test_models_gpu.py runs them on a GPU)."""
     pytest.importorskip("triton")
     import os
@@ -74,6 +75,34 @@ for b, t in ((1, 1), (3, 37)):
     for x, y in zip(got, want):
         assert x.shape == y.shape and x.is_contiguous(), (x.shape, y.shape)
         assert torch.allclose(x, y, atol=1e-5, rtol=1e-5), (x - y).abs().max()
+# a decode step's rope + cache write, then its attention, against fused.rope, indexed
+# writes and grouped_attention under attention_bias (rows with masked columns, spans that
+# are not a multiple of the kernel's block)
+from inference_worker.engines.text_stack import attention_bias, grouped_attention
+heads, kv, d, cap = 6, 2, 16, 80
+for b, span in ((1, 16), (5, 70)):
+    qkv = torch.randn(b, 1, (heads + 2 * kv) * d, generator=g)
+    angles = torch.randn(b, 1, d // 2, generator=g)
+    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+    store = torch.randn(2, b, kv, cap, d, generator=g)
+    mask = torch.rand(b, cap, generator=g) < 0.6
+    cols = torch.randint(0, span, (b,), generator=g)
+    mask[torch.arange(b), cols] = True
+    keys, values = store[0].clone(), store[1].clone()
+    q_got = tk.decode_rope_write(qkv, cos.reshape(b, d), sin.reshape(b, d), keys, values, cols, heads)
+    q = qkv[..., : heads * d].view(b, 1, heads, d).transpose(1, 2)
+    k = qkv[..., heads * d : (heads + kv) * d].view(b, 1, kv, d).transpose(1, 2)
+    v = qkv[..., (heads + kv) * d :].view(b, 1, kv, d).transpose(1, 2)
+    q_ref, k_ref = rope(q, k, cos, sin)
+    keys_ref, values_ref = store[0].clone(), store[1].clone()
+    keys_ref[torch.arange(b), :, cols] = k_ref[:, :, 0]
+    values_ref[torch.arange(b), :, cols] = v[:, :, 0]
+    assert torch.allclose(q_got, q_ref[:, :, 0], atol=1e-5), (q_got - q_ref[:, :, 0]).abs().max()
+    assert torch.allclose(keys, keys_ref, atol=1e-5) and torch.equal(values, values_ref)
+    o = tk.decode_attention(q_got, keys, values, mask, span, 0.25)
+    bias = attention_bias(mask[:, None, None, :span], heads // kv, torch.float32)
+    o_ref = grouped_attention(q_ref, keys_ref[:, :, :span], values_ref[:, :, :span], bias, 0.25)[:, :, 0]
+    assert torch.allclose(o, o_ref, atol=1e-4), (o - o_ref).abs().max()
 # the fused fc1 + QuickGELU kernel itself (the interpreter has no Hopper check and no bf16:
 # launched as linear_quick_gelu launches it, in float32, with small tiles)
 import triton.language as tl

@@ -391,6 +391,67 @@ def test_prefill_graphs_replay_the_padded_pass(tiny_qwen2_vl):
     assert graphs.prefill_pass.captured == 2  # (4 rows, w) for 3 and 4 prompts; (8 rows, w') for 6
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_kernels_match_the_reference_ops(dtype):
+    """A decode step's rope + cache write and its attention (decode_attention=triton) at the
+    2B model's head layout (12 query heads on 2 KV heads of 128), rows with masked columns
+    and spans that are not a multiple of the kernel's block: fused.rope, the indexed cache
+    writes and grouped_attention under attention_bias."""
+    from inference_worker.engines import triton_kernels as tk
+    from inference_worker.engines.fused import rope
+    from inference_worker.engines.text_stack import attention_bias, grouped_attention
+
+    if not tk.available():
+        pytest.skip("triton is not installed")
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    heads, kv, d, cap = 12, 2, 128, 512
+    for b, span in ((1, 64), (37, 300), (128, 256)):
+        qkv = torch.randn(b, 1, (heads + 2 * kv) * d, device="cuda", generator=g).to(dtype)
+        ang = torch.randn(b, 1, d // 2, device="cuda", generator=g)
+        cos, sin = torch.cat((ang, ang), -1).cos().to(dtype), torch.cat((ang, ang), -1).sin().to(dtype)
+        store = torch.randn(2, b, kv, cap, d, device="cuda", generator=g).to(dtype)
+        mask = torch.rand(b, cap, device="cuda", generator=g) < 0.7
+        cols = torch.randint(0, span, (b,), device="cuda", generator=g)
+        mask[torch.arange(b, device="cuda"), cols] = True
+        keys, values = store[0].clone(), store[1].clone()
+        q = tk.decode_rope_write(qkv, cos.reshape(b, d), sin.reshape(b, d), keys, values, cols, heads)
+        rq = qkv[..., : heads * d].view(b, 1, heads, d).transpose(1, 2)
+        rk = qkv[..., heads * d : (heads + kv) * d].view(b, 1, kv, d).transpose(1, 2)
+        rv = qkv[..., (heads + kv) * d :].view(b, 1, kv, d).transpose(1, 2)
+        q_ref, k_ref = rope(rq.float(), rk.float(), cos.float(), sin.float())
+        keys_ref, values_ref = store[0].clone(), store[1].clone()
+        rows = torch.arange(b, device="cuda")
+        keys_ref[rows, :, cols] = k_ref[:, :, 0].to(dtype)
+        values_ref[rows, :, cols] = rv[:, :, 0]
+        assert torch.allclose(q.float(), q_ref[:, :, 0].to(dtype).float(), **tol)
+        assert torch.allclose(keys.float(), keys_ref.float(), **tol) and torch.equal(values, values_ref)
+        o = tk.decode_attention(q, keys, values, mask, span, d**-0.5)
+        bias = attention_bias(mask[:, None, None, :span], heads // kv, dtype)
+        want = grouped_attention(q[:, :, None], keys_ref[:, :, :span], values_ref[:, :, :span], bias, d**-0.5)
+        assert torch.allclose(o.float(), want[:, :, 0].float(), **tol), (
+            (o.float() - want[:, :, 0].float()).abs().max()
+        )
+
+
+def test_decode_kernels_decode_the_tokens_of_sdpa(tiny_qwen2_vl):
+    """decode_attention=triton through the engine (decode graphs): the greedy tokens of the
+    SDPA step, fp32, joining mid-decode included; auto (the default) picks the kernels on CUDA."""
+    from inference_worker.engines.chat_engine import ChatEngine
+    from inference_worker.engines.options import EngineOptions
+    from inference_worker.engines.sampling import Sampling
+    from inference_worker.models import load_vlm
+
+    vlm = load_vlm(tiny_qwen2_vl, device="cuda", dtype="float32")
+    prompts, samp = _prompts(), [Sampling(max_tokens=10)] * 6
+    ref = ChatEngine(vlm, EngineOptions(decode_attention="sdpa"))
+    engine = ChatEngine(vlm, EngineOptions())
+    assert engine.stack.decode_kernels and not ref.stack.decode_kernels
+    assert [c.token_ids for c in engine.generate(prompts, samp)] == [
+        c.token_ids for c in ref.generate(prompts, samp)
+    ]
+
+
 def test_rope_triton_decodes_the_tokens_of_the_compiled_rope(tiny_qwen2_vl):
     """rope=triton through the engine (prompt pass and decode graphs): the greedy tokens of
     the compiled rotary, fp32; auto (the default) picks the kernel on CUDA."""

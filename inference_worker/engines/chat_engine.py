@@ -64,7 +64,9 @@ class ChatEngine:
         self.inputs = InputBuilder(self.model, vlm.processor, self.policy, vlm.device, vlm.dtype)
         on_gpu = vlm.device.type == "cuda"
         fuse = _auto(self.options.fuse, on_gpu) == "on"
-        self.stack = TextStack(self.model, compile=fuse, rotary=self.options.rope)
+        self.stack = TextStack(
+            self.model, compile=fuse, rotary=self.options.rope, decode=self.options.decode_attention
+        )
         use_graphs = self.options.decode == "graphs" or (self.options.decode == "auto" and on_gpu)
         if use_graphs and not on_gpu:
             raise ValueError("decode=graphs needs a CUDA device")
@@ -239,24 +241,41 @@ class ChatEngine:
         sw: Optional[Stopwatch] = None,
     ) -> List[Finished]:
         """Prefill checked prompts into free decode slots; their sequences start decoding.
-        Returns those already done after their first token."""
-        import torch
-
+        Returns those already done after their first token. A group whose padding to the
+        prompt pass's buckets would waste more than another pass costs runs in pieces
+        (`PrefillGraphs.pieces`)."""
         sw = sw or Stopwatch()
-        with torch.inference_mode():
-            with sw("preprocess"):
+        out: List[Finished] = []
+        lo = 0
+        for n in self.prefill_pass.pieces(len(prompts), max(p.tokens for p in prompts)):
+            out += self._admit(keys[lo : lo + n], prompts[lo : lo + n], samplings[lo : lo + n], sw)
+            lo += n
+        return out
+
+    def _admit(
+        self, keys: Sequence[Any], prompts: Sequence[ChatPrompt], samplings: Sequence[Sampling], sw: Stopwatch
+    ) -> List[Finished]:
+        import torch
+        from torch.profiler import record_function
+
+        # the profiler's ranges (`vlmq worker --profile-dir`) name what the model thread did
+        with torch.inference_mode(), record_function(f"vlmq.admit[{len(prompts)}]"):
+            with sw("preprocess"), record_function("vlmq.preprocess"):
                 batch = self._build(prompts)
             with sw("prefill"):
-                first, width = self._prefill_into(self.decoder.reserve(Decoder.rows_of(samplings)), batch)
-                return self.decoder.join(
-                    keys, first, samplings, batch.prompt_tokens(), width, batch.next_positions
-                )
+                with record_function("vlmq.prefill"):
+                    first, width = self._prefill_into(self.decoder.reserve(Decoder.rows_of(samplings)), batch)
+                with record_function("vlmq.join"):
+                    return self.decoder.join(
+                        keys, first, samplings, batch.prompt_tokens(), width, batch.next_positions
+                    )
 
     def step(self) -> List[Finished]:
         """One decode step of every running sequence; returns those that finished."""
         import torch
+        from torch.profiler import record_function
 
-        with torch.inference_mode():
+        with torch.inference_mode(), record_function(f"vlmq.step[{self.decoder.running}]"):
             return self.decoder.step()
 
     def abort(self, keys: Sequence[Any]) -> List[Any]:
@@ -336,10 +355,6 @@ class ChatEngine:
             out = self.model(**batch.model_kwargs(), use_cache=True, logits_to_keep=1)
             cache.load_prefix(getattr(out, "cache", None) or out.past_key_values, batch.attention_mask)
             logits = out.logits[:, -1].float()
-        if self.device.type == "cuda":
-            import torch
-
-            torch.cuda.synchronize(self.device)  # stage timings measure the GPU, not the launches
         return logits, width
 
     def _build(self, prompts: Sequence[ChatPrompt]):

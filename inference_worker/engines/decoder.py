@@ -18,7 +18,9 @@ Steps run ahead of the host by one (`step`): step k+1 is launched before the hos
 step k's tokens, which reach it through an asynchronous copy, so the host's per-step
 work (stop checks, grammars, replies, the scheduler) overlaps the GPU's instead of
 leaving it idle between steps. A sequence is found done one step late; the token that
-step gave it is dropped.
+step gave it is dropped. A prompt group's first tokens are read the same way: `join`
+queues their choice and copy, and the next `step` reads them after launching, so the host
+never waits for a prompt pass (and the GPU never waits for the host after one).
 
 Per-row extras, each paid for only by the rows that ask: a grammar (its token mask is
 applied to the step's logits after the forward, before token choice; a row whose grammar
@@ -127,6 +129,7 @@ class Decoder:
         self._groups: Dict[int, List[Optional[Completion]]] = {}  # n > 1: answers so far, by id(key)
         self.ahead = ahead
         self._flight: Optional[_Flight] = None
+        self._joined: List[_Flight] = []  # prompt groups' first tokens not read yet (ahead)
         self._deltas: List[Delta] = []
 
     # ------------------------------------------------------------------ state
@@ -164,7 +167,7 @@ class Decoder:
         `reserve(rows(samplings))` (a left-padded group of `width` columns) start decoding;
         `first_logits` (len(keys), vocab) give their first tokens. A prompt of n > 1 answers
         has its cache row copied into n - 1 more slots. Returns those already finished by
-        their first token."""
+        their first token; with `ahead`, none: the next `step` reads the first tokens."""
         import torch
 
         lo, b = len(self.seqs), len(keys)
@@ -196,6 +199,9 @@ class Decoder:
         self.pos[lo : lo + n] = next_positions
         self.col[lo : lo + n] = width
         self.seqs += new
+        if self.ahead:  # read with the next step's news: the host does not wait for the prompt pass
+            self._joined.append(_Flight(new, *self._send(first, lp)))
+            return []
         self._took(new, first.tolist(), _lists(lp))
         return self._finish(self._check(new))
 
@@ -217,11 +223,14 @@ class Decoder:
         is dropped. A call where some row has no column left for that extra token reads
         first and launches after (`_needs_reading_first`)."""
         flight, self._flight = self._flight, None
+        joined, self._joined = self._joined, []
         out: List[Finished] = []
         if flight is not None and (not self.ahead or self._needs_reading_first(flight)):
             out = self._land(flight, self._read(flight))
             flight = None
         if not self.seqs:
+            for j in joined:  # every row of it was aborted
+                out += self._land(j, self._read(j))
             return out
         n = len(self.seqs)
         span = max(s.col for s in self.seqs) + 1
@@ -230,8 +239,11 @@ class Decoder:
         for s in launched:
             s.col += 1
         done: List[Tuple[Running, str]] = []
+        ahead = {id(s) for s in launched}
         if flight is not None:
-            done = self._take(flight, self._read(flight), ahead={id(s) for s in launched})
+            done = self._take(flight, self._read(flight), ahead)
+        for j in joined:  # first tokens, before any of the step just launched
+            done += self._take(j, self._read(j), ahead)
         # rows that ended at the step just read get no mask (a finished grammar allows nothing)
         gone = {id(s) for s, _ in done}
         toks, lp = self._choose(logits, launched, skip={i for i, s in enumerate(launched) if id(s) in gone})

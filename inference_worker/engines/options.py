@@ -26,6 +26,11 @@ class EngineOptions:
     # triton (triton_kernels.py, CUDA only) or auto (triton where `fuse` is on, on CUDA with
     # Triton installed; torch elsewhere)
     rope: str = tree.setting("auto", choices=("auto", "torch", "triton"))
+    # A decode step's attention: triton = per layer one kernel that rotates q and k and
+    # writes k and v into the cache, and one that attends over each row's allowed columns
+    # (triton_kernels.py, CUDA only); sdpa = the rope kernels, two cache writes and SDPA
+    # under an additive mask; auto = triton where `fuse` is on, on CUDA with Triton
+    decode_attention: str = tree.setting("auto", choices=("auto", "sdpa", "triton"))
     # The prompt pass: stack = the engine's own layer loop (text_stack.py), writing the
     # decode cache directly; hf = transformers' forward; auto = stack where the model
     # allows it (not Qwen3-VL, whose deepstack features enter inside the text layers;
@@ -85,6 +90,7 @@ class EngineOptions:
             vision_graphs="off",
             prefill_graphs="off",
             rope="torch",
+            decode_attention="sdpa",
         )
 
 

@@ -21,7 +21,8 @@ same padded shapes eagerly: what the CPU tests run, and what a graph is compared
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from functools import lru_cache
+from typing import Any, List, Optional, Tuple
 
 from inference_worker.engines.cuda_graphs import Graph, GraphCache
 from inference_worker.engines.decoder import bucket
@@ -112,8 +113,39 @@ class PrefillGraphs:
         cache.mask[:b, :width].copy_(inputs.cache.mask[:b])
         return logits[:b].clone(), width
 
+    def pieces(self, n: int, tokens: int) -> List[int]:
+        """The sizes of the consecutive pieces a group of `n` prompts of up to `tokens` tokens
+        is prefilled in, each its own pass: padding a group to its rows bucket computes the
+        padding rows in full (17 prompts padded to 24 cost 7 prompts' passes), while one more
+        pass costs a read of the weights and its launches, about 1.75 prompts' worth at a
+        2B model's shapes. The split wasting least by that measure: 17 = 16 + 1, 23 = 24."""
+        if self.mode == "off":
+            return [n]
+        return list(_split(n, -(-tokens // self.width_step) * self.width_step, self.max_tokens))
+
     def _stage(self) -> KVCache:
         """The staging cache: `max_tokens` columns of every layer, viewed per bucket."""
         if self._staging is None:
             self._staging = self.stack.new_cache(1, self.max_tokens)
         return self._staging
+
+
+@lru_cache(maxsize=1024)
+def _split(n: int, width: int, max_tokens: int) -> Tuple[int, ...]:
+    def cost(p: int) -> float:
+        rows = bucket(p)
+        if rows * width > max_tokens:  # run eagerly at its own size: the launches cost more
+            return p + 2.0
+        return max(rows, 1.5) + 0.25
+
+    best, last = [0.0] + [float("inf")] * n, [0] * (n + 1)
+    for m in range(1, n + 1):
+        for p in range(1, m + 1):
+            c = best[m - p] + cost(p)
+            if c < best[m]:
+                best[m], last[m] = c, p
+    out: List[int] = []
+    while n:
+        out.append(last[n])
+        n -= last[n]
+    return tuple(sorted(out, reverse=True))

@@ -23,7 +23,7 @@ from inference_worker.engines.kv_cache import KVCache
 
 
 class TextStack:
-    def __init__(self, model: Any, compile: bool = False, rotary: str = "auto") -> None:
+    def __init__(self, model: Any, compile: bool = False, rotary: str = "auto", decode: str = "auto") -> None:
         lm = model.model.language_model
         self.model = model
         self.layers = list(lm.layers)
@@ -38,8 +38,18 @@ class TextStack:
         self.swiglu = getattr(cfg, "hidden_act", "silu") == "silu"
         self.dtype = self.embed.weight.dtype
         self.device = self.embed.weight.device
-        self.k = Kernels(compile, cuda=self.device.type == "cuda", rotary=rotary)
+        self.k = Kernels(compile, cuda=self.device.type == "cuda", rotary=rotary, decode=decode)
         self.fused = [fuse_layer(layer) for layer in self.layers]
+        # decode steps through the Triton rope + cache write and attention kernels: they
+        # take a layer's one q/k/v projection, no per-head norm between it and the rope, and
+        # a head size that is a power of two of at least 16 (a block of the kernel)
+        self.decode_kernels = (
+            self.k.decode_attention is not None
+            and self.head_dim >= 16
+            and self.head_dim & (self.head_dim - 1) == 0
+            and all(f is not None for f in self.fused)
+            and not any(hasattr(layer.self_attn, "q_norm") for layer in self.layers)
+        )
 
     def new_cache(self, batch: int, capacity: int, layers: Optional[int] = None) -> KVCache:
         return KVCache.empty(
@@ -79,11 +89,14 @@ class TextStack:
 
         b = tokens.shape[0]
         cache.mask[rows, cols] = torch.ones_like(cols, dtype=torch.bool)  # no host scalar: capturable
-        allowed = cache.mask[:, None, None, :span]  # (B, 1, 1, span)
         h = self.embed(tokens[:, None])
-        h, pending = self._layers(
-            cache, h, positions[None, :, None].expand(3, b, 1), (rows, cols), allowed, span
-        )
+        if self.decode_kernels:
+            h, pending = self._decode_layers(cache, h, positions, cols, span)
+        else:
+            allowed = cache.mask[:, None, None, :span]  # (B, 1, 1, span)
+            h, pending = self._layers(
+                cache, h, positions[None, :, None].expand(3, b, 1), (rows, cols), allowed, span
+            )
         return self.lm_head(self._final_norm(h, pending))[:, 0].float()
 
     def prefill(self, cache: KVCache, embeds, positions, attention_mask, layers: Optional[int] = None) -> Any:
@@ -124,7 +137,7 @@ class TextStack:
         bias = attention_bias(allowed, self.groups, h.dtype)
         pending = None  # the last sublayer's output, added to h by the next norm
         for i, layer in enumerate(self.layers[:layers]):
-            attn, mlp = layer.self_attn, layer.mlp
+            attn = layer.self_attn
             norm = layer.input_layernorm
             if pending is None:
                 x = k_.rms_norm(h, norm.weight, norm.variance_epsilon)
@@ -155,13 +168,47 @@ class TextStack:
             h, x = k_.add_rms_norm(
                 h, attn.o_proj(o.transpose(1, 2).reshape(b, t, -1)), post.weight, post.variance_epsilon
             )
-            if not self.swiglu:
-                pending = mlp(x)
-            elif fused is not None and fused.gate_up_weight is not None:
-                gate, up = F.linear(x, fused.gate_up_weight).chunk(2, dim=-1)
-                pending = mlp.down_proj(k_.silu_mul(gate, up))
+            pending = self._mlp(layer, fused, x)
+        return h, pending
+
+    def _mlp(self, layer, fused, x) -> Any:
+        import torch.nn.functional as F
+
+        mlp = layer.mlp
+        if not self.swiglu:
+            return mlp(x)
+        if fused is not None and fused.gate_up_weight is not None:
+            gate, up = F.linear(x, fused.gate_up_weight).chunk(2, dim=-1)
+            return mlp.down_proj(self.k.silu_mul(gate, up))
+        return mlp.down_proj(self.k.silu_mul(mlp.gate_proj(x), mlp.up_proj(x)))
+
+    def _decode_layers(self, cache: KVCache, h, positions, cols, span: int):
+        """`_layers` for one token per row (decode) on the Triton kernels: per layer the
+        q/k/v projection, one kernel that rotates q and k and writes k and v to column
+        cols[r] of row r, and one that attends over each row's first `span` columns its
+        mask allows."""
+        import torch.nn.functional as F
+
+        k_ = self.k
+        b = h.shape[0]
+        cos, sin = self.rotary(h, positions[None, :, None].expand(3, b, 1))
+        cos = cos.expand(b, 1, self.head_dim).reshape(b, self.head_dim).contiguous()
+        sin = sin.expand(b, 1, self.head_dim).reshape(b, self.head_dim).contiguous()
+        heads = self.kv_heads * self.groups
+        pending = None
+        for i, layer in enumerate(self.layers):
+            attn, norm, fused = layer.self_attn, layer.input_layernorm, self.fused[i]
+            if pending is None:
+                x = k_.rms_norm(h, norm.weight, norm.variance_epsilon)
             else:
-                pending = mlp.down_proj(k_.silu_mul(mlp.gate_proj(x), mlp.up_proj(x)))
+                h, x = k_.add_rms_norm(h, pending, norm.weight, norm.variance_epsilon)
+            qkv = F.linear(x, fused.qkv_weight, fused.qkv_bias)
+            keys, values = cache.keys[i], cache.values[i]
+            q = k_.decode_rope_write(qkv, cos, sin, keys, values, cols, heads)
+            o = k_.decode_attention(q, keys, values, cache.mask, span, attn.scaling)
+            post = layer.post_attention_layernorm
+            h, x = k_.add_rms_norm(h, attn.o_proj(o.view(b, 1, -1)), post.weight, post.variance_epsilon)
+            pending = self._mlp(layer, fused, x)
         return h, pending
 
 

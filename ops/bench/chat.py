@@ -338,8 +338,9 @@ def _sessions(url, prefix, first, count, text, size, lengths, t_end, queue) -> N
 
     broker = BrokerSettings(url=url, prefix=prefix)
     frame = frames(1, size)[0]
-    # (answered at, latency, completion tokens, decode rows, the worker's queue + model ms)
-    done: List[Tuple[float, float, int, int, float]] = []
+    # (answered at, latency, completion tokens, decode rows, the worker's queue + model ms,
+    # its queue ms, its prompt pass's ms)
+    done: List[Tuple[float, float, int, int, float, float, float]] = []
 
     async def session(i: int) -> None:
         pick = random.Random(i)
@@ -358,9 +359,18 @@ def _sessions(url, prefix, first, count, text, size, lengths, t_end, queue) -> N
                 )
                 t0 = time.time()
                 reply = await client.request(req, timeout=300)
-                inside = reply.timings.get("queue_ms", 0.0) + reply.timings.get("model_ms", 0.0)
+                t = reply.timings
+                inside = t.get("queue_ms", 0.0) + t.get("model_ms", 0.0)
                 done.append(
-                    (time.time(), time.time() - t0, reply.result.completion_tokens, reply.batch_size, inside)
+                    (
+                        time.time(),
+                        time.time() - t0,
+                        reply.result.completion_tokens,
+                        reply.batch_size,
+                        inside,
+                        t.get("queue_ms", 0.0),
+                        t.get("prefill", 0.0),
+                    )
                 )
                 step += 1
 
@@ -439,6 +449,9 @@ def served(
                 # the client's wait outside the worker's queue and model: Redis both ways, the
                 # worker's reading, preparing and replying, the agent process
                 "outside_ms_p50": statistics.median(d[1] * 1000.0 - d[4] for d in window) if window else 0.0,
+                # waiting to be admitted, and the prompt pass of its group (the worker's timings)
+                "queue_ms_p50": statistics.median(d[5] for d in window) if window else 0.0,
+                "prefill_ms_p50": statistics.median(d[6] for d in window) if window else 0.0,
                 "gpu_memory_mib": mib,
                 "gpu_utilization": util.mean(lo, hi),  # type: ignore[dict-item]
                 "card": card,  # type: ignore[dict-item]
