@@ -21,7 +21,12 @@ launch sizes, so these simple kernels vectorise:
   bandwidth;
 - the Qwen2-VL vision MLP's first product with QuickGELU in its epilogue
   (`linear_quick_gelu`, Hopper, half precision): 1.22 against 1.29 ms for cuBLAS and the
-  QuickGELU kernel at a 64-frame batch's 50,176 rows on an H100.
+  QuickGELU kernel at a 64-frame batch's 50,176 rows on an H100;
+- a decode step's attention inputs and attention (engine option `decode_attention`):
+  `decode_rope_write` rotates q and k straight from the q/k/v projection and writes k and
+  v into each row's cache column (the rope kernels, two expanded cos/sin copies and two
+  indexed writes before, ~6 kernels a layer), and `decode_attention` attends each row's
+  one query per head over its cache columns, one program per (row, KV head).
 Each one computes in float32 and rounds once to the input dtype, like the compiled
 functions it replaces (transformers' eager ops round after every step). Where Triton is
 missing (the CPU machines), `available()` is False and callers keep their other path.
