@@ -436,7 +436,7 @@ def test_decode_kernels_match_the_reference_ops(dtype):
 
 def test_decode_kernels_decode_the_tokens_of_sdpa(tiny_qwen2_vl):
     """decode_attention=triton through the engine (decode graphs): the greedy tokens of the
-    SDPA step, fp32, joining mid-decode included; auto (the default) picks the kernels on CUDA."""
+    SDPA step (the default), fp32."""
     from inference_worker.engines.chat_engine import ChatEngine
     from inference_worker.engines.options import EngineOptions
     from inference_worker.engines.sampling import Sampling
@@ -444,8 +444,8 @@ def test_decode_kernels_decode_the_tokens_of_sdpa(tiny_qwen2_vl):
 
     vlm = load_vlm(tiny_qwen2_vl, device="cuda", dtype="float32")
     prompts, samp = _prompts(), [Sampling(max_tokens=10)] * 6
-    ref = ChatEngine(vlm, EngineOptions(decode_attention="sdpa"))
-    engine = ChatEngine(vlm, EngineOptions())
+    ref = ChatEngine(vlm, EngineOptions())
+    engine = ChatEngine(vlm, EngineOptions(decode_attention="triton"))
     assert engine.stack.decode_kernels and not ref.stack.decode_kernels
     assert [c.token_ids for c in engine.generate(prompts, samp)] == [
         c.token_ids for c in ref.generate(prompts, samp)

@@ -71,12 +71,11 @@ class Kernels:
     """The functions above, compiled or not; SwiGLU and the rotary embedding as Triton
     kernels where they can be (triton_kernels.py: the compiled ones run at ~1.6 TB/s and a
     tenth of the bandwidth on the prompt pass): `rotary` auto (Triton when compiling on
-    CUDA with Triton), torch or triton (CUDA and Triton only). `decode`: a decode step's
-    rope + cache write and its attention as Triton kernels (`decode_rope_write`,
-    `decode_attention`; None where they are not used): auto (when compiling on CUDA with
-    Triton), sdpa (none) or triton."""
+    CUDA with Triton), torch or triton (CUDA and Triton only). `decode`: triton for a decode
+    step's rope + cache write and its attention as Triton kernels (`decode_rope_write`,
+    `decode_attention`; None where they are not used, `sdpa`)."""
 
-    def __init__(self, compile: bool, cuda: bool = False, rotary: str = "auto", decode: str = "auto") -> None:
+    def __init__(self, compile: bool, cuda: bool = False, rotary: str = "auto", decode: str = "sdpa") -> None:
         from inference_worker.engines import triton_kernels
 
         on_triton = cuda and triton_kernels.available()
@@ -90,8 +89,6 @@ class Kernels:
             self.rope = triton_kernels.rope
         else:
             self.rope = _maybe_compiled(rope, compile)
-        if decode == "auto":
-            decode = "triton" if compile and on_triton else "sdpa"
         if decode == "triton" and not on_triton:
             raise ValueError("decode_attention=triton needs a CUDA device and Triton")
         self.decode_rope_write = triton_kernels.decode_rope_write if decode == "triton" else None
