@@ -126,3 +126,23 @@ def test_rows_that_reach_the_end_of_their_slot(tiny_qwen2_vl):
     assert [c.finish_reason for c in small[True]] == ["length", "length"]
     # the prompt fills columns [0, tokens), each step's token one more; the last one is never fed
     assert len(small[True][0].token_ids) == 64 - p.tokens + 1
+
+
+def test_a_group_aborted_before_its_first_tokens_are_read(engines):
+    """With ahead, admit queues a group's first tokens without reading them. A row aborted
+    before any step leaves at once (no answer, its slot freed); its group-mate decodes the
+    tokens it gets alone; a group aborted whole leaves the pool empty and the next step
+    drops what was queued."""
+    ahead, first = engines
+    keys = [object(), object()]
+    assert ahead.admit(keys, prompts()[:2], [Sampling(max_tokens=6)] * 2) == []
+    assert ahead.abort([keys[0]]) == [keys[0]] and ahead.running == 1
+    got = {}
+    while ahead.running:
+        got.update({id(k): c for k, c in ahead.step()})
+    assert list(got) == [id(keys[1])]
+    want = first.generate(prompts()[1:2], [Sampling(max_tokens=6)])[0]
+    assert got[id(keys[1])].token_ids == want.token_ids
+    ahead.admit(keys, prompts()[:2], [Sampling(max_tokens=6)] * 2)
+    assert sorted(map(id, ahead.abort(keys))) == sorted(map(id, keys)) and ahead.running == 0
+    assert ahead.step() == [] and ahead.decoder._joined == [] and ahead.free_slots == ahead.decoder.slots

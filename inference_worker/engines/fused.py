@@ -71,9 +71,9 @@ class Kernels:
     """The functions above, compiled or not; SwiGLU and the rotary embedding as Triton
     kernels where they can be (triton_kernels.py: the compiled ones run at ~1.6 TB/s and a
     tenth of the bandwidth on the prompt pass): `rotary` auto (Triton when compiling on
-    CUDA with Triton), torch or triton (CUDA and Triton only). `decode`: triton for a decode
-    step's rope + cache write and its attention as Triton kernels (`decode_rope_write`,
-    `decode_attention`; None where they are not used, `sdpa`)."""
+    CUDA with Triton), torch or triton (CUDA and Triton only). `decode`: sdpa (decode steps
+    use the ops above and SDPA; `decode_rope_write` and `decode_attention` are None) or
+    triton (those two Triton kernels; CUDA and Triton only)."""
 
     def __init__(self, compile: bool, cuda: bool = False, rotary: str = "auto", decode: str = "sdpa") -> None:
         from inference_worker.engines import triton_kernels

@@ -115,10 +115,13 @@ class PrefillGraphs:
 
     def pieces(self, n: int, tokens: int) -> List[int]:
         """The sizes of the consecutive pieces a group of `n` prompts of up to `tokens` tokens
-        is prefilled in, each its own pass: padding a group to its rows bucket computes the
-        padding rows in full (17 prompts padded to 24 cost 7 prompts' passes), while one more
-        pass costs a read of the weights and its launches, about 1.75 prompts' worth at a
-        2B model's shapes. The split wasting least by that measure: 17 = 16 + 1, 23 = 24."""
+        is prefilled in, each its own pass (the vision tower's frames are bucketed the same
+        way, vision_graphs.py). Padding a group to its rows bucket computes the padding rows
+        in full (17 prompts padded to 24 cost 7 prompts more); a pass costs its rows, at
+        least 1.5 prompts' worth (a small pass is bound by reading the weights: a 2B model's
+        3 GB against ~0.7 ms of arithmetic a prompt), plus 0.25 for its launches. The split
+        cheapest by that measure: 17 = 16 + 1, 5 = 4 + 1, 23 stays 24 rows. Estimates from
+        an H100 profile (docs/BENCHMARKS.md), not measured split against padded yet."""
         if self.mode == "off":
             return [n]
         return list(_split(n, -(-tokens // self.width_step) * self.width_step, self.max_tokens))
