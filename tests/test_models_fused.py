@@ -38,7 +38,7 @@ def test_more_variants_than_torchs_default_limit_stay_compiled(caplog):
 def test_triton_kernels_match_the_reference_in_tritons_interpreter():
     """Run by Triton's CPU interpreter: rope=triton gives fused.rope's result (computed in
     float32, rounded once) for GQA q/k views of one q/k/v projection, with sizes that are
-    not multiples of its block; the vision blocks' add + LayerNorm gives
+    not multiples of its block, and so does the vision rotary; the vision blocks' add + LayerNorm gives
     fused.add_layer_norm's sum and norm at a width that is not a power of two; the fused
     fc1 + QuickGELU product, over row counts that do and do not fill its tiles, gives the
     product then the activation; a decode step's rope + cache write and its attention give
@@ -75,6 +75,16 @@ for b, t in ((1, 1), (3, 37)):
     for x, y in zip(got, want):
         assert x.shape == y.shape and x.is_contiguous(), (x.shape, y.shape)
         assert torch.allclose(x, y, atol=1e-5, rtol=1e-5), (x - y).abs().max()
+# the vision rotary on strided q/k views of one qkv projection: transformers' formula
+for rows in (1, 37):
+    qkv = torch.randn(rows, 3, 4, 16, generator=g)
+    q, k, _ = qkv.permute(1, 0, 2, 3).unbind(0)
+    angles = torch.randn(rows, 8, generator=g)
+    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+    for got, x in zip(tk.rotary_vision(q, k, cos, sin), (q, k)):
+        half = torch.cat((-x[..., 8:], x[..., :8]), -1)
+        want = x * cos.unsqueeze(-2) + half * sin.unsqueeze(-2)
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()
 # a decode step's rope + cache write, then its attention, against fused.rope, indexed
 # writes and grouped_attention under attention_bias (rows with masked columns, spans that
 # are not a multiple of the kernel's block)

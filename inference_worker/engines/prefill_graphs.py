@@ -90,7 +90,7 @@ class PrefillGraphs:
         """The prompts' keys and values into rows [0, B) of `cache`, as `TextStack.prefill`;
         returns (the logits of each last token, the column their decoding starts at)."""
         b, t = attention_mask.shape
-        width = -(-t // self.width_step) * self.width_step
+        width = self._width(t)
         rows = bucket(b) if bucket(b) * width <= self.max_tokens else b
         if self.mode == "off" or rows * width > self.max_tokens or 2 * width > cache.capacity:
             return self.stack.prefill(cache, embeds, positions, attention_mask), t
@@ -124,7 +124,11 @@ class PrefillGraphs:
         an H100 profile (docs/BENCHMARKS.md), not measured split against padded yet."""
         if self.mode == "off":
             return [n]
-        return list(_split(n, -(-tokens // self.width_step) * self.width_step, self.max_tokens))
+        return list(_split(n, self._width(tokens), self.max_tokens))
+
+    def _width(self, tokens: int) -> int:
+        """A group's padded width: its longest prompt rounded up to the width step."""
+        return -(-tokens // self.width_step) * self.width_step
 
     def _stage(self) -> KVCache:
         """The staging cache: `max_tokens` columns of every layer, viewed per bucket."""

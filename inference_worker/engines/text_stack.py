@@ -139,11 +139,7 @@ class TextStack:
         pending = None  # the last sublayer's output, added to h by the next norm
         for i, layer in enumerate(self.layers[:layers]):
             attn = layer.self_attn
-            norm = layer.input_layernorm
-            if pending is None:
-                x = k_.rms_norm(h, norm.weight, norm.variance_epsilon)
-            else:
-                h, x = k_.add_rms_norm(h, pending, norm.weight, norm.variance_epsilon)
+            h, x = self._input_norm(h, pending, layer.input_layernorm)
             fused = self.fused[i]
             if fused is not None:
                 q, k, v = F.linear(x, fused.qkv_weight, fused.qkv_bias).split(fused.qkv_sizes, dim=-1)
@@ -172,6 +168,13 @@ class TextStack:
             pending = self._mlp(layer, fused, x)
         return h, pending
 
+    def _input_norm(self, h, pending, norm):
+        """(h, the layer's normed input): the previous sublayer's output `pending` is added
+        to h in the same kernel as the norm (none before the first layer)."""
+        if pending is None:
+            return h, self.k.rms_norm(h, norm.weight, norm.variance_epsilon)
+        return self.k.add_rms_norm(h, pending, norm.weight, norm.variance_epsilon)
+
     def _mlp(self, layer, fused, x) -> Any:
         import torch.nn.functional as F
 
@@ -198,11 +201,8 @@ class TextStack:
         heads = self.kv_heads * self.groups
         pending = None
         for i, layer in enumerate(self.layers):
-            attn, norm, fused = layer.self_attn, layer.input_layernorm, self.fused[i]
-            if pending is None:
-                x = k_.rms_norm(h, norm.weight, norm.variance_epsilon)
-            else:
-                h, x = k_.add_rms_norm(h, pending, norm.weight, norm.variance_epsilon)
+            attn, fused = layer.self_attn, self.fused[i]
+            h, x = self._input_norm(h, pending, layer.input_layernorm)
             qkv = F.linear(x, fused.qkv_weight, fused.qkv_bias)
             keys, values = cache.keys[i], cache.values[i]
             q = k_.decode_rope_write(qkv, cos, sin, keys, values, cols, heads)

@@ -73,6 +73,14 @@ if triton is not None:
         tl.store(y_ptr + offs, (g * tl.sigmoid(g) * u).to(y_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
+    def _rotate_half(d, D: tl.constexpr):
+        # rotate_half(x)[d] = sign[d] * x[partner[d]]: the rotary embedding's pairing of the
+        # two halves of a head
+        half: tl.constexpr = D // 2
+        first = d < half
+        return tl.where(first, d + half, d - half), tl.where(first, -1.0, 1.0)
+
+    @triton.jit
     def _rotary_qk(
         q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, n,
         q_row, q_head, k_row, k_head,
@@ -83,10 +91,7 @@ if triton is not None:
         s = offs // (H * D)
         h = (offs // D) % H
         d = offs % D
-        half: tl.constexpr = D // 2
-        first = d < half
-        partner = tl.where(first, d + half, d - half)
-        sign = tl.where(first, -1.0, 1.0)
+        partner, sign = _rotate_half(d, D)
         cos = tl.load(cos_ptr + s * D + d, mask=m)
         sin = tl.load(sin_ptr + s * D + d, mask=m) * sign
         q = tl.load(q_ptr + s * q_row + h * q_head + d, mask=m).to(tl.float32)
@@ -107,10 +112,7 @@ if triton is not None:
         t = (offs // D) % T
         h = (offs // (D * T)) % H
         b = offs // (D * T * H)
-        half: tl.constexpr = D // 2
-        first = d < half
-        partner = tl.where(first, d + half, d - half)
-        sign = tl.where(first, -1.0, 1.0)
+        partner, sign = _rotate_half(d, D)
         cs = (b * T + t) * D + d
         cos = tl.load(cos_ptr + cs, mask=m).to(tl.float32)
         sin = tl.load(sin_ptr + cs, mask=m).to(tl.float32) * sign
@@ -130,14 +132,13 @@ if triton is not None:
         b = tl.program_id(0).to(tl.int64)
         j = tl.program_id(1)
         d = tl.arange(0, D)
-        half: tl.constexpr = D // 2
-        partner = tl.where(d < half, d + half, d - half)
+        partner, sign = _rotate_half(d, D)
         src = qkv_ptr + b * qkv_b + j * D
         x = tl.load(src + d).to(tl.float32)
         col = tl.load(col_ptr + b)
         if j < H + KV:
             cos = tl.load(cos_ptr + b * D + d).to(tl.float32)
-            sin = tl.load(sin_ptr + b * D + d).to(tl.float32) * tl.where(d < half, -1.0, 1.0)
+            sin = tl.load(sin_ptr + b * D + d).to(tl.float32) * sign
             y = x * cos + tl.load(src + partner).to(tl.float32) * sin
             if j < H:
                 tl.store(q_ptr + b * q_b + j * q_h + d, y.to(q_ptr.dtype.element_ty))
@@ -384,14 +385,16 @@ def linear_quick_gelu(x: Any, weight: Any, bias: Any) -> Any:
         and x.dtype in (torch.bfloat16, torch.float16)
         and weight.dtype == x.dtype
         and bias is not None
-        and torch.cuda.get_device_capability(x.device)[0] >= 9
+        and _properties(x.device.index or 0).major >= 9
         and M >= BM and N >= BN and K >= BK and K % 8 == 0 and N % 8 == 0
         and x.stride(1) == 1 and x.stride(0) % 8 == 0 and weight.is_contiguous()
     ):  # fmt: skip
         return quick_gelu(F.linear(x, weight, bias)).view(*shape[:-1], N)
     desc = _descriptors()
     y = x.new_empty((M, N))
-    programs = min(_sm_count(x.device.index or 0), triton.cdiv(M, BM) * triton.cdiv(N, BN))
+    programs = min(
+        _properties(x.device.index or 0).multi_processor_count, triton.cdiv(M, BM) * triton.cdiv(N, BN)
+    )
     _linear_quick_gelu[(programs,)](
         desc.from_tensor(x, [BM, BK]),
         desc.from_tensor(weight, [BN, BK]),
@@ -422,7 +425,8 @@ def _descriptors() -> Any:
 
 
 @lru_cache(maxsize=8)
-def _sm_count(device: int) -> int:
+def _properties(device: int) -> Any:
+    """The CUDA device's properties (compute capability, SM count), asked once."""
     import torch
 
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return torch.cuda.get_device_properties(device)
