@@ -361,19 +361,27 @@ def test_vision_graphs_replay_the_padded_pass(tiny_qwen2_vl):
         assert ours.shape == ref.shape
         assert torch.allclose(ours, ref, atol=1e-4, rtol=1e-4)
     assert graphs.vision_pass.captured == 1
-    prompts = [user_prompt(f, "next action?") for f in frames[:3]] + _prompts()
+    # four prompts are one prefill piece (PrefillGraphs.pieces; three would run as 2 + 1)
+    prompts = [user_prompt(f, "next action?") for f in frames] + _prompts()
     samp = [Sampling(max_tokens=8)] * len(prompts)
-    got = [c.token_ids for c in graphs.generate(prompts[:3], samp[:3])]
-    assert got == [c.token_ids for c in eager.generate(prompts[:3], samp[:3])]
-    mixed = graphs.generate(prompts[3:], samp[3:])  # several sizes: the eager tower
-    assert [c.token_ids for c in mixed] == [c.token_ids for c in eager.generate(prompts[3:], samp[3:])]
+    got = [c.token_ids for c in graphs.generate(prompts[:4], samp[:4])]
+    assert got == [c.token_ids for c in eager.generate(prompts[:4], samp[:4])]
     assert graphs.vision_pass.captured == 1
+    mixed = graphs.generate(prompts[4:], samp[4:])
+    assert [c.token_ids for c in mixed] == [c.token_ids for c in eager.generate(prompts[4:], samp[4:])]
+    batch = graphs.inputs.build(_prompts()[:3])  # several sizes: the eager tower
+    captured = graphs.vision_pass.captured
+    with torch.inference_mode():
+        ours = graphs.vision_pass(batch.pixel_values, batch.grids, batch.image_grid_thw)
+        ref = eager.vision_pass(batch.pixel_values, batch.grids, batch.image_grid_thw)
+    assert torch.equal(ours, ref)
+    assert graphs.vision_pass.captured == captured
 
 
 def test_prefill_graphs_replay_the_padded_pass(tiny_qwen2_vl):
     """prefill_graphs=on: a group's text layers replay the graph of its (rows, width) bucket
-    and give the greedy tokens of the eager unpadded pass, groups of 3 and 4 prompts of one
-    width sharing a graph; decoding continues from the bucket's width."""
+    and give the greedy tokens of the eager unpadded pass, pieces of one shape sharing a
+    graph; decoding continues from the bucket's width."""
     from inference_worker.engines.chat_engine import ChatEngine
     from inference_worker.engines.options import EngineOptions
     from inference_worker.engines.sampling import Sampling
@@ -385,10 +393,14 @@ def test_prefill_graphs_replay_the_padded_pass(tiny_qwen2_vl):
     prompts = _prompts()
     same = [prompts[0]] * 4
     samp = [Sampling(max_tokens=8)] * 6
-    for group in (same[:3], same, prompts):
+    assert graphs.prefill_pass.pieces(3, 1) == [2, 1]
+    for group in (same[:2], same, same[:3]):
         want = [c.token_ids for c in eager.generate(group, samp[: len(group)])]
         assert [c.token_ids for c in graphs.generate(group, samp[: len(group)])] == want
-    assert graphs.prefill_pass.captured == 2  # (4 rows, w) for 3 and 4 prompts; (8 rows, w') for 6
+    # (2, w) and (4, w); three prompts run as 2 + 1, the 2 replaying the first graph
+    assert graphs.prefill_pass.captured == 3
+    want = [c.token_ids for c in eager.generate(prompts, samp)]
+    assert [c.token_ids for c in graphs.generate(prompts, samp)] == want
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -72,10 +72,10 @@ class Kernels:
     kernels where they can be (triton_kernels.py: the compiled ones run at ~1.6 TB/s and a
     tenth of the bandwidth on the prompt pass): `rotary` auto (Triton when compiling on
     CUDA with Triton), torch or triton (CUDA and Triton only). `decode`: sdpa (decode steps
-    use the ops above and SDPA; `decode_rope_write` and `decode_attention` are None) or
-    triton (those two Triton kernels; CUDA and Triton only)."""
+    use the ops above and SDPA; `decode_rope_write` and `decode_attention` are None),
+    triton (those two Triton kernels; CUDA and Triton only) or auto (as `rotary`)."""
 
-    def __init__(self, compile: bool, cuda: bool = False, rotary: str = "auto", decode: str = "sdpa") -> None:
+    def __init__(self, compile: bool, cuda: bool = False, rotary: str = "auto", decode: str = "auto") -> None:
         from inference_worker.engines import triton_kernels
 
         on_triton = cuda and triton_kernels.available()
@@ -89,6 +89,8 @@ class Kernels:
             self.rope = triton_kernels.rope
         else:
             self.rope = _maybe_compiled(rope, compile)
+        if decode == "auto":
+            decode = "triton" if compile and on_triton else "sdpa"
         if decode == "triton" and not on_triton:
             raise ValueError("decode_attention=triton needs a CUDA device and Triton")
         self.decode_rope_write = triton_kernels.decode_rope_write if decode == "triton" else None

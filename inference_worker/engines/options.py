@@ -28,9 +28,9 @@ class EngineOptions:
     rope: str = tree.setting("auto", choices=("auto", "torch", "triton"))
     # A decode step's attention: triton = per layer one kernel that rotates q and k and
     # writes k and v into the cache, and one that attends over each row's allowed columns
-    # (triton_kernels.py, CUDA only; checked in Triton's interpreter, not yet measured on a
-    # GPU); sdpa = the rope kernels, two cache writes and SDPA under an additive mask
-    decode_attention: str = tree.setting("sdpa", choices=("sdpa", "triton"))
+    # (triton_kernels.py, CUDA only); sdpa = the rope kernels, two cache writes and SDPA
+    # under an additive mask; auto = triton where `fuse` is on, on CUDA with Triton
+    decode_attention: str = tree.setting("auto", choices=("auto", "sdpa", "triton"))
     # The prompt pass: stack = the engine's own layer loop (text_stack.py), writing the
     # decode cache directly; hf = transformers' forward; auto = stack where the model
     # allows it (not Qwen3-VL, whose deepstack features enter inside the text layers;
