@@ -375,6 +375,8 @@ def test_vision_graphs_need_a_gpu(tiny_qwen2_vl):
         ChatEngine(load_vlm(tiny_qwen2_vl), EngineOptions(prefill_graphs="on"))
     with pytest.raises(ValueError, match="decode_attention=triton needs a CUDA device"):
         ChatEngine(load_vlm(tiny_qwen2_vl), EngineOptions(decode_attention="triton"))
+    # auto (the default) is SDPA where the Triton kernels can't run
+    assert not ChatEngine(load_vlm(tiny_qwen2_vl), EngineOptions(fuse="on")).stack.decode_kernels
 
 
 def test_fused_projections_are_slices_of_one_weight(engine, pristine):
