@@ -13,6 +13,7 @@ bound of what the GPU could keep.
 
 from __future__ import annotations
 
+import bisect
 import gzip
 import json
 import logging
@@ -61,6 +62,96 @@ def top(title: str, trace: dict, categories: Sequence[str], rows: int = 30) -> s
     lines = [f"{title}: total ms, calls, name"]
     for name in sorted(total, key=total.get, reverse=True)[:rows]:  # type: ignore[arg-type]
         lines.append(f"{total[name] / 1000.0:10.2f} {count[name]:7d}  {name[:100]}")
+    return "\n".join(lines)
+
+
+# the ranges the chat engine names what its thread does by (chat_engine.py `record_function`)
+RANGE_PREFIX = "vlmq."
+
+
+def _segments(ranges: Iterable[Tuple[float, float, str]]) -> List[Tuple[float, float, str]]:
+    """One thread's properly nested (start, end, name) ranges as consecutive (start, end,
+    innermost name) segments, in time order; time outside every range has no segment."""
+    segs: List[Tuple[float, float, str]] = []
+    stack: List[Tuple[float, float, str]] = []
+    cur = float("-inf")
+
+    def close_until(t: float) -> None:
+        nonlocal cur
+        while stack and stack[-1][1] <= t:
+            end, name = stack[-1][1], stack[-1][2]
+            if end > cur:
+                segs.append((cur, end, name))
+            cur = max(cur, end)
+            stack.pop()
+
+    for start, end, name in sorted(ranges, key=lambda r: (r[0], -r[1])):
+        close_until(start)
+        if stack and start > cur:
+            segs.append((cur, start, stack[-1][2]))
+        cur = start
+        stack.append((start, end, name))
+    close_until(float("inf"))
+    return segs
+
+
+def _label(segs: List[Tuple[float, float, str]], starts: List[float], t: float) -> str:
+    i = bisect.bisect_right(starts, t) - 1
+    return segs[i][2] if i >= 0 and segs[i][0] <= t < segs[i][1] else "(outside the ranges)"
+
+
+def by_range(trace: dict) -> str:
+    """The model thread's time by the innermost `vlmq.*` range it was in (the size in a
+    name's brackets dropped), with the GPU time of the kernels and copies launched there
+    and the GPU's idle time while the thread was there: which part of a step the GPU
+    runs, and what the host was doing while the GPU waited. Empty without such ranges."""
+    events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
+    ranges: Dict[Any, List[Tuple[float, float, str]]] = {}
+    for e in events:
+        name = str(e.get("name", ""))
+        if e.get("cat") == "user_annotation" and name.startswith(RANGE_PREFIX):
+            ts = float(e["ts"])
+            ranges.setdefault(e.get("tid"), []).append(
+                (ts, ts + float(e.get("dur", 0.0)), name.split("[")[0])
+            )
+    if not ranges:
+        return ""
+    thread = max(ranges, key=lambda t: len(ranges[t]))  # the model thread
+    segs = _segments(ranges[thread])
+    starts = [s[0] for s in segs]
+    host: Dict[str, float] = {}
+    for start, end, name in segs:
+        host[name] = host.get(name, 0.0) + end - start
+    launches = {
+        e["args"]["correlation"]: float(e["ts"])
+        for e in events
+        if e.get("cat") in ("cuda_runtime", "cuda_driver")
+        and e.get("tid") == thread
+        and "correlation" in e.get("args", {})
+    }
+    gpu_ms: Dict[str, float] = {}
+    intervals = []
+    for e in events:
+        if e.get("cat") not in GPU_CATEGORIES:
+            continue
+        start, dur = float(e["ts"]), float(e.get("dur", 0.0))
+        intervals.append((start, start + dur))
+        at = launches.get(e.get("args", {}).get("correlation"))
+        name = _label(segs, starts, at) if at is not None else "(launched elsewhere)"
+        gpu_ms[name] = gpu_ms.get(name, 0.0) + dur
+    idle: Dict[str, float] = {}
+    end = None
+    for start, stop in sorted(intervals):
+        if end is not None and start > end:
+            name = _label(segs, starts, (start + end) / 2)
+            idle[name] = idle.get(name, 0.0) + start - end
+        end = stop if end is None else max(end, stop)
+    lines = ["The model thread by vlmq range: host ms, GPU ms launched there, GPU idle ms while there, name"]
+    for name in sorted(set(host) | set(gpu_ms) | set(idle), key=lambda n: -host.get(n, 0.0)):
+        lines.append(
+            f"{host.get(name, 0.0) / 1000.0:10.2f} {gpu_ms.get(name, 0.0) / 1000.0:10.2f}"
+            f" {idle.get(name, 0.0) / 1000.0:10.2f}  {name}"
+        )
     return "\n".join(lines)
 
 
@@ -147,7 +238,7 @@ class StepProfiler:
                 if gpu
                 else "no GPU activity was recorded (the profiler could not trace the GPU)"
             )
-        tables = [top("CPU operators", trace, ("cpu_op",))]
+        tables = [t for t in (by_range(trace), top("CPU operators", trace, ("cpu_op",))) if t]
         if self.cuda:
             tables.insert(0, top("GPU kernels and copies", trace, GPU_CATEGORIES))
         with open(base + ".summary.txt", "w") as f:

@@ -59,6 +59,49 @@ def test_the_summary_lists_the_longest_events_first():
     assert len(lines) == 3  # the CPU operator is not a kernel
 
 
+def test_gpu_time_and_idle_go_to_the_range_the_model_thread_was_in():
+    from inference_worker.profiling import by_range
+
+    def rng(name, ts, dur, tid=1):
+        return {"ph": "X", "cat": "user_annotation", "name": name, "ts": ts, "dur": dur, "tid": tid}
+
+    def launch(ts, corr, tid=1):
+        return {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": ts, "dur": 2, "tid": tid,
+                "args": {"correlation": corr}}  # fmt: skip
+
+    def kernel(ts, dur, corr):
+        return {"ph": "X", "cat": "kernel", "name": "k", "ts": ts, "dur": dur, "args": {"correlation": corr}}
+
+    trace = {
+        "traceEvents": [
+            rng("vlmq.step[64]", 0, 1000),
+            rng("vlmq.admit[3]", 1000, 3000),
+            rng("vlmq.preprocess", 1100, 900),
+            rng("vlmq.prefill", 2000, 1500),
+            rng("vlmq.step[67]", 4500, 1000),  # 500 us outside every range before it
+            rng("vlmq.other", 0, 50, tid=2),  # another thread's range
+            launch(100, 1),
+            launch(1200, 2),
+            launch(2100, 3),
+            launch(4600, 4),
+            kernel(200, 700, 1),  # the step's
+            kernel(1300, 300, 2),  # the vision tower's, launched in preprocess
+            kernel(2200, 2000, 3),  # the text layers'
+            kernel(4700, 500, 4),
+        ]
+    }
+    rows = {
+        line.split()[-1]: [float(x) for x in line.split()[:3]] for line in by_range(trace).splitlines()[1:]
+    }
+    assert rows["vlmq.step"] == [2.0, 1.2, 0.0]
+    assert rows["vlmq.preprocess"] == [0.9, 0.3, 1.0]  # idle 900-1300 and 1600-2200
+    assert rows["vlmq.prefill"] == [1.5, 2.0, 0.0]
+    assert rows["vlmq.admit"] == [0.6, 0.0, 0.0]  # admit's own time, outside its inner ranges
+    assert rows["ranges)"] == [0.0, 0.0, 0.5]  # 4200-4700: the host outside the ranges
+    assert "vlmq.other" not in rows
+    assert by_range({"traceEvents": [kernel(0, 5, 1)]}) == ""
+
+
 def test_the_window_counts_the_steps_that_ran(tmp_path):
     import torch
 
@@ -116,8 +159,9 @@ def test_a_worker_traces_the_steps_it_was_asked_for(settings, tiny_qwen2_vl, tmp
     trace_file = next(f for f in files if f.endswith(".trace.json.gz"))
     with gzip.open(out / trace_file, "rt") as f:
         names = {e.get("name", "") for e in json.load(f)["traceEvents"]}
-    # the model's own operators are in the window
+    # the model's own operators are in the window, and the engine's ranges in the summary
     assert any(n.startswith("aten::") for n in names)
+    assert "vlmq.step" in (out / summary).read_text()
 
 
 def test_a_window_of_no_steps_is_refused_at_start():
