@@ -111,6 +111,7 @@ class EngineCore:
     def add_request(self, item: Item) -> Optional[Item]:
         """Queue a request (stepped kinds: prepared); returns an older request of its session
         that it supersedes (latest_only), to be answered `superseded`."""
+        item.queued_at = time.time()  # type: ignore[attr-defined]
         with self._lock:
             old = self.scheduler.add(item)
         self.wake()
@@ -203,7 +204,7 @@ class EngineCore:
         out = []
         for item, result in zip(batch.items, output.results):
             timings = dict(output.timings)
-            timings["queue_ms"] = (started - item.delivery.received_at) * 1000.0
+            timings.update(_queue_timings(item, started))
             out.append(Output(item, result, timings, len(batch.items)))
         return out
 
@@ -277,7 +278,7 @@ class EngineCore:
         now = time.time()
         admitted = getattr(item, "admitted_at", now)
         timings = dict(getattr(item, "stages", {}))
-        timings["queue_ms"] = (admitted - item.delivery.received_at) * 1000.0
+        timings.update(_queue_timings(item, admitted))
         timings["model_ms"] = (now - admitted) * 1000.0
         if isinstance(item.op, Generate):
             # from the end of its prompt pass to its last token, other steps included
@@ -330,3 +331,13 @@ def _fatal(exc: Exception) -> bool:
     from inference_worker.failures import is_fatal_device_error
 
     return is_fatal_device_error(exc)
+
+
+def _queue_timings(item: Item, started: float) -> Dict[str, float]:
+    """`queue_ms`: read from Redis -> its batch or prompt pass starts; `intake_ms`, the part
+    of it before the request reached the scheduler (decoding, validation, prompt building)."""
+    queued = getattr(item, "queued_at", started)
+    return {
+        "queue_ms": (started - item.delivery.received_at) * 1000.0,
+        "intake_ms": (min(queued, started) - item.delivery.received_at) * 1000.0,
+    }

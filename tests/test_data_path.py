@@ -61,6 +61,7 @@ def test_request_reply_every_kind(settings):
             assert r2.result.choice == "north"
             assert r2.worker and r2.received_at >= r2.created_at and r2.replied_at >= r2.received_at
             assert "queue_ms" in r2.timings and "model" in r2.timings
+            assert 0.0 <= r1.timings["intake_ms"] <= r1.timings["queue_ms"]  # a batch kind's too
 
 
 def test_batches_respect_max_batch(settings):

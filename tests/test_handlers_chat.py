@@ -60,7 +60,8 @@ def test_text_action_free_text(client):
     assert r.ok and isinstance(res.text, str) and res.choice is None
     assert 1 <= res.completion_tokens <= 7 and res.prompt_tokens > 4 + 4  # 4 image tokens at 64 px
     assert res.finish_reason in ("stop", "length")
-    assert {"preprocess", "prefill", "decode", "queue_ms"} <= set(r.timings)
+    assert {"preprocess", "prefill", "decode", "queue_ms", "intake_ms"} <= set(r.timings)
+    assert 0.0 <= r.timings["intake_ms"] <= r.timings["queue_ms"]
 
 
 def test_text_action_admissible_commands(client):

@@ -339,8 +339,8 @@ def _sessions(url, prefix, first, count, text, size, lengths, t_end, queue) -> N
     broker = BrokerSettings(url=url, prefix=prefix)
     frame = frames(1, size)[0]
     # (answered at, latency, completion tokens, decode rows, the worker's queue + model ms,
-    # its queue ms, its prompt pass's ms)
-    done: List[Tuple[float, float, int, int, float, float, float]] = []
+    # its queue ms, its prompt pass's ms, the intake's part of the queue ms)
+    done: List[Tuple[float, float, int, int, float, float, float, float]] = []
 
     async def session(i: int) -> None:
         pick = random.Random(i)
@@ -370,6 +370,7 @@ def _sessions(url, prefix, first, count, text, size, lengths, t_end, queue) -> N
                         inside,
                         t.get("queue_ms", 0.0),
                         t.get("prefill", 0.0),
+                        t.get("intake_ms", 0.0),
                     )
                 )
                 step += 1
@@ -449,8 +450,10 @@ def served(
                 # the client's wait outside the worker's queue and model: Redis both ways, the
                 # worker's reading, preparing and replying, the agent process
                 "outside_ms_p50": statistics.median(d[1] * 1000.0 - d[4] for d in window) if window else 0.0,
-                # waiting to be admitted, and the prompt pass of its group (the worker's timings)
+                # waiting to be admitted (of it, reaching the scheduler), and the prompt pass
+                # of its group (the worker's timings)
                 "queue_ms_p50": statistics.median(d[5] for d in window) if window else 0.0,
+                "intake_ms_p50": statistics.median(d[7] for d in window) if window else 0.0,
                 "prefill_ms_p50": statistics.median(d[6] for d in window) if window else 0.0,
                 "gpu_memory_mib": mib,
                 "gpu_utilization": util.mean(lo, hi),  # type: ignore[dict-item]
