@@ -368,6 +368,23 @@ def test_padded_prefill_decodes_the_tokens_of_the_groups_own_shape(tiny_qwen2_vl
         )
 
 
+def test_a_width_step_of_one_pads_no_columns(tiny_qwen2_vl):
+    """prefill_width_step=1: a group decodes from its longest prompt's width, with the
+    tokens of the unpadded pass; a step below 1 is refused."""
+    vlm = load_vlm(tiny_qwen2_vl)
+    exact = ChatEngine(vlm, EngineOptions(prefill_graphs="padded", prefill_width_step=1))
+    prompts = mixed_prompts()[1:4]
+    batch = exact.inputs.build(prompts)
+    with torch.inference_mode():
+        _, width = exact._prefill_into(exact.decoder.reserve(3), batch)
+    assert width == batch.length
+    samp = [Sampling(max_tokens=6)] * 3
+    want = [c.token_ids for c in ChatEngine(vlm).generate(prompts, samp)]
+    assert [c.token_ids for c in exact.generate(prompts, samp)] == want
+    with pytest.raises(ValueError, match="prefill_width_step=0"):
+        ChatEngine(vlm, EngineOptions(prefill_graphs="padded", prefill_width_step=0))
+
+
 def test_vision_graphs_need_a_gpu(tiny_qwen2_vl):
     with pytest.raises(ValueError, match="vision_graphs=on needs a CUDA device"):
         ChatEngine(load_vlm(tiny_qwen2_vl), EngineOptions(vision_graphs="on"))

@@ -90,6 +90,7 @@ class ChatEngine:
         self.prefill_pass = PrefillGraphs(
             self.stack,
             _auto(self.options.prefill_graphs, on_gpu) if self.own_prefill else "off",
+            width_step=self.options.prefill_width_step,
             max_tokens=self.options.prefill_tokens,
         )
         eos = self.model.generation_config.eos_token_id

@@ -48,6 +48,9 @@ class EngineOptions:
     # padded: the same padded shapes, eager; off: the group's own shape, eager; auto: on
     # on CUDA with our prefill
     prefill_graphs: str = tree.setting("auto", choices=("auto", "off", "on", "padded"))
+    # ... the padded width: a group's longest prompt rounded up to a multiple of this; a
+    # smaller step pads less and captures a graph for more widths
+    prefill_width_step: int = 16
     # The decode pool (decoder.py): `kv_slots` sequences decode at once, each with room for
     # `max_context` tokens (prompt + answer); 0 = sized from memory: on CUDA, `kv_memory`
     # of the free GPU memory once the model is loaded; on CPU, `kv_memory_mb`.

@@ -77,6 +77,8 @@ class PrefillGraphs:
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"prefill_graphs={mode!r}: choose one of {', '.join(MODES)}")
+        if width_step < 1:
+            raise ValueError(f"prefill_width_step={width_step}: it must be at least 1")
         self.stack, self.mode = stack, mode
         self.width_step, self.max_tokens = width_step, max_tokens
         self.graphs: Optional[GraphCache] = GraphCache(max_graphs) if mode == "on" else None
