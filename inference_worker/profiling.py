@@ -28,16 +28,21 @@ log = logging.getLogger("vlmq.profile")
 GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 
 
-def busy_us(intervals: Iterable[Tuple[float, float]]) -> float:
-    """Length of the union of (start, duration) intervals, in their unit."""
-    total, end = 0.0, float("-inf")
+def _union(intervals: Iterable[Tuple[float, float]]) -> List[Tuple[float, float]]:
+    """(start, duration) intervals merged into disjoint (start, stop) pieces, in time order."""
+    pieces: List[Tuple[float, float]] = []
     for start, dur in sorted(intervals):
         stop = start + dur
-        if stop <= end:
-            continue
-        total += stop - max(start, end)
-        end = stop
-    return total
+        if pieces and start <= pieces[-1][1]:
+            pieces[-1] = (pieces[-1][0], max(pieces[-1][1], stop))
+        else:
+            pieces.append((start, stop))
+    return pieces
+
+
+def busy_us(intervals: Iterable[Tuple[float, float]]) -> float:
+    """Length of the union of (start, duration) intervals, in their unit."""
+    return sum(stop - start for start, stop in _union(intervals))
 
 
 def gpu_intervals(trace: dict) -> List[Tuple[float, float]]:
@@ -135,17 +140,15 @@ def by_range(trace: dict) -> str:
         if e.get("cat") not in GPU_CATEGORIES:
             continue
         start, dur = float(e["ts"]), float(e.get("dur", 0.0))
-        intervals.append((start, start + dur))
+        intervals.append((start, dur))
         at = launches.get(e.get("args", {}).get("correlation"))
         name = _label(segs, starts, at) if at is not None else "(launched elsewhere)"
         gpu_ms[name] = gpu_ms.get(name, 0.0) + dur
     idle: Dict[str, float] = {}
-    end = None
-    for start, stop in sorted(intervals):
-        if end is not None and start > end:
-            name = _label(segs, starts, (start + end) / 2)
-            idle[name] = idle.get(name, 0.0) + start - end
-        end = stop if end is None else max(end, stop)
+    pieces = _union(intervals)
+    for (_, end), (start, _) in zip(pieces, pieces[1:]):
+        name = _label(segs, starts, (start + end) / 2)
+        idle[name] = idle.get(name, 0.0) + start - end
     lines = ["The model thread by vlmq range: host ms, GPU ms launched there, GPU idle ms while there, name"]
     for name in sorted(set(host) | set(gpu_ms) | set(idle), key=lambda n: -host.get(n, 0.0)):
         lines.append(
