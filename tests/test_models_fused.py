@@ -75,15 +75,14 @@ for b, t in ((1, 1), (3, 37)):
     for x, y in zip(got, want):
         assert x.shape == y.shape and x.is_contiguous(), (x.shape, y.shape)
         assert torch.allclose(x, y, atol=1e-5, rtol=1e-5), (x - y).abs().max()
-# the vision rotary on strided q/k views of one qkv projection: transformers' formula
+# the vision rotary on strided q/k views of one qkv projection: transformers' own function
+from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
 for rows in (1, 37):
     qkv = torch.randn(rows, 3, 4, 16, generator=g)
     q, k, _ = qkv.permute(1, 0, 2, 3).unbind(0)
     angles = torch.randn(rows, 8, generator=g)
     cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
-    for got, x in zip(tk.rotary_vision(q, k, cos, sin), (q, k)):
-        half = torch.cat((-x[..., 8:], x[..., :8]), -1)
-        want = x * cos.unsqueeze(-2) + half * sin.unsqueeze(-2)
+    for got, want in zip(tk.rotary_vision(q, k, cos, sin), apply_rotary_pos_emb_vision(q, k, cos, sin)):
         assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()
 # a decode step's rope + cache write, then its attention, against fused.rope, indexed
 # writes and grouped_attention under attention_bias (rows with masked columns, spans that

@@ -6,8 +6,8 @@ in a CUDA graph (decode, the VLA feature pass) and batched over candidates (scor
 uses the model's own weights, projections and rotary embedding; norms, rope and SwiGLU
 are the fused.py functions (transformers' arithmetic, fewer kernels), the q/k/v and
 gate/up projections run as one GEMM each (fused_linear.py), and the attention
-plumbing is here (a decode step's, with decode_attention=triton, two Triton kernels a
-layer: `_decode_layers`). The prompt pass (`prefill`) takes input embeddings with the image
+plumbing is here (a decode step's, on CUDA, two Triton kernels a layer:
+`_decode_layers`). The prompt pass (`prefill`) takes input embeddings with the image
 features already in place and writes the decode cache directly. New tokens are text,
 so the three M-RoPE axes share one position. Deepstack models (Qwen3-VL) add vision
 features inside early layers, which this stack does not: their prompt pass stays
@@ -24,7 +24,7 @@ from inference_worker.engines.kv_cache import KVCache
 
 
 class TextStack:
-    def __init__(self, model: Any, compile: bool = False, rotary: str = "auto", decode: str = "sdpa") -> None:
+    def __init__(self, model: Any, compile: bool = False, rotary: str = "auto", decode: str = "auto") -> None:
         lm = model.model.language_model
         self.model = model
         self.layers = list(lm.layers)

@@ -22,8 +22,8 @@ launch sizes, so these simple kernels vectorise:
 - the Qwen2-VL vision MLP's first product with QuickGELU in its epilogue
   (`linear_quick_gelu`, Hopper, half precision): 1.22 against 1.29 ms for cuBLAS and the
   QuickGELU kernel at a 64-frame batch's 50,176 rows on an H100;
-- a decode step's attention inputs and attention (engine option `decode_attention=triton`,
-  opt-in until measured on a GPU):
+- a decode step's attention inputs and attention (engine option `decode_attention`; 332.5
+  against 320.2 req/s for SDPA in served chat on an H100):
   `decode_rope_write` rotates q and k straight from the q/k/v projection and writes k and
   v into each row's cache column (the rope kernels, two expanded cos/sin copies and two
   indexed writes before, ~6 kernels a layer), and `decode_attention` attends each row's
