@@ -63,7 +63,7 @@ def test_gpu_utilization_is_the_mean_of_a_windows_samples(tmp_path):
 
 def test_the_ab_script_serves_both_sides_and_traces_each_worker(tmp_path):
     """ops/bench/gpu_chat_ab.sh, the GPU run's A/B command, on the CPU path: A as the worker
-    is, B and C with their options, each worker's trace summary written before the measured
+    is, B and C with their options (C's --prefill-min a bench flag), each worker's trace summary written before the measured
     windows (TRACES=0: the traces themselves are not kept)."""
     import os
     import subprocess
@@ -83,7 +83,7 @@ def test_the_ab_script_serves_both_sides_and_traces_each_worker(tmp_path):
         "BENCH_ARGS": "--sessions 4 --procs 1 --image-size 64 --max-tokens 4 --seconds 1 --max-batch 4",
     }
     proc = subprocess.run(
-        ["bash", "ops/bench/gpu_chat_ab.sh", "vision_graphs=padded", "prefill_graphs=padded,decode_ahead=off"],
+        ["bash", "ops/bench/gpu_chat_ab.sh", "vision_graphs=padded", "prefill_graphs=padded,--prefill-min=3,decode_ahead=off"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -95,5 +95,6 @@ def test_the_ab_script_serves_both_sides_and_traces_each_worker(tmp_path):
         for o in options:
             assert f"--option {o}" in served["machine"]
         assert (side == "a") == ("--option" not in served["machine"])
+        assert served["machine"].count("--prefill-min 3 ") == (side == "c")
         (summary,) = os.listdir(tmp_path / f"profile_{side}")  # the summary alone: TRACES=0
         assert (tmp_path / f"profile_{side}" / summary).read_text().startswith("20 steps in ")

@@ -41,7 +41,8 @@ def test_triton_kernels_match_the_reference_in_tritons_interpreter():
     not multiples of its block, and so does the vision rotary; the vision blocks' add + LayerNorm gives
     fused.add_layer_norm's sum and norm at a width that is not a power of two; the fused
     fc1 + QuickGELU product, over row counts that do and do not fill its tiles, gives the
-    product then the activation; a decode step's rope + cache write and its attention give
+    product then the activation, and so does the gate/up product with SwiGLU in its
+    epilogue; a decode step's rope + cache write and its attention give
     fused.rope, the indexed cache writes and grouped_attention under its mask. Runs where Triton is installed (not in CI, whose CPU torch
     has none; tests/test_models_gpu.py runs them on a GPU)."""
     pytest.importorskip("triton")
@@ -54,7 +55,7 @@ def test_triton_kernels_match_the_reference_in_tritons_interpreter():
     code = """
 import torch
 from inference_worker.engines import triton_kernels as tk
-from inference_worker.engines.fused import add_layer_norm, rope
+from inference_worker.engines.fused import add_layer_norm, rope, silu_mul
 g = torch.Generator().manual_seed(0)
 for rows, n in ((1, 80), (5, 80), (3, 64)):
     h, d = torch.randn(rows, n, generator=g), torch.randn(rows, n, generator=g)
@@ -127,6 +128,17 @@ for rows in (64, 300):
     ref = torch.nn.functional.linear(x, w, b)
     ref = ref * torch.sigmoid(1.702 * ref)
     assert torch.allclose(y, ref, atol=1e-4, rtol=1e-4), (y - ref).abs().max()
+# the gate/up product with SwiGLU in its epilogue, from a fused (2F, K) weight
+for rows in (64, 300):
+    x, w = torch.randn(rows, 128, generator=g), torch.randn(2 * 256, 128, generator=g)
+    y = torch.empty(rows, 256)
+    tk._linear_swiglu[(3,)](
+        D.from_tensor(x, [64, 64]), D.from_tensor(w, [128, 64]), D.from_tensor(y, [64, 128]), rows, 256, 128,
+        BM=64, BN=128, BK=64, GROUP=8, PROGRAMS=3, OUT=tl.float32,
+    )
+    gate, up = torch.nn.functional.linear(x, w).chunk(2, dim=-1)
+    ref = silu_mul(gate, up)
+    assert torch.allclose(y, ref, atol=1e-4, rtol=1e-4), (y - ref).abs().max()
 print("ok")
 """
     env = {**os.environ, "TRITON_INTERPRET": "1"}
@@ -170,6 +182,11 @@ def test_fused_block_norms_give_the_stock_towers_features(tiny_qwen2_vl):
     assert len(blocks) > 1 and plain_norms == blocks
     assert fused_norms == fused_blocks[:1]
     assert torch.equal(plain, fused)
+
+
+def test_swiglu_epilogue_is_refused_without_cuda():
+    with pytest.raises(ValueError, match="prefill_swiglu=epilogue needs a CUDA device"):
+        Kernels(compile=False, cuda=False, swiglu="epilogue")
 
 
 def test_rope_triton_is_refused_without_cuda():

@@ -207,6 +207,62 @@ def test_linear_quick_gelu_matches_the_product_then_the_activation(dtype):
         assert torch.allclose(got.float(), ref, atol=tol, rtol=tol), (got.float() - ref).abs().max()
 
 
+@pytest.mark.parametrize("rows", [300, 9984])
+def test_linear_swiglu_matches_the_product_then_silu_mul(rows):
+    """The text MLP's gate/up product with SwiGLU in its epilogue, at the 2B model's shapes
+    (K 1536, F 8960) and bf16, equals the product and SwiGLU computed in float32 and
+    rounded once, for row counts that are and are not multiples of the tile."""
+    from inference_worker.engines import triton_kernels as tk
+
+    if not tk.available():
+        pytest.skip("triton is not installed")
+    g = torch.Generator(device="cuda").manual_seed(2)
+    w = (torch.randn(2 * 8960, 1536, device="cuda", generator=g) * 0.03).to(torch.bfloat16)
+    x = torch.randn(rows, 1536, device="cuda", generator=g).to(torch.bfloat16)
+    gate, up = torch.nn.functional.linear(x.float(), w.float()).chunk(2, dim=-1)
+    ref = (torch.nn.functional.silu(gate) * up).to(torch.bfloat16).float()
+    got = tk.linear_swiglu(x, w)
+    assert got.shape == (rows, 8960) and got.dtype == torch.bfloat16
+    assert torch.allclose(got.float(), ref, atol=2e-2, rtol=2e-2), (got.float() - ref).abs().max()
+
+
+def test_prefill_swiglu_epilogue_gives_the_prompt_pass_of_the_kernel(tiny_qwen2_vl, monkeypatch):
+    """prefill_swiglu=epilogue through the text stack's prompt pass (bf16, 4 x 64 rows): every
+    layer's MLP runs the fused kernel, and the last tokens' logits are those of the product
+    then the SwiGLU kernel, to bf16 rounding."""
+    from inference_worker.engines import triton_kernels as tk
+    from inference_worker.engines.text_stack import TextStack
+    from inference_worker.models import load_vlm
+
+    if not tk.available():
+        pytest.skip("triton is not installed")
+    vlm = load_vlm(tiny_qwen2_vl, device="cuda", dtype="bfloat16")
+    launches = []
+    kernel = tk._linear_swiglu
+
+    class Counted:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(tk, "_linear_swiglu", Counted())
+    b, t = 4, 64
+    g = torch.Generator(device="cuda").manual_seed(3)
+    logits = []
+    for swiglu in ("kernel", "epilogue"):
+        stack = TextStack(vlm.model, compile=True, swiglu=swiglu)
+        embeds = torch.randn(b, t, stack.embed.weight.shape[1], device="cuda", generator=g).to(torch.bfloat16)
+        g.manual_seed(3)
+        positions = torch.arange(t, device="cuda").expand(3, b, t)
+        with torch.inference_mode():
+            logits.append(
+                stack.prefill(stack.new_cache(b, t), embeds, positions, torch.ones(b, t, device="cuda"))
+            )
+    assert len(launches) == len(vlm.model.model.language_model.layers)
+    err = (logits[1] - logits[0]).abs().max()
+    assert err <= 0.03 * logits[0].abs().max(), (err, logits[0].abs().max())
+
+
 def test_fused_vision_tower_equals_the_plain_one(tiny_qwen2_vl):
     """The tower with the Triton rotary, QuickGELU and add + LayerNorm gives the plain
     tower's features."""

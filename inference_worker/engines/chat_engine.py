@@ -65,7 +65,11 @@ class ChatEngine:
         on_gpu = vlm.device.type == "cuda"
         fuse = _auto(self.options.fuse, on_gpu) == "on"
         self.stack = TextStack(
-            self.model, compile=fuse, rotary=self.options.rope, decode=self.options.decode_attention
+            self.model,
+            compile=fuse,
+            rotary=self.options.rope,
+            decode=self.options.decode_attention,
+            swiglu=self.options.prefill_swiglu,
         )
         use_graphs = self.options.decode == "graphs" or (self.options.decode == "auto" and on_gpu)
         if use_graphs and not on_gpu:

@@ -73,9 +73,19 @@ class Kernels:
     tenth of the bandwidth on the prompt pass): `rotary` auto (Triton when compiling on
     CUDA with Triton), torch or triton (CUDA and Triton only). `decode`: sdpa (decode steps
     use the ops above and SDPA; `decode_rope_write` and `decode_attention` are None),
-    triton (those two Triton kernels; CUDA and Triton only) or auto (as `rotary`)."""
+    triton (those two Triton kernels; CUDA and Triton only) or auto (as `rotary`).
+    `swiglu`: kernel (the gate/up product, then `silu_mul`; `linear_swiglu` is None) or
+    epilogue (triton_kernels.linear_swiglu, SwiGLU in the product's epilogue, for the
+    prompt pass; CUDA and Triton only)."""
 
-    def __init__(self, compile: bool, cuda: bool = False, rotary: str = "auto", decode: str = "auto") -> None:
+    def __init__(
+        self,
+        compile: bool,
+        cuda: bool = False,
+        rotary: str = "auto",
+        decode: str = "auto",
+        swiglu: str = "kernel",
+    ) -> None:
         from inference_worker.engines import triton_kernels
 
         on_triton = cuda and triton_kernels.available()
@@ -95,6 +105,9 @@ class Kernels:
             raise ValueError("decode_attention=triton needs a CUDA device and Triton")
         self.decode_rope_write = triton_kernels.decode_rope_write if decode == "triton" else None
         self.decode_attention = triton_kernels.decode_attention if decode == "triton" else None
+        if swiglu == "epilogue" and not on_triton:
+            raise ValueError("prefill_swiglu=epilogue needs a CUDA device and Triton")
+        self.linear_swiglu = triton_kernels.linear_swiglu if swiglu == "epilogue" else None
         if compile and on_triton:
             self.silu_mul = triton_kernels.silu_mul
         else:

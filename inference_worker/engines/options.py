@@ -31,6 +31,11 @@ class EngineOptions:
     # (triton_kernels.py, CUDA only); sdpa = the rope kernels, two cache writes and SDPA
     # under an additive mask; auto = triton where `fuse` is on, on CUDA with Triton
     decode_attention: str = tree.setting("auto", choices=("auto", "sdpa", "triton"))
+    # The prompt pass's SwiGLU: kernel = the gate/up product (cuBLAS), then one SwiGLU
+    # kernel; epilogue = SwiGLU in the product's epilogue, the product never written
+    # (triton_kernels.linear_swiglu; CUDA with Triton only, Hopper in half precision, else
+    # it falls back to kernel's ops)
+    prefill_swiglu: str = tree.setting("kernel", choices=("kernel", "epilogue"))
     # The prompt pass: stack = the engine's own layer loop (text_stack.py), writing the
     # decode cache directly; hf = transformers' forward; auto = stack where the model
     # allows it (not Qwen3-VL, whose deepstack features enter inside the text layers;
@@ -94,6 +99,7 @@ class EngineOptions:
             prefill_graphs="off",
             rope="torch",
             decode_attention="sdpa",
+            prefill_swiglu="kernel",
         )
 
 

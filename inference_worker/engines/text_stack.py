@@ -24,7 +24,14 @@ from inference_worker.engines.kv_cache import KVCache
 
 
 class TextStack:
-    def __init__(self, model: Any, compile: bool = False, rotary: str = "auto", decode: str = "auto") -> None:
+    def __init__(
+        self,
+        model: Any,
+        compile: bool = False,
+        rotary: str = "auto",
+        decode: str = "auto",
+        swiglu: str = "kernel",
+    ) -> None:
         lm = model.model.language_model
         self.model = model
         self.layers = list(lm.layers)
@@ -39,7 +46,9 @@ class TextStack:
         self.swiglu = getattr(cfg, "hidden_act", "silu") == "silu"
         self.dtype = self.embed.weight.dtype
         self.device = self.embed.weight.device
-        self.k = Kernels(compile, cuda=self.device.type == "cuda", rotary=rotary, decode=decode)
+        self.k = Kernels(
+            compile, cuda=self.device.type == "cuda", rotary=rotary, decode=decode, swiglu=swiglu
+        )
         self.fused = [fuse_layer(layer) for layer in self.layers]
         # decode steps through the Triton rope + cache write and attention kernels: they
         # take a layer's one q/k/v projection, no per-head norm between it and the rope, and
@@ -165,7 +174,7 @@ class TextStack:
             h, x = k_.add_rms_norm(
                 h, attn.o_proj(o.transpose(1, 2).reshape(b, t, -1)), post.weight, post.variance_epsilon
             )
-            pending = self._mlp(layer, fused, x)
+            pending = self._mlp(layer, fused, x, prompt=t > 1)
         return h, pending
 
     def _input_norm(self, h, pending, norm):
@@ -175,13 +184,18 @@ class TextStack:
             return h, self.k.rms_norm(h, norm.weight, norm.variance_epsilon)
         return self.k.add_rms_norm(h, pending, norm.weight, norm.variance_epsilon)
 
-    def _mlp(self, layer, fused, x) -> Any:
+    def _mlp(self, layer, fused, x, prompt: bool = False) -> Any:
+        """The MLP of one layer; a prompt pass's SwiGLU goes in the gate/up product's
+        epilogue where `Kernels.linear_swiglu` is on (a decode step's few rows would fill a
+        fraction of the kernel's tiles)."""
         import torch.nn.functional as F
 
         mlp = layer.mlp
         if not self.swiglu:
             return mlp(x)
         if fused is not None and fused.gate_up_weight is not None:
+            if prompt and self.k.linear_swiglu is not None:
+                return mlp.down_proj(self.k.linear_swiglu(x, fused.gate_up_weight))
             gate, up = F.linear(x, fused.gate_up_weight).chunk(2, dim=-1)
             return mlp.down_proj(self.k.silu_mul(gate, up))
         return mlp.down_proj(self.k.silu_mul(mlp.gate_proj(x), mlp.up_proj(x)))

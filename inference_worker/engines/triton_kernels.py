@@ -22,6 +22,9 @@ launch sizes, so these simple kernels vectorise:
 - the Qwen2-VL vision MLP's first product with QuickGELU in its epilogue
   (`linear_quick_gelu`, Hopper, half precision): 1.22 against 1.29 ms for cuBLAS and the
   QuickGELU kernel at a 64-frame batch's 50,176 rows on an H100;
+- the language model's gate/up product with SwiGLU in its epilogue (`linear_swiglu`,
+  engine option `prefill_swiglu`, the prompt pass): the SwiGLU kernel rereads the
+  (rows, 2 x 8960) product of a 48-prompt group, ~4.5 ms of a ~54 ms text pass;
 - a decode step's attention inputs and attention (engine option `decode_attention`; 332.5
   against 320.2 req/s for SDPA in served chat on an H100):
   `decode_rope_write` rotates q and k straight from the q/k/v projection and writes k and
@@ -234,6 +237,25 @@ if triton is not None:
             acc = acc * tl.sigmoid(1.702 * acc)
             y_desc.store([pm * BM, pn * BN], acc.to(OUT))
 
+    @triton.jit
+    def _linear_swiglu(
+        x_desc, w_desc, y_desc, M, F, K,
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr, PROGRAMS: tl.constexpr,
+        OUT: tl.constexpr,
+    ):  # fmt: skip
+        # w is the fused gate/up weight (2F, K): tile pn's gate rows are [pn BN, (pn + 1) BN),
+        # its up rows the same F rows further on; both products accumulate side by side
+        tiles_m, tiles_n = tl.cdiv(M, BM), tl.cdiv(F, BN)
+        for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, PROGRAMS, flatten=True):
+            pm, pn = _tile_of(tile, tiles_m, tiles_n, GROUP)
+            gate = tl.zeros((BM, BN), dtype=tl.float32)
+            up = tl.zeros((BM, BN), dtype=tl.float32)
+            for kk in range(tl.cdiv(K, BK)):
+                a = x_desc.load([pm * BM, kk * BK])
+                gate = tl.dot(a, w_desc.load([pn * BN, kk * BK]).T, gate)
+                up = tl.dot(a, w_desc.load([F + pn * BN, kk * BK]).T, up)
+            y_desc.store([pm * BM, pn * BN], (gate * tl.sigmoid(gate) * up).to(OUT))
+
 
 def _grid(n: int) -> Tuple[int]:
     return ((n + BLOCK - 1) // BLOCK,)
@@ -400,6 +422,59 @@ def linear_quick_gelu(x: Any, weight: Any, bias: Any) -> Any:
         desc.from_tensor(weight, [BN, BK]),
         desc.from_tensor(y, [BM, BN]),
         bias,
+        M,
+        N,
+        K,
+        BM=BM,
+        BN=BN,
+        BK=BK,
+        GROUP=8,
+        PROGRAMS=programs,
+        OUT=tl.bfloat16 if x.dtype == torch.bfloat16 else tl.float16,
+        num_stages=stages,
+        num_warps=warps,
+    )
+    return y.view(*shape[:-1], N)
+
+
+# (BM, BN, BK, stages, warps) of the fused gate/up product: BN columns of gate and of up
+SWIGLU_TILE = (128, 128, 64, 3, 8)
+
+
+def linear_swiglu(x: Any, weight: Any) -> Any:
+    """silu(gate) * up of `x @ weight.T` for the fused gate/up weight (2F, K) of a SwiGLU
+    MLP (fused_linear.py), with the SiLU and the product in the GEMM's epilogue: the
+    (rows, 2F) product is never written. As linear_quick_gelu: a persistent Triton kernel
+    through tensor-memory descriptors on Hopper in half precision, for prompt-pass row
+    counts; elsewhere cuBLAS and silu_mul."""
+    import torch
+    import torch.nn.functional as F
+
+    BM, BN, BK, stages, warps = SWIGLU_TILE
+    shape = x.shape
+    x = x.reshape(-1, shape[-1])
+    (M, K), N = x.shape, weight.shape[0] // 2
+    if not (
+        _descriptors() is not None
+        and x.is_cuda
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and weight.dtype == x.dtype
+        and _properties(x.device.index or 0).major >= 9
+        and M >= BM and N % BN == 0 and K >= BK and K % 8 == 0
+        and x.stride(1) == 1 and x.stride(0) % 8 == 0 and weight.is_contiguous()
+    ):  # fmt: skip
+        gate, up = F.linear(x, weight).chunk(2, dim=-1)
+        y = silu_mul(gate, up) if x.is_cuda else gate * torch.sigmoid(gate) * up
+        return y.view(*shape[:-1], N)
+    desc = _descriptors()
+    y = x.new_empty((M, N))
+    programs = min(
+        _properties(x.device.index or 0).multi_processor_count, triton.cdiv(M, BM) * triton.cdiv(N, BN)
+    )
+    _linear_swiglu[(programs,)](
+        desc.from_tensor(x, [BM, BK]),
+        desc.from_tensor(weight, [BN, BK]),
+        desc.from_tensor(y, [BM, BN]),
         M,
         N,
         K,

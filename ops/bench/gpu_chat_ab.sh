@@ -2,7 +2,8 @@
 # An A/B of served chat on the device tool's GPU machine, every side in one call on one card
 # (docs/BENCHMARKS.md, "Chat throughput"): `vlmq bench chat --parts served` with the worker
 # as it is (A), then once per argument with that argument's worker options (B, C, ...; a
-# side's options comma-separated), each into its own file; with PROFILE=1 each side's
+# side's options comma-separated; one that starts with -- is a bench chat flag, as
+# --prefill-min=16), each into its own file; with PROFILE=1 each side's
 # worker also writes a torch profiler trace of 100 steps (`vlmq worker --profile-dir`) and
 # its summary into $OUT/profile_<side> (TRACES=0 keeps the summaries only). With the carry
 # of gpu_chat.sh ([".devcarry", ".devcarry-chat"]):
@@ -56,7 +57,9 @@ sides=("$@")
 for i in "${!sides[@]}"; do
   opts=()
   IFS=, read -ra kvs <<<"${sides[$i]}"
-  for kv in "${kvs[@]}"; do opts+=(--option "$kv"); done
+  for kv in "${kvs[@]}"; do
+    if [[ $kv == --* ]]; then opts+=("${kv%%=*}" "${kv#*=}"); else opts+=(--option "$kv"); fi
+  done
   echo "${names[$i]}: ${opts[*]}"
   side "${names[$i]}" "${opts[@]}"
 done
