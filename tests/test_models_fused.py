@@ -42,8 +42,9 @@ def test_triton_kernels_match_the_reference_in_tritons_interpreter():
     fused.add_layer_norm's sum and norm at a width that is not a power of two; the fused
     fc1 + QuickGELU product, over row counts that do and do not fill its tiles, gives the
     product then the activation, and so does the gate/up product with SwiGLU in its
-    epilogue; a decode step's rope + cache write and its attention give
-    fused.rope, the indexed cache writes and grouped_attention under its mask. Runs where Triton is installed (not in CI, whose CPU torch
+    epilogue; a decode step's rope + cache write and its attention (whole or split
+    into 64-column pieces) give fused.rope, the indexed cache writes and grouped_attention
+    under its mask. Runs where Triton is installed (not in CI, whose CPU torch
     has none; tests/test_models_gpu.py runs them on a GPU)."""
     pytest.importorskip("triton")
     import os
@@ -89,8 +90,8 @@ for rows in (1, 37):
 # writes and grouped_attention under attention_bias (rows with masked columns, spans that
 # are not a multiple of the kernel's block)
 from inference_worker.engines.text_stack import attention_bias, grouped_attention
-heads, kv, d, cap = 6, 2, 16, 80
-for b, span in ((1, 16), (5, 70)):
+heads, kv, d, cap = 6, 2, 16, 160
+for b, span in ((1, 16), (5, 70), (3, 150)):
     qkv = torch.randn(b, 1, (heads + 2 * kv) * d, generator=g)
     angles = torch.randn(b, 1, d // 2, generator=g)
     cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
@@ -109,10 +110,11 @@ for b, span in ((1, 16), (5, 70)):
     values_ref[torch.arange(b), :, cols] = v[:, :, 0]
     assert torch.allclose(q_got, q_ref[:, :, 0], atol=1e-5), (q_got - q_ref[:, :, 0]).abs().max()
     assert torch.allclose(keys, keys_ref, atol=1e-5) and torch.equal(values, values_ref)
-    o = tk.decode_attention(q_got, keys, values, mask, span, 0.25)
     bias = attention_bias(mask[:, None, None, :span], heads // kv, torch.float32)
     o_ref = grouped_attention(q_ref, keys_ref[:, :, :span], values_ref[:, :, :span], bias, 0.25)[:, :, 0]
-    assert torch.allclose(o, o_ref, atol=1e-4), (o - o_ref).abs().max()
+    for chunk in (0, 64):  # split-K: 64 columns a program, the pieces merged
+        o = tk.decode_attention(q_got, keys, values, mask, span, 0.25, chunk=chunk)
+        assert torch.allclose(o, o_ref, atol=1e-4), (chunk, (o - o_ref).abs().max())
 # the fused fc1 + QuickGELU kernel itself (the interpreter has no Hopper check and no bf16:
 # launched as linear_quick_gelu launches it, in float32, with small tiles)
 import triton.language as tl
@@ -187,6 +189,11 @@ def test_fused_block_norms_give_the_stock_towers_features(tiny_qwen2_vl):
 def test_swiglu_epilogue_is_refused_without_cuda():
     with pytest.raises(ValueError, match="prefill_swiglu=epilogue needs a CUDA device"):
         Kernels(compile=False, cuda=False, swiglu="epilogue")
+
+
+def test_a_decode_split_off_the_block_is_refused():
+    with pytest.raises(ValueError, match="decode_split must be 0 or a positive multiple of 64"):
+        Kernels(compile=False, split=100)
 
 
 def test_rope_triton_is_refused_without_cuda():

@@ -463,8 +463,9 @@ def test_prefill_graphs_replay_the_padded_pass(tiny_qwen2_vl):
 def test_decode_kernels_match_the_reference_ops(dtype):
     """A decode step's rope + cache write and its attention (decode_attention=triton) at the
     2B model's head layout (12 query heads on 2 KV heads of 128), rows with masked columns
-    and spans that are not a multiple of the kernel's block: fused.rope, the indexed cache
-    writes and grouped_attention under attention_bias."""
+    and spans that are not a multiple of the kernel's block, the attention whole or split into
+    64- or 128-column pieces: fused.rope, the indexed cache writes and grouped_attention under
+    attention_bias."""
     from inference_worker.engines import triton_kernels as tk
     from inference_worker.engines.fused import rope
     from inference_worker.engines.text_stack import attention_bias, grouped_attention
@@ -494,17 +495,19 @@ def test_decode_kernels_match_the_reference_ops(dtype):
         values_ref[rows, :, cols] = rv[:, :, 0]
         assert torch.allclose(q.float(), q_ref[:, :, 0].to(dtype).float(), **tol)
         assert torch.allclose(keys.float(), keys_ref.float(), **tol) and torch.equal(values, values_ref)
-        o = tk.decode_attention(q, keys, values, mask, span, d**-0.5)
         bias = attention_bias(mask[:, None, None, :span], heads // kv, dtype)
         want = grouped_attention(q[:, :, None], keys_ref[:, :, :span], values_ref[:, :, :span], bias, d**-0.5)
-        assert torch.allclose(o.float(), want[:, :, 0].float(), **tol), (
-            (o.float() - want[:, :, 0].float()).abs().max()
-        )
+        for chunk in (0, 64, 128):
+            o = tk.decode_attention(q, keys, values, mask, span, d**-0.5, chunk=chunk)
+            assert torch.allclose(o.float(), want[:, :, 0].float(), **tol), (
+                chunk,
+                (o.float() - want[:, :, 0].float()).abs().max(),
+            )
 
 
 def test_decode_kernels_decode_the_tokens_of_sdpa(tiny_qwen2_vl):
-    """decode_attention=triton through the engine (decode graphs): the greedy tokens of the
-    SDPA step (the default), fp32."""
+    """decode_attention=triton through the engine (decode graphs), whole and split
+    (decode_split=64): the greedy tokens of the SDPA step, fp32."""
     from inference_worker.engines.chat_engine import ChatEngine
     from inference_worker.engines.options import EngineOptions
     from inference_worker.engines.sampling import Sampling
@@ -512,12 +515,12 @@ def test_decode_kernels_decode_the_tokens_of_sdpa(tiny_qwen2_vl):
 
     vlm = load_vlm(tiny_qwen2_vl, device="cuda", dtype="float32")
     prompts, samp = _prompts(), [Sampling(max_tokens=10)] * 6
-    ref = ChatEngine(vlm, EngineOptions())
-    engine = ChatEngine(vlm, EngineOptions(decode_attention="triton"))
-    assert engine.stack.decode_kernels and not ref.stack.decode_kernels
-    assert [c.token_ids for c in engine.generate(prompts, samp)] == [
-        c.token_ids for c in ref.generate(prompts, samp)
-    ]
+    ref = ChatEngine(vlm, EngineOptions(decode_attention="sdpa"))
+    want = [c.token_ids for c in ref.generate(prompts, samp)]
+    for split in (0, 64):
+        engine = ChatEngine(vlm, EngineOptions(decode_attention="triton", decode_split=split))
+        assert engine.stack.decode_kernels and not ref.stack.decode_kernels
+        assert [c.token_ids for c in engine.generate(prompts, samp)] == want, split
 
 
 def test_rope_triton_decodes_the_tokens_of_the_compiled_rope(tiny_qwen2_vl):

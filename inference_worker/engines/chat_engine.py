@@ -70,6 +70,7 @@ class ChatEngine:
             rotary=self.options.rope,
             decode=self.options.decode_attention,
             swiglu=self.options.prefill_swiglu,
+            split=self.options.decode_split,
         )
         use_graphs = self.options.decode == "graphs" or (self.options.decode == "auto" and on_gpu)
         if use_graphs and not on_gpu:

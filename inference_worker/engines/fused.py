@@ -76,7 +76,8 @@ class Kernels:
     triton (those two Triton kernels; CUDA and Triton only) or auto (as `rotary`).
     `swiglu`: kernel (the gate/up product, then `silu_mul`; `linear_swiglu` is None) or
     epilogue (triton_kernels.linear_swiglu, SwiGLU in the product's epilogue, for the
-    prompt pass; CUDA and Triton only)."""
+    prompt pass; CUDA and Triton only). `split`: columns of a row's cache one program of
+    the Triton decode attention reads (0: all of them)."""
 
     def __init__(
         self,
@@ -85,7 +86,10 @@ class Kernels:
         rotary: str = "auto",
         decode: str = "auto",
         swiglu: str = "kernel",
+        split: int = 0,
     ) -> None:
+        import functools
+
         from inference_worker.engines import triton_kernels
 
         on_triton = cuda and triton_kernels.available()
@@ -104,7 +108,11 @@ class Kernels:
         if decode == "triton" and not on_triton:
             raise ValueError("decode_attention=triton needs a CUDA device and Triton")
         self.decode_rope_write = triton_kernels.decode_rope_write if decode == "triton" else None
-        self.decode_attention = triton_kernels.decode_attention if decode == "triton" else None
+        if split < 0 or split % 64:
+            raise ValueError(f"decode_split must be 0 or a positive multiple of 64, not {split}")
+        self.decode_attention = (
+            functools.partial(triton_kernels.decode_attention, chunk=split) if decode == "triton" else None
+        )
         if swiglu == "epilogue" and not on_triton:
             raise ValueError("prefill_swiglu=epilogue needs a CUDA device and Triton")
         self.linear_swiglu = triton_kernels.linear_swiglu if swiglu == "epilogue" else None

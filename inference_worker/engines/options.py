@@ -31,6 +31,9 @@ class EngineOptions:
     # (triton_kernels.py, CUDA only); sdpa = the rope kernels, two cache writes and SDPA
     # under an additive mask; auto = triton where `fuse` is on, on CUDA with Triton
     decode_attention: str = tree.setting("auto", choices=("auto", "sdpa", "triton"))
+    # ... with triton: the cache columns one program of the attention reads, a multiple of
+    # 64 (split-K; a second kernel merges the pieces); 0 = a row's columns all in one program
+    decode_split: int = 0
     # The prompt pass's SwiGLU: kernel = the gate/up product (cuBLAS), then one SwiGLU
     # kernel; epilogue = SwiGLU in the product's epilogue, the product never written
     # (triton_kernels.linear_swiglu; CUDA with Triton only, Hopper in half precision, else

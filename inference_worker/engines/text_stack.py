@@ -31,6 +31,7 @@ class TextStack:
         rotary: str = "auto",
         decode: str = "auto",
         swiglu: str = "kernel",
+        split: int = 0,
     ) -> None:
         lm = model.model.language_model
         self.model = model
@@ -47,7 +48,7 @@ class TextStack:
         self.dtype = self.embed.weight.dtype
         self.device = self.embed.weight.device
         self.k = Kernels(
-            compile, cuda=self.device.type == "cuda", rotary=rotary, decode=decode, swiglu=swiglu
+            compile, cuda=self.device.type == "cuda", rotary=rotary, decode=decode, swiglu=swiglu, split=split
         )
         self.fused = [fuse_layer(layer) for layer in self.layers]
         # decode steps through the Triton rope + cache write and attention kernels: they

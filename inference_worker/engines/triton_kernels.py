@@ -152,14 +152,18 @@ if triton is not None:
 
     @triton.jit
     def _decode_attention(
-        q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, span, scale,
+        q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, acc_ptr, stat_ptr, span, scale,
         q_b, q_h, c_b, c_h, c_s, m_b, o_b, o_h,
-        G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+        G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+        SPLIT: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
-        # program (row, KV head): its G query heads (padded to GP rows for the dot) against
-        # the row's first `span` cache columns that its mask allows, online softmax
+        # program (row, KV head, split): its G query heads (padded to GP rows for the dot)
+        # against the split's CHUNK of the row's first `span` cache columns that its mask
+        # allows, online softmax. Unsplit, it writes the result; split, its running max,
+        # sum and unnormalised output go to acc/stat for _decode_combine
         b = tl.program_id(0).to(tl.int64)
         kv = tl.program_id(1)
+        part = tl.program_id(2)
         g = tl.arange(0, GP)
         d = tl.arange(0, D)
         heads = kv * G + g
@@ -168,9 +172,11 @@ if triton is not None:
         best = tl.full((GP,), float("-inf"), tl.float32)
         total = tl.zeros((GP,), tl.float32)
         acc = tl.zeros((GP, D), tl.float32)
-        for start in range(0, span, BLOCK_N):
+        first = part * CHUNK
+        end = tl.minimum(span, first + CHUNK)
+        for start in range(first, end, BLOCK_N):
             n = start + tl.arange(0, BLOCK_N)
-            inside = n < span
+            inside = n < end
             allowed = (tl.load(m_ptr + b * m_b + n, mask=inside, other=0) != 0) & inside
             k = tl.load(k_ptr + base + n[:, None] * c_s + d[None, :], mask=inside[:, None], other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
@@ -183,10 +189,45 @@ if triton is not None:
             v = tl.load(v_ptr + base + n[:, None] * c_s + d[None, :], mask=inside[:, None], other=0.0)
             acc = acc * keep[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             best = new
-        out = acc / total[:, None]
+        if SPLIT:
+            at = ((b * tl.num_programs(1) + kv) * tl.num_programs(2) + part) * GP
+            tl.store(acc_ptr + (at + g[:, None]) * D + d[None, :], acc)
+            tl.store(stat_ptr + 2 * (at + g), best)
+            tl.store(stat_ptr + 2 * (at + g) + 1, total)
+        else:
+            out = acc / total[:, None]
+            tl.store(
+                o_ptr + b * o_b + heads[:, None] * o_h + d[None, :],
+                out.to(o_ptr.dtype.element_ty),
+                mask=(g < G)[:, None],
+            )
+
+    @triton.jit
+    def _decode_combine(
+        acc_ptr, stat_ptr, o_ptr, parts, o_b, o_h,
+        G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+    ):  # fmt: skip
+        # program (row, KV head): the splits' partial softmaxes rescaled to their common max
+        b = tl.program_id(0).to(tl.int64)
+        kv = tl.program_id(1)
+        g = tl.arange(0, GP)
+        d = tl.arange(0, D)
+        first = (b * tl.num_programs(1) + kv) * parts * GP
+        best = tl.full((GP,), float("-inf"), tl.float32)
+        for i in range(parts):
+            best = tl.maximum(best, tl.load(stat_ptr + 2 * (first + i * GP + g)))
+        shift = tl.where(best == float("-inf"), 0.0, best)
+        total = tl.zeros((GP,), tl.float32)
+        acc = tl.zeros((GP, D), tl.float32)
+        for i in range(parts):
+            at = first + i * GP
+            w = tl.exp(tl.load(stat_ptr + 2 * (at + g)) - shift)
+            total += w * tl.load(stat_ptr + 2 * (at + g) + 1)
+            acc += w[:, None] * tl.load(acc_ptr + (at + g[:, None]) * D + d[None, :])
+        heads = kv * G + g
         tl.store(
             o_ptr + b * o_b + heads[:, None] * o_h + d[None, :],
-            out.to(o_ptr.dtype.element_ty),
+            (acc / total[:, None]).to(o_ptr.dtype.element_ty),
             mask=(g < G)[:, None],
         )
 
@@ -361,27 +402,41 @@ def decode_rope_write(qkv: Any, cos: Any, sin: Any, keys: Any, values: Any, cols
     return q
 
 
-def decode_attention(q: Any, keys: Any, values: Any, mask: Any, span: int, scale: float) -> Any:
+def decode_attention(
+    q: Any, keys: Any, values: Any, mask: Any, span: int, scale: float, chunk: int = 0
+) -> Any:
     """Attention of one new query per row, q (B, H, D), over the first `span` columns of a
     layer's cache keys/values (B, KV, capacity, D) where `mask` (B, capacity) allows;
     grouped_attention's result as (B, H, D). One program per (row, KV head) reads each
     cached key and value once for the KV head's H / KV query heads; SDPA under an additive
-    mask took ~23 us a layer at 128 rows of 256 columns on an H100."""
+    mask took ~23 us a layer at 128 rows of 256 columns on an H100. With `chunk` > 0 (a
+    multiple of 64) each program takes `chunk` columns only, and a second kernel merges the
+    pieces (split-K, as flash-decoding): B x KV programs alone fill few of the GPU's SMs."""
     import torch
 
     b, h, dim = q.shape
     kv = keys.shape[1]
     groups = h // kv
+    gp = max(16, triton.next_power_of_2(groups))
     o = q.new_empty((b, h, dim))
-    if b:
-        _decode_attention[(b, kv)](
-            q, keys, values, mask.view(torch.uint8), o, span, scale,
-            q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2), mask.stride(0),
-            o.stride(0), o.stride(1),
-            G=groups, GP=max(16, triton.next_power_of_2(groups)), D=dim, BLOCK_N=64,
-            PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # float32 stays float32, not TF32
-            num_warps=4, num_stages=3,
-        )  # fmt: skip
+    if not b:
+        return o
+    parts = triton.cdiv(span, chunk) if chunk > 0 else 1
+    split = parts > 1
+    acc = q.new_empty((b, kv, parts, gp, dim), dtype=torch.float32) if split else o
+    stat = q.new_empty((b, kv, parts, gp, 2), dtype=torch.float32) if split else o
+    _decode_attention[(b, kv, parts)](
+        q, keys, values, mask.view(torch.uint8), o, acc, stat, span, scale,
+        q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2), mask.stride(0),
+        o.stride(0), o.stride(1),
+        G=groups, GP=gp, D=dim, BLOCK_N=64, CHUNK=chunk if split else 1 << 30, SPLIT=split,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # float32 stays float32, not TF32
+        num_warps=4, num_stages=3,
+    )  # fmt: skip
+    if split:
+        _decode_combine[(b, kv)](
+            acc, stat, o, parts, o.stride(0), o.stride(1), G=groups, GP=gp, D=dim, num_warps=4
+        )
     return o
 
 
