@@ -98,3 +98,33 @@ def test_the_ab_script_serves_both_sides_and_traces_each_worker(tmp_path):
         assert served["machine"].count("--prefill-min 3 ") == (side == "c")
         (summary,) = os.listdir(tmp_path / f"profile_{side}")  # the summary alone: TRACES=0
         assert (tmp_path / f"profile_{side}" / summary).read_text().startswith("20 steps in ")
+
+
+def test_the_ab_script_repeats_its_sides_interleaved(tmp_path):
+    """REPEAT=2: every side twice, in the order a1 b1 a2 b2, each from its own worker start
+    into its own file, B's with its option."""
+    import os
+    import subprocess
+
+    from tests.helpers import REPO
+
+    env = {
+        **os.environ,
+        "DEVICE": "cpu",
+        "REPEAT": "2",
+        "WARMUP_S": "2",
+        "OUT": str(tmp_path),
+        "BENCH_ARGS": "--sessions 2 --procs 1 --image-size 64 --max-tokens 2 --seconds 0.5 --max-batch 2 --runs 1",
+    }
+    proc = subprocess.run(
+        ["bash", "ops/bench/gpu_chat_ab.sh", "decode_ahead=off"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    order = [line.split(":")[0] for line in proc.stdout.splitlines() if line[:1] in "ab" and ":" in line]
+    assert order == ["a1", "b1", "a2", "b2"], proc.stdout
+    for side in order:
+        recs = {r["metric"]: r for r in json.loads((tmp_path / f"chat_{side}.json").read_text())}
+        served = recs["throughput_rps_2_sessions"]
+        assert served["value"] > 0
+        assert ("--option decode_ahead=off" in served["machine"]) == side.startswith("b")

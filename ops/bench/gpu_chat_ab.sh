@@ -8,8 +8,10 @@
 # its summary into $OUT/profile_<side> (TRACES=0 keeps the summaries only). With the carry
 # of gpu_chat.sh ([".devcarry", ".devcarry-chat"]):
 #   VLMQ_BENCH_COMMIT=<sha> PROFILE=1 bash ops/bench/gpu_chat_ab.sh decode_ahead=off vision_graphs=on,prefill_graphs=on
-# Each side takes ~80 s on an H100: worker start, an 8-s warm-up (14 s with PROFILE=1, so
-# that the trace is taken and written before the windows), 3 windows of 6 s. GPU_TESTS=1
+# REPEAT=2 runs every side twice, interleaved (a1 b1 a2 b2). Each side takes ~80 s on an
+# H100: worker start, an 8-s warm-up (14 s with PROFILE=1, so that the trace is taken and
+# written before the windows; a larger PROFILE_SKIP needs a longer WARMUP_S), 3 windows of
+# 6 s. GPU_TESTS=1
 # runs tests/test_models_gpu.py first. Comes back: chat_<side>.json, ab.log and, with
 # PROFILE=1, a trace and a summary per side (the device tool returns 8 files at most).
 # On a CPU: DEVICE=cpu builds a tiny checkpoint, and BENCH_ARGS adds bench chat flags, e.g.
@@ -50,17 +52,23 @@ side() {  # side NAME [--option KEY=VALUE ...]
     --out "$OUT/chat_$name.json" "$@" 2>&1 |
     grep -v "WARNING: Target" | tee -a "$OUT/ab.log" | grep -E "^(throughput|gpu_util|decode_rows|outside)"
 }
-echo "a: the worker as it is"
-side a
 names=(b c d e f g)
 sides=("$@")
-for i in "${!sides[@]}"; do
-  opts=()
-  IFS=, read -ra kvs <<<"${sides[$i]}"
-  for kv in "${kvs[@]}"; do
-    if [[ $kv == --* ]]; then opts+=("${kv%%=*}" "${kv#*=}"); else opts+=(--option "$kv"); fi
+# REPEAT=n: the whole list of sides n times over (a b c a b c ...; files chat_a1, chat_b1,
+# chat_a2, ...): one worker start can settle into a different closed-loop rhythm than the
+# next, which moves its windows together (docs/BENCHMARKS.md), so an A/B compares starts
+for round in $(seq 1 "${REPEAT:-1}"); do
+  tag=$([ "${REPEAT:-1}" = 1 ] || echo "$round")
+  echo "a$tag: the worker as it is"
+  side "a$tag"
+  for i in "${!sides[@]}"; do
+    opts=()
+    IFS=, read -ra kvs <<<"${sides[$i]}"
+    for kv in "${kvs[@]}"; do
+      if [[ $kv == --* ]]; then opts+=("${kv%%=*}" "${kv#*=}"); else opts+=(--option "$kv"); fi
+    done
+    echo "${names[$i]}$tag: ${opts[*]}"
+    side "${names[$i]}$tag" "${opts[@]}"
   done
-  echo "${names[$i]}: ${opts[*]}"
-  side "${names[$i]}" "${opts[@]}"
 done
 if [ "${TRACES:-1}" = 0 ]; then rm -f "$OUT"/profile_*/*.trace.json.gz; fi
