@@ -481,3 +481,25 @@ def test_abort_frees_the_slot_and_others_continue(engine):
         done += engine.step()
     alone = engine.generate([prompts[1]], [Sampling(max_tokens=6)])[0]
     assert [k for k, _ in done] == [b] and done[0][1].token_ids == alone.token_ids
+
+
+def test_upload_many_packs_each_array_exactly():
+    """Arrays of several dtypes and shapes (sizes not a multiple of the alignment, an empty one, a
+    non-contiguous view) packed into one buffer come back as torch.from_numpy gives them (the
+    CPU runs the packing the GPU path uses; tests/test_models_gpu.py checks the copy)."""
+    from inference_worker.engines.upload import ALIGN, upload_many
+
+    rs = np.random.RandomState(3)
+    arrays = [
+        rs.randint(0, 1 << 40, (5, 7)),
+        rs.randint(0, 100, (5, 3)).astype(np.int32),
+        rs.randint(0, 100, (3, 5, 5))[:, :, ::2],
+        np.zeros(0, np.int64),
+        np.flatnonzero(rs.rand(20) < 0.5),
+        np.arange(3, dtype=np.uint8),
+    ]
+    got = upload_many(arrays, torch.device("cpu"))
+    for g, a in zip(got, arrays):
+        want = torch.from_numpy(np.ascontiguousarray(a))
+        assert g.dtype == want.dtype and g.shape == want.shape and torch.equal(g, want)
+        assert (g.data_ptr() - got[0].data_ptr()) % ALIGN == 0

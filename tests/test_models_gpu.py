@@ -540,6 +540,28 @@ def test_rope_triton_decodes_the_tokens_of_the_compiled_rope(tiny_qwen2_vl):
     assert [c.token_ids for c in engine.generate(prompts, samp)] == want
 
 
+def test_upload_many_gives_each_array_exactly():
+    """Arrays of several dtypes and shapes (sizes not a multiple of the alignment, an empty one, a
+    non-contiguous view) through one pinned buffer: each arrives as torch.from_numpy gives it,
+    batch after batch."""
+    from inference_worker.engines.upload import upload_many
+
+    rs = np.random.RandomState(3)
+    for n in (1, 5, 37):
+        arrays = [
+            rs.randint(0, 1 << 40, (n, 7)),
+            rs.randint(0, 100, (n, 3)).astype(np.int32),
+            rs.randint(0, 100, (3, n, 5))[:, :, ::2],
+            np.zeros(0, np.int64),
+            np.flatnonzero(rs.rand(n * 4) < 0.5),
+        ]
+        got = upload_many(arrays, torch.device("cuda"))
+        for g, a in zip(got, arrays):
+            want = torch.from_numpy(np.ascontiguousarray(a))
+            assert g.device.type == "cuda" and g.dtype == want.dtype and g.shape == want.shape
+            assert torch.equal(g.cpu(), want)
+
+
 def test_frame_staging_uploads_each_batch_exactly():
     """Frames stacked into a reused pinned buffer arrive as np.stack gives them, batch after
     batch of one shape (the buffer refilled while earlier copies may still be queued), for

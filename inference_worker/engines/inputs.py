@@ -16,7 +16,7 @@ import numpy as np
 from inference_worker.engines.pixels import ImagePolicy, pixel_values
 from inference_worker.engines.positions import mrope_positions
 from inference_worker.engines.prompt import ChatPrompt
-from inference_worker.engines.upload import upload
+from inference_worker.engines.upload import upload_many
 from schemas.errors import ErrorCode, ProtocolError
 
 
@@ -137,8 +137,6 @@ class InputBuilder:
     def build(self, prompts: Sequence[ChatPrompt], images: Optional[ImageInputs] = None) -> BatchInputs:
         """The batch; `images` if `self.images(prompts)` was called already (the engine starts
         the vision tower on them before the text side is built)."""
-        import torch
-
         for p in prompts:
             self.check(p)
         if images is None:
@@ -154,18 +152,20 @@ class InputBuilder:
             ids_np[i, width - len(r) :] = r
         mask_np = (np.arange(width)[None, :] >= (width - lengths)[:, None]).astype(np.int64)
         mm_np = (ids_np == self.image_token_id).astype(np.int32)
-        input_ids, mask, mm = (torch.from_numpy(a) for a in (ids_np, mask_np, mm_np))
         pos, nxt = mrope_positions(mm_np, mask_np, grids, self.policy.merge_size)
-        dev = self.device
+        arrays = [ids_np, mask_np, mm_np, pos, nxt]
+        if images is not None:
+            arrays.append(np.flatnonzero(mm_np))
+        on_device = upload_many(arrays, self.device)
         return BatchInputs(
-            input_ids=upload(input_ids, dev),
-            attention_mask=upload(mask, dev),
-            mm_token_type_ids=upload(mm, dev),
-            position_ids=upload(torch.from_numpy(pos), dev),
-            next_positions=upload(torch.from_numpy(nxt), dev),
+            input_ids=on_device[0],
+            attention_mask=on_device[1],
+            mm_token_type_ids=on_device[2],
+            position_ids=on_device[3],
+            next_positions=on_device[4],
             pixel_values=images.pixel_values if images is not None else None,
             image_grid_thw=images.image_grid_thw if images is not None else None,
             grids=grids,
-            image_index=upload(torch.from_numpy(np.flatnonzero(mm_np)), dev) if images is not None else None,
+            image_index=on_device[5] if images is not None else None,
             row_lengths=lengths.tolist(),
         )
