@@ -41,6 +41,22 @@ def test_chat_bench_records_served_throughput_beside_its_baselines(tmp_path):
     assert all(r["commit"] for r in recs.values())
 
 
+def test_worker_starts_pool_their_windows(tmp_path):
+    """--starts 2 --runs 2: two worker starts, each warmed up and measured for two windows;
+    the served figure is the median of all four."""
+    out = tmp_path / "gpu_chat.json"
+    rc = main(
+        ["--log-level", "WARNING", "bench", "chat", "--device", "cpu", "--dtype", "float32", "--preset",
+         "tiny", "--sessions", "2", "--procs", "1", "--runs", "2", "--starts", "2", "--seconds", "0.5",
+         "--warmup-s", "1", "--max-tokens", "2", "--image-size", "64", "--prompt-tokens", "10",
+         "--max-batch", "2", "--parts", "served", "--out", str(out)]
+    )  # fmt: skip
+    assert rc == 0
+    recs = {r["metric"]: r for r in json.loads(out.read_text())}
+    served = recs["throughput_rps_2_sessions"]
+    assert served["runs"] == 4 and served["min"] > 0
+
+
 def test_gpu_utilization_is_the_mean_of_a_windows_samples(tmp_path):
     from datetime import datetime, timedelta
 

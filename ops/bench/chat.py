@@ -77,6 +77,14 @@ def add_args(p) -> None:
         "--baseline-requests", type=int, default=4, help="requests per run of batch 1 (%(default)s)"
     )
     p.add_argument(
+        "--starts",
+        type=int,
+        default=1,
+        help="served: worker starts, each warmed up and measured for --runs windows; a figure "
+        "is the median of all their windows (a start settles into a closed-loop rhythm of its "
+        "own: docs/BENCHMARKS.md) (%(default)s)",
+    )
+    p.add_argument(
         "--batch-serving-wait-ms",
         type=float,
         default=50.0,
@@ -492,12 +500,17 @@ def run(args) -> int:
             del vlm
             _free(args.device)
         lengths = [int(x) for x in args.mixed_lengths.split(",") if x]
+        starts = range(max(args.starts, 1))
         if "served" in parts:
-            served_runs["uniform"] = served(folder, args, text, "continuous", [args.max_tokens])
+            served_runs["uniform"] = [
+                r for _ in starts for r in served(folder, args, text, "continuous", [args.max_tokens])
+            ]
             log.info("served %s", served_runs["uniform"])
         if "mixed" in parts and lengths:
             for serving in ("continuous", "batch"):
-                served_runs[serving] = served(folder, args, text, serving, lengths)
+                served_runs[serving] = [
+                    r for _ in starts for r in served(folder, args, text, serving, lengths)
+                ]
                 log.info("mixed lengths, %s: %s", serving, served_runs[serving])
     card = next((r["card"] for rs in served_runs.values() for r in rs if r.get("card")), "")
     card = card or (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
