@@ -9,6 +9,7 @@ fuses each into one kernel. On CPU, or if compiling fails, they run as written.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any, Callable, Tuple
 
@@ -88,8 +89,6 @@ class Kernels:
         swiglu: str = "kernel",
         split: int = 0,
     ) -> None:
-        import functools
-
         from inference_worker.engines import triton_kernels
 
         on_triton = cuda and triton_kernels.available()

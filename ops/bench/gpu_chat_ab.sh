@@ -11,9 +11,9 @@
 # REPEAT=2 runs every side twice, interleaved (a1 b1 a2 b2). Each side takes ~80 s on an
 # H100: worker start, an 8-s warm-up (14 s with PROFILE=1, so that the trace is taken and
 # written before the windows; a larger PROFILE_SKIP needs a longer WARMUP_S), 3 windows of
-# 6 s. GPU_TESTS=1
-# runs tests/test_models_gpu.py first. Comes back: chat_<side>.json, ab.log and, with
-# PROFILE=1, a trace and a summary per side (the device tool returns 8 files at most).
+# 6 s. GPU_TESTS=1 runs tests/test_models_gpu.py first. Comes back: chat_<side>.json,
+# ab.log and, with PROFILE=1, a trace and a summary per side (the device tool returns 8
+# files at most).
 # On a CPU: DEVICE=cpu builds a tiny checkpoint, and BENCH_ARGS adds bench chat flags, e.g.
 #   DEVICE=cpu BENCH_ARGS="--sessions 4 --procs 1 --image-size 64 --max-tokens 4 --seconds 1" \
 #     OUT=/tmp/ab bash ops/bench/gpu_chat_ab.sh vision_graphs=padded
