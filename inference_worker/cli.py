@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import importlib.util
 import signal
+import sys
 
 from broker import eventloop
 from broker.commands import Command
@@ -75,6 +76,16 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
         type=int,
         help="chat requests start decoding in groups of this many, or once the oldest has "
         "waited --max-wait-ms",
+    )
+    flag(
+        g,
+        "--gil-switch-ms",
+        var="GIL_SWITCH_MS",
+        default=0.0,
+        type=float,
+        help="how long a Python thread may hold the GIL while another waits for it "
+        "(sys.setswitchinterval); the model thread takes the GIL back after every torch call "
+        "and can wait this long behind the intake. 0 = Python's default (5 ms)",
     )
     flag(
         g,
@@ -241,6 +252,8 @@ def settings_from_args(args: argparse.Namespace):
     if bad:
         raise SystemExit(f"bad tenant name(s) {bad}: tenants match {TENANT_PATTERN.pattern}")
     options = dict(o.split("=", 1) for o in args.option)
+    if args.gil_switch_ms < 0:
+        raise SystemExit("vlmq worker: --gil-switch-ms must be 0 (Python's default) or more")
     if args.profile_dir and args.profile_steps < 1:
         raise SystemExit("vlmq worker: --profile-steps must be at least 1")
     if args.profile_dir and importlib.util.find_spec("torch") is None:
@@ -270,6 +283,7 @@ def settings_from_args(args: argparse.Namespace):
         serving=args.serving,
         control_kinds=control,
         prefill_min=args.prefill_min,
+        gil_switch_ms=args.gil_switch_ms,
         prefetch=args.prefetch,
         backend=args.backend,
         model_path=args.model or None,
@@ -288,10 +302,17 @@ def settings_from_args(args: argparse.Namespace):
     )
 
 
+def set_gil_switch(ms: float) -> None:
+    """--gil-switch-ms for this process (0: leave Python's default)."""
+    if ms > 0:
+        sys.setswitchinterval(ms / 1000.0)
+
+
 async def serve(settings, observers=(), observer_factories=()) -> None:
     from inference_worker.handlers import build_handlers
     from inference_worker.worker import Worker
 
+    set_gil_switch(settings.gil_switch_ms)
     handlers = build_handlers(settings)
     observers = [*observers, *(o for make in observer_factories for o in make(settings))]
     worker = Worker(settings, handlers, observers=observers)

@@ -93,6 +93,7 @@ class WorkerSettings:
     serving: str = "continuous"  # chat kinds: continuous (step-level) or batch (batch at a time)
     control_kinds: Tuple[str, ...] = ("action_chunk",)  # latency class: run before any chat step
     prefill_min: int = 32  # chat requests that start decoding together, unless max_wait_ms passed
+    gil_switch_ms: float = 0.0  # sys.setswitchinterval for the worker's process; 0 = Python's
     prefetch: int = 0  # requests read ahead of the model; 0 = 2 x max_batch
     block_ms: int = 500  # XREADGROUP block; bounds how long shutdown waits for the reader
     heartbeat_s: float = 2.0

@@ -253,6 +253,33 @@ def test_the_worker_cli_refuses_a_bad_option_at_start():
         assert str(err.value).startswith(message), err.value
 
 
+def test_gil_switch_ms_sets_the_processs_switch_interval(monkeypatch):
+    """--gil-switch-ms (and VLMQ_GIL_SWITCH_MS) reaches the settings and, at serve time,
+    sys.setswitchinterval; 0 leaves Python's default; a negative value is a one-line error."""
+    import sys
+
+    from inference_worker.cli import set_gil_switch, settings_from_args
+    from ops.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["worker", "--backend", "synthetic", "--gil-switch-ms", "0.5"])
+    assert settings_from_args(args).gil_switch_ms == 0.5
+    monkeypatch.setenv("VLMQ_GIL_SWITCH_MS", "2")
+    assert (
+        settings_from_args(build_parser().parse_args(["worker", "--backend", "synthetic"])).gil_switch_ms == 2
+    )
+    with pytest.raises(SystemExit, match="--gil-switch-ms must be 0"):
+        settings_from_args(parser.parse_args(["worker", "--backend", "synthetic", "--gil-switch-ms", "-1"]))
+    before = sys.getswitchinterval()
+    try:
+        set_gil_switch(0)
+        assert sys.getswitchinterval() == before
+        set_gil_switch(0.5)
+        assert sys.getswitchinterval() == pytest.approx(0.0005)
+    finally:
+        sys.setswitchinterval(before)
+
+
 # ----------------------------------------------------------------------------- VLMQ_* typos
 
 
