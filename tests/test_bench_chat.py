@@ -118,7 +118,7 @@ def test_the_ab_script_serves_both_sides_and_traces_each_worker(tmp_path):
 
 def test_the_ab_script_repeats_its_sides_interleaved(tmp_path):
     """REPEAT=2: every side twice, in the order a1 b1 a2 b2, each from its own worker start
-    into its own file, B's with its option."""
+    into its own file, B's with its option and its variable."""
     import os
     import subprocess
 
@@ -133,12 +133,13 @@ def test_the_ab_script_repeats_its_sides_interleaved(tmp_path):
         "BENCH_ARGS": "--sessions 2 --procs 1 --image-size 64 --max-tokens 2 --seconds 0.5 --max-batch 2 --runs 1",
     }
     proc = subprocess.run(
-        ["bash", "ops/bench/gpu_chat_ab.sh", "decode_ahead=off"],
+        ["bash", "ops/bench/gpu_chat_ab.sh", "decode_ahead=off,VLMQ_GIL_SWITCH_MS=0.5"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     order = [line.split(":")[0] for line in proc.stdout.splitlines() if line[:1] in "ab" and ":" in line]
     assert order == ["a1", "b1", "a2", "b2"], proc.stdout
+    assert proc.stdout.count("VLMQ_GIL_SWITCH_MS=0.5 --option decode_ahead=off") == 2
     for side in order:
         recs = {r["metric"]: r for r in json.loads((tmp_path / f"chat_{side}.json").read_text())}
         served = recs["throughput_rps_2_sessions"]

@@ -3,7 +3,8 @@
 # (docs/BENCHMARKS.md, "Chat throughput"): `vlmq bench chat --parts served` with the worker
 # as it is (A), then once per argument with that argument's worker options (B, C, ...; a
 # side's options comma-separated; one that starts with -- is a bench chat flag, as
-# --prefill-min=16), each into its own file; with PROFILE=1 each side's
+# --prefill-min=16, and VLMQ_X=... a variable of that side's processes, as
+# VLMQ_GIL_SWITCH_MS=0.5), each into its own file; with PROFILE=1 each side's
 # worker also writes a torch profiler trace of 100 steps (`vlmq worker --profile-dir`) and
 # its summary into $OUT/profile_<side> (TRACES=0 keeps the summaries only). With the carry
 # of gpu_chat.sh ([".devcarry", ".devcarry-chat"]):
@@ -62,13 +63,22 @@ for round in $(seq 1 "${REPEAT:-1}"); do
   echo "a$tag: the worker as it is"
   side "a$tag"
   for i in "${!sides[@]}"; do
-    opts=()
+    opts=() envs=()
     IFS=, read -ra kvs <<<"${sides[$i]}"
     for kv in "${kvs[@]}"; do
-      if [[ $kv == --* ]]; then opts+=("${kv%%=*}" "${kv#*=}"); else opts+=(--option "$kv"); fi
+      if [[ $kv == --* ]]; then
+        opts+=("${kv%%=*}" "${kv#*=}")
+      elif [[ $kv == VLMQ_* ]]; then
+        envs+=("$kv")
+      else
+        opts+=(--option "$kv")
+      fi
     done
-    echo "${names[$i]}$tag: ${opts[*]}"
-    side "${names[$i]}$tag" "${opts[@]}"
+    echo "${names[$i]}$tag: ${envs[*]} ${opts[*]}"
+    (
+      [ ${#envs[@]} -eq 0 ] || export "${envs[@]}"
+      side "${names[$i]}$tag" "${opts[@]}"
+    )
   done
 done
 if [ "${TRACES:-1}" = 0 ]; then rm -f "$OUT"/profile_*/*.trace.json.gz; fi
