@@ -115,31 +115,17 @@ for b, span in ((1, 16), (5, 70), (3, 150)):
     for chunk in (0, 64):  # split-K: 64 columns a program, the pieces merged
         o = tk.decode_attention(q_got, keys, values, mask, span, 0.25, chunk=chunk)
         assert torch.allclose(o, o_ref, atol=1e-4), (chunk, (o - o_ref).abs().max())
-# the fused fc1 + QuickGELU kernel itself (the interpreter has no Hopper check and no bf16:
-# launched as linear_quick_gelu launches it, in float32, with small tiles)
-import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor as D
-
+# the fused fc1 + QuickGELU and gate/up + SwiGLU products, launched as the engine launches
+# them (the interpreter has no Hopper check and no bf16: float32, small tiles)
 for rows in (64, 300):
     x, w, b = torch.randn(rows, 128, generator=g), torch.randn(512, 128, generator=g), torch.randn(512, generator=g)
-    y = torch.empty(rows, 512)
-    tk._linear_quick_gelu[(3,)](
-        D.from_tensor(x, [64, 64]), D.from_tensor(w, [128, 64]), D.from_tensor(y, [64, 128]), b, rows, 512, 128,
-        BM=64, BN=128, BK=64, GROUP=8, PROGRAMS=3, OUT=tl.float32,
-    )
+    y = tk._persistent_product(tk._linear_quick_gelu, x, w, 512, (64, 128, 64, 1, 4), b)
     ref = torch.nn.functional.linear(x, w, b)
     ref = ref * torch.sigmoid(1.702 * ref)
     assert torch.allclose(y, ref, atol=1e-4, rtol=1e-4), (y - ref).abs().max()
-# the gate/up product with SwiGLU in its epilogue, from a fused (2F, K) weight
-for rows in (64, 300):
-    x, w = torch.randn(rows, 128, generator=g), torch.randn(2 * 256, 128, generator=g)
-    y = torch.empty(rows, 256)
-    tk._linear_swiglu[(3,)](
-        D.from_tensor(x, [64, 64]), D.from_tensor(w, [128, 64]), D.from_tensor(y, [64, 128]), rows, 256, 128,
-        BM=64, BN=128, BK=64, GROUP=8, PROGRAMS=3, OUT=tl.float32,
-    )
-    gate, up = torch.nn.functional.linear(x, w).chunk(2, dim=-1)
-    ref = silu_mul(gate, up)
+    w = torch.randn(2 * 256, 128, generator=g)
+    y = tk._persistent_product(tk._linear_swiglu, x, w, 256, (64, 128, 64, 1, 4))
+    ref = silu_mul(*torch.nn.functional.linear(x, w).chunk(2, dim=-1))
     assert torch.allclose(y, ref, atol=1e-4, rtol=1e-4), (y - ref).abs().max()
 print("ok")
 """

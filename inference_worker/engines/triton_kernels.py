@@ -450,46 +450,16 @@ def linear_quick_gelu(x: Any, weight: Any, bias: Any) -> Any:
     Hopper's tensor-memory descriptors. The activation as its own kernel rereads and rewrites
     the (rows, 5120) product: ~0.34 ms a block at 64 frames. Elsewhere (fp32, pre-Hopper,
     small or unaligned shapes) it is cuBLAS and the elementwise kernel."""
-    import torch
     import torch.nn.functional as F
 
-    BM, BN, BK, stages, warps = GEMM_TILE
     shape = x.shape
     x = x.reshape(-1, shape[-1])
-    (M, K), N = x.shape, weight.shape[0]
-    if not (
-        _descriptors() is not None
-        and x.dtype in (torch.bfloat16, torch.float16)
-        and weight.dtype == x.dtype
-        and bias is not None
-        and _properties(x.device.index or 0).major >= 9
-        and M >= BM and N >= BN and K >= BK and K % 8 == 0 and N % 8 == 0
-        and x.stride(1) == 1 and x.stride(0) % 8 == 0 and weight.is_contiguous()
-    ):  # fmt: skip
-        return quick_gelu(F.linear(x, weight, bias)).view(*shape[:-1], N)
-    desc = _descriptors()
-    y = x.new_empty((M, N))
-    programs = min(
-        _properties(x.device.index or 0).multi_processor_count, triton.cdiv(M, BM) * triton.cdiv(N, BN)
-    )
-    _linear_quick_gelu[(programs,)](
-        desc.from_tensor(x, [BM, BK]),
-        desc.from_tensor(weight, [BN, BK]),
-        desc.from_tensor(y, [BM, BN]),
-        bias,
-        M,
-        N,
-        K,
-        BM=BM,
-        BN=BN,
-        BK=BK,
-        GROUP=8,
-        PROGRAMS=programs,
-        OUT=tl.bfloat16 if x.dtype == torch.bfloat16 else tl.float16,
-        num_stages=stages,
-        num_warps=warps,
-    )
-    return y.view(*shape[:-1], N)
+    n = weight.shape[0]
+    if _tma_fits(x, weight, GEMM_TILE) and bias is not None and n >= GEMM_TILE[1] and n % 8 == 0:
+        y = _persistent_product(_linear_quick_gelu, x, weight, n, GEMM_TILE, bias)
+    else:
+        y = quick_gelu(F.linear(x, weight, bias))
+    return y.view(*shape[:-1], n)
 
 
 # (BM, BN, BK, stages, warps) of the fused gate/up product: BN columns of gate and of up
@@ -501,48 +471,67 @@ def linear_swiglu(x: Any, weight: Any) -> Any:
     MLP (fused_linear.py), with the SiLU and the product in the GEMM's epilogue: the
     (rows, 2F) product is never written. As linear_quick_gelu: a persistent Triton kernel
     through tensor-memory descriptors on Hopper in half precision, for prompt-pass row
-    counts; elsewhere cuBLAS and silu_mul."""
-    import torch
+    counts; elsewhere cuBLAS and silu_mul (CUDA)."""
     import torch.nn.functional as F
 
-    BM, BN, BK, stages, warps = SWIGLU_TILE
     shape = x.shape
     x = x.reshape(-1, shape[-1])
-    (M, K), N = x.shape, weight.shape[0] // 2
-    if not (
+    n = weight.shape[0] // 2
+    if _tma_fits(x, weight, SWIGLU_TILE) and n % SWIGLU_TILE[1] == 0:
+        y = _persistent_product(_linear_swiglu, x, weight, n, SWIGLU_TILE)
+    else:
+        y = silu_mul(*F.linear(x, weight).chunk(2, dim=-1))
+    return y.view(*shape[:-1], n)
+
+
+def _tma_fits(x: Any, weight: Any, tile: Tuple[int, ...]) -> bool:
+    """The persistent products can take x (M, K) against `weight`'s rows: Triton with tensor
+    descriptors, Hopper, half precision, at least a tile of rows and of K, 16-byte rows."""
+    import torch
+
+    bm, _, bk = tile[:3]
+    (m, k) = x.shape
+    return (
         _descriptors() is not None
         and x.is_cuda
         and x.dtype in (torch.bfloat16, torch.float16)
         and weight.dtype == x.dtype
         and _properties(x.device.index or 0).major >= 9
-        and M >= BM and N % BN == 0 and K >= BK and K % 8 == 0
+        and m >= bm and k >= bk and k % 8 == 0
         and x.stride(1) == 1 and x.stride(0) % 8 == 0 and weight.is_contiguous()
-    ):  # fmt: skip
-        gate, up = F.linear(x, weight).chunk(2, dim=-1)
-        y = silu_mul(gate, up) if x.is_cuda else gate * torch.sigmoid(gate) * up
-        return y.view(*shape[:-1], N)
+    )  # fmt: skip
+
+
+def _persistent_product(kernel: Any, x: Any, weight: Any, n: int, tile: Tuple[int, ...], *args: Any) -> Any:
+    """A (M, n) output from `kernel` (_linear_quick_gelu, _linear_swiglu): one program per SM
+    walking the output's tiles (under Triton's CPU interpreter, 3 programs); `args` go
+    between the descriptors and the sizes."""
+    import torch
+
+    bm, bn, bk, stages, warps = tile
     desc = _descriptors()
-    y = x.new_empty((M, N))
-    programs = min(
-        _properties(x.device.index or 0).multi_processor_count, triton.cdiv(M, BM) * triton.cdiv(N, BN)
-    )
-    _linear_swiglu[(programs,)](
-        desc.from_tensor(x, [BM, BK]),
-        desc.from_tensor(weight, [BN, BK]),
-        desc.from_tensor(y, [BM, BN]),
-        M,
-        N,
-        K,
-        BM=BM,
-        BN=BN,
-        BK=BK,
+    (m, k) = x.shape
+    y = x.new_empty((m, n))
+    sms = _properties(x.device.index or 0).multi_processor_count if x.is_cuda else 3
+    programs = min(sms, triton.cdiv(m, bm) * triton.cdiv(n, bn))
+    kernel[(programs,)](
+        desc.from_tensor(x, [bm, bk]),
+        desc.from_tensor(weight, [bn, bk]),
+        desc.from_tensor(y, [bm, bn]),
+        *args,
+        m,
+        n,
+        k,
+        BM=bm,
+        BN=bn,
+        BK=bk,
         GROUP=8,
         PROGRAMS=programs,
-        OUT=tl.bfloat16 if x.dtype == torch.bfloat16 else tl.float16,
+        OUT={torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(x.dtype, tl.float32),
         num_stages=stages,
         num_warps=warps,
     )
-    return y.view(*shape[:-1], N)
+    return y
 
 
 @lru_cache(maxsize=1)
