@@ -3,7 +3,7 @@
 # (docs/BENCHMARKS.md, "Chat throughput"): `vlmq bench chat --parts served` with the worker
 # as it is (A), then once per argument with that argument's worker options (B, C, ...; a
 # side's options comma-separated; one that starts with -- is a bench chat flag, as
-# --prefill-min=16, and VLMQ_X=... a variable of that side's processes, as
+# --prefill-min=16, and VLMQ_<NAME>=... a variable of that side's processes, as
 # VLMQ_GIL_SWITCH_MS=0.5), each into its own file; with PROFILE=1 each side's
 # worker also writes a torch profiler trace of 100 steps (`vlmq worker --profile-dir`) and
 # its summary into $OUT/profile_<side> (TRACES=0 keeps the summaries only). With the carry
