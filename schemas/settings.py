@@ -10,7 +10,8 @@ Values are converted by the field's type:
 - int, float: Python's literals; str: as given; Optional[X]: X;
 - tuples and lists: comma-separated items;
 - an empty value is the same as no value: the default stands;
-- a field with `choices` refuses any other value.
+- a field with `choices` refuses any other value; one with `minimum` smaller values, one
+  with `multiple_of` values that are not multiples of it.
 
 A key a class does not have is refused with the list of those it has. Every error is a
 `SettingsError` (a ValueError) whose message names the variable or key and the value.
@@ -56,16 +57,23 @@ def setting(
     *,
     env: Any = _AUTO,
     choices: Optional[Sequence[Any]] = None,
+    minimum: Any = None,
+    multiple_of: Optional[int] = None,
     default_factory: Any = dataclasses.MISSING,
     **kwargs: Any,
 ) -> Any:
     """A dataclass field with a variable of its own name (`env="REDIS_URL"` reads
     VLMQ_REDIS_URL), none (`env=None`: not a key either), or the generated one (the default);
-    and, with `choices`, the only values it takes."""
+    and, with `choices`, the only values it takes; with `minimum` and `multiple_of`, the
+    bounds of a number."""
     metadata = dict(kwargs.pop("metadata", None) or {})
     metadata["vlmq_env"] = env
     if choices is not None:
         metadata["vlmq_choices"] = tuple(choices)
+    if minimum is not None:
+        metadata["vlmq_minimum"] = minimum
+    if multiple_of is not None:
+        metadata["vlmq_multiple_of"] = multiple_of
     return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata, **kwargs)
 
 
@@ -133,12 +141,19 @@ def convert_like(raw: str, default: Any, where: str) -> Any:
     return str(raw)
 
 
-def _check_choice(f: dataclasses.Field, value: Any, where: str, raw: Any) -> None:
+def _check_value(f: dataclasses.Field, value: Any, where: str, raw: Any) -> None:
+    """The field's `choices`, `minimum` and `multiple_of`, if it has them."""
     choices = f.metadata.get("vlmq_choices")
     if choices is not None and value not in choices:
         names = [str(c) for c in choices]
         listed = ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else names[0]
         raise SettingsError(f"{where}={raw!r}: choose {listed}")
+    minimum = f.metadata.get("vlmq_minimum")
+    if minimum is not None and value < minimum:
+        raise SettingsError(f"{where}={raw!r}: expected at least {minimum}")
+    step = f.metadata.get("vlmq_multiple_of")
+    if step is not None and value % step:
+        raise SettingsError(f"{where}={raw!r}: expected a multiple of {step}")
 
 
 def check_keys(given: Iterable[str], known: Iterable[str], what: str = "--option key") -> None:
@@ -173,7 +188,7 @@ def load(
             value = convert(raw, hints[f.name], where)
         else:
             value = raw
-        _check_choice(f, value, where, raw)
+        _check_value(f, value, where, raw)
         values[f.name] = value
 
     for name, f in fields.items():
@@ -193,7 +208,7 @@ def load(
             continue
         if name not in fields:
             raise TypeError(f"{cls.__name__} has no setting {name!r}")
-        _check_choice(fields[name], value, name, value)
+        _check_value(fields[name], value, name, value)
         values[name] = value
     return cls(**values)
 

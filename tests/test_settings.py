@@ -155,6 +155,9 @@ def test_every_generated_name_sets_its_field(cls, monkeypatch):
         if name not in tree.keys(cls) or f.metadata.get("vlmq_choices"):
             continue  # not a setting; or one of few values, covered above
         raw, want = {bool: ("1", True), int: ("7", 7), float: ("0.25", 0.25)}.get(tp, ("sample", "sample"))
+        step = f.metadata.get("vlmq_multiple_of")
+        if step:  # a value the field takes
+            raw, want = str(7 * step), 7 * step
         var = tree.env_name(cls, name)
         with monkeypatch.context() as m:
             m.setenv(var, raw)
@@ -231,6 +234,9 @@ def test_worker_options_refuse_a_key_no_component_reads():
             {"vllm_gpu_memory_utilization": "most"},
             "option vllm_gpu_memory_utilization='most': expected a number",
         ),
+        ({"prefill_width_step": "0"}, "option prefill_width_step='0': expected at least 1"),
+        ({"decode_split": "-64"}, "option decode_split='-64': expected at least 0"),
+        ({"decode_split": "100"}, "option decode_split='100': expected a multiple of 64"),
     ],
 )
 def test_worker_options_refuse_a_bad_value_before_anything_loads(options, message):

@@ -33,7 +33,7 @@ class EngineOptions:
     decode_attention: str = tree.setting("auto", choices=("auto", "sdpa", "triton"))
     # ... with triton: the cache columns one program of the attention reads, a multiple of
     # 64 (split-K; a second kernel merges the pieces); 0 = a row's columns all in one program
-    decode_split: int = 0
+    decode_split: int = tree.setting(0, minimum=0, multiple_of=64)
     # The prompt pass's SwiGLU: kernel = the gate/up product (cuBLAS), then one SwiGLU
     # kernel; epilogue = SwiGLU in the product's epilogue, the product never written
     # (triton_kernels.linear_swiglu; CUDA with Triton only, Hopper in half precision, else
@@ -58,7 +58,7 @@ class EngineOptions:
     prefill_graphs: str = tree.setting("auto", choices=("auto", "off", "on", "padded"))
     # ... the padded width: a group's longest prompt rounded up to a multiple of this; a
     # smaller step pads less and captures a graph for more widths
-    prefill_width_step: int = 16
+    prefill_width_step: int = tree.setting(16, minimum=1)
     # The decode pool (decoder.py): `kv_slots` sequences decode at once, each with room for
     # `max_context` tokens (prompt + answer); 0 = sized from memory: on CUDA, `kv_memory`
     # of the free GPU memory once the model is loaded; on CPU, `kv_memory_mb`.
