@@ -55,6 +55,8 @@ def test_worker_starts_pool_their_windows(tmp_path):
     recs = {r["metric"]: r for r in json.loads(out.read_text())}
     served = recs["throughput_rps_2_sessions"]
     assert served["runs"] == 4 and served["min"] > 0
+    with pytest.raises(SystemExit, match="--starts must be at least 1"):
+        main(["bench", "chat", "--device", "cpu", "--starts", "0", "--parts", "served", "--out", str(out)])
 
 
 def test_gpu_utilization_is_the_mean_of_a_windows_samples(tmp_path):

@@ -482,6 +482,8 @@ def run(args) -> int:
     from ops.bench.models import checkpoint
     from ops.bench.records import Record, machine_description, record, write_results
 
+    if args.starts < 1:
+        raise SystemExit("vlmq bench chat: --starts must be at least 1")
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
     a: Dict[str, Any] = {}
     served_runs: Dict[str, List[Dict[str, float]]] = {}
@@ -500,7 +502,7 @@ def run(args) -> int:
             del vlm
             _free(args.device)
         lengths = [int(x) for x in args.mixed_lengths.split(",") if x]
-        starts = range(max(args.starts, 1))
+        starts = range(args.starts)
         if "served" in parts:
             served_runs["uniform"] = [
                 r for _ in starts for r in served(folder, args, text, "continuous", [args.max_tokens])
